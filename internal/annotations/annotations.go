@@ -1,0 +1,231 @@
+// Package annotations parses the opt-in annotations by which a container
+// asks for an identity.
+//
+// Annotations are written by whoever writes the pod. They choose where the
+// files appear inside the container and what they are called; they never
+// choose the identity (the agent attests the pid), never a host path, and
+// name an agent socket only from the node's allowed list (checked by the
+// caller against the node configuration).
+package annotations
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"path"
+	"strings"
+	"unicode"
+	"unicode/utf8"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"gopkg.in/yaml.v3"
+)
+
+// Key is the annotation for every container without a named entry
+// (Podman, or all containers of a pod).
+const Key = "identity.noderesource.dev/container"
+
+// Container-name annotations set by CRI runtimes.
+const (
+	CRIOContainerName       = "io.kubernetes.container.name"
+	ContainerdContainerName = "io.kubernetes.cri.container-name"
+)
+
+// Defaults of the file names.
+const (
+	DefaultSVIDFileName   = "svid.pem"
+	DefaultKeyFileName    = "svid_key.pem"
+	DefaultBundleFileName = "svid_bundle.pem"
+)
+
+// Limits that keep a hostile annotation from costing the hook much.
+const (
+	MaxValueSize  = 64 << 10
+	MaxDeliveries = 16
+	maxPathLen    = 1024
+	maxNameLen    = 255
+)
+
+// Delivery says where one copy of the identity files appears in the container.
+type Delivery struct {
+	// CertDir is an absolute, clean path inside the container.
+	CertDir string `yaml:"cert_dir" json:"cert_dir"`
+	// File names inside CertDir.
+	SVIDFileName   string `yaml:"svid_file_name" json:"svid_file_name"`
+	KeyFileName    string `yaml:"svid_key_file_name" json:"svid_key_file_name"`
+	BundleFileName string `yaml:"svid_bundle_file_name" json:"svid_bundle_file_name"`
+	// SPIFFEID, when set, picks one of the SVIDs the agent returned for the
+	// container; it can never obtain one the agent did not return.
+	SPIFFEID string `yaml:"spiffe_id,omitempty" json:"spiffe_id,omitempty"`
+	// AgentAddress names an agent admin socket; the caller accepts it only if
+	// the node configuration allows it.
+	AgentAddress string `yaml:"spire_agent_address,omitempty" json:"spire_agent_address,omitempty"`
+}
+
+// FileNames returns the delivery's three file names.
+func (d Delivery) FileNames() (svid, key, bundle string) {
+	return d.SVIDFileName, d.KeyFileName, d.BundleFileName
+}
+
+// Find returns the annotation that applies to a container, if any. A
+// container named NAME (by CRI-O's or containerd's name annotation) uses
+// Key+"."+NAME when present, and Key otherwise.
+func Find(annotations map[string]string) (key, value string, ok bool) {
+	for _, nameKey := range []string{CRIOContainerName, ContainerdContainerName} {
+		if name := annotations[nameKey]; name != "" {
+			if v, ok := annotations[Key+"."+name]; ok {
+				return Key + "." + name, v, true
+			}
+		}
+	}
+	v, ok := annotations[Key]
+	return Key, v, ok
+}
+
+// Parse parses and validates an annotation's value: a YAML list of
+// deliveries. Errors name the annotation and the field at fault.
+func Parse(key, value string) ([]Delivery, error) {
+	ds, err := parse(value)
+	if err != nil {
+		return nil, fmt.Errorf("annotation %s: %w", key, err)
+	}
+	return ds, nil
+}
+
+func parse(value string) ([]Delivery, error) {
+	if len(value) > MaxValueSize {
+		return nil, fmt.Errorf("value is %d bytes, more than the %d allowed", len(value), MaxValueSize)
+	}
+	if !utf8.ValidString(value) || strings.ContainsRune(value, 0) {
+		return nil, errors.New("value is not valid UTF-8 text")
+	}
+	var ds []Delivery
+	dec := yaml.NewDecoder(bytes.NewReader([]byte(value)))
+	// Unknown keys are refused: a misspelt cert_dir must not silently
+	// deliver somewhere else.
+	dec.KnownFields(true)
+	if err := dec.Decode(&ds); err != nil {
+		if errors.Is(err, io.EOF) {
+			return nil, errors.New("value is empty: expected a YAML list of deliveries, each with cert_dir")
+		}
+		return nil, fmt.Errorf("value is not a YAML list of deliveries: %s", oneLine(err.Error()))
+	}
+	if len(ds) == 0 {
+		return nil, errors.New("value lists no delivery: expected a YAML list of deliveries, each with cert_dir")
+	}
+	if len(ds) > MaxDeliveries {
+		return nil, fmt.Errorf("value lists %d deliveries, more than the %d allowed", len(ds), MaxDeliveries)
+	}
+	seen := map[string]bool{}
+	for i := range ds {
+		d := &ds[i]
+		if err := d.normalize(); err != nil {
+			return nil, fmt.Errorf("delivery %d: %w", i, err)
+		}
+		if seen[d.CertDir] {
+			return nil, fmt.Errorf("delivery %d: cert_dir %q is used twice", i, d.CertDir)
+		}
+		seen[d.CertDir] = true
+	}
+	for i := range ds {
+		for j := range ds {
+			if i != j && strings.HasPrefix(ds[j].CertDir, ds[i].CertDir+"/") {
+				return nil, fmt.Errorf("delivery %d: cert_dir %q lies inside cert_dir %q", j, ds[j].CertDir, ds[i].CertDir)
+			}
+		}
+	}
+	return ds, nil
+}
+
+func (d *Delivery) normalize() error {
+	if err := checkCertDir(d.CertDir); err != nil {
+		return err
+	}
+	for _, f := range []struct {
+		field string
+		value *string
+		def   string
+	}{
+		{"svid_file_name", &d.SVIDFileName, DefaultSVIDFileName},
+		{"svid_key_file_name", &d.KeyFileName, DefaultKeyFileName},
+		{"svid_bundle_file_name", &d.BundleFileName, DefaultBundleFileName},
+	} {
+		if *f.value == "" {
+			*f.value = f.def
+		}
+		if err := checkFileName(*f.value); err != nil {
+			return fmt.Errorf("%s: %w", f.field, err)
+		}
+	}
+	if d.SVIDFileName == d.KeyFileName || d.SVIDFileName == d.BundleFileName || d.KeyFileName == d.BundleFileName {
+		return fmt.Errorf("file names %q, %q and %q must differ", d.SVIDFileName, d.KeyFileName, d.BundleFileName)
+	}
+	if d.SPIFFEID != "" {
+		if _, err := spiffeid.FromString(d.SPIFFEID); err != nil {
+			return fmt.Errorf("spiffe_id %q is not a SPIFFE ID: %w", d.SPIFFEID, err)
+		}
+	}
+	if d.AgentAddress != "" && !path.IsAbs(d.AgentAddress) {
+		return fmt.Errorf("spire_agent_address %q must be an absolute socket path", d.AgentAddress)
+	}
+	return nil
+}
+
+func checkCertDir(p string) error {
+	switch {
+	case p == "":
+		return errors.New("cert_dir is required")
+	case len(p) > maxPathLen:
+		return fmt.Errorf("cert_dir is longer than %d bytes", maxPathLen)
+	case !printable(p):
+		return fmt.Errorf("cert_dir %q holds control characters", p)
+	case !path.IsAbs(p):
+		return fmt.Errorf("cert_dir %q must be an absolute path inside the container", p)
+	case hasDotDot(p):
+		return fmt.Errorf("cert_dir %q must not contain '..'", p)
+	case path.Clean(p) != p:
+		return fmt.Errorf("cert_dir %q must be a clean path (no '.', '//' or trailing '/')", p)
+	case p == "/":
+		return errors.New("cert_dir must not be the container's root")
+	}
+	return nil
+}
+
+func checkFileName(name string) error {
+	switch {
+	case len(name) > maxNameLen:
+		return fmt.Errorf("file name is longer than %d bytes", maxNameLen)
+	case strings.ContainsRune(name, '/'):
+		return fmt.Errorf("file name %q must not contain '/'", name)
+	case !printable(name):
+		return fmt.Errorf("file name %q holds control characters", name)
+	case name == "." || strings.HasPrefix(name, ".."):
+		// Names starting with ".." are the writer's own (..data and the
+		// generation directories).
+		return fmt.Errorf("file name %q is reserved", name)
+	}
+	return nil
+}
+
+func hasDotDot(p string) bool {
+	for _, part := range strings.Split(p, "/") {
+		if part == ".." {
+			return true
+		}
+	}
+	return false
+}
+
+func printable(s string) bool {
+	for _, r := range s {
+		if unicode.IsControl(r) {
+			return false
+		}
+	}
+	return true
+}
+
+func oneLine(s string) string {
+	return strings.Join(strings.Fields(s), " ")
+}

@@ -1,0 +1,246 @@
+// Package fakeagent is an in-process Delegated Identity API server for fast
+// tests and fault injection: it mints SVIDs from its own CA, rotates them on
+// demand, counts open streams, and can refuse or hang. Tests that prove the
+// product use the real SPIRE agent (internal/spiretest); this one covers
+// what a real agent cannot be made to do on cue.
+package fakeagent
+
+import (
+	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"math/big"
+	"net"
+	"net/url"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	delegatedidentityv1 "github.com/spiffe/spire-api-sdk/proto/spire/api/agent/delegatedidentity/v1"
+	"github.com/spiffe/spire-api-sdk/proto/spire/api/types"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// Agent is a fake SPIRE agent admin endpoint.
+type Agent struct {
+	delegatedidentityv1.UnimplementedDelegatedIdentityServer
+
+	TrustDomain spiffeid.TrustDomain
+	caKey       crypto.Signer
+	caCert      *x509.Certificate
+
+	mu sync.Mutex
+	// identities maps a pid to the SPIFFE IDs it gets; Default applies to
+	// any other pid when set.
+	identities map[int][]spiffeid.ID
+	Default    []spiffeid.ID
+	// TTL of minted SVIDs.
+	TTL time.Duration
+	// Refuse, when set, is returned to every new stream (PermissionDenied, ...).
+	Refuse error
+	// Hang makes new streams block without ever sending.
+	Hang bool
+	// generation bumps on Rotate; streams re-send when it changes.
+	generation uint64
+	changed    chan struct{}
+
+	svidStreams   atomic.Int64
+	bundleStreams atomic.Int64
+
+	srv *grpc.Server
+	lis net.Listener
+}
+
+// New creates an agent for trust domain td and serves it on the unix socket path.
+func New(td string, socket string) (*Agent, error) {
+	a := &Agent{
+		TrustDomain: spiffeid.RequireTrustDomainFromString(td),
+		identities:  map[int][]spiffeid.ID{},
+		TTL:         time.Hour,
+		changed:     make(chan struct{}),
+	}
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, err
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber:          big.NewInt(1),
+		Subject:               pkix.Name{CommonName: "fakeagent CA"},
+		NotBefore:             time.Now().Add(-time.Minute),
+		NotAfter:              time.Now().Add(24 * time.Hour),
+		IsCA:                  true,
+		BasicConstraintsValid: true,
+		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
+		URIs:                  []*url.URL{a.TrustDomain.ID().URL()},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
+	if err != nil {
+		return nil, err
+	}
+	a.caKey = key
+	a.caCert, _ = x509.ParseCertificate(der)
+
+	lis, err := net.Listen("unix", socket)
+	if err != nil {
+		return nil, err
+	}
+	a.lis = lis
+	a.srv = grpc.NewServer()
+	delegatedidentityv1.RegisterDelegatedIdentityServer(a.srv, a)
+	go a.srv.Serve(lis)
+	return a, nil
+}
+
+// Stop closes the server and every stream.
+func (a *Agent) Stop() { a.srv.Stop() }
+
+// Set gives pid the SPIFFE IDs ids (first is the default).
+func (a *Agent) Set(pid int, ids ...spiffeid.ID) {
+	a.mu.Lock()
+	a.identities[pid] = ids
+	a.mu.Unlock()
+	a.Rotate()
+}
+
+// Configure changes fields under the lock.
+func (a *Agent) Configure(f func(a *Agent)) {
+	a.mu.Lock()
+	f(a)
+	a.mu.Unlock()
+}
+
+// Rotate mints new SVIDs for every open stream.
+func (a *Agent) Rotate() {
+	a.mu.Lock()
+	a.generation++
+	close(a.changed)
+	a.changed = make(chan struct{})
+	a.mu.Unlock()
+}
+
+// SVIDStreams is the number of open SubscribeToX509SVIDs streams.
+func (a *Agent) SVIDStreams() int64 { return a.svidStreams.Load() }
+
+// BundleStreams is the number of open SubscribeToX509Bundles streams.
+func (a *Agent) BundleStreams() int64 { return a.bundleStreams.Load() }
+
+// CA returns the trust domain's CA certificate.
+func (a *Agent) CA() *x509.Certificate { return a.caCert }
+
+func (a *Agent) wait(ctx context.Context) (refuse error, hang bool, changed chan struct{}) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.Refuse, a.Hang, a.changed
+}
+
+// SubscribeToX509SVIDs implements the API.
+func (a *Agent) SubscribeToX509SVIDs(req *delegatedidentityv1.SubscribeToX509SVIDsRequest, stream delegatedidentityv1.DelegatedIdentity_SubscribeToX509SVIDsServer) error {
+	a.svidStreams.Add(1)
+	defer a.svidStreams.Add(-1)
+	refuse, hang, _ := a.wait(stream.Context())
+	if refuse != nil {
+		return refuse
+	}
+	if hang {
+		<-stream.Context().Done()
+		return stream.Context().Err()
+	}
+	for {
+		a.mu.Lock()
+		ids, ok := a.identities[int(req.Pid)]
+		if !ok {
+			ids = a.Default
+		}
+		changed := a.changed
+		a.mu.Unlock()
+		resp := &delegatedidentityv1.SubscribeToX509SVIDsResponse{}
+		for _, id := range ids {
+			sv, err := a.mint(id)
+			if err != nil {
+				return status.Error(codes.Internal, err.Error())
+			}
+			resp.X509Svids = append(resp.X509Svids, sv)
+		}
+		if err := stream.Send(resp); err != nil {
+			return err
+		}
+		select {
+		case <-changed:
+		case <-stream.Context().Done():
+			return nil
+		}
+	}
+}
+
+// SubscribeToX509Bundles implements the API.
+func (a *Agent) SubscribeToX509Bundles(_ *delegatedidentityv1.SubscribeToX509BundlesRequest, stream delegatedidentityv1.DelegatedIdentity_SubscribeToX509BundlesServer) error {
+	a.bundleStreams.Add(1)
+	defer a.bundleStreams.Add(-1)
+	refuse, hang, _ := a.wait(stream.Context())
+	if refuse != nil {
+		return refuse
+	}
+	if hang {
+		<-stream.Context().Done()
+		return stream.Context().Err()
+	}
+	for {
+		a.mu.Lock()
+		changed := a.changed
+		a.mu.Unlock()
+		resp := &delegatedidentityv1.SubscribeToX509BundlesResponse{
+			CaCertificates: map[string][]byte{a.TrustDomain.IDString(): a.caCert.Raw},
+		}
+		if err := stream.Send(resp); err != nil {
+			return err
+		}
+		select {
+		case <-changed:
+		case <-stream.Context().Done():
+			return nil
+		}
+	}
+}
+
+var serial atomic.Int64
+
+func (a *Agent) mint(id spiffeid.ID) (*delegatedidentityv1.X509SVIDWithKey, error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, err
+	}
+	a.mu.Lock()
+	ttl := a.TTL
+	a.mu.Unlock()
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(serial.Add(1) + 1),
+		NotBefore:    time.Now().Add(-time.Minute),
+		NotAfter:     time.Now().Add(ttl),
+		KeyUsage:     x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment | x509.KeyUsageKeyAgreement,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
+		URIs:         []*url.URL{id.URL()},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, a.caCert, key.Public(), a.caKey)
+	if err != nil {
+		return nil, err
+	}
+	pkcs8, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		return nil, err
+	}
+	return &delegatedidentityv1.X509SVIDWithKey{
+		X509Svid: &types.X509SVID{
+			Id:        &types.SPIFFEID{TrustDomain: id.TrustDomain().Name(), Path: id.Path()},
+			CertChain: [][]byte{der},
+			ExpiresAt: tmpl.NotAfter.Unix(),
+		},
+		X509SvidKey: pkcs8,
+	}, nil
+}

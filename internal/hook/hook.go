@@ -1,0 +1,195 @@
+// Package hook is what spiffe-oci-hook does at each stage: deliver a
+// container's identity at createRuntime (or prestart), and forget the
+// container at poststop.
+package hook
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"time"
+
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+
+	"github.com/noderesource/spiffe-oci-hook/internal/agent"
+	"github.com/noderesource/spiffe-oci-hook/internal/annotations"
+	"github.com/noderesource/spiffe-oci-hook/internal/config"
+	"github.com/noderesource/spiffe-oci-hook/internal/files"
+	"github.com/noderesource/spiffe-oci-hook/internal/mount"
+	"github.com/noderesource/spiffe-oci-hook/internal/ocistate"
+	"github.com/noderesource/spiffe-oci-hook/internal/process"
+	"github.com/noderesource/spiffe-oci-hook/internal/record"
+	"github.com/noderesource/spiffe-oci-hook/internal/userns"
+)
+
+// Hook holds what every stage needs.
+type Hook struct {
+	Config config.Config
+	// Warn receives lines worth an operator's attention that do not stop
+	// the container (several SVIDs for one pid, fail-open).
+	Warn func(msg string)
+	// Writer writes the identity files.
+	Writer files.Writer
+}
+
+// Request is a container that asked for an identity.
+type Request struct {
+	State      *specs.State
+	Spec       *specs.Spec
+	Key        string // the annotation that asked
+	Deliveries []annotations.Delivery
+}
+
+// Find decides whether the container behind state asked for an identity.
+// It reads config.json only when the state carries no annotations, so the
+// common no-annotation path costs one small JSON decode.
+func Find(state *specs.State) (*Request, error) {
+	ann := state.Annotations
+	var spec *specs.Spec
+	if len(ann) == 0 {
+		var err error
+		if spec, err = ocistate.LoadSpec(state.Bundle); err != nil {
+			return nil, err
+		}
+		ann = spec.Annotations
+	}
+	key, value, ok := annotations.Find(ann)
+	if !ok {
+		return nil, nil
+	}
+	ds, err := annotations.Parse(key, value)
+	if err != nil {
+		return nil, err
+	}
+	if spec == nil {
+		if spec, err = ocistate.LoadSpec(state.Bundle); err != nil {
+			return nil, err
+		}
+	}
+	return &Request{State: state, Spec: spec, Key: key, Deliveries: ds}, nil
+}
+
+// AgentSocket returns the admin socket a request's deliveries will use: the
+// node's, unless an annotation names another one the node allows.
+func (h *Hook) AgentSocket(req *Request) (string, error) {
+	socket := ""
+	for i, d := range req.Deliveries {
+		s := h.Config.AgentAdminSocket
+		if d.AgentAddress != "" {
+			if !h.Config.AgentSocketAllowed(d.AgentAddress) {
+				return "", fmt.Errorf("annotation %s: delivery %d: spire_agent_address %q is not allowed by the node configuration (allowed_agent_sockets); remove it to use the node's agent", req.Key, i, d.AgentAddress)
+			}
+			s = d.AgentAddress
+		}
+		if socket != "" && s != socket {
+			return "", fmt.Errorf("annotation %s: deliveries name different agents (%s, %s); one container uses one agent", req.Key, socket, s)
+		}
+		socket = s
+	}
+	return socket, nil
+}
+
+// Create delivers the identity: it fetches the SVID for the container's
+// pid, writes the files, mounts them at every cert_dir and records the
+// container for the refresher. On error nothing is left in the state
+// directory.
+func (h *Hook) Create(ctx context.Context, req *Request) (err error) {
+	id := req.State.ID
+	socket, err := h.AgentSocket(req)
+	if err != nil {
+		return err
+	}
+	owner, err := userns.HostOwner(req.Spec)
+	if err != nil {
+		return err
+	}
+	if req.State.Pid <= 0 {
+		return errors.New("OCI state has no pid: run the hook at createRuntime or prestart, not before the container exists")
+	}
+	proc, err := process.Open(req.State.Pid)
+	if err != nil {
+		return fmt.Errorf("container process: %w", err)
+	}
+	defer proc.Close()
+
+	ctx, cancel := context.WithTimeout(ctx, h.Config.Timeout)
+	defer cancel()
+	client, err := agent.New(socket)
+	if err != nil {
+		return err
+	}
+	defer client.Close()
+	update, bundles, err := client.FetchX509(ctx, proc.PID)
+	if err != nil {
+		if errors.Is(err, agent.ErrNoIdentity) {
+			return fmt.Errorf("%w: create a registration entry whose selectors match pid %d as the agent sees it at container creation", err, proc.PID)
+		}
+		if errors.Is(err, context.DeadlineExceeded) {
+			return fmt.Errorf("%w (timeout %s: raise timeout in the node configuration, or check the agent's health)", err, h.Config.Timeout)
+		}
+		return err
+	}
+	// The agent attested whatever process had this pid when it looked.
+	// Only if the pinned process is still alive now was that process ours.
+	if err := proc.Alive(); err != nil {
+		return fmt.Errorf("container process exited while its identity was fetched; nothing delivered: %w", err)
+	}
+	if len(update.SVIDs) > 1 && h.Warn != nil {
+		h.Warn(fmt.Sprintf("container %s: the agent returned %d SVIDs for pid %d (%s); delivering the first unless a delivery names spiffe_id. An entry whose only selector is unix:uid:0 matches every container at creation time.",
+			id, len(update.SVIDs), proc.PID, agent.IDs(update.SVIDs)))
+	}
+
+	store := record.Store{Dir: h.Config.StateDir}
+	if err := store.Init(); err != nil {
+		return err
+	}
+	defer func() {
+		if err != nil {
+			if rmErr := store.Remove(id); rmErr != nil {
+				err = fmt.Errorf("%w (and cleaning up: %v)", err, rmErr)
+			}
+		}
+	}()
+	if err := os.MkdirAll(store.ContainerDir(id), 0o700); err != nil {
+		return fmt.Errorf("state directory: %w", err)
+	}
+
+	rootfs := ocistate.RootfsPath(req.State.Bundle, req.Spec)
+	rec := record.Record{
+		ID:          id,
+		PID:         proc.PID,
+		StartTime:   proc.StartTime,
+		Owner:       owner,
+		AgentSocket: socket,
+		Created:     time.Now().UTC(),
+	}
+	if req.Spec.Linux != nil {
+		rec.MountLabel = req.Spec.Linux.MountLabel
+	}
+	for i, d := range req.Deliveries {
+		svid, err := agent.Select(update.SVIDs, d.SPIFFEID)
+		if err != nil {
+			return fmt.Errorf("annotation %s: delivery %d: %w", req.Key, i, err)
+		}
+		rd := record.Delivery{Delivery: d, Delivered: svid.ID.String()}
+		fs, err := files.Identity(rd.Names(), svid, bundles, update.FederatesWith)
+		if err != nil {
+			return err
+		}
+		dir := store.DeliveryDir(id, i)
+		if err := h.Writer.Write(dir, fs, owner); err != nil {
+			return err
+		}
+		if err := mount.Bind(proc.FD(), rootfs, dir, d.CertDir); err != nil {
+			return fmt.Errorf("annotation %s: cert_dir %s: %w", req.Key, d.CertDir, err)
+		}
+		rec.Deliveries = append(rec.Deliveries, rd)
+	}
+	return store.Save(rec)
+}
+
+// Poststop forgets container id: its record and files.
+func (h *Hook) Poststop(id string) error {
+	return record.Store{Dir: h.Config.StateDir}.Remove(id)
+}

@@ -1,0 +1,109 @@
+// Package ocistate reads what an OCI runtime hands a hook: the container's
+// state on stdin and the bundle's config.json.
+package ocistate
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+)
+
+// maxStateSize bounds what is read from stdin. A real state is a few KiB
+// (annotations included); anything far larger is not a runtime talking.
+const maxStateSize = 4 << 20
+
+// maxConfigSize bounds config.json for the same reason.
+const maxConfigSize = 16 << 20
+
+// ReadState decodes the OCI state a runtime writes to a hook's stdin.
+func ReadState(r io.Reader) (*specs.State, error) {
+	data, err := io.ReadAll(io.LimitReader(r, maxStateSize+1))
+	if err != nil {
+		return nil, fmt.Errorf("reading OCI state from stdin: %w", err)
+	}
+	return ParseState(data)
+}
+
+// ParseState decodes and checks an OCI state document.
+func ParseState(data []byte) (*specs.State, error) {
+	if len(data) > maxStateSize {
+		return nil, fmt.Errorf("OCI state on stdin is larger than %d bytes", maxStateSize)
+	}
+	var s specs.State
+	if err := json.Unmarshal(data, &s); err != nil {
+		return nil, fmt.Errorf("OCI state on stdin is not valid JSON: %w", err)
+	}
+	if err := ValidateID(s.ID); err != nil {
+		return nil, fmt.Errorf("OCI state: %w", err)
+	}
+	if s.Bundle == "" || !filepath.IsAbs(s.Bundle) {
+		return nil, fmt.Errorf("OCI state of container %s: bundle %q is not an absolute path", s.ID, s.Bundle)
+	}
+	if s.Pid < 0 {
+		return nil, fmt.Errorf("OCI state of container %s: negative pid %d", s.ID, s.Pid)
+	}
+	return &s, nil
+}
+
+// ValidateID checks that a container ID can name a directory of its own:
+// the ID becomes a path element under the state directory.
+func ValidateID(id string) error {
+	switch {
+	case id == "":
+		return errors.New("container id is empty")
+	case len(id) > 1024:
+		return errors.New("container id is longer than 1024 bytes")
+	case strings.ContainsAny(id, "/\x00") || strings.HasPrefix(id, "."):
+		return fmt.Errorf("container id %q cannot be used as a file name", id)
+	}
+	return nil
+}
+
+// Stopped reports whether the state is the one a runtime passes to poststop
+// hooks. The hook uses it to tell its two stages apart, so that one hooks.d
+// file serves both.
+func Stopped(s *specs.State) bool {
+	return s.Status == specs.StateStopped
+}
+
+// LoadSpec reads config.json from a bundle.
+func LoadSpec(bundle string) (*specs.Spec, error) {
+	f, err := os.Open(filepath.Join(bundle, "config.json"))
+	if err != nil {
+		return nil, fmt.Errorf("reading bundle config: %w", err)
+	}
+	defer f.Close()
+	data, err := io.ReadAll(io.LimitReader(f, maxConfigSize+1))
+	if err != nil {
+		return nil, fmt.Errorf("reading bundle config: %w", err)
+	}
+	if len(data) > maxConfigSize {
+		return nil, fmt.Errorf("bundle config %s is larger than %d bytes", f.Name(), maxConfigSize)
+	}
+	var spec specs.Spec
+	if err := json.Unmarshal(data, &spec); err != nil {
+		return nil, fmt.Errorf("bundle config %s is not valid JSON: %w", f.Name(), err)
+	}
+	if spec.Root == nil || spec.Root.Path == "" {
+		return nil, fmt.Errorf("bundle config %s has no root.path", f.Name())
+	}
+	if spec.Process == nil {
+		return nil, fmt.Errorf("bundle config %s has no process", f.Name())
+	}
+	return &spec, nil
+}
+
+// RootfsPath returns the absolute path of the container's root filesystem;
+// root.path may be relative to the bundle.
+func RootfsPath(bundle string, spec *specs.Spec) string {
+	if filepath.IsAbs(spec.Root.Path) {
+		return filepath.Clean(spec.Root.Path)
+	}
+	return filepath.Join(bundle, spec.Root.Path)
+}
