@@ -1,0 +1,656 @@
+package spiretest
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	delegatedidentityv1 "github.com/spiffe/spire-api-sdk/proto/spire/api/agent/delegatedidentity/v1"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
+)
+
+const (
+	mainModule = "github.com/noderesource/spiffe-oci-hook"
+
+	// HarnessPath is the path of the SPIFFE ID given to the test process.
+	HarnessPath = "/spiretest/harness"
+
+	startTimeout = 60 * time.Second
+	stopTimeout  = 10 * time.Second
+	logTailLines = 60
+)
+
+// Options configures Start.
+type Options struct {
+	// TrustDomain defaults to "example.org".
+	TrustDomain string
+	// AuthorizedDelegates are SPIFFE IDs allowed on the admin socket, in
+	// addition to the harness's own ID (always added).
+	AuthorizedDelegates []string
+}
+
+// SPIRE is a running SPIRE server + agent pair.
+type SPIRE struct {
+	Dir            string // temp dir holding configs, data, sockets and logs
+	ServerSocket   string // spire-server API socket (for the CLI -socketPath)
+	WorkloadSocket string // agent Workload API socket
+	AdminSocket    string // agent admin socket (Delegated Identity API)
+	TrustDomain    string
+	AgentID        string // spiffe://<td>/spire/agent/join_token/<token>; parent of CreateEntry entries
+	HarnessID      string // spiffe://<td>/spiretest/harness, the test process's identity
+	ServerAddr     string // 127.0.0.1:<port>
+	ServerLog      string
+	AgentLog       string
+
+	serverBin, agentBin string
+	agentConf           string
+
+	mu     sync.Mutex
+	server *proc
+	agent  *proc
+}
+
+type proc struct {
+	cmd  *exec.Cmd
+	done chan struct{}
+	err  error // valid after done is closed
+}
+
+func (p *proc) exited() bool {
+	select {
+	case <-p.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// RequireRoot skips the test unless it runs as root.
+func RequireRoot(t testing.TB) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("spiretest: skipping, needs root (the SPIRE agent must attest processes by pid via /proc and SO_PEERCRED); run `sudo go test` or as root")
+	}
+}
+
+var (
+	binMu    sync.Mutex
+	binCache = map[string][2]string{}
+)
+
+// RepoRoot returns the root of the main module, found by walking up from
+// the working directory (the package dir under `go test`).
+func RepoRoot(t testing.TB) string {
+	t.Helper()
+	dir, err := os.Getwd()
+	if err != nil {
+		t.Fatalf("spiretest: getwd: %v", err)
+	}
+	for {
+		b, err := os.ReadFile(filepath.Join(dir, "go.mod"))
+		if err == nil && modulePath(b) == mainModule {
+			return dir
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			t.Fatalf("spiretest: no go.mod for %s above the working directory", mainModule)
+		}
+		dir = parent
+	}
+}
+
+func modulePath(gomod []byte) string {
+	sc := bufio.NewScanner(bytes.NewReader(gomod))
+	for sc.Scan() {
+		f := strings.Fields(sc.Text())
+		if len(f) >= 2 && f[0] == "module" {
+			return strings.Trim(f[1], `"`)
+		}
+	}
+	return ""
+}
+
+// Binaries returns the paths of spire-server and spire-agent, building them
+// with test/spire/build.sh when needed (see the package comment).
+func Binaries(t testing.TB) (server, agent string) {
+	t.Helper()
+	root := RepoRoot(t)
+	dir := os.Getenv("SPIRE_BIN_DIR")
+	override := dir != ""
+	if !override {
+		dir = filepath.Join(root, "bin", "test")
+	}
+	binMu.Lock()
+	defer binMu.Unlock()
+	if b, ok := binCache[dir]; ok {
+		return b[0], b[1]
+	}
+	server, agent = filepath.Join(dir, "spire-server"), filepath.Join(dir, "spire-agent")
+	if !override || !isExecutable(server) || !isExecutable(agent) {
+		script := filepath.Join(root, "test", "spire", "build.sh")
+		t.Logf("spiretest: running %s %s (first build takes minutes)", script, dir)
+		start := time.Now()
+		cmd := exec.Command(script, dir)
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			t.Fatalf("spiretest: %s failed: %v\n%s", script, err, out)
+		}
+		if d := time.Since(start); d > 5*time.Second {
+			t.Logf("spiretest: build took %s", d.Round(time.Second))
+		}
+	}
+	for _, p := range []string{server, agent} {
+		if !isExecutable(p) {
+			t.Fatalf("spiretest: %s missing after build", p)
+		}
+	}
+	binCache[dir] = [2]string{server, agent}
+	return server, agent
+}
+
+func isExecutable(p string) bool {
+	fi, err := os.Stat(p)
+	return err == nil && fi.Mode().IsRegular() && fi.Mode()&0o111 != 0
+}
+
+// Start starts a SPIRE server and agent; see the package comment.
+func Start(t testing.TB, opts Options) *SPIRE {
+	t.Helper()
+	serverBin, agentBin := Binaries(t)
+
+	td := opts.TrustDomain
+	if td == "" {
+		td = "example.org"
+	}
+	if _, err := spiffeid.TrustDomainFromString(td); err != nil {
+		t.Fatalf("spiretest: bad trust domain %q: %v", td, err)
+	}
+
+	dir, err := os.MkdirTemp("/tmp", "spt-")
+	if err != nil {
+		t.Fatalf("spiretest: %v", err)
+	}
+	s := &SPIRE{
+		Dir:            dir,
+		ServerSocket:   filepath.Join(dir, "server", "api.sock"),
+		WorkloadSocket: filepath.Join(dir, "workload", "api.sock"),
+		AdminSocket:    filepath.Join(dir, "admin", "admin.sock"),
+		TrustDomain:    td,
+		HarnessID:      "spiffe://" + td + HarnessPath,
+		ServerLog:      filepath.Join(dir, "server.log"),
+		AgentLog:       filepath.Join(dir, "agent.log"),
+		serverBin:      serverBin,
+		agentBin:       agentBin,
+		agentConf:      filepath.Join(dir, "agent.conf"),
+	}
+	for _, d := range []string{"server", "workload", "admin", "agent-data"} {
+		if err := os.MkdirAll(filepath.Join(dir, d), 0o755); err != nil {
+			t.Fatalf("spiretest: %v", err)
+		}
+	}
+	if len(s.AdminSocket) > 100 || len(s.WorkloadSocket) > 100 {
+		t.Fatalf("spiretest: socket path too long: %s", s.AdminSocket)
+	}
+	t.Cleanup(func() { s.cleanup(t) })
+
+	port := freePort(t)
+	s.ServerAddr = net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
+
+	serverConf := filepath.Join(dir, "server.conf")
+	writeFile(t, serverConf, fmt.Sprintf(`server {
+    bind_address = "127.0.0.1"
+    bind_port = "%d"
+    socket_path = %q
+    trust_domain = %q
+    data_dir = %q
+    log_level = "DEBUG"
+    ca_ttl = "24h"
+    default_x509_svid_ttl = "1h"
+    experimental {
+        # Reload the authorized-entry cache every second (default 5s) so
+        # new entries reach agents quickly.
+        cache_reload_interval = "1s"
+    }
+}
+
+plugins {
+    DataStore "sql" {
+        plugin_data {
+            database_type = "sqlite3"
+            connection_string = %q
+        }
+    }
+    KeyManager "memory" {
+        plugin_data {}
+    }
+    NodeAttestor "join_token" {
+        plugin_data {}
+    }
+}
+`, port, s.ServerSocket, td, filepath.Join(dir, "server"), filepath.Join(dir, "server", "datastore.sqlite3")))
+
+	s.server = s.spawn(t, "server", serverBin, s.ServerLog, "run", "-config", serverConf)
+	s.waitServer(t)
+
+	// Join token for the agent.
+	out := s.ServerCLI(t, "token", "generate", "-socketPath", s.ServerSocket, "-ttl", "3600", "-output", "json")
+	var tok struct {
+		Value string `json:"value"`
+	}
+	if err := json.Unmarshal(out, &tok); err != nil || tok.Value == "" {
+		t.Fatalf("spiretest: parsing token generate output %q: %v", out, err)
+	}
+	s.AgentID = "spiffe://" + td + "/spire/agent/join_token/" + tok.Value
+
+	// Identity for the test process itself, so it can use the admin API.
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatalf("spiretest: %v", err)
+	}
+	if r, err := filepath.EvalSymlinks(exe); err == nil {
+		exe = r
+	}
+	s.CreateEntry(t, s.HarnessID, []string{
+		"unix:uid:" + strconv.Itoa(os.Getuid()),
+		"unix:path:" + exe,
+	}, 0)
+
+	delegates := append([]string{s.HarnessID}, opts.AuthorizedDelegates...)
+	var dl []string
+	for _, d := range delegates {
+		dl = append(dl, strconv.Quote(d))
+	}
+	writeFile(t, s.agentConf, fmt.Sprintf(`agent {
+    data_dir = %q
+    log_level = "DEBUG"
+    server_address = "127.0.0.1"
+    server_port = "%d"
+    socket_path = %q
+    admin_socket_path = %q
+    trust_domain = %q
+    insecure_bootstrap = true
+    join_token = %q
+    authorized_delegates = [%s]
+    experimental {
+        # Poll the server for entries every second (default 5s).
+        sync_interval = "1s"
+    }
+}
+
+plugins {
+    KeyManager "disk" {
+        plugin_data {
+            directory = %q
+        }
+    }
+    NodeAttestor "join_token" {
+        plugin_data {}
+    }
+    WorkloadAttestor "unix" {
+        plugin_data {
+            discover_workload_path = true
+        }
+    }
+}
+`, filepath.Join(dir, "agent-data"), port, s.WorkloadSocket, s.AdminSocket, td, tok.Value,
+		strings.Join(dl, ", "), filepath.Join(dir, "agent-data")))
+
+	s.StartAgent(t)
+	return s
+}
+
+func (s *SPIRE) waitServer(t testing.TB) {
+	t.Helper()
+	deadline := time.Now().Add(startTimeout)
+	for {
+		if s.server.exited() {
+			s.dumpLogs(t)
+			t.Fatalf("spiretest: spire-server exited during startup: %v", s.server.err)
+		}
+		cmd := exec.Command(s.serverBin, "healthcheck", "-socketPath", s.ServerSocket)
+		if err := cmd.Run(); err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			s.dumpLogs(t)
+			t.Fatalf("spiretest: spire-server not healthy after %s", startTimeout)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// spawn starts a process in its own process group with output appended to logPath.
+func (s *SPIRE) spawn(t testing.TB, name, bin, logPath string, args ...string) *proc {
+	t.Helper()
+	lf, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		t.Fatalf("spiretest: %v", err)
+	}
+	defer lf.Close()
+	fmt.Fprintf(lf, "=== spiretest: starting %s at %s\n", name, time.Now().Format(time.RFC3339Nano))
+	cmd := exec.Command(bin, args...)
+	cmd.Dir = s.Dir
+	cmd.Stdout = lf
+	cmd.Stderr = lf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("spiretest: starting %s: %v", name, err)
+	}
+	p := &proc{cmd: cmd, done: make(chan struct{})}
+	go func() {
+		p.err = cmd.Wait()
+		close(p.done)
+	}()
+	return p
+}
+
+// stop signals p and waits; escalates to SIGKILL after stopTimeout.
+func stop(p *proc, sig syscall.Signal) error {
+	if p == nil || p.exited() {
+		return nil
+	}
+	_ = p.cmd.Process.Signal(sig)
+	select {
+	case <-p.done:
+		return nil
+	case <-time.After(stopTimeout):
+		_ = p.cmd.Process.Kill()
+		<-p.done
+		return fmt.Errorf("did not exit %s after %s, killed", sig, stopTimeout)
+	}
+}
+
+// StartAgent starts the agent (again) with the same config and data dir and
+// waits until the admin API authorizes the harness, i.e. the agent has its
+// SVID and has synced entries. A restarted agent re-uses the SVID saved in
+// its data dir (KeyManager "disk").
+func (s *SPIRE) StartAgent(t testing.TB) {
+	t.Helper()
+	s.mu.Lock()
+	if s.agent != nil && !s.agent.exited() {
+		s.mu.Unlock()
+		t.Fatalf("spiretest: StartAgent: agent already running")
+	}
+	s.agent = s.spawn(t, "agent", s.agentBin, s.AgentLog, "run", "-config", s.agentConf)
+	s.mu.Unlock()
+	s.WaitForSVID(t, os.Getpid(), s.HarnessID, startTimeout)
+}
+
+// StopAgent stops the agent with SIGTERM and waits for it to exit.
+func (s *SPIRE) StopAgent(t testing.TB) {
+	t.Helper()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.agent == nil || s.agent.exited() {
+		t.Fatalf("spiretest: StopAgent: agent not running")
+	}
+	if err := stop(s.agent, syscall.SIGTERM); err != nil {
+		t.Errorf("spiretest: StopAgent: %v", err)
+	}
+}
+
+// KillAgent kills the agent with SIGKILL and waits for it to exit. Socket
+// files may be left behind (connections to them are refused).
+func (s *SPIRE) KillAgent(t testing.TB) {
+	t.Helper()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.agent == nil || s.agent.exited() {
+		t.Fatalf("spiretest: KillAgent: agent not running")
+	}
+	_ = stop(s.agent, syscall.SIGKILL)
+}
+
+// AgentRunning reports whether the agent process is running.
+func (s *SPIRE) AgentRunning() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.agent != nil && !s.agent.exited()
+}
+
+func (s *SPIRE) cleanup(t testing.TB) {
+	s.mu.Lock()
+	agent, server := s.agent, s.server
+	s.mu.Unlock()
+	if err := stop(agent, syscall.SIGTERM); err != nil {
+		t.Logf("spiretest: agent: %v", err)
+	}
+	if err := stop(server, syscall.SIGTERM); err != nil {
+		t.Logf("spiretest: server: %v", err)
+	}
+	if t.Failed() {
+		s.dumpLogs(t)
+	}
+	if os.Getenv("SPIRETEST_KEEP") != "" {
+		t.Logf("spiretest: keeping %s", s.Dir)
+		return
+	}
+	_ = os.RemoveAll(s.Dir)
+}
+
+func (s *SPIRE) dumpLogs(t testing.TB) {
+	for _, f := range []string{s.ServerLog, s.AgentLog} {
+		t.Logf("spiretest: last %d lines of %s:\n%s", logTailLines, f, tail(f, logTailLines))
+	}
+}
+
+func tail(path string, n int) string {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return fmt.Sprintf("(%v)", err)
+	}
+	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
+
+// ServerCLI runs `spire-server ARGS...` and returns its stdout; it fails
+// the test on error. Pass -socketPath s.ServerSocket yourself.
+func (s *SPIRE) ServerCLI(t testing.TB, args ...string) []byte {
+	t.Helper()
+	cmd := exec.Command(s.serverBin, args...)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Run(); err != nil {
+		t.Fatalf("spiretest: spire-server %s: %v\nstdout: %s\nstderr: %s", strings.Join(args, " "), err, stdout.Bytes(), stderr.Bytes())
+	}
+	return stdout.Bytes()
+}
+
+// CreateEntry registers spiffeID for selectors ("type:value", e.g.
+// "unix:uid:0"), parented to the agent, and returns the entry ID. x509TTL 0
+// uses the server default.
+func (s *SPIRE) CreateEntry(t testing.TB, spiffeID string, selectors []string, x509TTL time.Duration) string {
+	t.Helper()
+	args := []string{"entry", "create", "-socketPath", s.ServerSocket,
+		"-parentID", s.AgentID, "-spiffeID", spiffeID, "-output", "json"}
+	for _, sel := range selectors {
+		args = append(args, "-selector", sel)
+	}
+	if x509TTL > 0 {
+		args = append(args, "-x509SVIDTTL", strconv.Itoa(int(x509TTL/time.Second)))
+	}
+	out := s.ServerCLI(t, args...)
+	var resp struct {
+		Results []struct {
+			Status struct {
+				Code    int    `json:"code"`
+				Message string `json:"message"`
+			} `json:"status"`
+			Entry struct {
+				ID string `json:"id"`
+			} `json:"entry"`
+		} `json:"results"`
+	}
+	if err := json.Unmarshal(out, &resp); err != nil {
+		t.Fatalf("spiretest: parsing entry create output %q: %v", out, err)
+	}
+	if len(resp.Results) != 1 || resp.Results[0].Status.Code != 0 || resp.Results[0].Entry.ID == "" {
+		t.Fatalf("spiretest: entry create failed: %s", out)
+	}
+	return resp.Results[0].Entry.ID
+}
+
+// DeleteEntry deletes a registration entry.
+func (s *SPIRE) DeleteEntry(t testing.TB, entryID string) {
+	t.Helper()
+	s.ServerCLI(t, "entry", "delete", "-socketPath", s.ServerSocket, "-entryID", entryID)
+}
+
+// BundlePEM returns the server's X.509 trust bundle (CA certificates) as PEM.
+func (s *SPIRE) BundlePEM(t testing.TB) []byte {
+	t.Helper()
+	return s.ServerCLI(t, "bundle", "show", "-socketPath", s.ServerSocket, "-format", "pem")
+}
+
+// TrustBundle returns the server's X.509 trust bundle.
+func (s *SPIRE) TrustBundle(t testing.TB) *x509bundle.Bundle {
+	t.Helper()
+	td := spiffeid.RequireTrustDomainFromString(s.TrustDomain)
+	b, err := x509bundle.Parse(td, s.BundlePEM(t))
+	if err != nil {
+		t.Fatalf("spiretest: parsing bundle: %v", err)
+	}
+	return b
+}
+
+// DelegatedClient dials the agent's admin socket. The returned func closes
+// the connection (it is also closed by t.Cleanup). The caller is the test
+// process, authorized as s.HarnessID.
+func (s *SPIRE) DelegatedClient(t testing.TB) (delegatedidentityv1.DelegatedIdentityClient, func()) {
+	t.Helper()
+	conn, err := grpc.NewClient("unix://"+s.AdminSocket, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatalf("spiretest: dialing admin socket: %v", err)
+	}
+	var once sync.Once
+	closeFn := func() { once.Do(func() { _ = conn.Close() }) }
+	t.Cleanup(closeFn)
+	return delegatedidentityv1.NewDelegatedIdentityClient(conn), closeFn
+}
+
+// WaitForSVID blocks until the agent's Delegated Identity API hands out an
+// X.509 SVID with spiffeID for pid, and returns it. It fails the test after
+// timeout, reporting the last error or the IDs that were offered.
+func (s *SPIRE) WaitForSVID(t testing.TB, pid int, spiffeID string, timeout time.Duration) *x509svid.SVID {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	client, closeConn := s.DelegatedClient(t)
+	defer closeConn()
+
+	var last string
+	for attempt := 0; ; attempt++ {
+		s.mu.Lock()
+		agent := s.agent
+		s.mu.Unlock()
+		if agent == nil || agent.exited() {
+			s.dumpLogs(t)
+			t.Fatalf("spiretest: WaitForSVID(%d, %s): agent is not running (%v)", pid, spiffeID, agentErr(agent))
+		}
+		svid, desc, err := subscribeOnce(ctx, client, pid, spiffeID)
+		if svid != nil {
+			return svid
+		}
+		if err != nil {
+			last = err.Error()
+		} else {
+			last = desc
+		}
+		if ctx.Err() != nil {
+			s.dumpLogs(t)
+			t.Fatalf("spiretest: WaitForSVID(pid %d, %s): not issued within %s; last: %s", pid, spiffeID, timeout, last)
+		}
+		// Back off briefly before re-subscribing after an error (the usual
+		// one is PermissionDenied until the harness entry reaches the agent).
+		select {
+		case <-ctx.Done():
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}
+
+func agentErr(p *proc) error {
+	if p == nil {
+		return errors.New("never started")
+	}
+	return p.err
+}
+
+// subscribeOnce runs one SubscribeToX509SVIDs stream for up to a few
+// seconds, returning the wanted SVID, or a description of what was seen.
+func subscribeOnce(ctx context.Context, client delegatedidentityv1.DelegatedIdentityClient, pid int, spiffeID string) (*x509svid.SVID, string, error) {
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	stream, err := client.SubscribeToX509SVIDs(ctx, &delegatedidentityv1.SubscribeToX509SVIDsRequest{Pid: int32(pid)})
+	if err != nil {
+		return nil, "", err
+	}
+	desc := "no reply"
+	for {
+		resp, err := stream.Recv()
+		if err != nil {
+			if status.Code(err) == codes.DeadlineExceeded || errors.Is(err, context.DeadlineExceeded) {
+				return nil, desc, nil
+			}
+			return nil, desc, err
+		}
+		var ids []string
+		for _, sv := range resp.GetX509Svids() {
+			id := sv.GetX509Svid().GetId()
+			got := "spiffe://" + id.GetTrustDomain() + id.GetPath()
+			ids = append(ids, got)
+			if got != spiffeID {
+				continue
+			}
+			var raw []byte
+			for _, c := range sv.GetX509Svid().GetCertChain() {
+				raw = append(raw, c...)
+			}
+			svid, err := x509svid.ParseRaw(raw, sv.GetX509SvidKey())
+			if err != nil {
+				return nil, "", fmt.Errorf("parsing SVID %s: %w", got, err)
+			}
+			return svid, "", nil
+		}
+		desc = fmt.Sprintf("reply with %d SVIDs %v", len(ids), ids)
+	}
+}
+
+func freePort(t testing.TB) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatalf("spiretest: %v", err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+func writeFile(t testing.TB, path, content string) {
+	t.Helper()
+	if err := os.WriteFile(path, []byte(content), 0o600); err != nil {
+		t.Fatalf("spiretest: %v", err)
+	}
+}

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs what the end-to-end tests need when it is missing (Debian),
+# and prepares this machine's cgroups for crun. Safe to run again.
+set -euo pipefail
+
+need=()
+command -v runc >/dev/null || need+=(runc)
+command -v crun >/dev/null || need+=(crun)
+command -v podman >/dev/null || need+=(podman)
+[ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -qx base64 || need+=(busybox-static)
+command -v newuidmap >/dev/null || need+=(uidmap)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "test/deps.sh: missing ${need[*]}; run as root or install them" >&2
+    exit 1
+  fi
+  echo "test/deps.sh: installing ${need[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+# crun refuses hybrid cgroups while cgroup v2 holds a controller; moving
+# hugetlb to v1 (once) lets it run on this kind of machine.
+if [ "$(id -u)" = 0 ] && [ -d /sys/fs/cgroup/unified ] && ! mountpoint -q /sys/fs/cgroup/hugetlb 2>/dev/null; then
+  if grep -qw hugetlb /sys/fs/cgroup/unified/cgroup.controllers 2>/dev/null; then
+    mkdir -p /sys/fs/cgroup/hugetlb && mount -t cgroup -o hugetlb cgroup /sys/fs/cgroup/hugetlb || true
+  fi
+fi

@@ -1,0 +1,346 @@
+// Package e2e runs spiffe-oci-hook under real runtimes (runc, Podman)
+// against a real SPIRE server and agent. It needs root, runc, podman and
+// busybox-static (test/deps.sh installs them) and the pinned SPIRE
+// binaries (test/spire/build.sh builds them).
+package e2e
+
+import (
+	"bytes"
+	"crypto/x509"
+	"encoding/json"
+	"encoding/pem"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	rspec "github.com/opencontainers/runtime-spec/specs-go"
+	"github.com/opencontainers/runtime-tools/generate"
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	"golang.org/x/sys/unix"
+
+	"github.com/noderesource/spiffe-oci-hook/internal/spiretest"
+)
+
+const (
+	trustDomain = "example.org"
+	hookID      = "spiffe://example.org/spiffe-oci-hook"
+	workloadID  = "spiffe://example.org/workload/runc"
+	annotation  = "identity.noderesource.dev/container"
+)
+
+var (
+	repoRoot string
+	hookBin  string
+	buildErr error
+	once     sync.Once
+)
+
+// requireRoot skips tests that cannot run without root and builds the hook.
+func requireRoot(t *testing.T) {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("e2e: skipped in -short mode")
+	}
+	if os.Getuid() != 0 {
+		t.Skip("e2e: needs root (mounts, runc, podman)")
+	}
+	for _, tool := range []string{"runc", "podman"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Fatalf("e2e: %s is missing: run test/deps.sh", tool)
+		}
+	}
+	once.Do(func() {
+		wd, _ := os.Getwd()
+		repoRoot = filepath.Dir(filepath.Dir(wd))
+		hookBin = filepath.Join(repoRoot, "bin", "test", "spiffe-oci-hook")
+		out, err := exec.Command("go", "build", "-o", hookBin, filepath.Join(repoRoot, "hook")).CombinedOutput()
+		if err != nil {
+			buildErr = fmt.Errorf("building the hook: %v\n%s", err, out)
+		}
+	})
+	if buildErr != nil {
+		t.Fatal(buildErr)
+	}
+}
+
+// env is one test's node: a SPIRE server and agent, a tmpfs state
+// directory and a node configuration file for the hook.
+type env struct {
+	t        *testing.T
+	spire    *spiretest.SPIRE
+	dir      string
+	stateDir string
+	config   string
+}
+
+// newEnv starts SPIRE with the hook as an authorized delegate and registers
+// the hook and a workload entry for containers started by runc.
+func newEnv(t *testing.T) *env {
+	requireRoot(t)
+	s := spiretest.Start(t, spiretest.Options{TrustDomain: trustDomain, AuthorizedDelegates: []string{hookID}})
+	e := &env{t: t, spire: s, dir: shortTempDir(t)}
+	e.stateDir = filepath.Join(e.dir, "state")
+	mountTmpfs(t, e.stateDir)
+	e.config = e.writeConfig("")
+	s.CreateEntry(t, hookID, []string{"unix:uid:0", "unix:path:" + hookBin}, time.Hour)
+	s.CreateEntry(t, workloadID, []string{"unix:uid:0", "unix:path:" + runcInitPath(t)}, time.Hour)
+	e.waitSynced()
+	return e
+}
+
+// waitSynced blocks until every entry created so far has reached the agent:
+// the agent syncs a full snapshot, so an entry created last being there
+// means the earlier ones are too.
+func (e *env) waitSynced() {
+	e.t.Helper()
+	id := fmt.Sprintf("spiffe://%s/sentinel/%d", trustDomain, time.Now().UnixNano())
+	sleep := exec.Command("sleep", "60")
+	if err := sleep.Start(); err != nil {
+		e.t.Fatal(err)
+	}
+	defer func() { sleep.Process.Kill(); sleep.Wait() }()
+	exe, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", sleep.Process.Pid))
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	entry := e.spire.CreateEntry(e.t, id, []string{"unix:uid:0", "unix:path:" + exe}, time.Hour)
+	e.spire.WaitForSVID(e.t, sleep.Process.Pid, id, 60*time.Second)
+	e.spire.DeleteEntry(e.t, entry)
+}
+
+// writeConfig writes a node configuration for the hook; extra is appended.
+func (e *env) writeConfig(extra string) string {
+	e.t.Helper()
+	path := filepath.Join(e.dir, fmt.Sprintf("config-%d.yaml", time.Now().UnixNano()))
+	content := fmt.Sprintf("agent_admin_socket: %s\nstate_dir: %s\ntimeout: 10s\n%s", e.spire.AdminSocket, e.stateDir, extra)
+	if err := os.WriteFile(path, []byte(content), 0o600); err != nil {
+		e.t.Fatal(err)
+	}
+	return path
+}
+
+// runcInitPath is what SPIRE's unix attestor sees as the path of the
+// container's pid at createRuntime. runc 1.1 runs "runc init" from a
+// detached copy of its binary, which reads as "/"; newer runcs show the
+// binary. A probe hook asks the real runc once.
+var (
+	initPathOnce sync.Once
+	initPath     string
+	initPathErr  error
+)
+
+func runcInitPath(t *testing.T) string {
+	initPathOnce.Do(func() {
+		dir := shortTempDir(t)
+		probe := filepath.Join(dir, "probe.sh")
+		out := filepath.Join(dir, "exe")
+		script := "#!/bin/sh\npid=$(sed 's/.*\"pid\":\\([0-9]*\\).*/\\1/')\nreadlink /proc/$pid/exe > " + out + "\n"
+		if initPathErr = os.WriteFile(probe, []byte(script), 0o755); initPathErr != nil {
+			return
+		}
+		b := newBundle(t, []string{"/bin/true"})
+		b.Config.Hooks = &rspec.Hooks{CreateRuntime: []rspec.Hook{{Path: probe}}}
+		if _, stderr, err := b.runc(t); err != nil {
+			initPathErr = fmt.Errorf("probe: %v: %s", err, stderr)
+			return
+		}
+		data, err := os.ReadFile(out)
+		initPath, initPathErr = strings.TrimSpace(string(data)), err
+	})
+	if initPathErr != nil {
+		t.Fatal(initPathErr)
+	}
+	return initPath
+}
+
+// hook returns the rspec.Hook that runs spiffe-oci-hook with config.
+func (e *env) hook(config string) rspec.Hook {
+	return rspec.Hook{Path: hookBin, Args: []string{"spiffe-oci-hook", "--config", config}}
+}
+
+// shortTempDir returns a temporary directory with a short path (unix
+// socket paths are limited to 108 bytes).
+func shortTempDir(t *testing.T) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("/tmp", "e2e-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
+}
+
+func mountTmpfs(t *testing.T, dir string) {
+	t.Helper()
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mount("tmpfs", dir, "tmpfs", 0, "mode=0700,size=64m"); err != nil {
+		t.Fatalf("mounting tmpfs at %s: %v", dir, err)
+	}
+	t.Cleanup(func() { unix.Unmount(dir, unix.MNT_DETACH) })
+}
+
+// bundle is a runtime-tools generated OCI bundle with a busybox rootfs.
+type bundle struct {
+	*generate.Generator
+	dir, rootfs, id string
+}
+
+func newBundle(t *testing.T, args []string) *bundle {
+	t.Helper()
+	dir := shortTempDir(t)
+	rootfs := filepath.Join(dir, "rootfs")
+	makeBusyboxRootfs(t, rootfs)
+	g, err := generate.New("linux")
+	if err != nil {
+		t.Fatal(err)
+	}
+	g.SetRootPath("rootfs")
+	g.SetProcessTerminal(false)
+	g.SetProcessArgs(args)
+	g.SetHostname("e2e")
+	// No network namespace setup is needed for these tests.
+	id := fmt.Sprintf("e2e-%d", time.Now().UnixNano())
+	return &bundle{Generator: &g, dir: dir, rootfs: rootfs, id: id}
+}
+
+func (b *bundle) save(t *testing.T) {
+	t.Helper()
+	if err := b.SaveToFile(filepath.Join(b.dir, "config.json"), generate.ExportOptions{}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// runc saves the bundle and runs it to completion with `runc run`.
+func (b *bundle) runc(t *testing.T) (stdout, stderr string, err error) {
+	t.Helper()
+	b.save(t)
+	root := filepath.Join(b.dir, "runc-root")
+	cmd := exec.Command("runc", "--root", root, "run", "--bundle", b.dir, b.id)
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	err = cmd.Run()
+	t.Cleanup(func() { exec.Command("runc", "--root", root, "delete", "--force", b.id).Run() })
+	return out.String(), errb.String(), err
+}
+
+var busyboxApplets = []string{"sh", "cat", "ls", "stat", "grep", "sed", "base64", "strings", "touch", "sleep", "id", "echo", "true", "head", "test", "readlink", "mkdir", "od", "awk"}
+
+func makeBusyboxRootfs(t *testing.T, rootfs string) {
+	t.Helper()
+	bin := filepath.Join(rootfs, "bin")
+	for _, d := range []string{bin, filepath.Join(rootfs, "proc"), filepath.Join(rootfs, "dev"), filepath.Join(rootfs, "sys"), filepath.Join(rootfs, "tmp"), filepath.Join(rootfs, "etc")} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	data, err := os.ReadFile("/bin/busybox")
+	if err != nil {
+		t.Fatalf("busybox-static is missing: %v", err)
+	}
+	if err := os.WriteFile(filepath.Join(bin, "busybox"), data, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for _, a := range busyboxApplets {
+		if err := os.Symlink("busybox", filepath.Join(bin, a)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	os.WriteFile(filepath.Join(rootfs, "etc", "passwd"), []byte("root:x:0:0:root:/:/bin/sh\napp:x:1000:1000:app:/:/bin/sh\n"), 0o644)
+	os.WriteFile(filepath.Join(rootfs, "etc", "group"), []byte("root:x:0:\napp:x:1000:\n"), 0o644)
+}
+
+// pemBlocks splits the section of out between begin and end markers that
+// the container printed.
+func section(t *testing.T, out, name string) string {
+	t.Helper()
+	begin, end := "=== "+name+" ===\n", "=== end "+name+" ===\n"
+	i := strings.Index(out, begin)
+	j := strings.Index(out, end)
+	if i < 0 || j < i {
+		t.Fatalf("container output has no %s section:\n%s", name, out)
+	}
+	return out[i+len(begin) : j]
+}
+
+// printFiles is a container script that prints what a workload would read
+// from dir, and facts about the mount, between markers.
+func printFiles(dir string) string {
+	return fmt.Sprintf(`set -e
+d=%[1]s
+echo "=== cert ==="; cat $d/svid.pem; echo "=== end cert ==="
+echo "=== key ==="; cat $d/svid_key.pem; echo "=== end key ==="
+echo "=== bundle ==="; cat $d/svid_bundle.pem; echo "=== end bundle ==="
+echo "=== keystat ==="; stat -L -c '%%a %%u %%g' $d/svid_key.pem; echo "=== end keystat ==="
+echo "=== id ==="; id -u; echo "=== end id ==="
+echo "=== mount ==="; grep " $d " /proc/self/mountinfo; echo "=== end mount ==="
+if touch $d/probe 2>/dev/null; then echo WRITABLE; fi
+`, dir)
+}
+
+// checkSVID checks that cert and key (PEM) form a valid SVID for wantID
+// that chains to the bundle.
+func checkSVID(t *testing.T, cert, key, bundlePEM string, wantID string) *x509svid.SVID {
+	t.Helper()
+	svid, err := x509svid.Parse([]byte(cert), []byte(key))
+	if err != nil {
+		t.Fatalf("cert and key do not form an SVID (the key must match the cert): %v", err)
+	}
+	if svid.ID.String() != wantID {
+		t.Fatalf("SVID is for %s, want %s", svid.ID, wantID)
+	}
+	td := spiffeid.RequireTrustDomainFromString(trustDomain)
+	b, err := x509bundle.Parse(td, []byte(bundlePEM))
+	if err != nil {
+		t.Fatalf("bundle: %v", err)
+	}
+	if _, _, err := x509svid.Verify(svid.Certificates, b); err != nil {
+		t.Fatalf("SVID does not chain to the bundle: %v", err)
+	}
+	return svid
+}
+
+func leafOf(t *testing.T, certPEM string) *x509.Certificate {
+	t.Helper()
+	block, _ := pem.Decode([]byte(certPEM))
+	if block == nil {
+		t.Fatal("no PEM block")
+	}
+	c, err := x509.ParseCertificate(block.Bytes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// listState lists every path under the state directory.
+func (e *env) listState() []string {
+	var paths []string
+	filepath.Walk(e.stateDir, func(p string, _ os.FileInfo, _ error) error {
+		paths = append(paths, strings.TrimPrefix(p, e.stateDir))
+		return nil
+	})
+	return paths
+}
+
+// readRecord decodes container id's record.
+func (e *env) readRecord(id string) map[string]any {
+	e.t.Helper()
+	data, err := os.ReadFile(filepath.Join(e.stateDir, "records", id+".json"))
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	var m map[string]any
+	if err := json.Unmarshal(data, &m); err != nil {
+		e.t.Fatal(err)
+	}
+	return m
+}
