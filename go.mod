@@ -4,7 +4,9 @@ go 1.26.0
 
 require (
 	github.com/containers/common v0.64.2
+	github.com/coreos/go-systemd/v22 v22.5.0
 	github.com/cyphar/filepath-securejoin v0.4.1
+	github.com/fsnotify/fsnotify v1.9.0
 	github.com/opencontainers/runtime-spec v1.2.1
 	github.com/opencontainers/runtime-tools v0.9.1-0.20250523060157-0ea5ed0382a2
 	github.com/spiffe/go-spiffe/v2 v2.8.1
@@ -15,11 +17,10 @@ require (
 
 require (
 	github.com/containers/storage v1.59.1 // indirect
-	github.com/fsnotify/fsnotify v1.9.0 // indirect
 	github.com/moby/sys/capability v0.4.0 // indirect
 	github.com/sirupsen/logrus v1.9.3 // indirect
 	golang.org/x/net v0.60.0 // indirect
-	golang.org/x/sys v0.48.0 // indirect
+	golang.org/x/sys v0.48.0
 	golang.org/x/text v0.42.0 // indirect
 	google.golang.org/genproto/googleapis/rpc v0.0.0-20260817212433-ac3dfec99bb1 // indirect
 	google.golang.org/protobuf v1.36.12 // indirect

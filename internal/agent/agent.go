@@ -35,9 +35,11 @@ type Client struct {
 }
 
 // New returns a client for the admin socket at path. It does not connect
-// until the first call.
-func New(socket string) (*Client, error) {
-	conn, err := grpc.NewClient("unix:"+socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
+// until the first call. opts add to the defaults (the refresher bounds
+// gRPC's reconnect backoff with them).
+func New(socket string, opts ...grpc.DialOption) (*Client, error) {
+	opts = append([]grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials())}, opts...)
+	conn, err := grpc.NewClient("unix:"+socket, opts...)
 	if err != nil {
 		return nil, fmt.Errorf("agent %s: %w", socket, err)
 	}

@@ -87,19 +87,34 @@ func New(td string, socket string) (*Agent, error) {
 	a.caKey = key
 	a.caCert, _ = x509.ParseCertificate(der)
 
-	lis, err := net.Listen("unix", socket)
-	if err != nil {
+	if err := a.Serve(socket); err != nil {
 		return nil, err
 	}
-	a.lis = lis
-	a.srv = grpc.NewServer()
-	delegatedidentityv1.RegisterDelegatedIdentityServer(a.srv, a)
-	go a.srv.Serve(lis)
 	return a, nil
 }
 
-// Stop closes the server and every stream.
-func (a *Agent) Stop() { a.srv.Stop() }
+// Serve starts serving on socket (again, after Stop: same CA, same state).
+func (a *Agent) Serve(socket string) error {
+	lis, err := net.Listen("unix", socket)
+	if err != nil {
+		return err
+	}
+	srv := grpc.NewServer()
+	delegatedidentityv1.RegisterDelegatedIdentityServer(srv, a)
+	a.mu.Lock()
+	a.lis, a.srv = lis, srv
+	a.mu.Unlock()
+	go srv.Serve(lis)
+	return nil
+}
+
+// Stop closes the server, its socket and every stream, like an agent that died.
+func (a *Agent) Stop() {
+	a.mu.Lock()
+	srv := a.srv
+	a.mu.Unlock()
+	srv.Stop()
+}
 
 // Set gives pid the SPIFFE IDs ids (first is the default).
 func (a *Agent) Set(pid int, ids ...spiffeid.ID) {

@@ -1,0 +1,300 @@
+package refresh
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/noderesource/spiffe-oci-hook/internal/agent"
+	"github.com/noderesource/spiffe-oci-hook/internal/files"
+	"github.com/noderesource/spiffe-oci-hook/internal/process"
+	"github.com/noderesource/spiffe-oci-hook/internal/record"
+)
+
+// container is one served container.
+type container struct {
+	r     *Refresher
+	rec   record.Record
+	proc  *process.Process
+	agent *agentConn
+
+	bundleCh chan struct{}
+	ctx      context.Context
+	cancel   context.CancelFunc
+	done     chan struct{}
+
+	// Owned by run's goroutine.
+	svids     *agent.X509SVIDs
+	delivered []string // SPIFFE ID last written per delivery
+	written   [][]byte // content last written per delivery
+	writer    files.Writer
+
+	mu      sync.Mutex
+	lastErr string // kind of the last logged error, "" when healthy
+}
+
+func newContainer(ctx context.Context, r *Refresher, rec record.Record, proc *process.Process, a *agentConn) *container {
+	ctx, cancel := context.WithCancel(ctx)
+	c := &container{
+		r:         r,
+		rec:       rec,
+		proc:      proc,
+		agent:     a,
+		bundleCh:  make(chan struct{}, 1),
+		ctx:       ctx,
+		cancel:    cancel,
+		done:      make(chan struct{}),
+		delivered: make([]string, len(rec.Deliveries)),
+		written:   make([][]byte, len(rec.Deliveries)),
+		writer:    r.Writer,
+	}
+	for i, d := range rec.Deliveries {
+		c.delivered[i] = d.Delivered
+	}
+	if r.Labeler != nil && rec.MountLabel != "" {
+		c.writer.Labeler = r.Labeler(rec.MountLabel)
+	}
+	return c
+}
+
+func (c *container) bundlesChanged() {
+	select {
+	case c.bundleCh <- struct{}{}:
+	default:
+	}
+}
+
+// stop ends run and waits for it.
+func (c *container) stop() {
+	c.cancel()
+	<-c.done
+}
+
+// run serves the container until its process exits (true) or it is
+// stopped (false).
+func (c *container) run() (exited bool) {
+	ctx := c.ctx
+	defer close(c.done)
+	defer c.proc.Close()
+	defer c.cancel()
+
+	exit, err := watchExit(ctx, c.proc)
+	if err != nil {
+		c.r.log.Error("watching container process", "container", c.rec.ID, "error", err)
+		return false
+	}
+	updates := make(chan *agent.X509SVIDs)
+	go c.stream(ctx, updates)
+	for {
+		select {
+		case <-exit:
+			return true
+		case <-ctx.Done():
+			return false
+		case u := <-updates:
+			c.svids = u
+			c.write(ctx)
+		case <-c.bundleCh:
+			if c.svids != nil {
+				c.write(ctx)
+			}
+		}
+	}
+}
+
+// stream follows the container's SVIDs, reopening the stream with backoff.
+func (c *container) stream(ctx context.Context, updates chan<- *agent.X509SVIDs) {
+	attempt := 0
+	for ctx.Err() == nil {
+		err := c.follow(ctx, updates, func() { attempt = 0 })
+		if ctx.Err() != nil {
+			return
+		}
+		c.report(err)
+		if !sleep(ctx, backoffDelay(c.r.cfg.Refresher, attempt), c.agent.Recovered()) {
+			return
+		}
+		attempt++
+	}
+}
+
+// follow holds one SVID stream open and forwards its updates.
+func (c *container) follow(ctx context.Context, updates chan<- *agent.X509SVIDs, healthy func()) error {
+	if c.agent.client == nil {
+		return fmt.Errorf("agent %s: no client", c.agent.socket)
+	}
+	s, err := c.agent.client.SubscribeX509SVIDs(ctx, c.proc.PID)
+	if err != nil {
+		return err
+	}
+	for {
+		u, err := s.Recv()
+		if errors.Is(err, agent.ErrNoIdentity) {
+			// The stream stays open: an entry may match again later.
+			// The files on disk stay valid until they expire.
+			c.report(fmt.Errorf("%w: keeping the current files until an entry matches again", err))
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		// The agent attested the pid when the stream opened. If the pinned
+		// process is alive now, it was alive then, so the pid was still
+		// ours: a reused pid never gets an identity written here.
+		if err := c.proc.Alive(); err != nil {
+			<-ctx.Done()
+			return ctx.Err()
+		}
+		healthy()
+		c.report(nil)
+		select {
+		case updates <- u:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+// report logs a container's trouble once per kind, and its recovery once.
+// Agent-wide unavailability is the agent connection's to log.
+func (c *container) report(err error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if err == nil {
+		if c.lastErr != "" && c.lastErr != "unavailable" {
+			c.r.log.Info("container stream healthy again", "container", c.rec.ID)
+		}
+		c.lastErr = ""
+		return
+	}
+	kind := errKind(err)
+	if kind == c.lastErr {
+		return
+	}
+	c.lastErr = kind
+	if kind == "unavailable" {
+		return
+	}
+	c.r.log.Warn("container stream", "container", c.rec.ID, "pid", c.proc.PID, "error", err)
+}
+
+// write renders and writes every delivery whose content changed.
+func (c *container) write(ctx context.Context) {
+	bundles, err := c.agent.Bundles(ctx)
+	if err != nil {
+		return
+	}
+	for i, d := range c.rec.Deliveries {
+		svid, err := agent.Select(c.svids.SVIDs, d.SPIFFEID)
+		if err != nil {
+			c.report(fmt.Errorf("delivery %d (%s): %w; keeping the current files", i, d.CertDir, err))
+			continue
+		}
+		fs, err := files.Identity(d.Names(), svid, bundles, c.svids.FederatesWith)
+		if err != nil {
+			c.report(err)
+			continue
+		}
+		dir := c.r.store.DeliveryDir(c.rec.ID, i)
+		sum := fingerprint(fs)
+		if bytes.Equal(sum, c.written[i]) || (c.written[i] == nil && onDisk(dir, fs)) {
+			c.written[i] = sum
+			continue
+		}
+		if err := c.writer.Write(dir, fs, c.rec.Owner); err != nil {
+			if _, statErr := os.Stat(c.r.store.RecordPath(c.rec.ID)); errors.Is(statErr, os.ErrNotExist) {
+				return // poststop removed the container meanwhile
+			}
+			c.report(fmt.Errorf("writing %s: %w", dir, err))
+			continue
+		}
+		c.written[i] = sum
+		if id := svid.ID.String(); id != c.delivered[i] {
+			c.r.log.Warn("container identity changed", "container", c.rec.ID, "cert_dir", d.CertDir, "was", c.delivered[i], "now", id)
+			c.delivered[i] = id
+		}
+		c.r.log.Debug("rotated", "container", c.rec.ID, "cert_dir", d.CertDir, "spiffe_id", svid.ID.String(), "expires", svid.Certificates[0].NotAfter.Format(time.RFC3339))
+		if c.r.OnWrite != nil {
+			c.r.OnWrite(c.rec.ID, i)
+		}
+	}
+}
+
+// fingerprint identifies what a delivery's files say. The key is left out:
+// the certificate already names it, and the agent re-sends the same SVID.
+func fingerprint(fs []files.File) []byte {
+	var b bytes.Buffer
+	for _, f := range fs {
+		if f.Mode != files.KeyMode {
+			b.WriteString(f.Name)
+			b.WriteByte(0)
+			b.Write(f.Data)
+		}
+	}
+	return b.Bytes()
+}
+
+// onDisk reports whether dir already holds fs's certificate and bundle,
+// so that a restarted refresher does not rewrite every container at once.
+func onDisk(dir string, fs []files.File) bool {
+	var names []string
+	for _, f := range fs {
+		if f.Mode != files.KeyMode {
+			names = append(names, f.Name)
+		}
+	}
+	cur, err := files.Read(dir, names...)
+	if err != nil {
+		return false
+	}
+	for _, f := range fs {
+		if f.Mode != files.KeyMode && !bytes.Equal(cur[f.Name], f.Data) {
+			return false
+		}
+	}
+	return true
+}
+
+// watchExit returns a channel closed when the process exits. The pidfd
+// becomes readable then; Go's netpoller waits on it, so a thousand
+// containers cost a thousand parked goroutines, not a thousand threads.
+func watchExit(ctx context.Context, p *process.Process) (<-chan struct{}, error) {
+	fd, err := unix.Dup(p.FD())
+	if err != nil {
+		return nil, fmt.Errorf("dup pidfd: %w", err)
+	}
+	if err := unix.SetNonblock(fd, true); err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("pidfd nonblock: %w", err)
+	}
+	f := os.NewFile(uintptr(fd), "pidfd")
+	rc, err := f.SyscallConn()
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	exit := make(chan struct{})
+	go func() {
+		<-ctx.Done()
+		f.Close() // wakes the waiting Read below
+	}()
+	go func() {
+		var gone bool
+		// The check uses the watcher's own descriptor: the Process may be
+		// closed while this goroutine still runs.
+		err := rc.Read(func(fd uintptr) bool {
+			gone = errors.Is(unix.PidfdSendSignal(int(fd), 0, nil, 0), unix.ESRCH)
+			return gone
+		})
+		if err == nil && gone {
+			close(exit)
+		}
+	}()
+	return exit, nil
+}

@@ -1,0 +1,278 @@
+// Package refresh is spiffe-oci-refresher's engine: it keeps every
+// container the hook served supplied with fresh SVIDs and bundles for as
+// long as the container lives, and forgets it when it exits.
+//
+// The state directory is its only memory (package record): at start it
+// scans the records, then follows them with inotify and a periodic rescan,
+// so it survives its own restarts and never needs the hook to reach it.
+// For each agent socket it holds one bundle stream; for each container a
+// pidfd and one SVID stream by pid. Every update is written through the
+// one atomic writer (package files).
+package refresh
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/fsnotify/fsnotify"
+
+	"github.com/noderesource/spiffe-oci-hook/internal/config"
+	"github.com/noderesource/spiffe-oci-hook/internal/files"
+	"github.com/noderesource/spiffe-oci-hook/internal/process"
+	"github.com/noderesource/spiffe-oci-hook/internal/record"
+)
+
+// orphanAge is how old a container directory without a record must be
+// before a rescan removes it: younger ones may belong to a hook that is
+// still delivering (its record is written last).
+const orphanAge = 2 * time.Minute
+
+// Refresher keeps the containers of one state directory fresh.
+type Refresher struct {
+	cfg   config.Config
+	store record.Store
+	log   *slog.Logger
+	// Writer writes every generation; tests and SELinux set its Labeler.
+	Writer files.Writer
+	// Labeler returns the labeler for a container's mount label (nil: none).
+	Labeler func(mountLabel string) files.Labeler
+	// OnWrite, when set, is called after each delivery is rewritten
+	// (benchmarks and tests measure with it).
+	OnWrite func(id string, delivery int)
+
+	mu         sync.Mutex
+	containers map[string]*container
+	agents     map[string]*agentConn
+	wg         sync.WaitGroup
+}
+
+// New returns a refresher for cfg.
+func New(cfg config.Config, log *slog.Logger) *Refresher {
+	return &Refresher{
+		cfg:        cfg,
+		store:      record.Store{Dir: cfg.StateDir},
+		log:        log,
+		containers: map[string]*container{},
+		agents:     map[string]*agentConn{},
+	}
+}
+
+// Run scans the state directory, calls ready once the containers found
+// are being served, and keeps going until ctx ends. Then it closes every
+// stream and returns; the files stay, so containers keep valid identities
+// until the next start.
+func (r *Refresher) Run(ctx context.Context, ready func()) error {
+	if err := r.store.Init(); err != nil {
+		return err
+	}
+	watcher, err := fsnotify.NewWatcher()
+	if err != nil {
+		return fmt.Errorf("watching %s: %w", r.store.RecordsDir(), err)
+	}
+	defer watcher.Close()
+	// Watch before the first scan, so that no record written in between
+	// is missed.
+	if err := watcher.Add(r.store.RecordsDir()); err != nil {
+		return fmt.Errorf("watching %s: %w", r.store.RecordsDir(), err)
+	}
+
+	ctx, cancel := context.WithCancel(ctx)
+	defer func() {
+		cancel()
+		r.wg.Wait()
+	}()
+	r.scan(ctx)
+	r.log.Info("ready", "state_dir", r.cfg.StateDir, "containers", r.Count())
+	if ready != nil {
+		ready()
+	}
+
+	rescan := time.NewTicker(r.cfg.Refresher.RescanInterval)
+	defer rescan.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			r.log.Info("stopping", "containers", r.Count())
+			return nil
+		case ev, ok := <-watcher.Events:
+			if !ok {
+				return errors.New("inotify watcher closed")
+			}
+			id, ok := record.IDFromFileName(filepath.Base(ev.Name))
+			if !ok {
+				continue
+			}
+			if ev.Has(fsnotify.Create) || ev.Has(fsnotify.Write) {
+				r.add(ctx, id)
+			}
+			if ev.Has(fsnotify.Remove) || ev.Has(fsnotify.Rename) {
+				if _, err := os.Lstat(r.store.RecordPath(id)); errors.Is(err, os.ErrNotExist) {
+					r.forget(id, "record removed (poststop)", false)
+				}
+			}
+		case err, ok := <-watcher.Errors:
+			if !ok {
+				return errors.New("inotify watcher closed")
+			}
+			// An overflow loses events; the rescan catches up.
+			r.log.Warn("inotify", "error", err)
+			r.scan(ctx)
+		case <-rescan.C:
+			r.scan(ctx)
+		}
+	}
+}
+
+// Count returns the number of containers being served.
+func (r *Refresher) Count() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return len(r.containers)
+}
+
+// scan reconciles the served containers with the records on disk.
+func (r *Refresher) scan(ctx context.Context) {
+	ids, err := r.store.IDs()
+	if err != nil {
+		r.log.Error("scanning state directory", "error", err)
+		return
+	}
+	onDisk := map[string]bool{}
+	for _, id := range ids {
+		onDisk[id] = true
+		r.add(ctx, id)
+	}
+	r.mu.Lock()
+	var gone []string
+	for id := range r.containers {
+		if !onDisk[id] {
+			gone = append(gone, id)
+		}
+	}
+	r.mu.Unlock()
+	for _, id := range gone {
+		r.forget(id, "record removed (poststop)", false)
+	}
+	orphans, err := r.store.Orphans()
+	if err != nil {
+		r.log.Error("scanning state directory", "error", err)
+		return
+	}
+	for _, id := range orphans {
+		st, err := os.Lstat(r.store.ContainerDir(id))
+		if err != nil || time.Since(st.ModTime()) < orphanAge {
+			continue
+		}
+		if err := os.RemoveAll(r.store.ContainerDir(id)); err != nil {
+			r.log.Error("removing orphaned container directory", "container", id, "error", err)
+			continue
+		}
+		r.log.Info("removed orphaned container directory", "container", id)
+	}
+}
+
+// add starts serving container id unless it is served already. A container
+// whose process is gone (it exited while the refresher was down, or its pid
+// now names another process) has its state removed.
+func (r *Refresher) add(ctx context.Context, id string) {
+	r.mu.Lock()
+	_, served := r.containers[id]
+	r.mu.Unlock()
+	if served {
+		return
+	}
+	rec, err := r.store.Load(id)
+	if err != nil {
+		if !errors.Is(err, os.ErrNotExist) {
+			r.log.Error("reading record", "container", id, "error", err)
+		}
+		return
+	}
+	proc, err := process.OpenRecorded(rec.PID, rec.StartTime)
+	if err != nil {
+		if errors.Is(err, process.ErrGone) {
+			r.remove(id, "process exited while the refresher was away")
+			return
+		}
+		r.log.Error("pinning container process", "container", id, "pid", rec.PID, "error", err)
+		return
+	}
+	a := r.agent(ctx, rec.AgentSocket)
+	c := newContainer(ctx, r, rec, proc, a)
+
+	r.mu.Lock()
+	if _, dup := r.containers[id]; dup || ctx.Err() != nil {
+		r.mu.Unlock()
+		proc.Close()
+		return
+	}
+	r.containers[id] = c
+	r.mu.Unlock()
+
+	r.log.Info("serving container", "container", id, "pid", rec.PID, "spiffe_id", rec.Deliveries[0].Delivered, "deliveries", len(rec.Deliveries))
+	r.wg.Add(1)
+	go func() {
+		defer r.wg.Done()
+		if exited := c.run(); exited {
+			r.forget(id, "container process exited", true)
+		}
+	}()
+}
+
+// forget stops serving container id; with removeState it also deletes the
+// container's record and files (poststop has done so already otherwise).
+func (r *Refresher) forget(id, why string, removeState bool) {
+	r.mu.Lock()
+	c, ok := r.containers[id]
+	delete(r.containers, id)
+	r.mu.Unlock()
+	if ok {
+		c.stop()
+		r.log.Info("forgot container", "container", id, "reason", why)
+	}
+	if removeState {
+		r.remove(id, why)
+	}
+}
+
+func (r *Refresher) remove(id, why string) {
+	if err := r.store.Remove(id); err != nil {
+		r.log.Error("removing container state", "container", id, "error", err)
+		return
+	}
+	r.log.Info("removed container state", "container", id, "reason", why)
+}
+
+// agent returns the connection to socket, creating it on first use.
+func (r *Refresher) agent(ctx context.Context, socket string) *agentConn {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	a, ok := r.agents[socket]
+	if !ok {
+		a = newAgentConn(ctx, socket, r.cfg.Refresher, r.log)
+		r.agents[socket] = a
+		r.wg.Add(1)
+		go func() {
+			defer r.wg.Done()
+			a.run(ctx, r.broadcastBundles)
+		}()
+	}
+	return a
+}
+
+// broadcastBundles tells every container of agent a that its bundles changed.
+func (r *Refresher) broadcastBundles(a *agentConn) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, c := range r.containers {
+		if c.agent == a {
+			c.bundlesChanged()
+		}
+	}
+}

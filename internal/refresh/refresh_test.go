@@ -1,0 +1,435 @@
+package refresh
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	"golang.org/x/sys/unix"
+
+	"github.com/noderesource/spiffe-oci-hook/internal/agent"
+	"github.com/noderesource/spiffe-oci-hook/internal/annotations"
+	"github.com/noderesource/spiffe-oci-hook/internal/config"
+	"github.com/noderesource/spiffe-oci-hook/internal/fakeagent"
+	"github.com/noderesource/spiffe-oci-hook/internal/files"
+	"github.com/noderesource/spiffe-oci-hook/internal/process"
+	"github.com/noderesource/spiffe-oci-hook/internal/record"
+)
+
+var workload = spiffeid.RequireFromString("spiffe://example.org/workload")
+
+// node is a fake node: a fake agent, a tmpfs state directory and helpers
+// that play the hook's part.
+type node struct {
+	t      *testing.T
+	dir    string
+	socket string
+	agent  *fakeagent.Agent
+	cfg    config.Config
+	store  record.Store
+	logs   *syncBuffer
+}
+
+func newNode(t *testing.T) *node {
+	t.Helper()
+	if os.Getuid() != 0 {
+		t.Skip("needs root: the state directory must be a tmpfs mount")
+	}
+	dir, err := os.MkdirTemp("/tmp", "refresh-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	state := filepath.Join(dir, "state")
+	os.MkdirAll(state, 0o700)
+	if err := unix.Mount("tmpfs", state, "tmpfs", 0, "size=256m"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Unmount(state, unix.MNT_DETACH) })
+	n := &node{t: t, dir: dir, socket: filepath.Join(dir, "admin.sock"), logs: &syncBuffer{}}
+	n.agent, err = fakeagent.New("example.org", n.socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(n.agent.Stop)
+	n.agent.Default = []spiffeid.ID{workload}
+	n.cfg = config.Default()
+	n.cfg.AgentAdminSocket = n.socket
+	n.cfg.StateDir = state
+	n.cfg.Refresher.BackoffMin = 50 * time.Millisecond
+	n.cfg.Refresher.BackoffMax = 500 * time.Millisecond
+	n.cfg.Refresher.RescanInterval = time.Second
+	n.store = record.Store{Dir: state}
+	if err := n.store.Init(); err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+// deliver does what the hook does for a process: fetch, write, record.
+func (n *node) deliver(pid int) string {
+	n.t.Helper()
+	id := fmt.Sprintf("c%d", pid)
+	proc, err := process.Open(pid)
+	if err != nil {
+		n.t.Fatal(err)
+	}
+	defer proc.Close()
+	client, err := agent.New(n.socket)
+	if err != nil {
+		n.t.Fatal(err)
+	}
+	defer client.Close()
+	streams := n.agent.SVIDStreams()
+	update, bundles, err := client.FetchX509(context.Background(), pid)
+	if err != nil {
+		n.t.Fatal(err)
+	}
+	// The fetch's streams close asynchronously on the server side.
+	eventually(n.t, 5*time.Second, "fetch streams closed", func() bool { return n.agent.SVIDStreams() <= streams })
+	d := record.Delivery{Delivery: annotations.Delivery{CertDir: "/certs", SVIDFileName: "svid.pem", KeyFileName: "svid_key.pem", BundleFileName: "svid_bundle.pem"}, Delivered: update.SVIDs[0].ID.String()}
+	fs, err := files.Identity(d.Names(), update.SVIDs[0], bundles, nil)
+	if err != nil {
+		n.t.Fatal(err)
+	}
+	os.MkdirAll(n.store.ContainerDir(id), 0o700)
+	if err := (files.Writer{}).Write(n.store.DeliveryDir(id, 0), fs, files.Owner{UID: 1000, GID: 1000}); err != nil {
+		n.t.Fatal(err)
+	}
+	rec := record.Record{ID: id, PID: pid, StartTime: proc.StartTime, AgentSocket: n.socket, Owner: files.Owner{UID: 1000, GID: 1000}, Deliveries: []record.Delivery{d}}
+	if err := n.store.Save(rec); err != nil {
+		n.t.Fatal(err)
+	}
+	return id
+}
+
+// workloadProcess starts a process standing in for a container.
+func (n *node) workloadProcess() *exec.Cmd {
+	n.t.Helper()
+	cmd := exec.Command("sleep", "300")
+	if err := cmd.Start(); err != nil {
+		n.t.Fatal(err)
+	}
+	n.t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	return cmd
+}
+
+// start runs a refresher until the returned stop is called.
+func (n *node) start() (*Refresher, func()) {
+	n.t.Helper()
+	r := New(n.cfg, slog.New(slog.NewTextHandler(n.logs, &slog.HandlerOptions{Level: slog.LevelInfo})))
+	ctx, cancel := context.WithCancel(context.Background())
+	ready := make(chan struct{})
+	done := make(chan error, 1)
+	go func() { done <- r.Run(ctx, func() { close(ready) }) }()
+	select {
+	case <-ready:
+	case err := <-done:
+		n.t.Fatalf("refresher stopped: %v", err)
+	case <-time.After(10 * time.Second):
+		n.t.Fatal("refresher not ready after 10 s")
+	}
+	var once sync.Once
+	stop := func() {
+		once.Do(func() {
+			cancel()
+			if err := <-done; err != nil {
+				n.t.Errorf("refresher: %v", err)
+			}
+		})
+	}
+	n.t.Cleanup(stop)
+	return r, stop
+}
+
+func (n *node) cert(id string) []byte {
+	n.t.Helper()
+	fs, err := files.Read(n.store.DeliveryDir(id, 0), "svid.pem")
+	if err != nil {
+		n.t.Fatal(err)
+	}
+	return fs["svid.pem"]
+}
+
+// eventually polls cond every 10 ms until it holds or d passes.
+func eventually(t *testing.T, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("after %s: %s", d, what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func TestRotationRewritesFiles(t *testing.T) {
+	n := newNode(t)
+	p := n.workloadProcess()
+	id := n.deliver(p.Process.Pid)
+	r, _ := n.start()
+	eventually(t, 5*time.Second, "container served", func() bool { return r.Count() == 1 })
+
+	before := n.cert(id)
+	n.agent.Rotate()
+	eventually(t, 5*time.Second, "certificate rotated", func() bool { return !bytes.Equal(n.cert(id), before) })
+	fs, err := files.Read(n.store.DeliveryDir(id, 0), "svid.pem", "svid_key.pem")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := x509svid.Parse(fs["svid.pem"], fs["svid_key.pem"]); err != nil {
+		t.Fatalf("rotated files do not form an SVID: %v", err)
+	}
+	key, _ := os.Stat(filepath.Join(n.store.DeliveryDir(id, 0), "svid_key.pem"))
+	if key.Mode().Perm() != 0o600 {
+		t.Errorf("rotated key mode %o", key.Mode().Perm())
+	}
+}
+
+// TestReadersNeverSeeMismatch: a reader that resolves one generation (as the
+// README says) sees 0 mismatched, partial or missing files across many fast
+// rotations; a naive reader opening the plain names is measured too.
+func TestReadersNeverSeeMismatch(t *testing.T) {
+	n := newNode(t)
+	p := n.workloadProcess()
+	id := n.deliver(p.Process.Pid)
+	var rotations atomic.Int64
+	r, _ := n.start()
+	eventually(t, 5*time.Second, "container served", func() bool { return r.Count() == 1 })
+	dir := n.store.DeliveryDir(id, 0)
+
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	var safeReads, safeBad, naiveReads, naiveBad atomic.Int64
+	for range 2 {
+		wg.Add(2)
+		go func() {
+			defer wg.Done()
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				fs, err := files.Read(dir, "svid.pem", "svid_key.pem", "svid_bundle.pem")
+				safeReads.Add(1)
+				if err != nil || len(fs["svid_bundle.pem"]) == 0 {
+					safeBad.Add(1)
+					continue
+				}
+				if _, err := x509svid.Parse(fs["svid.pem"], fs["svid_key.pem"]); err != nil {
+					safeBad.Add(1)
+				}
+			}
+		}()
+		go func() {
+			defer wg.Done()
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				cert, err1 := os.ReadFile(filepath.Join(dir, "svid.pem"))
+				key, err2 := os.ReadFile(filepath.Join(dir, "svid_key.pem"))
+				naiveReads.Add(1)
+				if err1 != nil || err2 != nil {
+					naiveBad.Add(1)
+					continue
+				}
+				if _, err := x509svid.Parse(cert, key); err != nil {
+					naiveBad.Add(1)
+				}
+			}
+		}()
+	}
+	last := n.cert(id)
+	for rotations.Load() < 200 {
+		n.agent.Rotate()
+		eventually(t, 5*time.Second, "rotation written", func() bool { return !bytes.Equal(n.cert(id), last) })
+		last = n.cert(id)
+		rotations.Add(1)
+		time.Sleep(2 * time.Millisecond)
+	}
+	close(stop)
+	wg.Wait()
+	t.Logf("%d rotations; safe reader: %d reads, %d bad; naive reader: %d reads, %d mismatched (%.2f%%)",
+		rotations.Load(), safeReads.Load(), safeBad.Load(), naiveReads.Load(), naiveBad.Load(), 100*float64(naiveBad.Load())/float64(max(naiveReads.Load(), 1)))
+	if safeBad.Load() != 0 {
+		t.Errorf("the safe reader saw %d mismatched, partial or missing sets", safeBad.Load())
+	}
+	if safeReads.Load() < 1000 {
+		t.Errorf("only %d safe reads: the loop did not exercise the rotations", safeReads.Load())
+	}
+}
+
+// TestExitForgetsContainer: when the process exits, its state, stream and
+// goroutines are gone within a second.
+func TestExitForgetsContainer(t *testing.T) {
+	n := newNode(t)
+	baseline := runtime.NumGoroutine()
+	p1, p2 := n.workloadProcess(), n.workloadProcess()
+	id1, id2 := n.deliver(p1.Process.Pid), n.deliver(p2.Process.Pid)
+	r, stop := n.start()
+	eventually(t, 5*time.Second, "both served with streams open", func() bool { return r.Count() == 2 && n.agent.SVIDStreams() == 2 })
+	during := runtime.NumGoroutine()
+
+	p1.Process.Kill()
+	p1.Wait()
+	start := time.Now()
+	eventually(t, time.Second, "exited container forgotten", func() bool {
+		_, err := os.Stat(n.store.ContainerDir(id1))
+		_, err2 := os.Stat(n.store.RecordPath(id1))
+		return os.IsNotExist(err) && os.IsNotExist(err2) && r.Count() == 1 && n.agent.SVIDStreams() == 1
+	})
+	t.Logf("forgotten %s after exit; goroutines baseline %d, with 2 containers %d", time.Since(start), baseline, during)
+	if _, err := os.Stat(n.store.ContainerDir(id2)); err != nil {
+		t.Errorf("the live container lost its state: %v", err)
+	}
+	p2.Process.Kill()
+	p2.Wait()
+	eventually(t, time.Second, "second container forgotten", func() bool { return r.Count() == 0 && n.agent.SVIDStreams() == 0 })
+	stop()
+	eventually(t, 2*time.Second, "goroutines back to baseline", func() bool { return runtime.NumGoroutine() <= baseline+2 })
+	if got := n.agent.BundleStreams(); got != 0 {
+		t.Errorf("%d bundle streams still open after stop", got)
+	}
+}
+
+// TestPoststopForgets: the hook's poststop removes the record; the
+// refresher closes the stream.
+func TestPoststopForgets(t *testing.T) {
+	n := newNode(t)
+	p := n.workloadProcess()
+	id := n.deliver(p.Process.Pid)
+	r, _ := n.start()
+	eventually(t, 5*time.Second, "served", func() bool { return n.agent.SVIDStreams() == 1 })
+	if err := n.store.Remove(id); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, time.Second, "stream closed after poststop", func() bool { return r.Count() == 0 && n.agent.SVIDStreams() == 0 })
+}
+
+// TestAgentRestart: while the agent is away the files stay; when it is back
+// rotation resumes promptly; the outage is logged once, not per retry.
+func TestAgentRestart(t *testing.T) {
+	n := newNode(t)
+	var ids []string
+	for range 5 {
+		ids = append(ids, n.deliver(n.workloadProcess().Process.Pid))
+	}
+	_, _ = n.start()
+	eventually(t, 5*time.Second, "served", func() bool { return n.agent.SVIDStreams() == 5 })
+	before := map[string][]byte{}
+	for _, id := range ids {
+		before[id] = n.cert(id)
+	}
+	n.agent.Stop()
+	// Longer than the backoff cap, so retries reach it several times.
+	time.Sleep(4 * n.cfg.Refresher.BackoffMax)
+	for _, id := range ids {
+		if !bytes.Equal(n.cert(id), before[id]) {
+			t.Errorf("%s: files changed while the agent was away", id)
+		}
+	}
+	if err := n.agent.Serve(n.socket); err != nil {
+		t.Fatal(err)
+	}
+	back := time.Now()
+	// A restarted agent mints new SVIDs.
+	eventually(t, 10*time.Second, "rotation resumed for every container", func() bool {
+		for _, id := range ids {
+			if bytes.Equal(n.cert(id), before[id]) {
+				return false
+			}
+		}
+		return true
+	})
+	t.Logf("all %d containers rotated %s after the agent returned", len(ids), time.Since(back))
+	logs := n.logs.String()
+	if c := strings.Count(logs, "agent unreachable"); c != 1 {
+		t.Errorf("outage logged %d times, want once:\n%s", c, logs)
+	}
+	if c := strings.Count(logs, "agent reachable again"); c != 1 {
+		t.Errorf("recovery logged %d times, want once:\n%s", c, logs)
+	}
+	if c := strings.Count(logs, "container stream"); c != 0 {
+		t.Errorf("containers logged the agent's outage themselves:\n%s", logs)
+	}
+}
+
+// TestRefresherRestart: a new refresher resumes every live container and
+// removes the state of one that exited while it was down.
+func TestRefresherRestart(t *testing.T) {
+	n := newNode(t)
+	live, dead := n.workloadProcess(), n.workloadProcess()
+	liveID, deadID := n.deliver(live.Process.Pid), n.deliver(dead.Process.Pid)
+	_, stop := n.start()
+	eventually(t, 5*time.Second, "served", func() bool { return n.agent.SVIDStreams() == 2 })
+	stop()
+	dead.Process.Kill()
+	dead.Wait()
+
+	r, _ := n.start()
+	if _, err := os.Stat(n.store.ContainerDir(deadID)); !os.IsNotExist(err) {
+		t.Errorf("state of the container that exited meanwhile is still there (%v)", err)
+	}
+	if r.Count() != 1 {
+		t.Fatalf("serving %d containers, want 1", r.Count())
+	}
+	before := n.cert(liveID)
+	n.agent.Rotate()
+	eventually(t, 5*time.Second, "live container rotates after restart", func() bool { return !bytes.Equal(n.cert(liveID), before) })
+}
+
+// TestPIDReuse: a record whose pid now belongs to another process (start
+// time differs) is never served: its state is removed.
+func TestPIDReuse(t *testing.T) {
+	n := newNode(t)
+	p := n.workloadProcess()
+	id := n.deliver(p.Process.Pid)
+	rec, err := n.store.Load(id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec.StartTime-- // the recorded process is not the one with this pid now
+	if err := n.store.Save(rec); err != nil {
+		t.Fatal(err)
+	}
+	r, _ := n.start()
+	if r.Count() != 0 || n.agent.SVIDStreams() != 0 {
+		t.Errorf("served a reused pid: %d containers, %d streams", r.Count(), n.agent.SVIDStreams())
+	}
+	if _, err := os.Stat(n.store.ContainerDir(id)); !os.IsNotExist(err) {
+		t.Errorf("state of the reused pid's record is still there")
+	}
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}

@@ -1,0 +1,74 @@
+// Command spiffe-oci-refresher is the node daemon that keeps the SVIDs
+// spiffe-oci-hook delivered fresh for as long as each container lives.
+// It runs under systemd (Type=notify); see README.md.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/coreos/go-systemd/v22/daemon"
+
+	"github.com/noderesource/spiffe-oci-hook/internal/config"
+	"github.com/noderesource/spiffe-oci-hook/internal/refresh"
+)
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "dev"
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stderr))
+}
+
+func run(args []string, stderr io.Writer) int {
+	fs := flag.NewFlagSet("spiffe-oci-refresher", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	flags := config.Bind(fs)
+	flags.BindRefresher()
+	showVersion := fs.Bool("version", false, "print the version and exit")
+	debug := fs.Bool("debug", false, "log every rotation")
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
+		return 2
+	}
+	if *showVersion {
+		fmt.Fprintln(stderr, "spiffe-oci-refresher", version)
+		return 0
+	}
+	level := slog.LevelInfo
+	if *debug {
+		level = slog.LevelDebug
+	}
+	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
+	cfg, err := flags.Load()
+	if err != nil {
+		log.Error("configuration", "error", err)
+		return 1
+	}
+
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	r := refresh.New(cfg, log)
+	log.Info("starting", "version", version, "agent_admin_socket", cfg.AgentAdminSocket, "state_dir", cfg.StateDir)
+	ready := func() {
+		// Not under systemd, NOTIFY_SOCKET is unset and this does nothing.
+		if _, err := daemon.SdNotify(false, daemon.SdNotifyReady); err != nil {
+			log.Warn("notifying systemd", "error", err)
+		}
+	}
+	if err := r.Run(ctx, ready); err != nil {
+		log.Error("refresher stopped", "error", err)
+		return 1
+	}
+	daemon.SdNotify(false, daemon.SdNotifyStopping)
+	return 0
+}
