@@ -100,16 +100,29 @@ func parse(value string) ([]Delivery, error) {
 	if !utf8.ValidString(value) || strings.ContainsRune(value, 0) {
 		return nil, errors.New("value is not valid UTF-8 text")
 	}
-	var ds []Delivery
+	// Pointers, so that a null item is seen (yaml.v3 drops it from a list
+	// of structs, which would renumber the deliveries after it).
+	var items []*Delivery
 	dec := yaml.NewDecoder(bytes.NewReader([]byte(value)))
 	// Unknown keys are refused: a misspelt cert_dir must not silently
 	// deliver somewhere else.
 	dec.KnownFields(true)
-	if err := dec.Decode(&ds); err != nil {
+	if err := dec.Decode(&items); err != nil {
 		if errors.Is(err, io.EOF) {
 			return nil, errors.New("value is empty: expected a YAML list of deliveries, each with cert_dir")
 		}
 		return nil, fmt.Errorf("value is not a YAML list of deliveries: %s", oneLine(err.Error()))
+	}
+	var extra yaml.Node
+	if err := dec.Decode(&extra); !errors.Is(err, io.EOF) {
+		return nil, errors.New("value holds more than one YAML document")
+	}
+	ds := make([]Delivery, len(items))
+	for i, d := range items {
+		if d == nil {
+			return nil, fmt.Errorf("delivery %d is empty", i)
+		}
+		ds[i] = *d
 	}
 	if len(ds) == 0 {
 		return nil, errors.New("value lists no delivery: expected a YAML list of deliveries, each with cert_dir")
@@ -166,6 +179,9 @@ func (d *Delivery) normalize() error {
 			return fmt.Errorf("spiffe_id %q is not a SPIFFE ID: %w", d.SPIFFEID, err)
 		}
 	}
+	if !printable(d.SPIFFEID) || !printable(d.AgentAddress) {
+		return errors.New("spiffe_id and spire_agent_address must be plain text")
+	}
 	if d.AgentAddress != "" && !path.IsAbs(d.AgentAddress) {
 		return fmt.Errorf("spire_agent_address %q must be an absolute socket path", d.AgentAddress)
 	}
@@ -179,7 +195,7 @@ func checkCertDir(p string) error {
 	case len(p) > maxPathLen:
 		return fmt.Errorf("cert_dir is longer than %d bytes", maxPathLen)
 	case !printable(p):
-		return fmt.Errorf("cert_dir %q holds control characters", p)
+		return fmt.Errorf("cert_dir %q holds control, format or non-UTF-8 characters", p)
 	case !path.IsAbs(p):
 		return fmt.Errorf("cert_dir %q must be an absolute path inside the container", p)
 	case hasDotDot(p):
@@ -199,7 +215,7 @@ func checkFileName(name string) error {
 	case strings.ContainsRune(name, '/'):
 		return fmt.Errorf("file name %q must not contain '/'", name)
 	case !printable(name):
-		return fmt.Errorf("file name %q holds control characters", name)
+		return fmt.Errorf("file name %q holds control, format or non-UTF-8 characters", name)
 	case name == "." || strings.HasPrefix(name, ".."):
 		// Names starting with ".." are the writer's own (..data and the
 		// generation directories).
@@ -217,9 +233,15 @@ func hasDotDot(p string) bool {
 	return false
 }
 
+// printable rejects what YAML can smuggle past the raw-value check
+// (!!binary decodes to any bytes), control characters, and format
+// characters such as U+202E that make a path read differently in logs.
 func printable(s string) bool {
+	if !utf8.ValidString(s) {
+		return false
+	}
 	for _, r := range s {
-		if unicode.IsControl(r) {
+		if unicode.IsControl(r) || unicode.Is(unicode.Cf, r) {
 			return false
 		}
 	}

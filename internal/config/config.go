@@ -16,6 +16,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"time"
 
 	"gopkg.in/yaml.v3"
@@ -119,7 +120,7 @@ func Parse(data []byte) (Config, error) {
 	dec := yaml.NewDecoder(bytes.NewReader(data))
 	dec.KnownFields(true)
 	if err := dec.Decode(&c); err != nil && !errors.Is(err, io.EOF) {
-		return Config{}, err
+		return Config{}, errors.New(strings.Join(strings.Fields(err.Error()), " "))
 	}
 	return c, nil
 }
@@ -140,6 +141,10 @@ func Bind(fs *flag.FlagSet) *Flags {
 	fs.StringVar(&f.set.AgentAdminSocket, "agent-admin-socket", d.AgentAdminSocket, "SPIRE agent admin socket (Delegated Identity API)")
 	fs.StringVar(&f.set.StateDir, "state-dir", d.StateDir, "state directory on tmpfs for per-container files and records")
 	fs.DurationVar(&f.set.Timeout, "timeout", d.Timeout, "bound on the whole exchange with the agent")
+	fs.Func("allowed-agent-sockets", "comma-separated further admin sockets an annotation's spire_agent_address may name", func(v string) error {
+		f.set.AllowedAgentSockets = strings.Split(v, ",")
+		return nil
+	})
 	fs.StringVar(&f.set.FailurePolicy, "failure-policy", d.FailurePolicy, "fail-closed (container does not start without identity) or fail-open")
 	return f
 }
@@ -176,6 +181,9 @@ func (f *Flags) Load() (Config, error) {
 	}
 	if explicit["state-dir"] {
 		c.StateDir = f.set.StateDir
+	}
+	if explicit["allowed-agent-sockets"] {
+		c.AllowedAgentSockets = f.set.AllowedAgentSockets
 	}
 	if explicit["timeout"] {
 		c.Timeout = f.set.Timeout

@@ -31,15 +31,17 @@ import (
 const (
 	trustDomain = "example.org"
 	hookID      = "spiffe://example.org/spiffe-oci-hook"
+	refresherID = "spiffe://example.org/spiffe-oci-refresher"
 	workloadID  = "spiffe://example.org/workload/runc"
 	annotation  = "identity.noderesource.dev/container"
 )
 
 var (
-	repoRoot string
-	hookBin  string
-	buildErr error
-	once     sync.Once
+	repoRoot     string
+	hookBin      string
+	refresherBin string
+	buildErr     error
+	once         sync.Once
 )
 
 // requireRoot skips tests that cannot run without root and builds the hook.
@@ -60,9 +62,12 @@ func requireRoot(t *testing.T) {
 		wd, _ := os.Getwd()
 		repoRoot = filepath.Dir(filepath.Dir(wd))
 		hookBin = filepath.Join(repoRoot, "bin", "test", "spiffe-oci-hook")
-		out, err := exec.Command("go", "build", "-o", hookBin, filepath.Join(repoRoot, "hook")).CombinedOutput()
-		if err != nil {
-			buildErr = fmt.Errorf("building the hook: %v\n%s", err, out)
+		refresherBin = filepath.Join(repoRoot, "bin", "test", "spiffe-oci-refresher")
+		for bin, pkg := range map[string]string{hookBin: "hook", refresherBin: "refresher"} {
+			out, err := exec.Command("go", "build", "-o", bin, filepath.Join(repoRoot, pkg)).CombinedOutput()
+			if err != nil {
+				buildErr = fmt.Errorf("building %s: %v\n%s", pkg, err, out)
+			}
 		}
 	})
 	if buildErr != nil {
@@ -81,17 +86,26 @@ type env struct {
 }
 
 // newEnv starts SPIRE with the hook as an authorized delegate and registers
-// the hook and a workload entry for containers started by runc.
+// the hook and a workload entry for containers started by runc: the
+// selectors the unix attestor sees for "runc init" at createRuntime.
 func newEnv(t *testing.T) *env {
+	e := startEnv(t)
+	e.spire.CreateEntry(t, workloadID, []string{"unix:uid:0", "unix:path:" + runcInitPath(t)}, time.Hour)
+	e.waitSynced()
+	return e
+}
+
+// startEnv starts SPIRE with the hook and the refresher as authorized
+// delegates and registers both; workload entries are the caller's.
+func startEnv(t *testing.T) *env {
 	requireRoot(t)
-	s := spiretest.Start(t, spiretest.Options{TrustDomain: trustDomain, AuthorizedDelegates: []string{hookID}})
+	s := spiretest.Start(t, spiretest.Options{TrustDomain: trustDomain, AuthorizedDelegates: []string{hookID, refresherID}})
 	e := &env{t: t, spire: s, dir: shortTempDir(t)}
 	e.stateDir = filepath.Join(e.dir, "state")
 	mountTmpfs(t, e.stateDir)
 	e.config = e.writeConfig("")
 	s.CreateEntry(t, hookID, []string{"unix:uid:0", "unix:path:" + hookBin}, time.Hour)
-	s.CreateEntry(t, workloadID, []string{"unix:uid:0", "unix:path:" + runcInitPath(t)}, time.Hour)
-	e.waitSynced()
+	s.CreateEntry(t, refresherID, []string{"unix:uid:0", "unix:path:" + refresherBin}, time.Hour)
 	return e
 }
 

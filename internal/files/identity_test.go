@@ -1,0 +1,202 @@
+package files
+
+import (
+	"bytes"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"math/big"
+	"net/url"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+)
+
+type testCA struct {
+	td   spiffeid.TrustDomain
+	key  crypto.Signer
+	cert *x509.Certificate
+}
+
+func newCA(t *testing.T, td string) *testCA {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	trust := spiffeid.RequireTrustDomainFromString(td)
+	tmpl := &x509.Certificate{
+		SerialNumber:          big.NewInt(1),
+		Subject:               pkix.Name{CommonName: td + " CA"},
+		NotBefore:             time.Now().Add(-time.Minute),
+		NotAfter:              time.Now().Add(time.Hour),
+		IsCA:                  true,
+		BasicConstraintsValid: true,
+		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
+		URIs:                  []*url.URL{trust.ID().URL()},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &testCA{td: trust, key: key, cert: cert}
+}
+
+func (ca *testCA) svid(t *testing.T, id string) *x509svid.SVID {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(2),
+		NotBefore:    time.Now().Add(-time.Minute),
+		NotAfter:     time.Now().Add(time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		URIs:         []*url.URL{spiffeid.RequireFromString(id).URL()},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, key.Public(), ca.key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pkcs8, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := x509svid.ParseRaw(der, pkcs8)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+func (ca *testCA) bundle() *x509bundle.Bundle {
+	return x509bundle.FromX509Authorities(ca.td, []*x509.Certificate{ca.cert})
+}
+
+var testNames = Names{SVID: "cert.pem", Key: "key.pem", Bundle: "ca.pem"}
+
+func filesByName(t *testing.T, fs []File) map[string]File {
+	t.Helper()
+	m := map[string]File{}
+	for _, f := range fs {
+		if _, dup := m[f.Name]; dup {
+			t.Fatalf("file %s twice", f.Name)
+		}
+		m[f.Name] = f
+	}
+	return m
+}
+
+func TestIdentity(t *testing.T) {
+	ca := newCA(t, "example.org")
+	svid := ca.svid(t, "spiffe://example.org/web")
+	set := x509bundle.NewSet(ca.bundle())
+
+	fs, err := Identity(testNames, svid, set, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(fs) != 3 {
+		t.Fatalf("Identity returned %d files", len(fs))
+	}
+	m := filesByName(t, fs)
+	cert, key, bundle := m["cert.pem"], m["key.pem"], m["ca.pem"]
+	if cert.Mode != 0o644 || key.Mode != 0o600 || bundle.Mode != 0o644 {
+		t.Fatalf("modes cert %v key %v bundle %v", cert.Mode, key.Mode, bundle.Mode)
+	}
+
+	parsed, err := x509svid.Parse(cert.Data, key.Data)
+	if err != nil {
+		t.Fatalf("x509svid.Parse of the written files: %v", err)
+	}
+	if parsed.ID != svid.ID || !parsed.Certificates[0].Equal(svid.Certificates[0]) {
+		t.Fatalf("parsed SVID %s does not match %s", parsed.ID, svid.ID)
+	}
+	if blk, _ := pem.Decode(key.Data); blk == nil || blk.Type != "PRIVATE KEY" {
+		t.Fatalf("key is not a PKCS#8 PEM block: %q", key.Data)
+	}
+	if bytes.Contains(cert.Data, []byte("PRIVATE KEY")) || bytes.Contains(bundle.Data, []byte("PRIVATE KEY")) {
+		t.Fatal("a private key leaked into a public file")
+	}
+
+	b, err := x509bundle.Parse(ca.td, bundle.Data)
+	if err != nil {
+		t.Fatalf("x509bundle.Parse of the written bundle: %v", err)
+	}
+	auth := b.X509Authorities()
+	if len(auth) != 1 || !auth[0].Equal(ca.cert) {
+		t.Fatalf("bundle authorities = %d, want the CA", len(auth))
+	}
+	// The written SVID verifies against the written bundle.
+	if _, _, err := x509svid.Verify(parsed.Certificates, x509bundle.NewSet(b)); err != nil {
+		t.Fatalf("written SVID does not verify against written bundle: %v", err)
+	}
+}
+
+func TestIdentityFederation(t *testing.T) {
+	ca := newCA(t, "example.org")
+	fed := newCA(t, "partner.test")
+	other := newCA(t, "unrelated.test")
+	svid := ca.svid(t, "spiffe://example.org/web")
+	set := x509bundle.NewSet(ca.bundle(), fed.bundle(), other.bundle())
+
+	// Federated bundles are appended; an unknown federated domain and the
+	// own domain named again are skipped; unrelated ones are not included.
+	fs, err := Identity(testNames, svid, set, []spiffeid.TrustDomain{
+		fed.td,
+		spiffeid.RequireTrustDomainFromString("missing.test"),
+		ca.td,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	data := filesByName(t, fs)["ca.pem"].Data
+	var certs []*x509.Certificate
+	for rest := data; ; {
+		var blk *pem.Block
+		blk, rest = pem.Decode(rest)
+		if blk == nil {
+			break
+		}
+		c, err := x509.ParseCertificate(blk.Bytes)
+		if err != nil {
+			t.Fatal(err)
+		}
+		certs = append(certs, c)
+	}
+	if len(certs) != 2 || !certs[0].Equal(ca.cert) || !certs[1].Equal(fed.cert) {
+		t.Fatalf("bundle holds %d certificates, want own CA then federated CA", len(certs))
+	}
+}
+
+func TestIdentityMissingBundle(t *testing.T) {
+	ca := newCA(t, "example.org")
+	other := newCA(t, "other.test")
+	svid := ca.svid(t, "spiffe://example.org/web")
+
+	fs, err := Identity(testNames, svid, x509bundle.NewSet(other.bundle()), nil)
+	if err == nil {
+		t.Fatalf("Identity() = %d files, want error", len(fs))
+	}
+	for _, want := range []string{"no bundle for trust domain example.org", "spiffe://example.org/web"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Fatalf("error %q does not contain %q", err, want)
+		}
+	}
+	if _, err := Identity(testNames, svid, x509bundle.NewSet(), nil); err == nil {
+		t.Fatal("empty bundle set: no error")
+	}
+}

@@ -1,0 +1,126 @@
+package process
+
+import (
+	"errors"
+	"os"
+	"os/exec"
+	"testing"
+)
+
+func TestOpenSelf(t *testing.T) {
+	p, err := Open(os.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	if p.PID != os.Getpid() {
+		t.Fatalf("PID = %d", p.PID)
+	}
+	if p.StartTime == 0 {
+		t.Fatal("StartTime = 0")
+	}
+	if p.FD() < 0 {
+		t.Fatalf("FD() = %d", p.FD())
+	}
+	if err := p.Alive(); err != nil {
+		t.Fatalf("Alive() = %v", err)
+	}
+	st, err := StartTime(os.Getpid())
+	if err != nil || st != p.StartTime {
+		t.Fatalf("StartTime() = %d, %v; want %d", st, err, p.StartTime)
+	}
+	// The recorded start time opens the same process again.
+	q, err := OpenRecorded(os.Getpid(), p.StartTime)
+	if err != nil {
+		t.Fatalf("OpenRecorded with the right start time: %v", err)
+	}
+	q.Close()
+	if err := p.Close(); err != nil {
+		t.Fatalf("Close() = %v", err)
+	}
+	if err := p.Close(); err != nil {
+		t.Fatalf("second Close() = %v", err)
+	}
+	if p.FD() != -1 {
+		t.Fatalf("FD() after Close = %d", p.FD())
+	}
+}
+
+func TestOpenInvalid(t *testing.T) {
+	for _, pid := range []int{0, -1} {
+		if _, err := Open(pid); err == nil || errors.Is(err, ErrGone) {
+			t.Fatalf("Open(%d) error = %v, want a not-a-process error", pid, err)
+		}
+	}
+}
+
+func TestOpenExited(t *testing.T) {
+	cmd := exec.Command("sleep", "0")
+	if err := cmd.Start(); err != nil {
+		t.Skipf("cannot start sleep: %v", err)
+	}
+	pid := cmd.Process.Pid
+	if err := cmd.Wait(); err != nil {
+		t.Fatal(err)
+	}
+	p, err := Open(pid)
+	if err == nil {
+		p.Close()
+		t.Fatalf("Open of reaped pid %d succeeded", pid)
+	}
+	if !errors.Is(err, ErrGone) {
+		t.Fatalf("Open of reaped pid: error = %v, want ErrGone", err)
+	}
+	if _, err := StartTime(pid); !errors.Is(err, ErrGone) {
+		t.Fatalf("StartTime of reaped pid: error = %v, want ErrGone", err)
+	}
+}
+
+func TestOpenRecordedWrongStartTime(t *testing.T) {
+	p, err := Open(os.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	for _, st := range []uint64{p.StartTime + 1, p.StartTime - 1, 0} {
+		q, err := OpenRecorded(os.Getpid(), st)
+		if err == nil {
+			q.Close()
+			t.Fatalf("OpenRecorded with start time %d (real %d) succeeded", st, p.StartTime)
+		}
+		if !errors.Is(err, ErrGone) {
+			t.Fatalf("OpenRecorded with wrong start time: error = %v, want ErrGone", err)
+		}
+	}
+}
+
+func TestAliveAfterExit(t *testing.T) {
+	cmd := exec.Command("sleep", "60")
+	if err := cmd.Start(); err != nil {
+		t.Skipf("cannot start sleep: %v", err)
+	}
+	p, err := Open(cmd.Process.Pid)
+	if err != nil {
+		cmd.Process.Kill()
+		cmd.Wait()
+		t.Fatal(err)
+	}
+	defer p.Close()
+	if err := p.Alive(); err != nil {
+		t.Fatalf("Alive() of a running child = %v", err)
+	}
+	st, err := StartTime(cmd.Process.Pid)
+	if err != nil || st != p.StartTime || st == 0 {
+		t.Fatalf("StartTime() = %d, %v; want %d", st, err, p.StartTime)
+	}
+	if err := cmd.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	cmd.Wait()
+	if err := p.Alive(); !errors.Is(err, ErrGone) {
+		t.Fatalf("Alive() after exit and reap = %v, want ErrGone", err)
+	}
+	if _, err := OpenRecorded(cmd.Process.Pid, p.StartTime); !errors.Is(err, ErrGone) {
+		t.Fatalf("OpenRecorded after exit = %v, want ErrGone", err)
+	}
+}
