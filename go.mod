@@ -3,6 +3,7 @@ module github.com/noderesource/spiffe-oci-hook
 go 1.26.0
 
 require (
+	github.com/opencontainers/selinux v1.12.0
 	github.com/containers/common v0.64.2
 	github.com/coreos/go-systemd/v22 v22.5.0
 	github.com/cyphar/filepath-securejoin v0.4.1
@@ -16,6 +17,7 @@ require (
 )
 
 require (
+	github.com/opencontainers/selinux v1.12.0
 	github.com/containers/storage v1.59.1 // indirect
 	github.com/moby/sys/capability v0.4.0 // indirect
 	github.com/sirupsen/logrus v1.9.3 // indirect

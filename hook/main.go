@@ -16,6 +16,7 @@ import (
 
 	"github.com/noderesource/spiffe-oci-hook/internal/config"
 	"github.com/noderesource/spiffe-oci-hook/internal/hook"
+	"github.com/noderesource/spiffe-oci-hook/internal/label"
 	"github.com/noderesource/spiffe-oci-hook/internal/ocistate"
 )
 
@@ -74,7 +75,7 @@ func run(args []string, stdin io.Reader, stderr io.Writer) int {
 		return 1
 	}
 	log := newLogger(stderr)
-	h := &hook.Hook{Config: cfg, Warn: log.warn}
+	h := &hook.Hook{Config: cfg, Warn: log.warn, Labeler: label.For}
 
 	if stage == "poststop" || (stage == "" && ocistate.Stopped(state)) {
 		if err := h.Poststop(state.ID); err != nil {

@@ -17,6 +17,7 @@ import (
 	"github.com/coreos/go-systemd/v22/daemon"
 
 	"github.com/noderesource/spiffe-oci-hook/internal/config"
+	"github.com/noderesource/spiffe-oci-hook/internal/label"
 	"github.com/noderesource/spiffe-oci-hook/internal/refresh"
 )
 
@@ -58,6 +59,7 @@ func run(args []string, stderr io.Writer) int {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	r := refresh.New(cfg, log)
+	r.Labeler = label.For
 	log.Info("starting", "version", version, "agent_admin_socket", cfg.AgentAdminSocket, "state_dir", cfg.StateDir)
 	ready := func() {
 		// Not under systemd, NOTIFY_SOCKET is unset and this does nothing.

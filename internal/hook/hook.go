@@ -31,6 +31,9 @@ type Hook struct {
 	Warn func(msg string)
 	// Writer writes the identity files.
 	Writer files.Writer
+	// Labeler returns the labeler for a container's SELinux mount label
+	// (nil: none). It is the seam through which tests see every path.
+	Labeler func(mountLabel string) files.Labeler
 }
 
 // Request is a container that asked for an identity.
@@ -164,8 +167,12 @@ func (h *Hook) Create(ctx context.Context, req *Request) (err error) {
 		AgentSocket: socket,
 		Created:     time.Now().UTC(),
 	}
+	writer := h.Writer
 	if req.Spec.Linux != nil {
 		rec.MountLabel = req.Spec.Linux.MountLabel
+	}
+	if h.Labeler != nil && rec.MountLabel != "" {
+		writer.Labeler = h.Labeler(rec.MountLabel)
 	}
 	for i, d := range req.Deliveries {
 		svid, err := agent.Select(update.SVIDs, d.SPIFFEID)
@@ -178,7 +185,7 @@ func (h *Hook) Create(ctx context.Context, req *Request) (err error) {
 			return err
 		}
 		dir := store.DeliveryDir(id, i)
-		if err := h.Writer.Write(dir, fs, owner); err != nil {
+		if err := writer.Write(dir, fs, owner); err != nil {
 			return err
 		}
 		if err := mount.Bind(proc.FD(), rootfs, dir, d.CertDir); err != nil {

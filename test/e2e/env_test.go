@@ -235,14 +235,20 @@ func (b *bundle) save(t *testing.T) {
 
 // runc saves the bundle and runs it to completion with `runc run`.
 func (b *bundle) runc(t *testing.T) (stdout, stderr string, err error) {
+	return b.run(t, "runc")
+}
+
+// run saves the bundle and runs it to completion with runtime (runc or
+// crun; both take the same command line).
+func (b *bundle) run(t *testing.T, runtime string) (stdout, stderr string, err error) {
 	t.Helper()
 	b.save(t)
-	root := filepath.Join(b.dir, "runc-root")
-	cmd := exec.Command("runc", "--root", root, "run", "--bundle", b.dir, b.id)
+	root := filepath.Join(b.dir, runtime+"-root")
+	cmd := exec.Command(runtime, "--root", root, "run", "--bundle", b.dir, b.id)
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
 	err = cmd.Run()
-	t.Cleanup(func() { exec.Command("runc", "--root", root, "delete", "--force", b.id).Run() })
+	t.Cleanup(func() { exec.Command(runtime, "--root", root, "delete", "--force", b.id).Run() })
 	return out.String(), errb.String(), err
 }
 

@@ -1,0 +1,204 @@
+package hook
+
+import (
+	"context"
+	"encoding/json"
+	"io"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"golang.org/x/sys/unix"
+
+	"github.com/noderesource/spiffe-oci-hook/internal/annotations"
+	"github.com/noderesource/spiffe-oci-hook/internal/config"
+	"github.com/noderesource/spiffe-oci-hook/internal/fakeagent"
+	"github.com/noderesource/spiffe-oci-hook/internal/files"
+	"github.com/noderesource/spiffe-oci-hook/internal/refresh"
+	"github.com/noderesource/spiffe-oci-hook/internal/record"
+)
+
+const mountLabel = "system_u:object_r:container_file_t:s0:c12,c34"
+
+// recorder is a files.Labeler that remembers every path it was given.
+type recorder struct {
+	mu    sync.Mutex
+	paths []string
+}
+
+func (r *recorder) Label(path string) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.paths = append(r.paths, path)
+	return nil
+}
+
+func (r *recorder) take() []string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	p := r.paths
+	r.paths = nil
+	return p
+}
+
+// TestMountLabelSeam: with linux.mountLabel in config.json, the labeler
+// receives exactly the delivery directory and every file and symlink
+// written, at first delivery (hook) and after a rotation (refresher). This
+// machine's kernel has no SELinux, so the seam is what can be tested here;
+// internal/label applies the label with go-selinux on a real node.
+func TestMountLabelSeam(t *testing.T) {
+	if os.Getuid() != 0 {
+		t.Skip("needs root: tmpfs state directory and a mount namespace")
+	}
+	dir, err := os.MkdirTemp("/tmp", "hook-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	state := filepath.Join(dir, "state")
+	os.MkdirAll(state, 0o700)
+	if err := unix.Mount("tmpfs", state, "tmpfs", 0, "size=16m"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Unmount(state, unix.MNT_DETACH) })
+	socket := filepath.Join(dir, "a.sock")
+	fake, err := fakeagent.New("example.org", socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(fake.Stop)
+	fake.Default = []spiffeid.ID{spiffeid.RequireFromString("spiffe://example.org/labelled")}
+
+	bundle := filepath.Join(dir, "bundle")
+	os.MkdirAll(filepath.Join(bundle, "rootfs"), 0o755)
+	spec := specs.Spec{
+		Root:    &specs.Root{Path: "rootfs"},
+		Process: &specs.Process{User: specs.User{UID: 1000, GID: 1000}},
+		Linux:   &specs.Linux{MountLabel: mountLabel},
+	}
+	data, _ := json.Marshal(spec)
+	os.WriteFile(filepath.Join(bundle, "config.json"), data, 0o644)
+
+	// A process in a mount namespace of its own stands in for "runc init".
+	proc := exec.Command("unshare", "--mount", "--propagation", "private", "sleep", "300")
+	if err := proc.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { proc.Process.Kill(); proc.Wait() })
+	own, _ := os.Readlink("/proc/self/ns/mnt")
+	for deadline := time.Now().Add(5 * time.Second); ; {
+		ns, _ := os.Readlink(filepath.Join("/proc", strconv.Itoa(proc.Process.Pid), "ns/mnt"))
+		if ns != "" && ns != own {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("unshare did not enter a new mount namespace")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+
+	cfg := config.Default()
+	cfg.AgentAdminSocket = socket
+	cfg.StateDir = state
+	rec := &recorder{}
+	labelerFor := func(l string) files.Labeler {
+		if l != mountLabel {
+			t.Errorf("labeler asked for %q, want %q", l, mountLabel)
+		}
+		return rec
+	}
+	h := &Hook{Config: cfg, Labeler: labelerFor}
+	req, err := Find(&specs.State{ID: "labelled", Pid: proc.Process.Pid, Bundle: bundle, Annotations: map[string]string{annotations.Key: "- cert_dir: /certs\n"}})
+	if err != nil || req == nil {
+		t.Fatalf("Find: %v %v", req, err)
+	}
+	if err := h.Create(context.Background(), req); err != nil {
+		t.Fatal(err)
+	}
+	delivery := record.Store{Dir: state}.DeliveryDir("labelled", 0)
+	gen1, _ := os.Readlink(filepath.Join(delivery, files.DataLink))
+	want := []string{"", gen1, gen1 + "/svid.pem", gen1 + "/svid_key.pem", gen1 + "/svid_bundle.pem",
+		"..tmp...data", "..tmp.svid.pem", "..tmp.svid_key.pem", "..tmp.svid_bundle.pem"}
+	checkLabelled(t, "first delivery", rec.take(), delivery, want)
+	// Every entry in the directory now carries the label: the tmp
+	// symlinks were labelled before being renamed to these names.
+	for _, e := range mustReadDir(t, delivery) {
+		if !slices.Contains(want, e) && !slices.Contains(want, "..tmp."+e) {
+			t.Errorf("%s was written but never labelled", e)
+		}
+	}
+
+	// A rotation by the refresher labels the new generation and ..data.
+	r := refresh.New(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	r.Labeler = labelerFor
+	writes := make(chan struct{}, 16)
+	r.OnWrite = func(string, int) { writes <- struct{}{} }
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- r.Run(ctx, nil) }()
+	t.Cleanup(func() { cancel(); <-done })
+	// The fake agent mints a new SVID for every new stream, so the
+	// refresher's first update is itself a rotation; wait for it.
+	waitWrite := func() {
+		select {
+		case <-writes:
+		case <-time.After(5 * time.Second):
+			t.Fatal("no rotation written")
+		}
+	}
+	waitWrite()
+	rec.take()
+	fake.Rotate()
+	waitWrite()
+	gen2, _ := os.Readlink(filepath.Join(delivery, files.DataLink))
+	if gen2 == gen1 {
+		t.Fatal("..data did not move")
+	}
+	time.Sleep(100 * time.Millisecond) // the bundle update may follow; it must not relabel anything unchanged
+	checkLabelled(t, "rotation", rec.take(), delivery, []string{gen2, gen2 + "/svid.pem", gen2 + "/svid_key.pem", gen2 + "/svid_bundle.pem", "..tmp...data"})
+}
+
+func checkLabelled(t *testing.T, when string, got []string, dir string, want []string) {
+	t.Helper()
+	rel := make([]string, len(got))
+	for i, p := range got {
+		r, err := filepath.Rel(dir, p)
+		if err != nil || strings.HasPrefix(r, "..") && !strings.HasPrefix(r, "..tmp") && !strings.HasPrefix(r, "..2") {
+			t.Errorf("%s: labelled %s, outside the delivery directory", when, p)
+		}
+		if r == "." {
+			r = ""
+		}
+		rel[i] = r
+	}
+	sort.Strings(rel)
+	w := slices.Clone(want)
+	sort.Strings(w)
+	if !slices.Equal(rel, w) {
+		t.Errorf("%s: labelled %q, want exactly %q", when, rel, w)
+	}
+}
+
+func mustReadDir(t *testing.T, dir string) []string {
+	t.Helper()
+	es, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, e := range es {
+		names = append(names, e.Name())
+	}
+	return names
+}
+

@@ -1,0 +1,31 @@
+// Package label gives the files delivered to a container the container's
+// SELinux mount label, so that a confined container can read them through
+// the bind mount without the runtime relabelling anything.
+package label
+
+import (
+	"github.com/opencontainers/selinux/go-selinux"
+
+	"github.com/noderesource/spiffe-oci-hook/internal/files"
+)
+
+// For returns the labeler for a container's mount label (linux.mountLabel
+// in config.json), or nil when there is nothing to do: no label, or a host
+// without SELinux.
+func For(mountLabel string) files.Labeler {
+	if mountLabel == "" || !selinux.GetEnabled() {
+		return nil
+	}
+	return SELinux{MountLabel: mountLabel}
+}
+
+// SELinux labels paths with one context, without following symlinks (the
+// writer labels its symlinks as well as their targets).
+type SELinux struct {
+	MountLabel string
+}
+
+// Label implements files.Labeler.
+func (l SELinux) Label(path string) error {
+	return selinux.LsetFileLabel(path, l.MountLabel)
+}
