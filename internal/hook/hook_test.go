@@ -24,8 +24,8 @@ import (
 	"github.com/noderesource/spiffe-oci-hook/internal/config"
 	"github.com/noderesource/spiffe-oci-hook/internal/fakeagent"
 	"github.com/noderesource/spiffe-oci-hook/internal/files"
-	"github.com/noderesource/spiffe-oci-hook/internal/refresh"
 	"github.com/noderesource/spiffe-oci-hook/internal/record"
+	"github.com/noderesource/spiffe-oci-hook/internal/refresh"
 )
 
 const mountLabel = "system_u:object_r:container_file_t:s0:c12,c34"
@@ -201,4 +201,3 @@ func mustReadDir(t *testing.T, dir string) []string {
 	}
 	return names
 }
-
