@@ -433,3 +433,35 @@ func (s *syncBuffer) String() string {
 	defer s.mu.Unlock()
 	return s.b.String()
 }
+
+// TestIdentityChange: when the agent later returns a different SPIFFE ID
+// for a container (an attestor that sees the pid differently after exec),
+// the refresher writes the new one and logs both IDs once.
+func TestIdentityChange(t *testing.T) {
+	n := newNode(t)
+	p := n.workloadProcess()
+	id := n.deliver(p.Process.Pid)
+	r, _ := n.start()
+	eventually(t, 5*time.Second, "served", func() bool { return r.Count() == 1 })
+	other := spiffeid.RequireFromString("spiffe://example.org/after-exec")
+	n.agent.Set(p.Process.Pid, other)
+	eventually(t, 5*time.Second, "new identity written", func() bool {
+		fs, err := files.Read(n.store.DeliveryDir(id, 0), "svid.pem", "svid_key.pem")
+		if err != nil {
+			return false
+		}
+		svid, err := x509svid.Parse(fs["svid.pem"], fs["svid_key.pem"])
+		return err == nil && svid.ID == other
+	})
+	n.agent.Rotate()
+	n.agent.Rotate()
+	time.Sleep(200 * time.Millisecond)
+	logs := n.logs.String()
+	line := "container identity changed"
+	if c := strings.Count(logs, line); c != 1 {
+		t.Fatalf("identity change logged %d times, want once:\n%s", c, logs)
+	}
+	if !strings.Contains(logs, "was="+workload.String()) || !strings.Contains(logs, "now="+other.String()) {
+		t.Errorf("the log line does not name both IDs:\n%s", logs)
+	}
+}
