@@ -1,6 +1,7 @@
 # spiffe-oci-hook: an OCI hook and a node daemon that hand annotated
 # containers their SPIFFE X.509 SVID as files.
 
+SHELL := /bin/bash
 GO ?= go
 PREFIX ?= /usr/local
 DESTDIR ?=
@@ -11,25 +12,45 @@ SYSCONFDIR ?= /etc
 UNITDIR ?= $(PREFIX)/lib/systemd/system
 HOOK_DIR ?= $(LIBEXECDIR)/oci/hooks.d
 HOOKS_JSON_DIR ?= $(DATADIR)/containers/oci/hooks.d
+DOCDIR ?= $(DATADIR)/doc/spiffe-oci-hook
+LICENSEDIR ?= $(DOCDIR)
+CONFDIR := $(SYSCONFDIR)/spiffe-oci-hook
 
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
-LDFLAGS := -X main.version=$(VERSION)
+# -B gobuildid: a GNU build-id note, which rpmbuild requires of every ELF file.
+LDFLAGS := -X main.version=$(VERSION) -B gobuildid
 GOBUILD := CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)"
 
 # The JSON in the repo names the rpm's path; install writes the real one.
 SHIPPED_HOOK_PATH := /usr/libexec/oci/hooks.d/spiffe-oci-hook
+# Likewise the unit names these; install writes the real ones.
+SHIPPED_REFRESHER_PATH := /usr/bin/spiffe-oci-refresher
+# Both binaries read this file unless --config says otherwise.
+DEFAULT_CONFIG := /etc/spiffe-oci-hook/config.yaml
+
+HOOK_JSON_SED := s|"$(SHIPPED_HOOK_PATH)"|"$(HOOK_DIR)/spiffe-oci-hook"|
+UNIT_SED := s|$(SHIPPED_REFRESHER_PATH) |$(BINDIR)/spiffe-oci-refresher |; s|--config $(DEFAULT_CONFIG)|--config $(CONFDIR)/config.yaml|
+ifneq ($(CONFDIR)/config.yaml,$(DEFAULT_CONFIG))
+# A SYSCONFDIR other than /etc: tell the hook where its config went.
+HOOK_JSON_SED += ; s|"args": \["spiffe-oci-hook"\]|"args": ["spiffe-oci-hook", "--config", "$(CONFDIR)/config.yaml"]|
+endif
+DOCS := $(wildcard README.md)
+LICENSES := LICENSE
 
 # Where the test harness keeps the pinned SPIRE binaries.
 SPIRE_BIN_DIR ?= $(CURDIR)/bin/test
 
-.PHONY: all build binary test test-deps test-unit test-integration spire bench install install.nobuild uninstall clean
+.PHONY: all build binary test test-deps test-unit test-integration spire demo bench install install.nobuild uninstall rpm clean
 
 all: build
 
-build binary: bin/spiffe-oci-hook
+build binary: bin/spiffe-oci-hook bin/spiffe-oci-refresher
 
 bin/spiffe-oci-hook: FORCE
 	$(GOBUILD) -o $@ ./hook
+
+bin/spiffe-oci-refresher: FORCE
+	$(GOBUILD) -o $@ ./refresher
 
 FORCE:
 
@@ -52,20 +73,87 @@ test-deps:
 spire:
 	test/spire/build.sh $(SPIRE_BIN_DIR)
 
+# A pinned SPIRE in a temp dir with a 30 s TTL entry, the refresher, and an
+# annotated Podman container that prints its SPIFFE ID, its certificate's
+# expiry and a rotation; everything it starts is cleaned up (needs root).
+demo: test-deps spire build
+	@SPIFFE_OCI_DEMO=1 SPIRE_BIN_DIR=$(SPIRE_BIN_DIR) $(GO) test -count=1 -run '^TestDemo$$' -v ./test/e2e/ | grep -E '^(demo|container):|^(--- FAIL|FAIL|ok)'; exit $${PIPESTATUS[0]}
+
+# Benchmarks (root; runc, busybox-static, pinned SPIRE): prints a Markdown
+# table and rewrites BENCHMARKS.md. Numbers only, no timed assertions; about
+# 5 minutes. BENCH_ROUNDS, BENCH_SCALES, BENCH_IDLE, BENCH_ROTATIONS tune it.
+bench: spire
+	@set -e; tmp=$$(mktemp -d /tmp/bench-bin.XXXXXX); trap 'rm -rf "$$tmp"' EXIT; \
+	$(GO) test -c -o "$$tmp/bench.test" ./test/bench; \
+	ulimit -n $$(ulimit -Hn); \
+	SPIFFE_OCI_BENCH=1 SPIRE_BIN_DIR=$(SPIRE_BIN_DIR) "$$tmp/bench.test" -test.run '^TestBench$$' -test.timeout 20m
+
 install: build install.nobuild
 
-# The binary goes in before the JSON that points at it: a runtime that
-# reads hooks.d must never find a hook whose binary is missing.
+# The hook binary goes in before the JSON that points at it: a runtime that
+# reads hooks.d must never find a hook whose binary is missing. The JSON is
+# written aside and renamed into place (runtimes read only *.json), and
+# install fails if the rendering did not take. An existing node config (an
+# admin's edits) is never overwritten.
 install.nobuild:
 	install -D -m 0755 bin/spiffe-oci-hook $(DESTDIR)$(HOOK_DIR)/spiffe-oci-hook
 	install -d -m 0755 $(DESTDIR)$(HOOKS_JSON_DIR)
-	sed 's|$(SHIPPED_HOOK_PATH)|$(HOOK_DIR)/spiffe-oci-hook|' hooks.d/spiffe-oci-hook.json > $(DESTDIR)$(HOOKS_JSON_DIR)/spiffe-oci-hook.json
-	chmod 0644 $(DESTDIR)$(HOOKS_JSON_DIR)/spiffe-oci-hook.json
+	sed '$(HOOK_JSON_SED)' hooks.d/spiffe-oci-hook.json > $(DESTDIR)$(HOOKS_JSON_DIR)/.spiffe-oci-hook.json.tmp
+	grep -qF '"$(HOOK_DIR)/spiffe-oci-hook"' $(DESTDIR)$(HOOKS_JSON_DIR)/.spiffe-oci-hook.json.tmp || { echo "install: hooks.d JSON: hook path not rendered" >&2; exit 1; }
+	grep -qF '"$(CONFDIR)/config.yaml"' $(DESTDIR)$(HOOKS_JSON_DIR)/.spiffe-oci-hook.json.tmp || [ "$(CONFDIR)/config.yaml" = "$(DEFAULT_CONFIG)" ] || { echo "install: hooks.d JSON: --config not rendered" >&2; exit 1; }
+	chmod 0644 $(DESTDIR)$(HOOKS_JSON_DIR)/.spiffe-oci-hook.json.tmp
+	mv -f $(DESTDIR)$(HOOKS_JSON_DIR)/.spiffe-oci-hook.json.tmp $(DESTDIR)$(HOOKS_JSON_DIR)/spiffe-oci-hook.json
+	install -D -m 0755 bin/spiffe-oci-refresher $(DESTDIR)$(BINDIR)/spiffe-oci-refresher
+	install -d -m 0755 $(DESTDIR)$(UNITDIR)
+	sed '$(UNIT_SED)' refresher/spiffe-oci-refresher.service > $(DESTDIR)$(UNITDIR)/spiffe-oci-refresher.service
+	grep -qF 'ExecStart=$(BINDIR)/spiffe-oci-refresher --config $(CONFDIR)/config.yaml' $(DESTDIR)$(UNITDIR)/spiffe-oci-refresher.service || { echo "install: unit: ExecStart not rendered" >&2; exit 1; }
+	chmod 0644 $(DESTDIR)$(UNITDIR)/spiffe-oci-refresher.service
+	install -d -m 0755 $(DESTDIR)$(CONFDIR)
+	[ -e $(DESTDIR)$(CONFDIR)/config.yaml ] || install -m 0644 deploy/config.yaml $(DESTDIR)$(CONFDIR)/config.yaml
+	install -d -m 0755 $(DESTDIR)$(DOCDIR) $(DESTDIR)$(LICENSEDIR)
+	$(if $(DOCS),install -m 0644 $(DOCS) $(DESTDIR)$(DOCDIR)/)
+	install -m 0644 $(LICENSES) $(DESTDIR)$(LICENSEDIR)/
 
-# The JSON goes first, so that no runtime runs a hook being removed.
+# The JSON goes first, so that no runtime runs a hook being removed. The
+# node config stays (an admin may have edited it): remove $(CONFDIR) by
+# hand. Stop the service first: systemctl disable --now spiffe-oci-refresher
 uninstall:
-	rm -f $(DESTDIR)$(HOOKS_JSON_DIR)/spiffe-oci-hook.json
+	rm -f $(DESTDIR)$(HOOKS_JSON_DIR)/spiffe-oci-hook.json $(DESTDIR)$(HOOKS_JSON_DIR)/.spiffe-oci-hook.json.tmp
 	rm -f $(DESTDIR)$(HOOK_DIR)/spiffe-oci-hook
+	rm -f $(DESTDIR)$(BINDIR)/spiffe-oci-refresher
+	rm -f $(DESTDIR)$(UNITDIR)/spiffe-oci-refresher.service
+	rm -f $(addprefix $(DESTDIR)$(DOCDIR)/,$(notdir $(DOCS))) $(addprefix $(DESTDIR)$(LICENSEDIR)/,$(notdir $(LICENSES)))
+	rmdir $(DESTDIR)$(DOCDIR) $(DESTDIR)$(LICENSEDIR) 2>/dev/null || :
+	@echo "uninstall: left $(DESTDIR)$(CONFDIR)/config.yaml in place"
+
+# rpm: an rpm (and source rpm) in rpm/build/, from a git archive of the
+# working tree as git sees it (tracked and untracked files, less what
+# .gitignore excludes; uncommitted changes included, nothing committed), or
+# of RPM_REF (e.g. make rpm RPM_REF=v1.2.0).
+RPM_TOPDIR := $(CURDIR)/rpm/build
+RPM_REF ?=
+# rpm versions hold no "-": v1.2.0-3-gabcdef -> 1.2.0.3.gabcdef; an untagged
+# tree -> 0.0.0.git<hash>.
+RPM_VERSION ?= $(shell echo '$(VERSION)' | sed -E -e '/^v?[0-9]+\./!s/^/0.0.0.git/' -e 's/^v//' -e 's/-/./g')
+# On a host whose rpm database does not hold the build dependencies (Debian,
+# Ubuntu), rpmbuild cannot check them.
+RPMBUILD_FLAGS ?= $(shell rpm -q rpm >/dev/null 2>&1 || echo --nodeps)
+
+rpm:
+	rm -rf $(RPM_TOPDIR)
+	mkdir -p $(RPM_TOPDIR)/SOURCES
+	set -e; \
+	if [ -n "$(RPM_REF)" ]; then tree='$(RPM_REF)'; else \
+	  idx=$$(mktemp); trap 'rm -f $$idx' EXIT; \
+	  cp "$$(git rev-parse --git-path index)" $$idx 2>/dev/null || rm -f $$idx; \
+	  GIT_INDEX_FILE=$$idx git add -A; tree=$$(GIT_INDEX_FILE=$$idx git write-tree); \
+	fi; \
+	git archive --format=tar.gz --prefix=spiffe-oci-hook-$(RPM_VERSION)/ -o $(RPM_TOPDIR)/SOURCES/spiffe-oci-hook-$(RPM_VERSION).tar.gz $$tree
+	rpmbuild -ba $(RPMBUILD_FLAGS) \
+		--define '_topdir $(RPM_TOPDIR)' \
+		--define 'pkg_version $(RPM_VERSION)' \
+		--define 'upstream_version $(VERSION)' \
+		rpm/spiffe-oci-hook.spec
 
 clean:
-	rm -rf bin/spiffe-oci-hook bin/spiffe-oci-refresher
+	rm -rf bin/spiffe-oci-hook bin/spiffe-oci-refresher rpm/build

@@ -9,6 +9,8 @@ command -v crun >/dev/null || need+=(crun)
 command -v podman >/dev/null || need+=(podman)
 [ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -qx base64 || need+=(busybox-static)
 command -v newuidmap >/dev/null || need+=(uidmap)
+command -v rpmbuild >/dev/null || need+=(rpm)
+command -v systemd-analyze >/dev/null || need+=(systemd)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "test/deps.sh: missing ${need[*]}; run as root or install them" >&2

@@ -1,0 +1,137 @@
+package packaging
+
+import (
+	"bytes"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/noderesource/spiffe-oci-hook/internal/config"
+)
+
+// systemdAnalyze runs systemd-analyze and returns its combined output and
+// whether it succeeded.
+func systemdAnalyze(t *testing.T, args ...string) (string, bool) {
+	t.Helper()
+	cmd := exec.Command("systemd-analyze", args...)
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	err := cmd.Run()
+	return out.String(), err == nil
+}
+
+// TestUnitVerify: the unit as `make install` installs it passes
+// `systemd-analyze verify` without a single complaint (unknown keys and bad
+// values are only warnings there, so any output fails), and its exposure
+// score (`systemd-analyze security`) stays low.
+func TestUnitVerify(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds the binaries")
+	}
+	needTools(t, "systemd-analyze")
+	dest := makeInstall(t, "PREFIX=/usr")
+	unit, err := os.ReadFile(dest + rpmUnitPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// verify needs ExecStart's binary to exist; --root would also need the
+	// whole unit search path and /bin/mkdir under DESTDIR. So verify a copy
+	// whose ExecStart names the binary inside DESTDIR.
+	dir := t.TempDir()
+	copyPath := filepath.Join(dir, "spiffe-oci-refresher.service")
+	rewritten := bytes.Replace(unit, []byte("ExecStart="+rpmRefresherPath+" "), []byte("ExecStart="+dest+rpmRefresherPath+" "), 1)
+	if bytes.Equal(rewritten, unit) {
+		t.Fatalf("installed unit has no ExecStart=%s", rpmRefresherPath)
+	}
+	if err := os.WriteFile(copyPath, rewritten, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out, ok := systemdAnalyze(t, "verify", copyPath)
+	if !ok || strings.TrimSpace(out) != "" {
+		t.Errorf("systemd-analyze verify (ok=%v):\n%s", ok, out)
+	}
+
+	// The check itself can fail here: a misspelt key is reported.
+	broken := filepath.Join(t.TempDir(), "spiffe-oci-refresher.service")
+	os.WriteFile(broken, bytes.Replace(rewritten, []byte("ProtectHome="), []byte("ProtectHomes="), 1), 0o644)
+	if out, _ := systemdAnalyze(t, "verify", broken); !strings.Contains(out, "ProtectHomes") {
+		t.Errorf("systemd-analyze verify did not report an unknown key; the check above proves nothing:\n%s", out)
+	}
+
+	// Exposure 0 (locked down) .. 10 (unprotected): the hardening directives
+	// hold it at about 1.7; 2.5 leaves room for systemd's scoring to move.
+	if out, ok := systemdAnalyze(t, "security", "--offline=true", "--threshold=25", copyPath); !ok {
+		t.Errorf("systemd-analyze security: exposure above 2.5:\n%s", out)
+	}
+}
+
+// TestUnitDirectives: the unit's contract with the refresher and the hook.
+func TestUnitDirectives(t *testing.T) {
+	data, err := os.ReadFile(filepath.Join(pkgRoot(t), "refresher", "spiffe-oci-refresher.service"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	u := unitDirectives(t, data)
+	svc := u["Service"]
+	one := func(key string) string {
+		if v := svc[key]; len(v) == 1 {
+			return v[0]
+		}
+		t.Errorf("[Service] %s= set %d times, want once", key, len(svc[key]))
+		return ""
+	}
+	def := config.Default()
+
+	if got := execStartArgs(t, data); !slices.Equal(got, []string{rpmRefresherPath, "--config", config.DefaultPath}) {
+		t.Errorf("ExecStart %q", got)
+	}
+	for key, want := range map[string]string{
+		"Type":                    "notify",
+		"Restart":                 "on-failure",
+		"NoNewPrivileges":         "yes",
+		"ProtectSystem":           "strict",
+		"ProtectHome":             "yes",
+		"PrivateTmp":              "yes",
+		"RestrictAddressFamilies": "AF_UNIX",
+		"ProtectKernelTunables":   "yes",
+		"ProtectKernelModules":    "yes",
+		"ProtectKernelLogs":       "yes",
+		"LockPersonality":         "yes",
+		"RestrictNamespaces":      "yes",
+		"SystemCallArchitectures": "native",
+		"MemoryDenyWriteExecute":  "yes",
+		"ReadWritePaths":          def.StateDir,
+	} {
+		if got := one(key); got != want {
+			t.Errorf("%s=%q, want %q", key, got, want)
+		}
+	}
+	caps := strings.Fields(one("CapabilityBoundingSet"))
+	if want := []string{"CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER"}; !slices.Equal(sorted(caps), want) {
+		t.Errorf("CapabilityBoundingSet %q, want %q", caps, want)
+	}
+	// It runs as root (chown), holds no ambient extras, and must see every
+	// process: nothing that hides pids or /proc entries.
+	if user := svc["User"]; len(user) > 0 && user[0] != "root" {
+		t.Errorf("User=%s: chown to container uids needs root", user[0])
+	}
+	for _, key := range []string{"AmbientCapabilities", "PrivatePIDs", "ProcSubset", "RuntimeDirectory", "DynamicUser"} {
+		if v, ok := svc[key]; ok {
+			t.Errorf("%s=%q: must not be set", key, v)
+		}
+	}
+	if v := svc["ProtectProc"]; len(v) > 0 && v[0] != "default" {
+		t.Errorf("ProtectProc=%s hides container processes", v[0])
+	}
+	// The state directory must exist before the sandbox binds it writable.
+	pre := svc["ExecStartPre"]
+	if len(pre) != 1 || !strings.HasPrefix(pre[0], "+") || !strings.HasSuffix(pre[0], " "+def.StateDir) || !strings.Contains(pre[0], "mkdir -p") {
+		t.Errorf("ExecStartPre=%q, want an unsandboxed mkdir -p %s", pre, def.StateDir)
+	}
+	if got := u["Install"]["WantedBy"]; !slices.Equal(got, []string{"multi-user.target"}) {
+		t.Errorf("WantedBy=%q", got)
+	}
+}
