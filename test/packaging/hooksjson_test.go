@@ -11,36 +11,20 @@ import (
 	"github.com/containers/common/pkg/hooks"
 	current "github.com/containers/common/pkg/hooks/1.0.0"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+
+	"github.com/noderesource/spiffe-oci-hook/internal/config"
 )
 
-// hookDefaultTimeout is the hook's own default timeout in seconds
-// (config.Default().Timeout); the runtime's must be larger so that the hook,
-// not the runtime, reports a slow agent.
-const hookDefaultTimeout = 10
-
-func repoRoot(t *testing.T) string {
-	t.Helper()
-	dir, err := os.Getwd()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for {
-		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
-			return dir
-		}
-		parent := filepath.Dir(dir)
-		if parent == dir {
-			t.Fatal("go.mod not found above the test directory")
-		}
-		dir = parent
-	}
-}
+// hookDefaultTimeout is the hook's own default timeout in seconds; the
+// runtime's must be larger so that the hook, not the runtime, reports a
+// slow agent.
+var hookDefaultTimeout = int(config.Default().Timeout.Seconds())
 
 // loadHook reads hooks.d/spiffe-oci-hook.json the way CRI-O and Podman do,
 // with hook.path replaced by an executable that exists here.
 func loadHook(t *testing.T) (*current.Hook, map[string]any) {
 	t.Helper()
-	src := filepath.Join(repoRoot(t), "hooks.d", "spiffe-oci-hook.json")
+	src := filepath.Join(pkgRoot(t), "hooks.d", "spiffe-oci-hook.json")
 	data, err := os.ReadFile(src)
 	if err != nil {
 		t.Fatal(err)
