@@ -44,13 +44,18 @@ SPIRE_BIN_DIR ?= $(CURDIR)/bin/test
 
 all: build
 
-build binary: bin/spiffe-oci-hook bin/spiffe-oci-refresher
+build binary: bin/spiffe-oci-hook bin/spiffe-oci-refresher bin/spiffe-oci-nri
 
 bin/spiffe-oci-hook: FORCE
 	$(GOBUILD) -o $@ ./hook
 
 bin/spiffe-oci-refresher: FORCE
 	$(GOBUILD) -o $@ ./refresher
+
+# The NRI plugin runs only in the containerd DaemonSet image, so install
+# and the rpm leave it out.
+bin/spiffe-oci-nri: FORCE
+	$(GOBUILD) -o $@ ./nri
 
 FORCE:
 
@@ -156,4 +161,4 @@ rpm:
 		rpm/spiffe-oci-hook.spec
 
 clean:
-	rm -rf bin/spiffe-oci-hook bin/spiffe-oci-refresher rpm/build
+	rm -rf bin/spiffe-oci-hook bin/spiffe-oci-refresher bin/spiffe-oci-nri rpm/build

@@ -3,13 +3,14 @@ module github.com/noderesource/spiffe-oci-hook
 go 1.26.0
 
 require (
-	github.com/opencontainers/selinux v1.12.0
+	github.com/containerd/nri v0.10.0
 	github.com/containers/common v0.64.2
 	github.com/coreos/go-systemd/v22 v22.5.0
 	github.com/cyphar/filepath-securejoin v0.4.1
 	github.com/fsnotify/fsnotify v1.9.0
 	github.com/opencontainers/runtime-spec v1.2.1
 	github.com/opencontainers/runtime-tools v0.9.1-0.20250523060157-0ea5ed0382a2
+	github.com/opencontainers/selinux v1.12.0
 	github.com/spiffe/go-spiffe/v2 v2.8.1
 	github.com/spiffe/spire-api-sdk v1.14.1
 	google.golang.org/grpc v1.85.0
@@ -17,7 +18,13 @@ require (
 )
 
 require (
-	github.com/opencontainers/selinux v1.12.0
+	github.com/containerd/log v0.1.0 // indirect
+	github.com/containerd/ttrpc v1.2.7 // indirect
+	github.com/knqyf263/go-plugin v0.9.0 // indirect
+	github.com/tetratelabs/wazero v1.9.0 // indirect
+)
+
+require (
 	github.com/containers/storage v1.59.1 // indirect
 	github.com/moby/sys/capability v0.4.0 // indirect
 	github.com/sirupsen/logrus v1.9.3 // indirect

@@ -115,6 +115,13 @@ func (h *Hook) Create(ctx context.Context, req *Request) (err error) {
 		return fmt.Errorf("container process: %w", err)
 	}
 	defer proc.Close()
+	// Runs twice for one container (CRI-O registering prestart and
+	// createRuntime, or the NRI plugin and hook-injector both injecting):
+	// the first run delivered, mounted and recorded; do not mount again.
+	store := record.Store{Dir: h.Config.StateDir}
+	if rec, err := store.Load(id); err == nil && rec.PID == proc.PID && rec.StartTime == proc.StartTime {
+		return nil
+	}
 
 	ctx, cancel := context.WithTimeout(ctx, h.Config.Timeout)
 	defer cancel()
@@ -143,7 +150,6 @@ func (h *Hook) Create(ctx context.Context, req *Request) (err error) {
 			id, len(update.SVIDs), proc.PID, agent.IDs(update.SVIDs)))
 	}
 
-	store := record.Store{Dir: h.Config.StateDir}
 	if err := store.Init(); err != nil {
 		return err
 	}

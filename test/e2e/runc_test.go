@@ -102,6 +102,23 @@ func TestRuncPoststopHook(t *testing.T) {
 	}
 }
 
+// TestRuncHookTwice: the hook registered twice for one container (CRI-O's
+// prestart and createRuntime, or NRI plus hook-injector) mounts once.
+func TestRuncHookTwice(t *testing.T) {
+	e := newEnv(t)
+	b := newBundle(t, []string{"/bin/sh", "-c", "grep -c ' /certs ' /proc/self/mountinfo"})
+	b.AddAnnotation(annotation, "- cert_dir: /certs\n")
+	h := e.hook(e.config)
+	b.Config.Hooks = &rspec.Hooks{Prestart: []rspec.Hook{h}, CreateRuntime: []rspec.Hook{h}}
+	out, stderr, err := b.runc(t)
+	if err != nil {
+		t.Fatalf("runc run: %v\nstderr: %s", err, stderr)
+	}
+	if strings.TrimSpace(out) != "1" {
+		t.Errorf("/certs is mounted %s times, want once", strings.TrimSpace(out))
+	}
+}
+
 // TestRuncNoAnnotation: a container that did not ask gets nothing, and the
 // hook touches nothing.
 func TestRuncNoAnnotation(t *testing.T) {

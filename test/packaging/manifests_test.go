@@ -326,6 +326,7 @@ type nodeDeployment struct {
 	script    string
 	hooksJSON []byte // the hooks.d JSON the initContainer installs
 	volumes   map[string]volume
+	nri       *container // the containerd-nri overlay's plugin container
 }
 
 // hostMount returns where c mounts the hostPath volume for hostDir ("" if
@@ -412,8 +413,15 @@ func checkNodeDeployment(t *testing.T, docs []manifest, built bool) nodeDeployme
 	for _, v := range d.pod.Volumes {
 		d.volumes[v.Name] = v
 	}
+	// The NRI plugin (containerd-nri overlay) needs only containerd's
+	// socket, so it is the one container that is not privileged.
+	if i := slices.IndexFunc(d.pod.Containers, func(c container) bool { return c.Name == "nri" }); i >= 0 {
+		nri := d.pod.Containers[i]
+		d.nri = &nri
+		d.pod.Containers = slices.Delete(slices.Clone(d.pod.Containers), i, i+1)
+	}
 	if len(d.pod.InitContainers) != 1 || len(d.pod.Containers) != 1 {
-		t.Fatalf("DaemonSet: %d initContainers and %d containers, want 1 and 1", len(d.pod.InitContainers), len(d.pod.Containers))
+		t.Fatalf("DaemonSet: %d initContainers and %d containers besides nri, want 1 and 1", len(d.pod.InitContainers), len(d.pod.Containers))
 	}
 	for _, c := range append(slices.Clone(d.pod.InitContainers), d.pod.Containers...) {
 		for _, m := range c.VolumeMounts {
@@ -529,7 +537,32 @@ func TestKustomizeBase(t *testing.T) {
 func TestKustomizeContainerdNRI(t *testing.T) {
 	dir := filepath.Join(pkgRoot(t), "deploy", "kubernetes", "overlays", "containerd-nri")
 	docs, built := buildKustomization(t, dir)
-	checkNodeDeployment(t, docs, built)
+	d := checkNodeDeployment(t, docs, built)
+
+	// The plugin runs spiffe-oci-nri against the host's NRI socket and
+	// injects the hook at the path the initContainer installs it to.
+	if d.nri == nil {
+		t.Fatal("the containerd-nri overlay runs no nri container")
+	}
+	if len(d.nri.Command) == 0 || d.nri.Command[0] != "/usr/bin/spiffe-oci-nri" {
+		t.Errorf("nri container command %q", d.nri.Command)
+	}
+	if built && d.nri.Image != imageRef {
+		t.Errorf("nri container image %q", d.nri.Image)
+	}
+	flag := func(name string) string {
+		if i := slices.Index(d.nri.Command, name); i >= 0 && i+1 < len(d.nri.Command) {
+			return d.nri.Command[i+1]
+		}
+		return ""
+	}
+	if hp := hookJSONPath(t, d.hooksJSON); flag("--hook-path") != hp {
+		t.Errorf("nri injects hook %q, the initContainer installs it at %q", flag("--hook-path"), hp)
+	}
+	sock := flag("--nri-socket")
+	if m := d.hostMount(*d.nri, path.Dir(sock)); m != path.Dir(sock) {
+		t.Errorf("nri container does not mount the host's %s at the same path (%q)", path.Dir(sock), m)
+	}
 
 	readme, err := os.ReadFile(filepath.Join(dir, "README.md"))
 	if err != nil {
