@@ -74,8 +74,27 @@ func attach(pidfd, tree int, rootfs, target string) error {
 		return fmt.Errorf("mount: creating %s inside the rootfs: %w", target, err)
 	}
 	defer dir.Close()
+	// A symlink in the image can make cert_dir the rootfs itself
+	// ("/certs -> /"); stacking the identity over the container's root
+	// would leave it without a filesystem.
+	if same, err := sameFile(root, dir); err != nil {
+		return fmt.Errorf("mount: %w", err)
+	} else if same {
+		return fmt.Errorf("mount: %s resolves to the container's root directory inside the rootfs", target)
+	}
 	if err := unix.MoveMount(tree, "", int(dir.Fd()), "", unix.MOVE_MOUNT_F_EMPTY_PATH|unix.MOVE_MOUNT_T_EMPTY_PATH); err != nil {
 		return fmt.Errorf("mount: attaching at %s: %w", target, err)
 	}
 	return nil
+}
+
+func sameFile(a, b *os.File) (bool, error) {
+	var sa, sb unix.Stat_t
+	if err := unix.Fstat(int(a.Fd()), &sa); err != nil {
+		return false, err
+	}
+	if err := unix.Fstat(int(b.Fd()), &sb); err != nil {
+		return false, err
+	}
+	return sa.Dev == sb.Dev && sa.Ino == sb.Ino, nil
 }

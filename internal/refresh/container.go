@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"sync"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -34,6 +35,9 @@ type container struct {
 	delivered []string // SPIFFE ID last written per delivery
 	written   [][]byte // content last written per delivery
 	writer    files.Writer
+	// lastWriteErr is the kind of the last logged write error ("" when
+	// writes work).
+	lastWriteErr string
 
 	mu      sync.Mutex
 	lastErr string // kind of the last logged error, "" when healthy
@@ -91,6 +95,24 @@ func (c *container) run() (exited bool) {
 	}
 	updates := make(chan *agent.X509SVIDs)
 	go c.stream(ctx, updates)
+	// A write that failed (a full state directory, say) is retried with
+	// backoff: the agent sends the next SVID only at half its lifetime,
+	// by when the files on disk may have expired.
+	retry := time.NewTimer(0)
+	if !retry.Stop() {
+		<-retry.C
+	}
+	defer retry.Stop()
+	attempt := 0
+	write := func() {
+		if c.write(ctx) {
+			attempt = 0
+			retry.Stop()
+			return
+		}
+		retry.Reset(backoffDelay(c.r.cfg.Refresher, attempt))
+		attempt++
+	}
 	for {
 		select {
 		case <-exit:
@@ -99,11 +121,13 @@ func (c *container) run() (exited bool) {
 			return false
 		case u := <-updates:
 			c.svids = u
-			c.write(ctx)
+			write()
 		case <-c.bundleCh:
 			if c.svids != nil {
-				c.write(ctx)
+				write()
 			}
+		case <-retry.C:
+			write()
 		}
 	}
 }
@@ -184,21 +208,24 @@ func (c *container) report(err error) {
 	c.r.log.Warn("container stream", "container", c.rec.ID, "pid", c.proc.PID, "error", err)
 }
 
-// write renders and writes every delivery whose content changed.
-func (c *container) write(ctx context.Context) {
+// write renders and writes every delivery whose content changed. It
+// returns false if any delivery could not be written, so run retries.
+func (c *container) write(ctx context.Context) (ok bool) {
 	bundles, err := c.agent.Bundles(ctx)
 	if err != nil {
-		return
+		return true // stopping
 	}
+	ok = true
 	for i, d := range c.rec.Deliveries {
 		svid, err := agent.Select(c.svids.SVIDs, d.SPIFFEID)
 		if err != nil {
-			c.report(fmt.Errorf("delivery %d (%s): %w; keeping the current files", i, d.CertDir, err))
+			// Only a new update can fix this one; no retry.
+			c.reportWrite(fmt.Errorf("delivery %d (%s): %w; keeping the current files", i, d.CertDir, err), err.Error())
 			continue
 		}
 		fs, err := files.Identity(d.Names(), svid, bundles, c.svids.FederatesWith)
 		if err != nil {
-			c.report(err)
+			c.reportWrite(err, err.Error())
 			continue
 		}
 		dir := c.r.store.DeliveryDir(c.rec.ID, i)
@@ -209,9 +236,12 @@ func (c *container) write(ctx context.Context) {
 		}
 		if err := c.writer.Write(dir, fs, c.rec.Owner); err != nil {
 			if _, statErr := os.Stat(c.r.store.RecordPath(c.rec.ID)); errors.Is(statErr, os.ErrNotExist) {
-				return // poststop removed the container meanwhile
+				return true // poststop removed the container meanwhile
 			}
-			c.report(fmt.Errorf("writing %s: %w", dir, err))
+			// The kind is the errno, not the message, which names a new
+			// generation directory every time.
+			c.reportWrite(fmt.Errorf("writing %s: %w; keeping the current files and retrying", dir, err), errnoKind(err))
+			ok = false
 			continue
 		}
 		c.written[i] = sum
@@ -224,6 +254,36 @@ func (c *container) write(ctx context.Context) {
 			c.r.OnWrite(c.rec.ID, i)
 		}
 	}
+	if ok {
+		c.reportWrite(nil, "")
+	}
+	return ok
+}
+
+// reportWrite logs trouble writing a container's files once per kind, and
+// the recovery once. Stream health is reported separately (report).
+func (c *container) reportWrite(err error, kind string) {
+	if err == nil {
+		if c.lastWriteErr != "" {
+			c.r.log.Info("container files written again", "container", c.rec.ID)
+			c.lastWriteErr = ""
+		}
+		return
+	}
+	if kind == c.lastWriteErr {
+		return
+	}
+	c.lastWriteErr = kind
+	c.r.log.Warn("container files", "container", c.rec.ID, "error", err)
+}
+
+// errnoKind names an error by its errno when it has one.
+func errnoKind(err error) string {
+	var errno syscall.Errno
+	if errors.As(err, &errno) {
+		return errno.Error()
+	}
+	return err.Error()
 }
 
 // fingerprint identifies what a delivery's files say. The key is left out:

@@ -330,12 +330,9 @@ func TestAgentRestart(t *testing.T) {
 	for range 5 {
 		ids = append(ids, n.deliver(n.workloadProcess().Process.Pid))
 	}
-	_, _ = n.start()
-	eventually(t, 5*time.Second, "served", func() bool { return n.agent.SVIDStreams() == 5 })
-	before := map[string][]byte{}
-	for _, id := range ids {
-		before[id] = n.cert(id)
-	}
+	// The fake agent mints a new SVID per stream: wait until that first
+	// rotation is on disk before taking the reference.
+	_, before := n.startSettled(ids)
 	n.agent.Stop()
 	// Longer than the backoff cap, so retries reach it several times.
 	time.Sleep(4 * n.cfg.Refresher.BackoffMax)

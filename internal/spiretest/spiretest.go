@@ -46,6 +46,9 @@ type Options struct {
 	// AuthorizedDelegates are SPIFFE IDs allowed on the admin socket, in
 	// addition to the harness's own ID (always added).
 	AuthorizedDelegates []string
+	// ExtraAgentPlugins is HCL added to the agent's plugins block, e.g. a
+	// WorkloadAttestor "k8s" pointed at a fake kubelet.
+	ExtraAgentPlugins string
 }
 
 // SPIRE is a running SPIRE server + agent pair.
@@ -310,9 +313,10 @@ plugins {
             discover_workload_path = true
         }
     }
+%s
 }
 `, filepath.Join(dir, "agent-data"), port, s.WorkloadSocket, s.AdminSocket, td, tok.Value,
-		strings.Join(dl, ", "), filepath.Join(dir, "agent-data")))
+		strings.Join(dl, ", "), filepath.Join(dir, "agent-data"), opts.ExtraAgentPlugins))
 
 	s.StartAgent(t)
 	return s

@@ -15,6 +15,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -98,8 +99,13 @@ func newEnv(t *testing.T) *env {
 // startEnv starts SPIRE with the hook and the refresher as authorized
 // delegates and registers both; workload entries are the caller's.
 func startEnv(t *testing.T) *env {
+	return startEnvWith(t, "")
+}
+
+// startEnvWith is startEnv with extra agent plugins (HCL).
+func startEnvWith(t *testing.T, agentPlugins string) *env {
 	requireRoot(t)
-	s := spiretest.Start(t, spiretest.Options{TrustDomain: trustDomain, AuthorizedDelegates: []string{hookID, refresherID}})
+	s := spiretest.Start(t, spiretest.Options{TrustDomain: trustDomain, AuthorizedDelegates: []string{hookID, refresherID}, ExtraAgentPlugins: agentPlugins})
 	e := &env{t: t, spire: s, dir: shortTempDir(t)}
 	e.stateDir = filepath.Join(e.dir, "state")
 	mountTmpfs(t, e.stateDir)
@@ -115,7 +121,11 @@ func startEnv(t *testing.T) *env {
 func (e *env) waitSynced() {
 	e.t.Helper()
 	id := fmt.Sprintf("spiffe://%s/sentinel/%d", trustDomain, time.Now().UnixNano())
+	// A uid of its own, so that the sentinel entry (deleted below, but
+	// gone from the agent only at its next sync) matches no test process.
+	const sentinelUID = 4242
 	sleep := exec.Command("sleep", "60")
+	sleep.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: sentinelUID, Gid: sentinelUID}}
 	if err := sleep.Start(); err != nil {
 		e.t.Fatal(err)
 	}
@@ -124,7 +134,7 @@ func (e *env) waitSynced() {
 	if err != nil {
 		e.t.Fatal(err)
 	}
-	entry := e.spire.CreateEntry(e.t, id, []string{"unix:uid:0", "unix:path:" + exe}, time.Hour)
+	entry := e.spire.CreateEntry(e.t, id, []string{fmt.Sprintf("unix:uid:%d", sentinelUID), "unix:path:" + exe}, time.Hour)
 	e.spire.WaitForSVID(e.t, sleep.Process.Pid, id, 60*time.Second)
 	e.spire.DeleteEntry(e.t, entry)
 }
