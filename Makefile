@@ -40,7 +40,7 @@ LICENSES := LICENSE
 # Where the test harness keeps the pinned SPIRE binaries.
 SPIRE_BIN_DIR ?= $(CURDIR)/bin/test
 
-.PHONY: all build binary test test-deps test-unit test-integration spire demo bench install install.nobuild uninstall rpm clean
+.PHONY: all build binary test test-deps test-fuzz test-unit test-integration spire demo bench install install.nobuild uninstall rpm clean
 
 all: build
 
@@ -61,10 +61,17 @@ FORCE:
 
 # Everything, on a fresh machine: packages, pinned SPIRE, unit and
 # end-to-end tests (real runc, Podman and SPIRE; needs root).
-test: test-deps spire build
+test: test-deps spire build test-fuzz
 	$(GO) vet ./...
 	@unformatted=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$unformatted" ]; then echo "gofmt needed: $$unformatted"; exit 1; fi
 	SPIRE_BIN_DIR=$(SPIRE_BIN_DIR) $(GO) test -count=1 -timeout 30m ./...
+
+# Each fuzz target for a bounded time (FUZZTIME), seeded from its corpus.
+FUZZTIME ?= 10s
+test-fuzz:
+	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime $(FUZZTIME) ./internal/annotations
+	$(GO) test -run '^$$' -fuzz '^FuzzParseState$$' -fuzztime $(FUZZTIME) ./internal/ocistate
+	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime $(FUZZTIME) ./internal/config
 
 test-unit:
 	$(GO) test -count=1 -short ./internal/...
@@ -86,7 +93,7 @@ demo: test-deps spire build
 
 # Benchmarks (root; runc, busybox-static, pinned SPIRE): prints a Markdown
 # table and rewrites BENCHMARKS.md. Numbers only, no timed assertions; about
-# 5 minutes. BENCH_ROUNDS, BENCH_SCALES, BENCH_IDLE, BENCH_ROTATIONS tune it.
+# 3 minutes. BENCH_ROUNDS, BENCH_SCALES, BENCH_IDLE, BENCH_ROTATIONS tune it.
 bench: spire
 	@set -e; tmp=$$(mktemp -d /tmp/bench-bin.XXXXXX); trap 'rm -rf "$$tmp"' EXIT; \
 	$(GO) test -c -o "$$tmp/bench.test" ./test/bench; \
