@@ -3,6 +3,7 @@ package refresh
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"os"
@@ -215,6 +216,12 @@ func (c *container) write(ctx context.Context) (ok bool) {
 	if err != nil {
 		return true // stopping
 	}
+	select {
+	case c.r.writeSlots <- struct{}{}:
+		defer func() { <-c.r.writeSlots }()
+	case <-ctx.Done():
+		return true
+	}
 	ok = true
 	for i, d := range c.rec.Deliveries {
 		svid, err := agent.Select(c.svids.SVIDs, d.SPIFFEID)
@@ -286,18 +293,20 @@ func errnoKind(err error) string {
 	return err.Error()
 }
 
-// fingerprint identifies what a delivery's files say. The key is left out:
-// the certificate already names it, and the agent re-sends the same SVID.
+// fingerprint identifies what a delivery's files say: a hash, so that a
+// thousand containers do not each keep a copy of their PEM. The key is
+// left out: the certificate already names it, and the agent re-sends the
+// same SVID.
 func fingerprint(fs []files.File) []byte {
-	var b bytes.Buffer
+	h := sha256.New()
 	for _, f := range fs {
 		if f.Mode != files.KeyMode {
-			b.WriteString(f.Name)
-			b.WriteByte(0)
-			b.Write(f.Data)
+			h.Write([]byte(f.Name))
+			h.Write([]byte{0})
+			h.Write(f.Data)
 		}
 	}
-	return b.Bytes()
+	return h.Sum(nil)
 }
 
 // onDisk reports whether dir already holds fs's certificate and bundle,
@@ -340,10 +349,9 @@ func watchExit(ctx context.Context, p *process.Process) (<-chan struct{}, error)
 		return nil, err
 	}
 	exit := make(chan struct{})
-	go func() {
-		<-ctx.Done()
-		f.Close() // wakes the waiting Read below
-	}()
+	// Closing the file wakes the waiting Read below; AfterFunc costs no
+	// goroutine while it waits.
+	context.AfterFunc(ctx, func() { f.Close() })
 	go func() {
 		var gone bool
 		// The check uses the watcher's own descriptor: the Process may be

@@ -17,6 +17,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"runtime"
 	"sync"
 	"time"
 
@@ -46,6 +47,12 @@ type Refresher struct {
 	// (benchmarks and tests measure with it).
 	OnWrite func(id string, delivery int)
 
+	// writeSlots bounds how many containers render and write at once: a
+	// bundle change or an agent restart rotates every container together,
+	// and with a thousand of them unbounded work only raises peak memory
+	// on a node with a few cores.
+	writeSlots chan struct{}
+
 	mu         sync.Mutex
 	containers map[string]*container
 	agents     map[string]*agentConn
@@ -60,6 +67,7 @@ func New(cfg config.Config, log *slog.Logger) *Refresher {
 		log:        log,
 		containers: map[string]*container{},
 		agents:     map[string]*agentConn{},
+		writeSlots: make(chan struct{}, 2*runtime.GOMAXPROCS(0)),
 	}
 }
 
