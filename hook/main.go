@@ -7,7 +7,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -15,6 +14,7 @@ import (
 	"os"
 	"runtime/debug"
 
+	"github.com/noderesource/spiffe-oci-hook/internal/cli"
 	"github.com/noderesource/spiffe-oci-hook/internal/config"
 	"github.com/noderesource/spiffe-oci-hook/internal/hook"
 	"github.com/noderesource/spiffe-oci-hook/internal/label"
@@ -45,16 +45,8 @@ func run(args []string, stdin io.Reader, stderr io.Writer) int {
 	fs.SetOutput(stderr)
 	fs.Usage = func() { fmt.Fprint(stderr, usage); fs.PrintDefaults() }
 	flags := config.Bind(fs)
-	showVersion := fs.Bool("version", false, "print the version and exit")
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return 0
-		}
-		return 2
-	}
-	if *showVersion {
-		fmt.Fprintln(stderr, "spiffe-oci-hook", version)
-		return 0
+	if code, done := cli.Parse(fs, args, version); done {
+		return code
 	}
 	stage := fs.Arg(0)
 	switch stage {

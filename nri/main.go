@@ -6,9 +6,7 @@ package main
 
 import (
 	"context"
-	"errors"
 	"flag"
-	"fmt"
 	"io"
 	"log/slog"
 	"os"
@@ -18,6 +16,7 @@ import (
 	"github.com/containerd/nri/pkg/api"
 	"github.com/containerd/nri/pkg/stub"
 
+	"github.com/noderesource/spiffe-oci-hook/internal/cli"
 	"github.com/noderesource/spiffe-oci-hook/internal/nriplugin"
 )
 
@@ -36,16 +35,8 @@ func run(args []string, stderr io.Writer) int {
 	hookPath := fs.String("hook-path", "/opt/spiffe-oci-hook/bin/spiffe-oci-hook", "spiffe-oci-hook binary on the node")
 	hookConfig := fs.String("hook-config", "", "node configuration file passed to the hook as --config (empty: the hook's default)")
 	timeout := fs.Int("hook-timeout", 15, "seconds the runtime gives the hook; above the hook's own timeout")
-	showVersion := fs.Bool("version", false, "print the version and exit")
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return 0
-		}
-		return 2
-	}
-	if *showVersion {
-		fmt.Fprintln(stderr, "spiffe-oci-nri", version)
-		return 0
+	if code, done := cli.Parse(fs, args, version); done {
+		return code
 	}
 	log := slog.New(slog.NewTextHandler(stderr, nil))
 	hook := &api.Hook{Path: *hookPath, Args: []string{"spiffe-oci-hook"}, Timeout: api.Int(*timeout)}

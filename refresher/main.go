@@ -5,9 +5,7 @@ package main
 
 import (
 	"context"
-	"errors"
 	"flag"
-	"fmt"
 	"io"
 	"log/slog"
 	"os"
@@ -17,6 +15,7 @@ import (
 
 	"github.com/coreos/go-systemd/v22/daemon"
 
+	"github.com/noderesource/spiffe-oci-hook/internal/cli"
 	"github.com/noderesource/spiffe-oci-hook/internal/config"
 	"github.com/noderesource/spiffe-oci-hook/internal/label"
 	"github.com/noderesource/spiffe-oci-hook/internal/refresh"
@@ -41,17 +40,9 @@ func run(args []string, stderr io.Writer) int {
 	fs.SetOutput(stderr)
 	flags := config.Bind(fs)
 	flags.BindRefresher()
-	showVersion := fs.Bool("version", false, "print the version and exit")
 	debug := fs.Bool("debug", false, "log every rotation")
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return 0
-		}
-		return 2
-	}
-	if *showVersion {
-		fmt.Fprintln(stderr, "spiffe-oci-refresher", version)
-		return 0
+	if code, done := cli.Parse(fs, args, version); done {
+		return code
 	}
 	level := slog.LevelInfo
 	if *debug {

@@ -7,7 +7,6 @@ package refresh
 
 import (
 	"bytes"
-	"context"
 	"errors"
 	"fmt"
 	"os"
@@ -23,12 +22,8 @@ import (
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"golang.org/x/sys/unix"
 
-	"github.com/noderesource/spiffe-oci-hook/internal/agent"
-	"github.com/noderesource/spiffe-oci-hook/internal/annotations"
 	"github.com/noderesource/spiffe-oci-hook/internal/fakeagent"
 	"github.com/noderesource/spiffe-oci-hook/internal/files"
-	"github.com/noderesource/spiffe-oci-hook/internal/process"
-	"github.com/noderesource/spiffe-oci-hook/internal/record"
 )
 
 const manyContainers = 50
@@ -89,42 +84,6 @@ func (n *node) startSettled(ids []string) (*Refresher, map[string][]byte) {
 		now[id] = n.validCert(id)
 	}
 	return r, now
-}
-
-// deliverRunning is deliver for a node whose refresher runs: deliver waits
-// for the stream count to drop, which the refresher's own new streams
-// keep from happening.
-func (n *node) deliverRunning(pid int) string {
-	n.t.Helper()
-	id := fmt.Sprintf("c%d", pid)
-	proc, err := process.Open(pid)
-	if err != nil {
-		n.t.Fatal(err)
-	}
-	defer proc.Close()
-	client, err := agent.New(n.socket)
-	if err != nil {
-		n.t.Fatal(err)
-	}
-	defer client.Close()
-	update, bundles, err := client.FetchX509(context.Background(), pid)
-	if err != nil {
-		n.t.Fatal(err)
-	}
-	d := record.Delivery{Delivery: annotations.Delivery{CertDir: "/certs", SVIDFileName: "svid.pem", KeyFileName: "svid_key.pem", BundleFileName: "svid_bundle.pem"}, Delivered: update.SVIDs[0].ID.String()}
-	fs, err := files.Identity(d.Names(), update.SVIDs[0], bundles, nil)
-	if err != nil {
-		n.t.Fatal(err)
-	}
-	os.MkdirAll(n.store.ContainerDir(id), 0o700)
-	if err := (files.Writer{}).Write(n.store.DeliveryDir(id, 0), fs, files.Owner{UID: 1000, GID: 1000}); err != nil {
-		n.t.Fatal(err)
-	}
-	rec := record.Record{ID: id, PID: pid, StartTime: proc.StartTime, AgentSocket: n.socket, Owner: files.Owner{UID: 1000, GID: 1000}, Deliveries: []record.Delivery{d}}
-	if err := n.store.Save(rec); err != nil {
-		n.t.Fatal(err)
-	}
-	return id
 }
 
 func openFDs(t *testing.T) int {
@@ -457,7 +416,7 @@ func TestFaultChurnLeaks(t *testing.T) {
 		var procs []*os.Process
 		for range manyContainers {
 			p := n.workloadProcess()
-			ids = append(ids, n.deliverRunning(p.Process.Pid))
+			ids = append(ids, n.deliverWhileServing(p.Process.Pid))
 			procs = append(procs, p.Process)
 		}
 		eventually(t, 10*time.Second, "round's containers served", func() bool {

@@ -81,6 +81,19 @@ func newNode(t *testing.T) *node {
 // deliver does what the hook does for a process: fetch, write, record.
 func (n *node) deliver(pid int) string {
 	n.t.Helper()
+	return n.deliverAs(pid, true)
+}
+
+// deliverWhileServing is deliver for a node whose refresher runs: it does
+// not wait for the agent's stream count to drop, which the refresher's own
+// new streams keep from happening.
+func (n *node) deliverWhileServing(pid int) string {
+	n.t.Helper()
+	return n.deliverAs(pid, false)
+}
+
+func (n *node) deliverAs(pid int, waitStreams bool) string {
+	n.t.Helper()
 	id := fmt.Sprintf("c%d", pid)
 	proc, err := process.Open(pid)
 	if err != nil {
@@ -98,7 +111,9 @@ func (n *node) deliver(pid int) string {
 		n.t.Fatal(err)
 	}
 	// The fetch's streams close asynchronously on the server side.
-	eventually(n.t, 5*time.Second, "fetch streams closed", func() bool { return n.agent.SVIDStreams() <= streams })
+	if waitStreams {
+		eventually(n.t, 5*time.Second, "fetch streams closed", func() bool { return n.agent.SVIDStreams() <= streams })
+	}
 	d := record.Delivery{Delivery: annotations.Delivery{CertDir: "/certs", SVIDFileName: "svid.pem", KeyFileName: "svid_key.pem", BundleFileName: "svid_bundle.pem"}, Delivered: update.SVIDs[0].ID.String()}
 	fs, err := files.Identity(d.Names(), update.SVIDs[0], bundles, nil)
 	if err != nil {
