@@ -379,3 +379,37 @@ func listTree(root string) []string {
 	})
 	return paths
 }
+
+// TestHookBadInput: garbage on stdin, a missing bundle and a pid that is
+// not alive each give one line and exit 1, never a panic; none of them
+// needs the agent.
+func TestHookBadInput(t *testing.T) {
+	requireRoot(t)
+	dir := shortTempDir(t)
+	dead := exec.Command("true")
+	if err := dead.Run(); err != nil {
+		t.Fatal(err)
+	}
+	b := newBundle(t, []string{"/bin/true"})
+	b.save(t)
+	state := func(bundle string, pid int) string {
+		s, _ := json.Marshal(rspec.State{Version: rspec.Version, ID: "bad-input", Status: rspec.StateCreating, Pid: pid, Bundle: bundle,
+			Annotations: map[string]string{annotation: "- cert_dir: /certs\n"}})
+		return string(s)
+	}
+	args := []string{"--agent-admin-socket", filepath.Join(dir, "none.sock"), "--state-dir", filepath.Join(dir, "state")}
+	cases := []struct{ name, stdin, want string }{
+		{"garbage", "\x00\x01 not json", "OCI state on stdin is not valid JSON"},
+		{"empty", "", "OCI state on stdin is not valid JSON"},
+		{"missing bundle", state(filepath.Join(dir, "no-such-bundle"), os.Getpid()), "reading bundle config"},
+		{"dead pid", state(b.dir, dead.Process.Pid), "process is gone"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			code, stderr := runBinary(t, hookBin, c.stdin, args...)
+			if code != 1 || !strings.Contains(stderr, c.want) || strings.Count(strings.TrimSpace(stderr), "\n") != 0 || strings.Contains(stderr, "panic") {
+				t.Errorf("exit %d, stderr %q; want 1 and one line with %q", code, stderr, c.want)
+			}
+		})
+	}
+}
