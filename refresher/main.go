@@ -48,7 +48,17 @@ func run(args []string, stderr io.Writer) int {
 	if *debug {
 		level = slog.LevelDebug
 	}
-	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
+	opts := &slog.HandlerOptions{Level: level}
+	if os.Getenv("JOURNAL_STREAM") != "" {
+		// journald stamps every line itself.
+		opts.ReplaceAttr = func(groups []string, a slog.Attr) slog.Attr {
+			if len(groups) == 0 && a.Key == slog.TimeKey {
+				return slog.Attr{}
+			}
+			return a
+		}
+	}
+	log := slog.New(slog.NewTextHandler(stderr, opts))
 	cfg, err := flags.Load()
 	if err != nil {
 		log.Error("configuration", "error", err)
