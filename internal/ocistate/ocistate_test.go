@@ -121,9 +121,15 @@ func writeConfig(t *testing.T, content string) string {
 
 func TestLoadSpec(t *testing.T) {
 	spec := specs.Spec{
-		Version: "1.2.0",
-		Root:    &specs.Root{Path: "rootfs"},
-		Process: &specs.Process{User: specs.User{UID: 1000, GID: 1000}, Args: []string{"/bin/sh"}, Cwd: "/"},
+		Version:     "1.2.0",
+		Root:        &specs.Root{Path: "rootfs"},
+		Process:     &specs.Process{User: specs.User{UID: 1000, GID: 1000}, Args: []string{"/bin/sh"}, Cwd: "/"},
+		Annotations: map[string]string{"k": "v"},
+		Linux: &specs.Linux{
+			UIDMappings: []specs.LinuxIDMapping{{ContainerID: 0, HostID: 100000, Size: 65536}},
+			GIDMappings: []specs.LinuxIDMapping{{ContainerID: 0, HostID: 200000, Size: 65536}},
+			MountLabel:  "system_u:object_r:container_file_t:s0:c1,c2",
+		},
 	}
 	data, err := json.Marshal(spec)
 	if err != nil {
@@ -134,7 +140,10 @@ func TestLoadSpec(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got.Root.Path != "rootfs" || got.Process.User.UID != 1000 || got.Process.Args[0] != "/bin/sh" {
+	// What the hook reads: root, the process user, the mappings, the mount
+	// label and the annotations.
+	if got.Root.Path != "rootfs" || got.Process.User.UID != 1000 || got.Process.User.GID != 1000 || got.Annotations["k"] != "v" ||
+		got.Linux.MountLabel != spec.Linux.MountLabel || got.Linux.UIDMappings[0].HostID != 100000 || got.Linux.GIDMappings[0].HostID != 200000 {
 		t.Fatalf("LoadSpec() = %+v", got)
 	}
 	if p := RootfsPath(bundle, got); p != filepath.Join(bundle, "rootfs") {
