@@ -65,15 +65,11 @@ func run(args []string, stdin io.Reader, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "spiffe-oci-hook: %v: run it as an OCI hook, which passes the container state on stdin\n", err)
 		return 1
 	}
-	cfg, err := flags.Load()
-	if err != nil {
-		fmt.Fprintf(stderr, "spiffe-oci-hook: container %s: %v\n", state.ID, err)
-		return 1
-	}
-	log := newLogger(stderr)
-	h := &hook.Hook{Config: cfg, Warn: log.warn, Labeler: label.For}
-
 	if stage == "poststop" || (stage == "" && ocistate.Stopped(state)) {
+		h, log, code := newHook(flags, state.ID, stderr)
+		if h == nil {
+			return code
+		}
 		if err := h.Poststop(state.ID); err != nil {
 			log.warn(fmt.Sprintf("container %s: poststop: %v", state.ID, err))
 			return 1
@@ -81,9 +77,15 @@ func run(args []string, stdin io.Reader, stderr io.Writer) int {
 		return 0
 	}
 
+	// Decide first: a container that did not ask costs the state, at most
+	// config.json, and nothing else (not even the node configuration).
 	req, err := hook.Find(state)
 	if err == nil && req == nil {
-		return 0 // the container did not ask: touch nothing
+		return 0
+	}
+	h, log, code := newHook(flags, state.ID, stderr)
+	if h == nil {
+		return code
 	}
 	if err == nil {
 		err = h.Create(context.Background(), req)
@@ -91,12 +93,24 @@ func run(args []string, stdin io.Reader, stderr io.Writer) int {
 	if err == nil {
 		return 0
 	}
-	if req != nil && cfg.FailurePolicy == config.FailOpen {
+	if req != nil && h.Config.FailurePolicy == config.FailOpen {
 		log.warn(fmt.Sprintf("container %s: %v; starting it WITHOUT an identity (failure_policy: fail-open)", state.ID, err))
 		return 0
 	}
 	log.warn(fmt.Sprintf("container %s: %v", state.ID, err))
 	return 1
+}
+
+// newHook loads the node configuration; on error it reports and returns
+// the exit code instead of a hook.
+func newHook(flags *config.Flags, id string, stderr io.Writer) (*hook.Hook, *logger, int) {
+	cfg, err := flags.Load()
+	if err != nil {
+		fmt.Fprintf(stderr, "spiffe-oci-hook: container %s: %v\n", id, err)
+		return nil, nil, 1
+	}
+	log := newLogger(stderr)
+	return &hook.Hook{Config: cfg, Warn: log.warn, Labeler: label.For}, log, 0
 }
 
 // logger writes each line to stderr, which the runtime shows when the hook

@@ -63,11 +63,6 @@ type Delivery struct {
 	AgentAddress string `yaml:"spire_agent_address,omitempty" json:"spire_agent_address,omitempty"`
 }
 
-// FileNames returns the delivery's three file names.
-func (d Delivery) FileNames() (svid, key, bundle string) {
-	return d.SVIDFileName, d.KeyFileName, d.BundleFileName
-}
-
 // Find returns the annotation that applies to a container, if any. A
 // container named NAME (by CRI-O's or containerd's name annotation) uses
 // Key+"."+NAME when present, and Key otherwise.

@@ -110,9 +110,8 @@ func TestParseDefaults(t *testing.T) {
 	if !reflect.DeepEqual(ds, want) {
 		t.Fatalf("Parse() = %+v, want %+v", ds, want)
 	}
-	s, k, b := ds[0].FileNames()
-	if s != "svid.pem" || k != "svid_key.pem" || b != "svid_bundle.pem" {
-		t.Fatalf("FileNames() = %q %q %q", s, k, b)
+	if d := ds[0]; d.SVIDFileName != "svid.pem" || d.KeyFileName != "svid_key.pem" || d.BundleFileName != "svid_bundle.pem" {
+		t.Fatalf("file names = %q %q %q", d.SVIDFileName, d.KeyFileName, d.BundleFileName)
 	}
 }
 

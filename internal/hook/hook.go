@@ -46,7 +46,9 @@ type Request struct {
 
 // Find decides whether the container behind state asked for an identity.
 // It reads config.json only when the state carries no annotations, so the
-// common no-annotation path costs one small JSON decode.
+// common no-annotation path costs one small JSON decode. A container that
+// asked with a value that does not parse gets a Request (with Key set) as
+// well as the error, so that the node's failure policy applies to it too.
 func Find(state *specs.State) (*Request, error) {
 	ann := state.Annotations
 	var spec *specs.Spec
@@ -61,16 +63,17 @@ func Find(state *specs.State) (*Request, error) {
 	if !ok {
 		return nil, nil
 	}
-	ds, err := annotations.Parse(key, value)
-	if err != nil {
-		return nil, err
+	req := &Request{State: state, Spec: spec, Key: key}
+	var err error
+	if req.Deliveries, err = annotations.Parse(key, value); err != nil {
+		return req, err
 	}
-	if spec == nil {
-		if spec, err = ocistate.LoadSpec(state.Bundle); err != nil {
-			return nil, err
+	if req.Spec == nil {
+		if req.Spec, err = ocistate.LoadSpec(state.Bundle); err != nil {
+			return req, err
 		}
 	}
-	return &Request{State: state, Spec: spec, Key: key, Deliveries: ds}, nil
+	return req, nil
 }
 
 // AgentSocket returns the admin socket a request's deliveries will use: the

@@ -126,8 +126,10 @@ func TestRuncNoAnnotation(t *testing.T) {
 	dir := shortTempDir(t)
 	stateDir := filepath.Join(dir, "state")
 	b := newBundle(t, []string{"/bin/sh", "-c", "test ! -e /certs && echo NOTHING"})
-	// The agent socket does not exist: the hook must not even look.
-	b.Config.Hooks = &rspec.Hooks{CreateRuntime: []rspec.Hook{{Path: hookBin, Args: []string{"spiffe-oci-hook", "--agent-admin-socket", filepath.Join(dir, "none.sock"), "--state-dir", stateDir}}}}
+	// The agent socket does not exist and the named node configuration is
+	// missing (an error if it were read): the hook must look at neither.
+	b.Config.Hooks = &rspec.Hooks{CreateRuntime: []rspec.Hook{{Path: hookBin, Args: []string{"spiffe-oci-hook",
+		"--config", filepath.Join(dir, "missing.yaml"), "--agent-admin-socket", filepath.Join(dir, "none.sock"), "--state-dir", stateDir}}}}
 	out, stderr, err := b.runc(t)
 	if err != nil {
 		t.Fatalf("runc run: %v\nstderr: %s", err, stderr)
@@ -355,6 +357,11 @@ func TestFailOpen(t *testing.T) {
 	code, msg := e.runHook(t, newBundle(t, []string{"/bin/true"}), config, startAs(t, 0), "- cert_dir: /certs\n")
 	if code != 0 || !strings.Contains(msg, "missing.sock is missing") || !strings.Contains(msg, "WITHOUT an identity (failure_policy: fail-open)") {
 		t.Errorf("fail-open: exit %d, message %q", code, msg)
+	}
+	// A value that does not parse is a failure to deliver like any other.
+	code, msg = e.runHook(t, newBundle(t, []string{"/bin/true"}), config, startAs(t, 0), "- cert_dir: relative\n")
+	if code != 0 || !strings.Contains(msg, `cert_dir "relative" must be an absolute path`) || !strings.Contains(msg, "failure_policy: fail-open") {
+		t.Errorf("fail-open, malformed annotation: exit %d, message %q", code, msg)
 	}
 	if got := e.listState(); !clean(got) {
 		t.Errorf("state directory holds %v", got)
