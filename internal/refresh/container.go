@@ -177,6 +177,9 @@ func (c *container) follow(ctx context.Context, updates chan<- *agent.X509SVIDs,
 			return ctx.Err()
 		}
 		healthy()
+		// Any answer shows the agent is back: say so once and wake the
+		// streams still waiting, without waiting for the bundle stream.
+		c.agent.setUp(true, nil)
 		c.report(nil)
 		select {
 		case updates <- u:
