@@ -27,7 +27,7 @@ require (
 require (
 	github.com/containers/storage v1.59.1 // indirect
 	github.com/moby/sys/capability v0.4.0 // indirect
-	github.com/sirupsen/logrus v1.9.3 // indirect
+	github.com/sirupsen/logrus v1.9.3
 	golang.org/x/net v0.60.0 // indirect
 	golang.org/x/sys v0.48.0
 	golang.org/x/text v0.42.0 // indirect

@@ -14,7 +14,7 @@ import (
 	"syscall"
 
 	"github.com/containerd/nri/pkg/api"
-	"github.com/containerd/nri/pkg/stub"
+	"github.com/sirupsen/logrus"
 
 	"github.com/noderesource/spiffe-oci-hook/internal/cli"
 	"github.com/noderesource/spiffe-oci-hook/internal/nriplugin"
@@ -39,22 +39,54 @@ func run(args []string, stderr io.Writer) int {
 		return code
 	}
 	log := slog.New(slog.NewTextHandler(stderr, nil))
+	// NRI's stub logs every connection attempt at info level through
+	// logrus; keep its details at debug and this plugin's own lines, one
+	// per change of state, in one format.
+	logrus.SetOutput(io.Discard)
+	logrus.SetLevel(logrus.DebugLevel)
+	logrus.AddHook(logrusToSlog{log})
 	hook := &api.Hook{Path: *hookPath, Args: []string{"spiffe-oci-hook"}, Timeout: api.Int(*timeout)}
 	if *hookConfig != "" {
 		hook.Args = append(hook.Args, "--config", *hookConfig)
 	}
-	s, err := stub.New(&nriplugin.Plugin{Hook: hook},
-		stub.WithPluginName("spiffe-oci-hook"), stub.WithPluginIdx(*index), stub.WithSocketPath(*socket))
-	if err != nil {
-		log.Error("creating NRI plugin", "error", err)
-		return 1
+	r := &nriplugin.Runner{
+		Plugin: &nriplugin.Plugin{Hook: hook},
+		Socket: *socket,
+		Name:   nriplugin.Name,
+		Index:  *index,
+		Log:    log,
 	}
+	// A DaemonSet rollout sends SIGTERM: stop at once rather than wait out
+	// the grace period. The plugin holds no state worth a goodbye.
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	log.Info("starting", "version", version, "nri_socket", *socket, "hook", *hookPath)
-	if err := s.Run(ctx); err != nil && ctx.Err() == nil {
+	if err := r.Run(ctx); err != nil {
 		log.Error("NRI plugin stopped", "error", err)
 		return 1
 	}
+	log.Info("stopped")
 	return 0
+}
+
+// logrusToSlog forwards the lines NRI's stub and ttrpc log through
+// logrus to slog, their informational ones at debug.
+type logrusToSlog struct{ log *slog.Logger }
+
+func (logrusToSlog) Levels() []logrus.Level { return logrus.AllLevels }
+
+func (h logrusToSlog) Fire(e *logrus.Entry) error {
+	level := slog.LevelDebug
+	switch {
+	case e.Level <= logrus.ErrorLevel:
+		level = slog.LevelError
+	case e.Level == logrus.WarnLevel:
+		level = slog.LevelWarn
+	}
+	attrs := make([]any, 0, 2*len(e.Data))
+	for k, v := range e.Data {
+		attrs = append(attrs, k, v)
+	}
+	h.log.Log(context.Background(), level, "nri: "+e.Message, attrs...)
+	return nil
 }

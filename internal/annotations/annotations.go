@@ -78,6 +78,12 @@ func Find(annotations map[string]string) (key, value string, ok bool) {
 	return Key, v, ok
 }
 
+// IsIdentityKey reports whether key is an identity annotation, for any
+// container: Key or Key+"."+name.
+func IsIdentityKey(key string) bool {
+	return key == Key || strings.HasPrefix(key, Key+".")
+}
+
 // Parse parses and validates an annotation's value: a YAML list of
 // deliveries. Errors name the annotation and the field at fault.
 func Parse(key, value string) ([]Delivery, error) {

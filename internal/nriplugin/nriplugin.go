@@ -1,19 +1,25 @@
 // Package nriplugin is an NRI plugin for containerd that does two things
-// for every container whose pod asked for an identity: it copies the pod's
-// identity annotation onto the container, so no pod_annotations allowlist
-// is needed, and it injects spiffe-oci-hook at createRuntime and poststop,
-// so no hook-injector is needed. The hook still decides everything else
-// from the container's OCI spec.
+// for the containers of every pod that asked for an identity: it copies
+// the pod's identity annotations onto them, as containerd's pod_annotations
+// allowlist would, and it injects spiffe-oci-hook at createRuntime and
+// poststop into each container an annotation applies to, so no
+// hook-injector is needed. The hook still decides everything else from the
+// container's OCI spec. Runner keeps the plugin registered across runtime
+// restarts.
 package nriplugin
 
 import (
 	"context"
-	"maps"
 
 	"github.com/containerd/nri/pkg/api"
 
 	"github.com/noderesource/spiffe-oci-hook/internal/annotations"
 )
+
+// Name is the plugin's NRI name. NRI's default validator refuses a
+// container whose pod lists it in required-plugins.noderesource.dev while
+// the plugin is not registered.
+const Name = "spiffe-oci-hook"
 
 // Plugin adjusts containers being created.
 type Plugin struct {
@@ -27,27 +33,40 @@ func (p *Plugin) CreateContainer(_ context.Context, pod *api.PodSandbox, ctr *ap
 	return adj, nil, nil
 }
 
-// Adjust returns the adjustment for one container: nil when its pod did
-// not ask for an identity.
+// Adjust returns the adjustment for one container: nil when its pod has
+// no identity annotation.
+//
+// Every identity annotation of the pod is copied, also onto containers
+// another container's named annotation is meant for: the container's spec
+// then reads as it would with the pod_annotations allowlist, and a hook
+// that NRI's hook-injector also injected (it matches the pod's annotations)
+// sees that the pod asked for another container, not that an annotation
+// was dropped. The hook is injected only where an annotation applies.
 func Adjust(hook *api.Hook, pod *api.PodSandbox, ctr *api.Container) *api.ContainerAdjustment {
-	// The pod's annotations, seen with this container's name, decide as
-	// they would if containerd had copied them (annotations.Find).
-	ann := maps.Clone(pod.GetAnnotations())
-	if ann == nil {
-		ann = map[string]string{}
+	// The pod's identity annotations, seen with this container's name,
+	// decide as they would if containerd had copied them (annotations.Find).
+	ann := map[string]string{annotations.ContainerdContainerName: ctr.GetName()}
+	var adj *api.ContainerAdjustment
+	for k, v := range pod.GetAnnotations() {
+		if !annotations.IsIdentityKey(k) {
+			continue
+		}
+		ann[k] = v
+		if adj == nil {
+			adj = &api.ContainerAdjustment{}
+		}
+		if _, has := ctr.GetAnnotations()[k]; !has {
+			adj.AddAnnotation(k, v)
+		}
 	}
-	ann[annotations.ContainerdContainerName] = ctr.GetName()
-	key, value, ok := annotations.Find(ann)
-	if !ok {
+	if adj == nil {
 		return nil
 	}
-	adj := &api.ContainerAdjustment{}
-	if _, has := ctr.GetAnnotations()[key]; !has {
-		adj.AddAnnotation(key, value)
+	if _, _, ok := annotations.Find(ann); ok {
+		adj.AddHooks(&api.Hooks{
+			CreateRuntime: []*api.Hook{hook},
+			Poststop:      []*api.Hook{hook},
+		})
 	}
-	adj.AddHooks(&api.Hooks{
-		CreateRuntime: []*api.Hook{hook},
-		Poststop:      []*api.Hook{hook},
-	})
 	return adj
 }

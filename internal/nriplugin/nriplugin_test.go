@@ -1,25 +1,29 @@
 package nriplugin
 
 import (
+	"bytes"
 	"context"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/containerd/nri/pkg/adaptation"
 	"github.com/containerd/nri/pkg/api"
-	"github.com/containerd/nri/pkg/stub"
+	validator "github.com/containerd/nri/plugins/default-validator/builtin"
 
 	"github.com/noderesource/spiffe-oci-hook/internal/annotations"
 )
 
 var hook = &api.Hook{Path: "/opt/spiffe-oci-hook/bin/spiffe-oci-hook", Args: []string{"spiffe-oci-hook"}, Timeout: api.Int(15)}
 
-// runtime starts NRI's runtime side (what containerd embeds) on a socket
-// and connects the plugin to it through NRI's stub, as on a node.
-func runtime(t *testing.T) *adaptation.Adaptation {
+// startRuntime starts NRI's runtime side (what containerd embeds) on a
+// socket in a fresh directory, with extra options (the default validator).
+func startRuntime(t *testing.T, opts ...adaptation.Option) (*adaptation.Adaptation, string) {
 	t.Helper()
 	dir, err := os.MkdirTemp("/tmp", "nri-")
 	if err != nil {
@@ -27,17 +31,16 @@ func runtime(t *testing.T) *adaptation.Adaptation {
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	socket := filepath.Join(dir, "nri.sock")
-	synced := make(chan struct{}, 1)
 	syncFn := func(ctx context.Context, cb adaptation.SyncCB) error {
 		_, err := cb(ctx, nil, nil)
-		synced <- struct{}{}
 		return err
 	}
 	updateFn := func(context.Context, []*adaptation.ContainerUpdate) ([]*adaptation.ContainerUpdate, error) {
 		return nil, nil
 	}
-	rt, err := adaptation.New("containerd", "test", syncFn, updateFn,
-		adaptation.WithSocketPath(socket), adaptation.WithPluginPath(filepath.Join(dir, "plugins")), adaptation.WithPluginConfigPath(filepath.Join(dir, "conf")))
+	opts = append([]adaptation.Option{adaptation.WithSocketPath(socket),
+		adaptation.WithPluginPath(filepath.Join(dir, "plugins")), adaptation.WithPluginConfigPath(filepath.Join(dir, "conf"))}, opts...)
+	rt, err := adaptation.New("containerd", "test", syncFn, updateFn, opts...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -45,33 +48,50 @@ func runtime(t *testing.T) *adaptation.Adaptation {
 		t.Fatal(err)
 	}
 	t.Cleanup(rt.Stop)
+	return rt, socket
+}
 
-	s, err := stub.New(&Plugin{Hook: hook}, stub.WithPluginName("spiffe-oci-hook"), stub.WithPluginIdx("10"), stub.WithSocketPath(socket))
-	if err != nil {
-		t.Fatal(err)
-	}
+// syncBuffer is a log destination the runner's goroutines write to.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.String()
+}
+
+// connect runs the plugin through Runner against socket, as on a node,
+// and waits until rt lists it.
+func connect(t *testing.T, rt *adaptation.Adaptation, socket string) *syncBuffer {
+	t.Helper()
+	logs := &syncBuffer{}
+	r := &Runner{Plugin: &Plugin{Hook: hook}, Socket: socket, Name: Name, Index: "10", Log: slog.New(slog.NewTextHandler(logs, nil))}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- s.Run(ctx) }()
-	t.Cleanup(func() { cancel(); s.Stop(); <-done })
-	select {
-	case <-synced:
-	case err := <-done:
-		t.Fatalf("plugin stopped: %v", err)
-	case <-time.After(10 * time.Second):
-		t.Fatal("the plugin did not register with the runtime")
-	}
+	go func() { done <- r.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	})
 	// The runtime lists the plugin only after the sync callback returns;
 	// wait until it answers.
-	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
-		if registered(rt) {
-			break
-		}
+	for deadline := time.Now().Add(10 * time.Second); !registered(rt); time.Sleep(10 * time.Millisecond) {
 		if time.Now().After(deadline) {
-			t.Fatal("the runtime never listed the plugin")
+			t.Fatalf("the runtime never listed the plugin; its log:\n%s", logs)
 		}
 	}
-	return rt
+	return logs
 }
 
 // registered asks the runtime for a probe adjustment that only a connected
@@ -84,26 +104,38 @@ func registered(rt *adaptation.Adaptation) bool {
 	return err == nil && len(resp.GetAdjust().GetHooks().GetCreateRuntime()) == 1
 }
 
-func create(t *testing.T, rt *adaptation.Adaptation, podAnn, ctrAnn map[string]string, name string) *api.ContainerAdjustment {
-	t.Helper()
+func create(rt *adaptation.Adaptation, podAnn, ctrAnn map[string]string, name string) (*api.ContainerAdjustment, error) {
 	resp, err := rt.CreateContainer(context.Background(), &adaptation.CreateContainerRequest{
 		Pod:       &api.PodSandbox{Id: "pod", Name: "web", Namespace: "shop", Annotations: podAnn},
 		Container: &api.Container{Id: "ctr-" + name, PodSandboxId: "pod", Name: name, Annotations: ctrAnn},
 	})
+	return resp.GetAdjust(), err
+}
+
+func mustCreate(t *testing.T, rt *adaptation.Adaptation, podAnn, ctrAnn map[string]string, name string) *api.ContainerAdjustment {
+	t.Helper()
+	adj, err := create(rt, podAnn, ctrAnn, name)
 	if err != nil {
 		t.Fatal(err)
 	}
-	return resp.GetAdjust()
+	return adj
+}
+
+func hooked(adj *api.ContainerAdjustment) bool {
+	return len(adj.GetHooks().GetCreateRuntime()) != 0 || len(adj.GetHooks().GetPoststop()) != 0
 }
 
 // TestThroughNRI: through a real NRI connection, a container of a pod that
 // asked gets the annotation and the hook at createRuntime and poststop; a
-// container of a pod that did not ask gets nothing.
+// sidecar the pod did not ask for gets the annotation (as with the
+// allowlist) but no hook; a container of a pod that did not ask gets
+// nothing.
 func TestThroughNRI(t *testing.T) {
-	rt := runtime(t)
+	rt, socket := startRuntime(t)
+	logs := connect(t, rt, socket)
 	value := "- cert_dir: /certs\n"
 
-	adj := create(t, rt, map[string]string{annotations.Key + ".app": value}, nil, "app")
+	adj := mustCreate(t, rt, map[string]string{annotations.Key + ".app": value}, nil, "app")
 	if got := adj.GetAnnotations()[annotations.Key+".app"]; got != value {
 		t.Errorf("container annotation %q, want %q (all: %v)", got, value, adj.GetAnnotations())
 	}
@@ -117,51 +149,94 @@ func TestThroughNRI(t *testing.T) {
 		t.Errorf("hooks at other stages: %v", hooks)
 	}
 
-	// The named entry belongs to "app"; a sidecar in the same pod without
-	// an entry of its own and no unnamed key gets nothing.
-	adj = create(t, rt, map[string]string{annotations.Key + ".app": value}, nil, "sidecar")
-	if len(adj.GetAnnotations()) != 0 || adj.GetHooks() != nil && len(adj.GetHooks().GetCreateRuntime()) != 0 {
-		t.Errorf("a container the pod did not ask for was adjusted: %v", adj)
+	adj = mustCreate(t, rt, map[string]string{annotations.Key + ".app": value, "other": "x"}, nil, "sidecar")
+	if hooked(adj) {
+		t.Errorf("a container the pod did not ask for got the hook: %v", adj)
 	}
-	adj = create(t, rt, nil, nil, "plain")
-	if len(adj.GetAnnotations()) != 0 || adj.GetHooks() != nil && len(adj.GetHooks().GetCreateRuntime()) != 0 {
+	if got := adj.GetAnnotations(); len(got) != 1 || got[annotations.Key+".app"] != value {
+		t.Errorf("sidecar annotations %v, want only the pod's identity annotation", got)
+	}
+	adj = mustCreate(t, rt, map[string]string{"other": "x"}, nil, "plain")
+	if len(adj.GetAnnotations()) != 0 || hooked(adj) {
 		t.Errorf("a pod without the annotation was adjusted: %v", adj)
+	}
+	if n := strings.Count(logs.String(), "registered with the NRI runtime"); n != 1 {
+		t.Errorf("%d registration lines, want 1:\n%s", n, logs)
+	}
+}
+
+// TestDefaultValidator: with NRI's default validator enabled (containerd:
+// [plugins.'io.containerd.nri.v1.nri'.default_validator] enable = true),
+// a pod annotated required-plugins.noderesource.dev/pod: ["spiffe-oci-hook"]
+// is refused while the plugin is not registered, and gets the hook once it
+// is. A pod without that annotation is not held up by the plugin's absence.
+func TestDefaultValidator(t *testing.T) {
+	rt, socket := startRuntime(t, adaptation.WithDefaultValidator(&validator.DefaultValidatorConfig{Enable: true}))
+	pod := map[string]string{
+		annotations.Key:                         "- cert_dir: /certs\n",
+		"required-plugins.noderesource.dev/pod": `["` + Name + `"]`,
+	}
+	_, err := create(rt, pod, nil, "app")
+	if err == nil || !strings.Contains(err.Error(), `required plugin "`+Name+`" not present`) {
+		t.Fatalf("container created without the plugin: error %v", err)
+	}
+	t.Logf("without the plugin: %v", err)
+	if adj, err := create(rt, map[string]string{"other": "x"}, nil, "plain"); err != nil || hooked(adj) {
+		t.Fatalf("a pod that requires no plugin: %v, %v", adj, err)
+	}
+
+	connect(t, rt, socket)
+	if adj := mustCreate(t, rt, pod, nil, "app"); !hooked(adj) {
+		t.Errorf("no hook with the plugin registered: %v", adj)
+	}
+}
+
+// TestRunnerBadIndex: a configuration no retry can fix ends Run at once.
+func TestRunnerBadIndex(t *testing.T) {
+	r := &Runner{Plugin: &Plugin{Hook: hook}, Socket: "/nonexistent/nri.sock", Name: Name, Index: "x", Log: slog.New(slog.DiscardHandler)}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := r.Run(ctx); err == nil || ctx.Err() != nil {
+		t.Fatalf("Run with plugin index %q: %v (context: %v)", r.Index, err, ctx.Err())
 	}
 }
 
 func TestAdjust(t *testing.T) {
 	v := "- cert_dir: /certs\n"
 	cases := []struct {
-		name    string
-		pod     map[string]string
-		ctr     map[string]string
-		ctrName string
-		wantKey string
+		name     string
+		pod      map[string]string
+		ctr      map[string]string
+		ctrName  string
+		wantHook bool
+		wantAnn  []string // annotations copied onto the container
 	}{
-		{"unnamed key applies to every container", map[string]string{annotations.Key: v}, nil, "any", annotations.Key},
-		{"named key wins", map[string]string{annotations.Key: "- cert_dir: /other\n", annotations.Key + ".app": v}, nil, "app", annotations.Key + ".app"},
-		{"other container's key does not apply", map[string]string{annotations.Key + ".db": v}, nil, "app", ""},
-		{"already allowlisted: no duplicate annotation", map[string]string{annotations.Key: v}, map[string]string{annotations.Key: v}, "app", annotations.Key},
+		{"unnamed key applies to every container", map[string]string{annotations.Key: v, "x": "y"}, nil, "any", true, []string{annotations.Key}},
+		{"named key wins; both copied", map[string]string{annotations.Key: "- cert_dir: /other\n", annotations.Key + ".app": v}, nil, "app", true, []string{annotations.Key, annotations.Key + ".app"}},
+		{"other container's key: copied, no hook", map[string]string{annotations.Key + ".db": v}, nil, "app", false, []string{annotations.Key + ".db"}},
+		{"already allowlisted: no duplicate annotation", map[string]string{annotations.Key: v}, map[string]string{annotations.Key: v}, "app", true, nil},
+		{"look-alike key is not ours", map[string]string{annotations.Key + "s": v, annotations.Key + "/x": v}, nil, "app", false, nil},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			adj := Adjust(hook, &api.PodSandbox{Annotations: c.pod}, &api.Container{Name: c.ctrName, Annotations: c.ctr})
-			if c.wantKey == "" {
-				if adj != nil {
-					t.Fatalf("adjusted: %v", adj)
+			if got := len(adj.GetHooks().GetCreateRuntime()) == 1 && len(adj.GetHooks().GetPoststop()) == 1; got != c.wantHook {
+				t.Errorf("hook injected %v, want %v: %v", got, c.wantHook, adj)
+			}
+			var got []string
+			for k, val := range adj.GetAnnotations() {
+				got = append(got, k)
+				if val != c.pod[k] {
+					t.Errorf("copied %s=%q, the pod has %q", k, val, c.pod[k])
 				}
-				return
 			}
-			if adj == nil || len(adj.GetHooks().GetCreateRuntime()) != 1 {
-				t.Fatalf("no hook injected: %v", adj)
-			}
-			_, copied := adj.GetAnnotations()[c.wantKey]
-			if _, had := c.ctr[c.wantKey]; copied == had {
-				t.Errorf("annotation %s copied=%v while the container had it=%v", c.wantKey, copied, had)
-			}
-			if copied && adj.GetAnnotations()[c.wantKey] != v {
-				t.Errorf("copied value %q", adj.GetAnnotations()[c.wantKey])
+			slices.Sort(got)
+			if !slices.Equal(got, c.wantAnn) {
+				t.Errorf("copied annotations %v, want %v", got, c.wantAnn)
 			}
 		})
+	}
+	if adj := Adjust(hook, &api.PodSandbox{}, &api.Container{Name: "app"}); adj != nil {
+		t.Errorf("a pod without annotations was adjusted: %v", adj)
 	}
 }
