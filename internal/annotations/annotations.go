@@ -32,6 +32,14 @@ const (
 	ContainerdContainerName = "io.kubernetes.cri.container-name"
 )
 
+// ContainerdContainerType is set by containerd's CRI plugin on every
+// container it creates: ContainerdTypeContainer for a pod's application
+// and init containers, "sandbox" for the pause container.
+const (
+	ContainerdContainerType = "io.kubernetes.cri.container-type"
+	ContainerdTypeContainer = "container"
+)
+
 // Defaults of the file names.
 const (
 	DefaultSVIDFileName   = "svid.pem"

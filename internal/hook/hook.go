@@ -44,11 +44,26 @@ type Request struct {
 	Deliveries []annotations.Delivery
 }
 
+// ErrAnnotationDropped: containerd ran the hook for a pod's container whose
+// OCI spec carries no identity annotation. The hook is injected under
+// containerd only for a pod that asked: spiffe-oci-nri copies the
+// annotation into the spec, but NRI's hook-injector matches the pod's
+// annotations and leaves the spec as containerd built it, which holds pod
+// annotations only when the runtime handler's pod_annotations allows them.
+var ErrAnnotationDropped = errors.New("containerd ran the hook, but the container's OCI spec has no " + annotations.Key +
+	" annotation: the pod's annotation was dropped (NRI's hook-injector matches pod annotations; containerd copies them into the spec only when allowed); " +
+	`run spiffe-oci-nri instead of hook-injector, or set pod_annotations = ["identity.noderesource.dev/*"] on every containerd runtime handler`)
+
 // Find decides whether the container behind state asked for an identity.
 // It reads config.json only when the state carries no annotations, so the
 // common no-annotation path costs one small JSON decode. A container that
 // asked with a value that does not parse gets a Request (with Key set) as
 // well as the error, so that the node's failure policy applies to it too.
+// So does a containerd container whose pod's annotation was dropped
+// (ErrAnnotationDropped): under CRI-O and Podman the hooks.d "when" sees
+// the same annotations as the hook, and spiffe-oci-nri copies every
+// identity annotation of the pod, so only that case runs the hook for a
+// containerd container without any.
 func Find(state *specs.State) (*Request, error) {
 	ann := state.Annotations
 	var spec *specs.Spec
@@ -61,6 +76,9 @@ func Find(state *specs.State) (*Request, error) {
 	}
 	key, value, ok := annotations.Find(ann)
 	if !ok {
+		if ann[annotations.ContainerdContainerType] == annotations.ContainerdTypeContainer && !hasIdentityKey(ann) {
+			return &Request{State: state, Spec: spec, Key: annotations.Key}, ErrAnnotationDropped
+		}
 		return nil, nil
 	}
 	req := &Request{State: state, Spec: spec, Key: key}
@@ -74,6 +92,17 @@ func Find(state *specs.State) (*Request, error) {
 		}
 	}
 	return req, nil
+}
+
+// hasIdentityKey reports whether any identity annotation is present, for
+// this container or another one of its pod.
+func hasIdentityKey(ann map[string]string) bool {
+	for k := range ann {
+		if annotations.IsIdentityKey(k) {
+			return true
+		}
+	}
+	return false
 }
 
 // AgentSocket returns the admin socket a request's deliveries will use: the

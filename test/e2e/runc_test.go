@@ -142,6 +142,49 @@ func TestRuncNoAnnotation(t *testing.T) {
 	}
 }
 
+// TestRuncDroppedPodAnnotation: under containerd, NRI's hook-injector
+// injects the hook when the pod's annotations match, but config.json holds
+// them only if containerd's pod_annotations allows them. runc runs such a
+// container here: containerd's CRI annotations, no identity annotation.
+// The container must not start without its identity, and runc's error
+// carries the hook's line naming the fix; with fail-open it starts, and
+// the hook says why.
+func TestRuncDroppedPodAnnotation(t *testing.T) {
+	requireRoot(t)
+	dir := shortTempDir(t)
+	stateDir := filepath.Join(dir, "state")
+	cri := func(b *bundle) {
+		b.AddAnnotation("io.kubernetes.cri.container-type", "container")
+		b.AddAnnotation("io.kubernetes.cri.container-name", "app")
+		b.AddAnnotation("io.kubernetes.cri.sandbox-id", "5d0c6f0e6a1b")
+	}
+	hook := func(policy string) []rspec.Hook {
+		return []rspec.Hook{{Path: hookBin, Args: []string{"spiffe-oci-hook", "--agent-admin-socket", filepath.Join(dir, "none.sock"),
+			"--state-dir", stateDir, "--failure-policy", policy}}}
+	}
+
+	b := newBundle(t, []string{"/bin/echo", "STARTED"})
+	cri(b)
+	b.Config.Hooks = &rspec.Hooks{CreateRuntime: hook("fail-closed")}
+	out, stderr, err := b.runc(t)
+	if err == nil || strings.Contains(out, "STARTED") {
+		t.Fatalf("the container started without its identity: out %q", out)
+	}
+	if !strings.Contains(stderr, "pod_annotations") || !strings.Contains(stderr, "spiffe-oci-nri") || !strings.Contains(stderr, b.id) {
+		t.Errorf("runc's error does not carry the hook's line: %s", stderr)
+	}
+
+	b = newBundle(t, []string{"/bin/sh", "-c", "test -e /certs || echo NO-IDENTITY"})
+	cri(b)
+	b.Config.Hooks = &rspec.Hooks{CreateRuntime: hook("fail-open")}
+	if out, stderr, err := b.runc(t); err != nil || strings.TrimSpace(out) != "NO-IDENTITY" {
+		t.Errorf("fail-open: %v, output %q: %s", err, out, stderr)
+	}
+	if _, err := os.Stat(stateDir); !os.IsNotExist(err) {
+		t.Errorf("the hook created its state directory (%v)", err)
+	}
+}
+
 // TestRuncSymlinkEscape: a parent of cert_dir in the image is a symlink to
 // an absolute path. Before pivot_root that path would name the host's;
 // nothing may be created or mounted there. Where the target exists inside
