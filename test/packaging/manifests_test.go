@@ -593,6 +593,8 @@ func TestKustomizeContainerdNRI(t *testing.T) {
 			t.Errorf("README.md lacks %q", s)
 		}
 	}
+
+	checkContainerdNRIConfig(t, dir, sock, string(readme))
 }
 
 // crioHooksDirs reads hooks_dir from [crio.runtime] of a CRI-O drop-in.
