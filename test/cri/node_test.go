@@ -1,0 +1,303 @@
+package cri
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/noderesource/spiffe-oci-hook/internal/spiretest"
+)
+
+const (
+	trustDomain = "example.org"
+	hookID      = "spiffe://example.org/spiffe-oci-hook"
+	refresherID = "spiffe://example.org/spiffe-oci-refresher"
+	annotation  = "identity.noderesource.dev/container"
+)
+
+// node is what a Kubernetes node runs besides the container runtime: a
+// SPIRE agent (and here its server) whose k8s workload attestor asks a
+// stand-in kubelet, the hook and the refresher as `make install` installs
+// them, and a tmpfs state directory.
+type node struct {
+	dir       string // everything of this node lives under it
+	spire     *spiretest.SPIRE
+	kubelet   *kubelet
+	prefix    string // make install PREFIX: <dir>/usr
+	hookBin   string // the installed hook, as the hooks.d JSON names it
+	hooksDir  string // the installed hooks.d JSON's directory
+	config    string // the installed node configuration
+	stateDir  string
+	refresher *exec.Cmd
+	refLog    string
+	entries   map[string]bool
+}
+
+// newNode starts SPIRE (k8s attestor with pod-level selectors, as at
+// createRuntime), the stand-in kubelet, installs the hook and the
+// refresher under dir with make install, and starts the refresher.
+func newNode(t *testing.T, dir string) *node {
+	t.Helper()
+	n := &node{dir: dir, kubelet: startKubelet(t), entries: map[string]bool{}}
+	n.prefix = filepath.Join(dir, "usr")
+	n.stateDir = filepath.Join(dir, "state")
+	if err := os.MkdirAll(n.stateDir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mount("tmpfs", n.stateDir, "tmpfs", 0, "mode=0700,size=64m"); err != nil {
+		t.Fatalf("mounting tmpfs at %s: %v", n.stateDir, err)
+	}
+	t.Cleanup(func() { unix.Unmount(n.stateDir, unix.MNT_DETACH) })
+
+	n.spire = spiretest.Start(t, spiretest.Options{
+		TrustDomain:         trustDomain,
+		AuthorizedDelegates: []string{hookID, refresherID},
+		ExtraAgentPlugins: fmt.Sprintf(`    WorkloadAttestor "k8s" {
+        plugin_data {
+            kubelet_read_only_port = %d
+            disable_container_selectors = true
+            node_name = "node"
+        }
+    }`, n.kubelet.port),
+	})
+
+	// The node configuration goes where make install's SYSCONFDIR puts it
+	// before install runs: install keeps an existing one, as an admin's.
+	sysconf := filepath.Join(dir, "etc")
+	n.config = filepath.Join(sysconf, "spiffe-oci-hook", "config.yaml")
+	os.MkdirAll(filepath.Dir(n.config), 0o755)
+	cfg := fmt.Sprintf("agent_admin_socket: %s\nstate_dir: %s\ntimeout: 10s\n", n.spire.AdminSocket, n.stateDir)
+	if err := os.WriteFile(n.config, []byte(cfg), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	// Installed where the Kubernetes DaemonSet puts the files (the hook
+	// under /opt, the JSON in /etc/containers/oci/hooks.d), all under dir.
+	// Install variables, not DESTDIR: the JSON then names the hook and its
+	// --config where they really are, and the runtime can run it.
+	n.hookBin = filepath.Join(dir, "opt", "spiffe-oci-hook", "bin", "spiffe-oci-hook")
+	n.hooksDir = filepath.Join(sysconf, "containers", "oci", "hooks.d")
+	install := exec.Command("make", "-C", repoRoot, "install", "PREFIX="+n.prefix, "SYSCONFDIR="+sysconf,
+		"HOOK_DIR="+filepath.Dir(n.hookBin), "HOOKS_JSON_DIR="+n.hooksDir)
+	if out, err := install.CombinedOutput(); err != nil {
+		t.Fatalf("make install: %v\n%s", err, out)
+	}
+	refresherBin := filepath.Join(n.prefix, "bin", "spiffe-oci-refresher")
+
+	n.spire.CreateEntry(t, hookID, []string{"unix:uid:0", "unix:path:" + n.hookBin}, time.Hour)
+	n.spire.CreateEntry(t, refresherID, []string{"unix:uid:0", "unix:path:" + refresherBin}, time.Hour)
+	n.startRefresher(t, refresherBin)
+	return n
+}
+
+// startRefresher runs the installed refresher and waits for its systemd
+// readiness notification (Type=notify).
+func (n *node) startRefresher(t *testing.T, bin string) {
+	t.Helper()
+	notify := filepath.Join(n.dir, "notify.sock")
+	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: notify, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	n.refLog = filepath.Join(n.dir, "refresher.log")
+	logf, err := os.Create(n.refLog)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer logf.Close()
+	cmd := exec.Command(bin, "--config", n.config, "--backoff-min", "200ms", "--backoff-max", "2s", "--rescan-interval", "2s")
+	cmd.Env = append(os.Environ(), "NOTIFY_SOCKET="+notify)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	n.refresher = cmd
+	t.Cleanup(func() {
+		cmd.Process.Signal(unix.SIGTERM)
+		cmd.Wait()
+		if t.Failed() {
+			t.Logf("refresher log:\n%s", tail(n.refLog, 40))
+		}
+	})
+	conn.SetReadDeadline(time.Now().Add(30 * time.Second))
+	buf := make([]byte, 256)
+	m, _, err := conn.ReadFromUnix(buf)
+	if err != nil || !strings.Contains(string(buf[:m]), "READY=1") {
+		t.Fatalf("no READY=1 from the refresher (%v, %q); log:\n%s", err, buf[:m], tail(n.refLog, 40))
+	}
+}
+
+// workloadID is the identity of a pod's service account in a namespace.
+func workloadID(ns, sa string) string {
+	return fmt.Sprintf("spiffe://%s/ns/%s/sa/%s", trustDomain, ns, sa)
+}
+
+// register creates the entry for a namespace and service account (once),
+// with pod-level selectors, and waits until the agent has it.
+func (n *node) register(t *testing.T, ns, sa string, ttl time.Duration) string {
+	t.Helper()
+	id := workloadID(ns, sa)
+	if n.entries[id] {
+		return id
+	}
+	n.spire.CreateEntry(t, id, []string{"k8s:ns:" + ns, "k8s:sa:" + sa}, ttl)
+	n.entries[id] = true
+	n.waitSynced(t)
+	return id
+}
+
+// waitSynced blocks until every entry created so far has reached the
+// agent: a sentinel entry for a process of its own uid, created last,
+// being served means the earlier ones are too.
+func (n *node) waitSynced(t *testing.T) {
+	t.Helper()
+	id := fmt.Sprintf("spiffe://%s/sentinel/%d", trustDomain, time.Now().UnixNano())
+	const sentinelUID = 4243
+	sleep := exec.Command("sleep", "60")
+	sleep.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: sentinelUID, Gid: sentinelUID}}
+	if err := sleep.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { sleep.Process.Kill(); sleep.Wait() }()
+	exe, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", sleep.Process.Pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	entry := n.spire.CreateEntry(t, id, []string{fmt.Sprintf("unix:uid:%d", sentinelUID), "unix:path:" + exe}, time.Hour)
+	n.spire.WaitForSVID(t, sleep.Process.Pid, id, 60*time.Second)
+	n.spire.DeleteEntry(t, entry)
+}
+
+// statePaths lists every path under the state directory that names one of
+// ids (all paths when ids is empty).
+func (n *node) statePaths(ids ...string) []string {
+	var paths []string
+	filepath.Walk(n.stateDir, func(p string, _ os.FileInfo, _ error) error {
+		rel := strings.TrimPrefix(p, n.stateDir)
+		if rel == "" {
+			return nil
+		}
+		if len(ids) == 0 || slices.ContainsFunc(ids, func(id string) bool { return strings.Contains(rel, id) }) {
+			paths = append(paths, rel)
+		}
+		return nil
+	})
+	return paths
+}
+
+// waitStateGone waits until nothing in the state directory names one of
+// ids, and fails with what is left.
+func (n *node) waitStateGone(t *testing.T, why string, ids ...string) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		left := n.statePaths(ids...)
+		if len(left) == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: the state directory still holds %v", why, left)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// kubelet is a stand-in for the kubelet's read-only port: it serves
+// /pods, the pods the test has created, for SPIRE's k8s attestor.
+type kubelet struct {
+	port int
+	mu   sync.Mutex
+	pods []map[string]any
+}
+
+func startKubelet(t *testing.T) *kubelet {
+	t.Helper()
+	k := &kubelet{}
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != "/pods" {
+			http.NotFound(w, r)
+			return
+		}
+		k.mu.Lock()
+		body, _ := json.Marshal(map[string]any{"kind": "PodList", "apiVersion": "v1", "items": k.pods})
+		k.mu.Unlock()
+		w.Header().Set("Content-Type", "application/json")
+		w.Write(body)
+	})}
+	go srv.Serve(lis)
+	t.Cleanup(func() { srv.Close() })
+	k.port = lis.Addr().(*net.TCPAddr).Port
+	return k
+}
+
+// add makes the kubelet know the pod, as the API server's pod reaches it
+// before the kubelet asks the runtime for a sandbox.
+func (k *kubelet) add(p *pod) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	k.pods = append(k.pods, map[string]any{
+		"metadata": map[string]any{"name": p.name, "namespace": p.ns, "uid": p.uid, "annotations": p.annotations},
+		"spec":     map[string]any{"serviceAccountName": p.sa, "nodeName": "node"},
+		"status":   map[string]any{"phase": "Pending"},
+	})
+}
+
+// hostMounts returns the host's mount points whose path or source names
+// one of words.
+func hostMounts(words ...string) []string {
+	f, err := os.Open("/proc/self/mountinfo")
+	if err != nil {
+		return nil
+	}
+	defer f.Close()
+	var hits []string
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		for _, w := range words {
+			if strings.Contains(sc.Text(), w) {
+				hits = append(hits, sc.Text())
+				break
+			}
+		}
+	}
+	return hits
+}
+
+// mountsUnder lists mount points under dir, deepest first.
+func mountsUnder(dir string) []string {
+	var ms []string
+	for _, line := range hostMounts(dir) {
+		f := strings.Fields(line)
+		if len(f) > 4 && (f[4] == dir || strings.HasPrefix(f[4], dir+"/")) {
+			ms = append(ms, f[4])
+		}
+	}
+	slices.Reverse(ms)
+	return ms
+}
+
+func tail(path string, n int) string {
+	data, _ := os.ReadFile(path)
+	lines := strings.Split(strings.TrimRight(string(data), "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
