@@ -99,7 +99,6 @@ func (r *runtime) runPod(t *testing.T, name, ns string, annotations map[string]s
 	r.cgroupParents = append(r.cgroupParents, parent)
 	cfg := map[string]any{
 		"metadata":      map[string]any{"name": p.name, "namespace": p.ns, "uid": p.uid, "attempt": 0},
-		"hostname":      p.name,
 		"log_directory": filepath.Join(r.logs, fmt.Sprintf("%s_%s_%s", p.ns, p.name, p.uid)),
 		"labels":        p.labels(),
 		"annotations":   annotations,
@@ -130,6 +129,12 @@ func (p *pod) labels() map[string]string {
 func (p *pod) remove() error {
 	if p.id == "" {
 		return nil
+	}
+	// The kubelet stops each container (with the pod's grace period)
+	// before the sandbox.
+	out, _ := p.rt.run("ps", "-q", "--pod", p.id)
+	for _, id := range strings.Fields(out) {
+		p.rt.run("stop", "--timeout", "5", id)
 	}
 	if _, err := p.rt.run("stopp", p.id); err != nil {
 		return err
@@ -306,15 +311,25 @@ func writeJSON(t *testing.T, dir, kind string, v any) string {
 	return path
 }
 
-// removeCgroups removes the pod cgroups (and the kubepods parents) from
+// removeCgroups removes the pod cgroups, what is left under them (CRI-O's
+// crio-conmon-<id> children under cgroupfs) and the kubepods parents from
 // every hierarchy, where empty: the kubelet creates and removes them, the
-// runtimes only their own children.
+// runtimes only their containers'.
 func removeCgroups(parents []string) {
 	roots, _ := filepath.Glob("/sys/fs/cgroup/*")
 	roots = append(roots, "/sys/fs/cgroup")
 	for _, root := range roots {
 		for _, p := range parents {
-			os.Remove(filepath.Join(root, p))
+			var dirs []string
+			filepath.WalkDir(filepath.Join(root, p), func(path string, d os.DirEntry, err error) error {
+				if err == nil && d.IsDir() {
+					dirs = append(dirs, path)
+				}
+				return nil
+			})
+			for i := len(dirs) - 1; i >= 0; i-- {
+				os.Remove(dirs[i])
+			}
 		}
 		os.Remove(filepath.Join(root, "kubepods", "besteffort"))
 		os.Remove(filepath.Join(root, "kubepods"))

@@ -161,5 +161,5 @@ func openshiftDropIn(t *testing.T, root string) string {
 	if !ok || !strings.Contains(conf, "hooks_dir") {
 		t.Fatalf("crio-dropin.yaml holds no 99-spiffe-oci-hook.conf with hooks_dir: %q", conf)
 	}
-	return strings.ReplaceAll(conf, `"/`, `"`+root+`/`)
+	return rootPaths(conf, root)
 }

@@ -18,7 +18,7 @@ const (
 	pauseImage   = "localhost/spiffe-oci-hook-test/pause:cri"
 )
 
-var busyboxApplets = []string{"sh", "cat", "ls", "stat", "grep", "sed", "test", "sleep", "id", "echo", "true", "head", "readlink", "mountpoint", "wc"}
+var busyboxApplets = []string{"sh", "cat", "ls", "stat", "grep", "sed", "test", "sleep", "id", "echo", "true", "head", "readlink", "mountpoint", "wc", "md5sum"}
 
 // rootfsTar writes a busybox rootfs tarball under dir.
 func rootfsTar(t *testing.T, dir string) string {
