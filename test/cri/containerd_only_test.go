@@ -1,6 +1,8 @@
 package cri
 
 import (
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -14,6 +16,7 @@ const requiredPlugins = "required-plugins.noderesource.dev/pod"
 // containerdOnly: what only containerd, through NRI, has: the plugin's
 // life next to containerd's.
 func containerdOnly(t *testing.T, c *containerd) {
+	t.Run("shim sockets stay under the test's root", func(t *testing.T) { shimSockets(t, c) })
 	t.Run("SIGTERM stops the plugin; the validator holds pods until it is back", func(t *testing.T) { pluginDown(t, c) })
 	t.Run("containerd restart: the plugin registers again", func(t *testing.T) { containerdRestart(t, c) })
 }
@@ -76,5 +79,20 @@ func pluginDown(t *testing.T, c *containerd) {
 	again := p.mustRun(t, "app", 1, printCert+"echo DONE")
 	if got := certID(t, again.waitLog(t, "DONE")); got != id {
 		t.Errorf("once the plugin was back the container read %s, want %s", got, id)
+	}
+}
+
+// shimSockets: the running pods' shims listen under the socket_dir the
+// test gave containerd, not in /run/containerd.
+func shimSockets(t *testing.T, c *containerd) {
+	ents, err := os.ReadDir(filepath.Join(c.dir, "s"))
+	if err != nil || len(ents) == 0 {
+		t.Errorf("no shim socket under %s/s (%v)", c.dir, err)
+	}
+	if c.hostRunContainerd {
+		return
+	}
+	if _, err := os.Stat("/run/containerd"); err == nil {
+		t.Errorf("/run/containerd appeared while the test's containerd ran")
 	}
 }

@@ -19,9 +19,11 @@ type containerd struct {
 	*runtime
 	conf, log string
 	nriSocket string
-	cmd       *exec.Cmd
-	done      chan struct{}
-	nri       *nriPlugin
+	// hostRunContainerd: /run/containerd existed before the test.
+	hostRunContainerd bool
+	cmd               *exec.Cmd
+	done              chan struct{}
+	nri               *nriPlugin
 }
 
 // startContainerd starts containerd for node n with every directory under
@@ -33,7 +35,7 @@ type containerd struct {
 // installed hook.
 func startContainerd(t *testing.T, n *node) *containerd {
 	t.Helper()
-	dir := tempDir(t, "ctrd-")
+	dir := tempDir(t, "cri-ctrd-")
 	for _, d := range []string{"root", "state", "tmp", "s", "runc", "cni/net.d", "cni/bin", "nri/plugins", "nri/conf.d", "opt", "verifier", "pods"} {
 		os.MkdirAll(filepath.Join(dir, d), 0o755)
 	}
@@ -110,6 +112,8 @@ imports = [%[2]q]
 	if err := os.WriteFile(c.conf, []byte(conf), 0o644); err != nil {
 		t.Fatal(err)
 	}
+	_, err = os.Stat("/run/containerd")
+	c.hostRunContainerd = err == nil
 	c.runtime = newRuntime(t, "containerd", n, dir, socket)
 	c.start(t)
 	t.Cleanup(func() {

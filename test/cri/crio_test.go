@@ -23,7 +23,7 @@ import (
 // that CRI-O never decides to wipe a store.
 func startCRIO(t *testing.T, n *node) *runtime {
 	t.Helper()
-	dir := tempDir(t, "crio-")
+	dir := tempDir(t, "cri-crio-")
 	root, runroot := filepath.Join(dir, "storage"), filepath.Join(dir, "runroot")
 	podmanImport(t, dir, root, runroot)
 	for _, d := range []string{"exits", "attach", "ns", "runc", "cni/net.d", "cni/bin", "crio.conf.d", "pods"} {

@@ -13,7 +13,7 @@ import (
 // TestCRIO runs the scenarios under CRI-O, on one CRI-O and one SPIRE.
 func TestCRIO(t *testing.T) {
 	requireTools(t)
-	n := newNode(t, tempDir(t, "node-"))
+	n := newNode(t, tempDir(t, "cri-node-"))
 	r := startCRIO(t, n)
 	scenarios(t, r)
 }
@@ -22,7 +22,7 @@ func TestCRIO(t *testing.T) {
 // on one containerd and one SPIRE, then what only containerd has.
 func TestContainerd(t *testing.T) {
 	requireTools(t)
-	n := newNode(t, tempDir(t, "node-"))
+	n := newNode(t, tempDir(t, "cri-node-"))
 	c := startContainerd(t, n)
 	scenarios(t, c.runtime)
 	containerdOnly(t, c)
