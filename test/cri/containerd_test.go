@@ -114,6 +114,7 @@ imports = [%[2]q]
 	}
 	_, err = os.Stat("/run/containerd")
 	c.hostRunContainerd = err == nil
+	hostPathsUntouched(t, "containerd")
 	c.runtime = newRuntime(t, "containerd", n, dir, socket)
 	c.start(t)
 	t.Cleanup(func() {

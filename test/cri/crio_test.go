@@ -71,6 +71,7 @@ monitor_cgroup = "pod"
 [crio.image]
 pause_image = %[6]q
 signature_policy = "%[3]s/policy.json"
+signature_policy_dir = "%[3]s/policies"
 
 [crio.network]
 network_dir = "%[3]s/cni/net.d"
@@ -92,6 +93,7 @@ enable_nri = false
 		t.Fatal(err)
 	}
 
+	hostPathsUntouched(t, "CRI-O")
 	log := filepath.Join(dir, "crio.log")
 	logf, err := os.Create(log)
 	if err != nil {

@@ -301,3 +301,32 @@ func tail(path string, n int) string {
 	}
 	return strings.Join(lines, "\n")
 }
+
+// hostDefaults are where CRI-O, containerd and NRI keep things unless
+// told otherwise; the tests tell them otherwise.
+var hostDefaults = []string{
+	"/etc/crio", "/var/lib/crio", "/run/crio", "/var/log/crio",
+	"/etc/containerd", "/var/lib/containerd", "/run/containerd", "/opt/containerd",
+	"/run/nri", "/var/run/nri", "/opt/nri", "/etc/nri", "/etc/cdi", "/var/run/cdi",
+	"/etc/containers/oci/hooks.d",
+}
+
+// hostPathsUntouched fails the test if a runtime started now creates one
+// of its default paths on the host (checked when the test ends, after the
+// runtime has stopped).
+func hostPathsUntouched(t *testing.T, runtime string) {
+	t.Helper()
+	var absent []string
+	for _, p := range hostDefaults {
+		if _, err := os.Lstat(p); err != nil {
+			absent = append(absent, p)
+		}
+	}
+	t.Cleanup(func() {
+		for _, p := range absent {
+			if _, err := os.Lstat(p); err == nil {
+				t.Errorf("%s created %s on the host", runtime, p)
+			}
+		}
+	})
+}
