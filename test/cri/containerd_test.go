@@ -123,6 +123,7 @@ imports = [%[2]q]
 		if out, err := c.run("rmp", "-fa"); err != nil {
 			t.Errorf("crictl rmp -fa: %v %s", err, out)
 		}
+		n.checkStateEmpty(t)
 		if c.nri != nil {
 			c.nri.stop(t)
 		}

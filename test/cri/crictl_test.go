@@ -65,7 +65,9 @@ func (r *runtime) must(t *testing.T, args ...string) string {
 type pod struct {
 	name, ns, uid, sa string
 	annotations       map[string]string
-	id                string // sandbox id, once running
+	id                string         // sandbox id, once running
+	config            map[string]any // the sandbox config, as crictl create wants it again
+	logDir            string
 	rt                *runtime
 }
 
@@ -97,9 +99,10 @@ func (r *runtime) runPod(t *testing.T, name, ns string, annotations map[string]s
 	r.node.kubelet.add(p)
 	parent := "/kubepods/besteffort/pod" + p.uid
 	r.cgroupParents = append(r.cgroupParents, parent)
-	cfg := map[string]any{
+	p.logDir = filepath.Join(r.logs, fmt.Sprintf("%s_%s_%s", p.ns, p.name, p.uid))
+	p.config = map[string]any{
 		"metadata":      map[string]any{"name": p.name, "namespace": p.ns, "uid": p.uid, "attempt": 0},
-		"log_directory": filepath.Join(r.logs, fmt.Sprintf("%s_%s_%s", p.ns, p.name, p.uid)),
+		"log_directory": p.logDir,
 		"labels":        p.labels(),
 		"annotations":   annotations,
 		"linux": map[string]any{
@@ -108,10 +111,10 @@ func (r *runtime) runPod(t *testing.T, name, ns string, annotations map[string]s
 		},
 	}
 	// The kubelet makes the pod's log directory before the sandbox.
-	if err := os.MkdirAll(cfg["log_directory"].(string), 0o755); err != nil {
+	if err := os.MkdirAll(p.logDir, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	p.id = r.must(t, "runp", writeJSON(t, r.dir, "pod", cfg))
+	p.id = r.must(t, "runp", writeJSON(t, r.dir, "pod", p.config))
 	t.Cleanup(func() { p.remove() })
 	return p
 }
@@ -177,21 +180,11 @@ func (p *pod) create(t *testing.T, name string, attempt int, script string) (*co
 			"security_context": map[string]any{"namespace_options": namespaceOptions},
 		},
 	}
-	podCfg := map[string]any{
-		"metadata":      map[string]any{"name": p.name, "namespace": p.ns, "uid": p.uid, "attempt": 0},
-		"log_directory": filepath.Join(p.rt.logs, fmt.Sprintf("%s_%s_%s", p.ns, p.name, p.uid)),
-		"labels":        p.labels(),
-		"annotations":   p.annotations,
-		"linux": map[string]any{
-			"cgroup_parent":    "/kubepods/besteffort/pod" + p.uid,
-			"security_context": map[string]any{"namespace_options": namespaceOptions},
-		},
-	}
 	// ... and each container's before creating it.
-	if err := os.MkdirAll(filepath.Join(podCfg["log_directory"].(string), name), 0o755); err != nil {
+	if err := os.MkdirAll(filepath.Join(p.logDir, name), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	out, err := p.rt.run("create", p.id, writeJSON(t, p.rt.dir, "ctr", cfg), writeJSON(t, p.rt.dir, "pod", podCfg))
+	out, err := p.rt.run("create", p.id, writeJSON(t, p.rt.dir, "ctr", cfg), writeJSON(t, p.rt.dir, "pod", p.config))
 	if err != nil {
 		return nil, err
 	}

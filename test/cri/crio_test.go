@@ -113,6 +113,7 @@ enable_nri = false
 		if out, err := r.run("rmp", "-fa"); err != nil {
 			t.Errorf("crictl rmp -fa: %v %s", err, out)
 		}
+		n.checkStateEmpty(t)
 		if _, ok := stop(cmd, done, unix.SIGTERM, 30*time.Second); !ok {
 			t.Errorf("CRI-O did not stop at SIGTERM")
 		}

@@ -215,6 +215,34 @@ func (n *node) waitStateGone(t *testing.T, why string, ids ...string) {
 	}
 }
 
+// checkStateEmpty fails the test unless, once every pod is gone, the
+// state directory holds no file, symlink or per-container directory.
+func (n *node) checkStateEmpty(t *testing.T) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		var left []string
+		filepath.Walk(n.stateDir, func(p string, fi os.FileInfo, err error) error {
+			if err != nil || p == n.stateDir {
+				return nil
+			}
+			rel := strings.TrimPrefix(p, n.stateDir+"/")
+			if !fi.IsDir() || strings.Count(rel, "/") > 0 {
+				left = append(left, rel)
+			}
+			return nil
+		})
+		if len(left) == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Errorf("with every pod removed, the state directory still holds %v", left)
+			return
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
 // kubelet is a stand-in for the kubelet's read-only port: it serves
 // /pods, the pods the test has created, for SPIRE's k8s attestor.
 type kubelet struct {
