@@ -68,8 +68,9 @@ bin/spiffe-oci-nri: FORCE
 
 FORCE:
 
-# Everything, on a fresh machine: packages, pinned SPIRE, unit and
-# end-to-end tests (real runc, Podman and SPIRE; needs root).
+# Everything, on a fresh machine: packages, pinned SPIRE, CRI-O, containerd
+# and crictl, unit and end-to-end tests (real runc, Podman, CRI-O,
+# containerd and SPIRE; needs root).
 test: test-deps spire cri-tools build test-fuzz
 	$(GO) vet ./...
 	@unformatted=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$unformatted" ]; then echo "gofmt needed: $$unformatted"; exit 1; fi
