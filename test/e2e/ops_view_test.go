@@ -54,13 +54,15 @@ func TestRefresherOperatorView(t *testing.T) {
 		t.Errorf("probe readyz with the agent up: exit %d: %s", code, out)
 	}
 
+	// The containers belong to the whole test (their cleanup runs at its end).
 	var a, b *watcher
+	parent := t
 	t.Run("counts follow containers and rotations", func(t *testing.T) {
-		a = e.startWatcher(t)
+		a = e.startWatcher(parent)
 		m.waitMetric(t, 20*time.Second, "one container, one open stream", func(f map[string]*dto.MetricFamily) bool {
 			return gauge(f, "spiffe_oci_containers") == 1 && gauge(f, "spiffe_oci_svid_streams_open") == 1
 		})
-		b = e.startWatcher(t)
+		b = e.startWatcher(parent)
 		f := m.waitMetric(t, 20*time.Second, "two containers, two open streams", func(f map[string]*dto.MetricFamily) bool {
 			return gauge(f, "spiffe_oci_containers") == 2 && gauge(f, "spiffe_oci_svid_streams_open") == 2
 		})
@@ -188,6 +190,7 @@ func TestRefresherOperatorView(t *testing.T) {
 
 	t.Run("SIGHUP with a bad config is refused with one line", func(t *testing.T) {
 		good := readFile(cfg)
+		defer os.WriteFile(cfg, []byte(good), 0o600)
 		if err := os.WriteFile(cfg, []byte(good+"refresher_typo: 1\n"), 0o600); err != nil {
 			t.Fatal(err)
 		}
@@ -220,7 +223,6 @@ func TestRefresherOperatorView(t *testing.T) {
 		os.WriteFile(cfg, []byte(strings.Replace(good, "state_dir: "+e.stateDir, "state_dir: /run/elsewhere", 1)), 0o600)
 		r.signal(t, syscall.SIGHUP)
 		r.waitLog(t, 10*time.Second, "state_dir cannot change while the refresher runs", 1)
-		os.WriteFile(cfg, []byte(good), 0o600)
 	})
 
 	t.Run("status after the refresher stopped", func(t *testing.T) {
