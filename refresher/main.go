@@ -106,7 +106,12 @@ func run(args []string, stderr io.Writer) int {
 		log.Error("metrics", "error", err)
 		return 1
 	}
-	go srv.Serve(ctx)
+	// The endpoints outlive Run, so that /readyz answers until the end,
+	// and are closed (the socket removed) before the process exits.
+	srvCtx, srvStop := context.WithCancel(context.Background())
+	srvDone := make(chan struct{})
+	go func() { srv.Serve(srvCtx); close(srvDone) }()
+	defer func() { srvStop(); <-srvDone }()
 	log.Info("starting", "version", version, "agent_admin_socket", cfg.AgentAdminSocket, "state_dir", cfg.StateDir, "metrics", addrs(srv))
 
 	// SIGHUP: reread the node configuration. A bad one is refused and the

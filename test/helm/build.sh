@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # build.sh OUTDIR
 #
-# Builds helm (helm.sh/helm/v3 v3.22.0, pinned in this directory's go.mod)
-# into OUTDIR/helm, for `helm lint` and `helm template` in test/packaging.
-# An existing binary newer than go.mod is kept. Builds are -mod=readonly
+# Builds, from the versions pinned in this directory's go.mod:
+#
+#   OUTDIR/helm       helm.sh/helm/v3/cmd/helm (v3.22.0): helm lint, helm template
+#   OUTDIR/kustomize  ./kustomize, the kustomize library helm pins
+#                     (sigs.k8s.io/kustomize/api): builds the kustomize
+#                     directories the chart is compared with
+#
+# for test/packaging. An existing binary newer than go.mod and go.sum is kept. Builds are -mod=readonly
 # (go.sum here is complete), serialized with flock so that concurrent test
 # processes do not race, and installed atomically (temp file, then mv).
 set -euo pipefail
@@ -23,14 +28,20 @@ export CGO_ENABLED=0
 exec 9>"$out/.helm-build.lock"
 flock 9
 
-dst="$out/helm"
-if [ -x "$dst" ] && [ "$dst" -nt "$here/go.mod" ] && [ "$dst" -nt "$here/go.sum" ]; then
-	echo "build.sh: helm is up to date ($dst)" >&2
-	exit 0
-fi
-echo "build.sh: building helm -> $dst" >&2
-tmp="$dst.tmp.$$"
-trap 'rm -f "$tmp"' EXIT
 cd "$here"
-go build -mod=readonly -trimpath -o "$tmp" helm.sh/helm/v3/cmd/helm
-mv -f "$tmp" "$dst"
+build() {
+	local name="$1" pkg="$2"
+	local dst="$out/$name"
+	if [ -x "$dst" ] && [ "$dst" -nt "$here/go.mod" ] && [ "$dst" -nt "$here/go.sum" ]; then
+		echo "build.sh: $name is up to date ($dst)" >&2
+		return 0
+	fi
+	echo "build.sh: building $name -> $dst" >&2
+	local tmp="$dst.tmp.$$"
+	trap 'rm -f "$tmp"' RETURN
+	go build -mod=readonly -trimpath -o "$tmp" "$pkg"
+	mv -f "$tmp" "$dst"
+}
+
+build helm helm.sh/helm/v3/cmd/helm
+build kustomize ./kustomize

@@ -27,29 +27,30 @@ var flavours = []struct{ runtime, kustomize string }{
 }
 
 var (
-	helmOnce sync.Once
-	helmPath string
-	helmErr  error
+	toolsOnce sync.Once
+	toolsDir  string
+	toolsErr  error
 )
 
-// helm returns the pinned helm (test/helm, built on first use).
-func helm(t *testing.T) string {
+// pinnedTool returns the path of helm or kustomize, built on first use
+// from the versions test/helm pins.
+func pinnedTool(t *testing.T, name string) string {
 	t.Helper()
-	helmOnce.Do(func() {
+	toolsOnce.Do(func() {
 		root := pkgRoot(t)
-		out := filepath.Join(root, "bin", "test")
-		cmd := exec.Command(filepath.Join(root, "test", "helm", "build.sh"), out)
+		toolsDir = filepath.Join(root, "bin", "test")
+		cmd := exec.Command(filepath.Join(root, "test", "helm", "build.sh"), toolsDir)
 		if b, err := cmd.CombinedOutput(); err != nil {
-			helmErr = &buildError{err: err, out: string(b)}
-			return
+			toolsErr = &buildError{err: err, out: string(b)}
 		}
-		helmPath = filepath.Join(out, "helm")
 	})
-	if helmErr != nil {
-		t.Fatalf("building helm (test/helm/build.sh): %v", helmErr)
+	if toolsErr != nil {
+		t.Fatalf("building helm and kustomize (test/helm/build.sh): %v", toolsErr)
 	}
-	return helmPath
+	return filepath.Join(toolsDir, name)
 }
+
+func helm(t *testing.T) string { return pinnedTool(t, "helm") }
 
 type buildError struct {
 	err error
@@ -189,12 +190,14 @@ func str(v any) string { s, _ := v.(string); return s }
 // corresponding directory (less Helm's release labels and the config
 // checksum annotation). The kustomize files are thereby checked against
 // the chart, and the chart inherits every check of manifests_test.go.
+// kustomize is the library helm itself pins (test/helm), not whichever
+// kubectl is installed.
 func TestHelmMatchesKustomize(t *testing.T) {
-	needTools(t, "kubectl")
+	kustomize := pinnedTool(t, "kustomize")
 	for _, f := range flavours {
 		t.Run(f.runtime, func(t *testing.T) {
 			rendered := mustTemplate(t, "runtime="+f.runtime, "namespace.create=true")
-			built := run(t, filepath.Join(pkgRoot(t), f.kustomize), "kubectl", "kustomize", ".")
+			built := run(t, pkgRoot(t), kustomize, f.kustomize)
 			h := objects(t, "helm template", rendered)
 			k := objects(t, "kubectl kustomize "+f.kustomize, built)
 			keys := func(m map[string]map[string]any) []string {
