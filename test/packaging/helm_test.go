@@ -302,7 +302,11 @@ func TestHelmValues(t *testing.T) {
 		sets []string
 		want string
 	}{
-		{[]string{"runtime=docker"}, `runtime "docker" must be crio, openshift or containerd-nri`},
+		// values.schema.json: a wrong value or a typo is refused, never
+		// ignored in favour of a default.
+		{[]string{"runtime=docker"}, `at '/runtime': value must be one of 'crio', 'openshift', 'containerd-nri'`},
+		{[]string{"runtme=openshift"}, `additional properties 'runtme' not allowed`},
+		{[]string{"agent.adminsocket=/run/a.sock"}, `additional properties 'adminsocket' not allowed`},
 		{[]string{"agent.adminSocket=admin.sock"}, `agent.adminSocket "admin.sock" must be an absolute path`},
 		{[]string{"nodeConfig=agent_admin_socket: /elsewhere.sock"}, `nodeConfig agent_admin_socket "/elsewhere.sock" differs from agent.adminSocket`},
 		{[]string{"nodeConfig=state_dir: /run/other"}, "nodeConfig state_dir must be /run/spiffe-oci-hook"},
