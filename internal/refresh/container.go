@@ -42,6 +42,7 @@ type container struct {
 
 	mu      sync.Mutex
 	lastErr string // kind of the last logged error, "" when healthy
+	view    view   // for Report (status.go)
 }
 
 func newContainer(ctx context.Context, r *Refresher, rec record.Record, proc *process.Process, a *agentConn) *container {
@@ -89,6 +90,7 @@ func (c *container) run() (exited bool) {
 	defer c.proc.Close()
 	defer c.cancel()
 
+	c.loadView()
 	exit, err := watchExit(ctx, c.proc)
 	if err != nil {
 		c.r.log.Error("watching container process", "container", c.rec.ID, "error", err)
@@ -111,7 +113,7 @@ func (c *container) run() (exited bool) {
 			retry.Stop()
 			return
 		}
-		retry.Reset(backoffDelay(c.r.cfg.Refresher, attempt))
+		retry.Reset(backoffDelay(c.r.settings(), attempt))
 		attempt++
 	}
 	for {
@@ -142,7 +144,7 @@ func (c *container) stream(ctx context.Context, updates chan<- *agent.X509SVIDs)
 			return
 		}
 		c.report(err)
-		if !sleep(ctx, backoffDelay(c.r.cfg.Refresher, attempt), c.agent.Recovered()) {
+		if !sleep(ctx, backoffDelay(c.r.settings(), attempt), c.agent.Recovered()) {
 			return
 		}
 		attempt++
@@ -158,8 +160,20 @@ func (c *container) follow(ctx context.Context, updates chan<- *agent.X509SVIDs,
 	if err != nil {
 		return err
 	}
+	open := false
+	defer func() {
+		if open {
+			c.setStreamOpen(false)
+		}
+	}()
 	for {
 		u, err := s.Recv()
+		if !open && (err == nil || errors.Is(err, agent.ErrNoIdentity)) {
+			// The agent answered: the stream is open.
+			open = true
+			c.setStreamOpen(true)
+			c.r.Metrics.StreamsOpened.Inc()
+		}
 		if errors.Is(err, agent.ErrNoIdentity) {
 			// The stream stays open: an entry may match again later.
 			// The files on disk stay valid until they expire.
@@ -199,8 +213,11 @@ func (c *container) report(err error) {
 			c.r.log.Info("container stream healthy again", "container", c.rec.ID)
 		}
 		c.lastErr = ""
+		c.view.streamErr = ""
 		return
 	}
+	c.r.Metrics.StreamErrors.WithLabelValues(metricKind(err)).Inc()
+	c.view.streamErr = err.Error()
 	kind := errKind(err)
 	if kind == c.lastErr {
 		return
@@ -242,12 +259,14 @@ func (c *container) write(ctx context.Context) (ok bool) {
 		sum := fingerprint(fs)
 		if bytes.Equal(sum, c.written[i]) || (c.written[i] == nil && onDisk(dir, fs)) {
 			c.written[i] = sum
+			c.noteDelivered(i, svid.ID.String(), svid.Certificates[0], false)
 			continue
 		}
 		if err := c.writer.Write(dir, fs, c.rec.Owner); err != nil {
 			if _, statErr := os.Stat(c.r.store.RecordPath(c.rec.ID)); errors.Is(statErr, os.ErrNotExist) {
 				return true // poststop removed the container meanwhile
 			}
+			c.r.Metrics.WriteFailures.Inc()
 			// The kind is the errno, not the message, which names a new
 			// generation directory every time.
 			c.reportWrite(fmt.Errorf("writing %s: %w; keeping the current files and retrying", dir, err), errnoKind(err))
@@ -255,6 +274,8 @@ func (c *container) write(ctx context.Context) (ok bool) {
 			continue
 		}
 		c.written[i] = sum
+		c.r.Metrics.Rotations.Inc()
+		c.noteDelivered(i, svid.ID.String(), svid.Certificates[0], true)
 		if id := svid.ID.String(); id != c.delivered[i] {
 			c.r.log.Warn("container identity changed", "container", c.rec.ID, "cert_dir", d.CertDir, "was", c.delivered[i], "now", id)
 			c.delivered[i] = id
@@ -277,9 +298,11 @@ func (c *container) reportWrite(err error, kind string) {
 		if c.lastWriteErr != "" {
 			c.r.log.Info("container files written again", "container", c.rec.ID)
 			c.lastWriteErr = ""
+			c.setWriteErr("")
 		}
 		return
 	}
+	c.setWriteErr(err.Error())
 	if kind == c.lastWriteErr {
 		return
 	}

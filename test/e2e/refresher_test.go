@@ -30,6 +30,12 @@ type refresher struct {
 // readiness notification (Type=notify), sent after its first scan.
 func (e *env) startRefresher(t *testing.T) *refresher {
 	t.Helper()
+	return e.startRefresherWith(t, e.config)
+}
+
+// startRefresherWith is startRefresher with another node configuration.
+func (e *env) startRefresherWith(t *testing.T, config string) *refresher {
+	t.Helper()
 	notify := filepath.Join(e.dir, fmt.Sprintf("notify-%d.sock", time.Now().UnixNano()))
 	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: notify, Net: "unixgram"})
 	if err != nil {
@@ -42,7 +48,7 @@ func (e *env) startRefresher(t *testing.T) *refresher {
 		t.Fatal(err)
 	}
 	defer logf.Close()
-	cmd := exec.Command(refresherBin, "--config", e.config, "--backoff-min", "200ms", "--backoff-max", "2s", "--rescan-interval", "2s")
+	cmd := exec.Command(refresherBin, "--config", config, "--backoff-min", "200ms", "--backoff-max", "2s", "--rescan-interval", "2s")
 	cmd.Env = append(os.Environ(), "NOTIFY_SOCKET="+notify)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if err := cmd.Start(); err != nil {
