@@ -55,6 +55,12 @@ type Delivery struct {
 	SVIDFileName   string `yaml:"svid_file_name" json:"svid_file_name"`
 	KeyFileName    string `yaml:"svid_key_file_name" json:"svid_key_file_name"`
 	BundleFileName string `yaml:"svid_bundle_file_name" json:"svid_bundle_file_name"`
+	// CredentialBundleFileName, when set, also writes one file holding the
+	// PKCS#8 key followed by the certificate chain, leaf first: the format
+	// of Kubernetes Pod Certificates (credentialBundlePath) and of the
+	// draft SPIFFE Filesystem Delivery standard. One read() of it always
+	// gives a key and a certificate that belong together.
+	CredentialBundleFileName string `yaml:"credential_bundle_file_name,omitempty" json:"credential_bundle_file_name,omitempty"`
 	// SPIFFEID, when set, picks one of the SVIDs the agent returned for the
 	// container; it can never obtain one the agent did not return.
 	SPIFFEID string `yaml:"spiffe_id,omitempty" json:"spiffe_id,omitempty"`
@@ -169,6 +175,9 @@ func (d *Delivery) normalize() error {
 	if d.SVIDFileName == d.KeyFileName || d.SVIDFileName == d.BundleFileName || d.KeyFileName == d.BundleFileName {
 		return fmt.Errorf("file names %q, %q and %q must differ", d.SVIDFileName, d.KeyFileName, d.BundleFileName)
 	}
+	if err := d.checkCredentialBundle(); err != nil {
+		return err
+	}
 	if d.SPIFFEID != "" {
 		if _, err := spiffeid.FromString(d.SPIFFEID); err != nil {
 			return fmt.Errorf("spiffe_id %q is not a SPIFFE ID: %w", d.SPIFFEID, err)
@@ -179,6 +188,24 @@ func (d *Delivery) normalize() error {
 	}
 	if d.AgentAddress != "" && !path.IsAbs(d.AgentAddress) {
 		return fmt.Errorf("spire_agent_address %q must be an absolute socket path", d.AgentAddress)
+	}
+	return nil
+}
+
+// checkCredentialBundle checks the optional one-file credential name: a
+// plain name that no other file of the delivery uses.
+func (d *Delivery) checkCredentialBundle() error {
+	name := d.CredentialBundleFileName
+	if name == "" {
+		return nil
+	}
+	if err := checkFileName(name); err != nil {
+		return fmt.Errorf("credential_bundle_file_name: %w", err)
+	}
+	for _, other := range []string{d.SVIDFileName, d.KeyFileName, d.BundleFileName} {
+		if name == other {
+			return fmt.Errorf("credential_bundle_file_name %q must differ from the other file names (%q, %q, %q)", name, d.SVIDFileName, d.KeyFileName, d.BundleFileName)
+		}
 	}
 	return nil
 }

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"path"
 	"reflect"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -138,6 +139,7 @@ func TestParseFull(t *testing.T) {
   svid_key_file_name: key.pem
   svid_bundle_file_name: ca.pem
   spiffe_id: spiffe://example.org/web
+  credential_bundle_file_name: credential-bundle.pem
 - cert_dir: /b/c
   spire_agent_address: /run/spire/other.sock
 `
@@ -146,7 +148,7 @@ func TestParseFull(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := []Delivery{
-		{CertDir: "/a", SVIDFileName: "cert.pem", KeyFileName: "key.pem", BundleFileName: "ca.pem", SPIFFEID: "spiffe://example.org/web"},
+		{CertDir: "/a", SVIDFileName: "cert.pem", KeyFileName: "key.pem", BundleFileName: "ca.pem", SPIFFEID: "spiffe://example.org/web", CredentialBundleFileName: "credential-bundle.pem"},
 		{CertDir: "/b/c", SVIDFileName: DefaultSVIDFileName, KeyFileName: DefaultKeyFileName, BundleFileName: DefaultBundleFileName, AgentAddress: "/run/spire/other.sock"},
 	}
 	if !reflect.DeepEqual(ds, want) {
@@ -274,6 +276,18 @@ func parseErrorCases() []errCase {
 		{"second YAML document", "- cert_dir: /a\n---\n- cert_dir: ../x\n", []string{"more than one YAML document"}},
 		{"broken second document", "- cert_dir: /a\n--- [\n", []string{"more than one YAML document"}},
 		{"null item", "- cert_dir: /a\n- ~\n- cert_dir: /b\n", []string{"delivery 1 is empty"}},
+		// credential_bundle_file_name: a plain name like the others.
+		{"credential bundle traversal", "- cert_dir: /a\n  credential_bundle_file_name: ../../etc/shadow\n", []string{"credential_bundle_file_name", "must not contain '/'"}},
+		{"credential bundle absolute", "- cert_dir: /a\n  credential_bundle_file_name: /etc/shadow\n", []string{"credential_bundle_file_name", "'/'"}},
+		{"credential bundle ..data", "- cert_dir: /a\n  credential_bundle_file_name: ..data\n", []string{"credential_bundle_file_name", "reserved"}},
+		{"credential bundle dot", "- cert_dir: /a\n  credential_bundle_file_name: .\n", []string{"credential_bundle_file_name", "reserved"}},
+		{"credential bundle same as key", "- cert_dir: /a\n  credential_bundle_file_name: svid_key.pem\n", []string{"credential_bundle_file_name \"svid_key.pem\" must differ"}},
+		{"credential bundle same as renamed cert", "- cert_dir: /a\n  svid_file_name: c.pem\n  credential_bundle_file_name: c.pem\n", []string{"credential_bundle_file_name \"c.pem\" must differ"}},
+		{"credential bundle too long", "- cert_dir: /a\n  credential_bundle_file_name: " + strings.Repeat("n", 256) + "\n", []string{"credential_bundle_file_name", "longer than 255"}},
+		{"credential bundle control char", "- cert_dir: /a\n  credential_bundle_file_name: \"a\\u202eb\"\n", []string{"credential_bundle_file_name", "control, format"}},
+		{"credential bundle binary", "- cert_dir: /a\n  credential_bundle_file_name: !!binary Y2VydP8ucGVt\n", []string{"credential_bundle_file_name", "non-UTF-8"}},
+		{"credential bundle list", "- cert_dir: /a\n  credential_bundle_file_name: [a, b]\n", []string{"not a YAML list of deliveries"}},
+		{"credential bundle mapping", "- cert_dir: /a\n  credential_bundle_file_name: {a: b}\n", []string{"not a YAML list of deliveries"}},
 	}
 }
 
@@ -366,6 +380,11 @@ func checkInvariants(t *testing.T, ds []Delivery) {
 		}
 		if names[0] == names[1] || names[0] == names[2] || names[1] == names[2] {
 			t.Fatalf("delivery %d: file names %q are not pairwise different", i, names)
+		}
+		if n := d.CredentialBundleFileName; n != "" {
+			if n == "." || strings.Contains(n, "/") || strings.HasPrefix(n, "..") || slices.Contains(names, n) {
+				t.Fatalf("delivery %d: bad credential bundle name %q (others %q)", i, n, names)
+			}
 		}
 		if d.AgentAddress != "" && !path.IsAbs(d.AgentAddress) {
 			t.Fatalf("delivery %d: relative agent address %q", i, d.AgentAddress)

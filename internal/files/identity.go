@@ -2,15 +2,19 @@ package files
 
 import (
 	"fmt"
+	"os"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 )
 
-// Names are the three file names of a delivery.
+// Names are the file names of a delivery. An empty name is not written.
 type Names struct {
 	SVID, Key, Bundle string
+	// CredentialBundle is the one-file layout: key, then chain (see
+	// CredentialBundle).
+	CredentialBundle string
 }
 
 // Modes of the identity files: only the owner reads the key.
@@ -48,9 +52,27 @@ func Identity(n Names, svid *x509svid.SVID, bundles *x509bundle.Set, federatesWi
 		}
 		trust = append(trust, pem...)
 	}
-	return []File{
-		{Name: n.SVID, Data: certs, Mode: CertMode},
-		{Name: n.Key, Data: key, Mode: KeyMode},
-		{Name: n.Bundle, Data: trust, Mode: CertMode},
-	}, nil
+	var out []File
+	add := func(name string, data []byte, mode os.FileMode) {
+		if name != "" {
+			out = append(out, File{Name: name, Data: data, Mode: mode})
+		}
+	}
+	add(n.SVID, certs, CertMode)
+	add(n.Key, key, KeyMode)
+	add(n.Bundle, trust, CertMode)
+	add(n.CredentialBundle, CredentialBundle(key, certs), KeyMode)
+	return out, nil
+}
+
+// CredentialBundle is the one-file credential of Kubernetes Pod
+// Certificates (KEP-4317 credentialBundlePath) and the draft SPIFFE
+// Filesystem Delivery standard: the PKCS#8 "PRIVATE KEY" block, then the
+// "CERTIFICATE" blocks of the chain, leaf first, with no other block
+// types, no data between blocks and no PEM headers. key and certs are
+// go-spiffe's encoding of a parsed SVID, which is exactly that. It holds
+// the key, so it is written with KeyMode.
+func CredentialBundle(key, certs []byte) []byte {
+	out := make([]byte, 0, len(key)+len(certs))
+	return append(append(out, key...), certs...)
 }

@@ -6,11 +6,13 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
 	"math/big"
 	"net/url"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -198,5 +200,80 @@ func TestIdentityMissingBundle(t *testing.T) {
 	}
 	if _, err := Identity(testNames, svid, x509bundle.NewSet(), nil); err == nil {
 		t.Fatal("empty bundle set: no error")
+	}
+}
+
+// strictBlocks decodes data as PEM and fails unless it is nothing but
+// header-less blocks back to back: re-encoding the blocks must give back
+// exactly data.
+func strictBlocks(t *testing.T, data []byte) []*pem.Block {
+	t.Helper()
+	var blocks []*pem.Block
+	var again []byte
+	for rest := data; len(rest) > 0; {
+		var blk *pem.Block
+		blk, rest = pem.Decode(rest)
+		if blk == nil {
+			t.Fatalf("data after the last PEM block: %q", rest)
+		}
+		if len(blk.Headers) != 0 {
+			t.Fatalf("%s block has PEM headers %v", blk.Type, blk.Headers)
+		}
+		blocks = append(blocks, blk)
+		again = append(again, pem.EncodeToMemory(blk)...)
+	}
+	if !bytes.Equal(again, data) {
+		t.Fatalf("data between or around PEM blocks:\n%s", data)
+	}
+	return blocks
+}
+
+func TestIdentityCredentialBundle(t *testing.T) {
+	ca := newCA(t, "example.org")
+	svid := ca.svid(t, "spiffe://example.org/web")
+	// An intermediate, so that the chain order is checked too.
+	inter := newCA(t, "example.org")
+	svid.Certificates = append(svid.Certificates, inter.cert)
+	names := testNames
+	names.CredentialBundle = "credential-bundle.pem"
+	fs, err := Identity(names, svid, x509bundle.NewSet(ca.bundle()), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := filesByName(t, fs)
+	cb, ok := m["credential-bundle.pem"]
+	if !ok || len(fs) != 4 {
+		t.Fatalf("Identity returned %d files, want the three and the credential bundle", len(fs))
+	}
+	if cb.Mode != KeyMode {
+		t.Fatalf("credential bundle mode %v, want %v: it holds the key", cb.Mode, os.FileMode(KeyMode))
+	}
+	blocks := strictBlocks(t, cb.Data)
+	if len(blocks) != 3 || blocks[0].Type != "PRIVATE KEY" || blocks[1].Type != "CERTIFICATE" || blocks[2].Type != "CERTIFICATE" {
+		t.Fatalf("blocks %d, want PRIVATE KEY, CERTIFICATE (leaf), CERTIFICATE (intermediate)", len(blocks))
+	}
+	if _, err := x509.ParsePKCS8PrivateKey(blocks[0].Bytes); err != nil {
+		t.Fatalf("first block is not PKCS#8: %v", err)
+	}
+	if !bytes.Equal(blocks[1].Bytes, svid.Certificates[0].Raw) || !bytes.Equal(blocks[2].Bytes, inter.cert.Raw) {
+		t.Fatal("chain is not leaf first, then the intermediate")
+	}
+	// One read gives a matching pair, by go-spiffe's and by crypto/tls's
+	// reading (what an application would use).
+	if _, err := x509svid.Parse(cb.Data, cb.Data); err != nil {
+		t.Fatalf("x509svid.Parse(bundle, bundle): %v", err)
+	}
+	if _, err := tls.X509KeyPair(cb.Data, cb.Data); err != nil {
+		t.Fatalf("tls.X509KeyPair(bundle, bundle): %v", err)
+	}
+	// The same key and chain as the two-file layout.
+	if !bytes.Equal(cb.Data, append(append([]byte{}, m["key.pem"].Data...), m["cert.pem"].Data...)) {
+		t.Fatal("credential bundle differs from key.pem followed by cert.pem")
+	}
+
+	// Alone: the credential bundle without the three classic files.
+	fs, err = Identity(Names{CredentialBundle: "c.pem"}, svid, x509bundle.NewSet(ca.bundle()), nil)
+	if err != nil || len(fs) != 1 || fs[0].Name != "c.pem" {
+		t.Fatalf("credential bundle alone: %d files, %v", len(fs), err)
 	}
 }

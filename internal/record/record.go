@@ -54,7 +54,10 @@ type Delivery struct {
 
 // Names returns the delivery's file names.
 func (d Delivery) Names() files.Names {
-	return files.Names{SVID: d.SVIDFileName, Key: d.KeyFileName, Bundle: d.BundleFileName}
+	return files.Names{
+		SVID: d.SVIDFileName, Key: d.KeyFileName, Bundle: d.BundleFileName,
+		CredentialBundle: d.CredentialBundleFileName,
+	}
 }
 
 // Store is a state directory.

@@ -182,6 +182,12 @@ func TestHostileAnnotations(t *testing.T) {
 		{"svid_key_file_name dot", "- cert_dir: /certs\n  svid_key_file_name: .\n", []string{"svid_key_file_name", "is reserved"}},
 		{"svid_file_name binary", "- cert_dir: /certs\n  svid_file_name: !!binary " + base64.StdEncoding.EncodeToString([]byte("a\x00b")) + "\n", []string{"svid_file_name", "holds control"}},
 		{"file names collide", "- cert_dir: /certs\n  svid_file_name: x\n  svid_bundle_file_name: x\n", []string{"must differ"}},
+		{"credential_bundle_file_name traversal", "- cert_dir: /certs\n  credential_bundle_file_name: ../../" + hostDir + "/creds\n", []string{"credential_bundle_file_name", "must not contain '/'"}},
+		{"credential_bundle_file_name absolute", "- cert_dir: /certs\n  credential_bundle_file_name: /etc/shadow\n", []string{"credential_bundle_file_name", "must not contain '/'"}},
+		{"credential_bundle_file_name ..data", "- cert_dir: /certs\n  credential_bundle_file_name: ..data\n", []string{"credential_bundle_file_name", "is reserved"}},
+		{"credential_bundle_file_name over the key", "- cert_dir: /certs\n  credential_bundle_file_name: svid_key.pem\n", []string{"credential_bundle_file_name", "must differ"}},
+		{"credential_bundle_file_name binary", "- cert_dir: /certs\n  credential_bundle_file_name: !!binary " + base64.StdEncoding.EncodeToString([]byte("c\x00\xff")) + "\n", []string{"credential_bundle_file_name", "holds control"}},
+		{"credential_bundle_file_name list", "- cert_dir: /certs\n  credential_bundle_file_name: [a, b]\n", []string{"not a YAML list of deliveries"}},
 		// spiffe_id: never a path, and never an identity the agent did not return.
 		{"spiffe_id traversal", "- cert_dir: /certs\n  spiffe_id: spiffe://example.org/../../etc/passwd\n", []string{"spiffe_id", "is not a SPIFFE ID"}},
 		{"spiffe_id relative path", "- cert_dir: /certs\n  spiffe_id: ../../etc/passwd\n", []string{"spiffe_id", "is not a SPIFFE ID"}},
