@@ -39,6 +39,11 @@ const (
 	DefaultBundleFileName = "svid_bundle.pem"
 )
 
+// TrustBundleSuffix names the per-trust-domain bundle files every delivery
+// gets: <trust-domain>.trust-bundle.pem, its own trust domain and each one
+// it federates with. File names from an annotation may not end with it.
+const TrustBundleSuffix = ".trust-bundle.pem"
+
 // Limits that keep a hostile annotation from costing the hook much.
 const (
 	MaxValueSize  = 64 << 10
@@ -61,6 +66,11 @@ type Delivery struct {
 	// draft SPIFFE Filesystem Delivery standard. One read() of it always
 	// gives a key and a certificate that belong together.
 	CredentialBundleFileName string `yaml:"credential_bundle_file_name,omitempty" json:"credential_bundle_file_name,omitempty"`
+	// IncludeFederatedDomains puts the federated trust domains' bundles in
+	// the svid_bundle_file_name file too (spiffe-helper's name and
+	// meaning), for applications that take one CA file. By default that
+	// file holds the SVID's own trust domain only.
+	IncludeFederatedDomains bool `yaml:"include_federated_domains,omitempty" json:"include_federated_domains,omitempty"`
 	// SPIFFEID, when set, picks one of the SVIDs the agent returned for the
 	// container; it can never obtain one the agent did not return.
 	SPIFFEID string `yaml:"spiffe_id,omitempty" json:"spiffe_id,omitempty"`
@@ -242,6 +252,10 @@ func checkFileName(name string) error {
 		// Names starting with ".." are the writer's own (..data and the
 		// generation directories).
 		return fmt.Errorf("file name %q is reserved", name)
+	case strings.HasSuffix(name, TrustBundleSuffix):
+		// The per-trust-domain bundles' names; a chosen name must not
+		// stand in for one.
+		return fmt.Errorf("file name %q is reserved: names ending in %q are the per-trust-domain bundles", name, TrustBundleSuffix)
 	}
 	return nil
 }

@@ -142,6 +142,7 @@ func TestParseFull(t *testing.T) {
   credential_bundle_file_name: credential-bundle.pem
 - cert_dir: /b/c
   spire_agent_address: /run/spire/other.sock
+  include_federated_domains: true
 `
 	ds, err := Parse(Key, value)
 	if err != nil {
@@ -149,7 +150,7 @@ func TestParseFull(t *testing.T) {
 	}
 	want := []Delivery{
 		{CertDir: "/a", SVIDFileName: "cert.pem", KeyFileName: "key.pem", BundleFileName: "ca.pem", SPIFFEID: "spiffe://example.org/web", CredentialBundleFileName: "credential-bundle.pem"},
-		{CertDir: "/b/c", SVIDFileName: DefaultSVIDFileName, KeyFileName: DefaultKeyFileName, BundleFileName: DefaultBundleFileName, AgentAddress: "/run/spire/other.sock"},
+		{CertDir: "/b/c", SVIDFileName: DefaultSVIDFileName, KeyFileName: DefaultKeyFileName, BundleFileName: DefaultBundleFileName, AgentAddress: "/run/spire/other.sock", IncludeFederatedDomains: true},
 	}
 	if !reflect.DeepEqual(ds, want) {
 		t.Fatalf("Parse() = %+v, want %+v", ds, want)
@@ -287,6 +288,17 @@ func parseErrorCases() []errCase {
 		{"credential bundle control char", "- cert_dir: /a\n  credential_bundle_file_name: \"a\\u202eb\"\n", []string{"credential_bundle_file_name", "control, format"}},
 		{"credential bundle binary", "- cert_dir: /a\n  credential_bundle_file_name: !!binary Y2VydP8ucGVt\n", []string{"credential_bundle_file_name", "non-UTF-8"}},
 		{"credential bundle list", "- cert_dir: /a\n  credential_bundle_file_name: [a, b]\n", []string{"not a YAML list of deliveries"}},
+		// include_federated_domains: a YAML boolean and nothing else.
+		{"include_federated_domains int", "- cert_dir: /a\n  include_federated_domains: 1\n", []string{"not a YAML list of deliveries", "into bool"}},
+		{"include_federated_domains string", "- cert_dir: /a\n  include_federated_domains: \"true\"\n", []string{"into bool"}},
+		{"include_federated_domains list", "- cert_dir: /a\n  include_federated_domains: [true]\n", []string{"into bool"}},
+		{"include_federated_domains mapping", "- cert_dir: /a\n  include_federated_domains: {a: true}\n", []string{"into bool"}},
+		{"include_federated_domains path", "- cert_dir: /a\n  include_federated_domains: /etc/ssl/certs\n", []string{"into bool"}},
+		{"include_federated_domains misspelt", "- cert_dir: /a\n  include_federated_domain: true\n", []string{"include_federated_domain not found"}},
+		// The per-trust-domain files' names are not for the taking.
+		{"bundle named like a trust domain's", "- cert_dir: /a\n  svid_bundle_file_name: evil.test.trust-bundle.pem\n", []string{"svid_bundle_file_name", "reserved", ".trust-bundle.pem"}},
+		{"cert named like a trust domain's", "- cert_dir: /a\n  svid_file_name: example.org.trust-bundle.pem\n", []string{"svid_file_name", "reserved"}},
+		{"credential bundle named like a trust domain's", "- cert_dir: /a\n  credential_bundle_file_name: .trust-bundle.pem\n", []string{"credential_bundle_file_name", "reserved"}},
 		{"credential bundle mapping", "- cert_dir: /a\n  credential_bundle_file_name: {a: b}\n", []string{"not a YAML list of deliveries"}},
 	}
 }
@@ -373,6 +385,11 @@ func checkInvariants(t *testing.T, ds []Delivery) {
 		}
 		dirs[d.CertDir] = true
 		names := []string{d.SVIDFileName, d.KeyFileName, d.BundleFileName}
+		for _, n := range append(names, d.CredentialBundleFileName) {
+			if strings.HasSuffix(n, TrustBundleSuffix) {
+				t.Fatalf("delivery %d: file name %q stands in for a trust domain's bundle", i, n)
+			}
+		}
 		for _, n := range names {
 			if n == "" || n == "." || strings.Contains(n, "/") || strings.HasPrefix(n, "..") {
 				t.Fatalf("delivery %d: bad file name %q", i, n)

@@ -1,8 +1,11 @@
 package files
 
 import (
+	"bytes"
 	"fmt"
 	"os"
+	"slices"
+	"strings"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -15,6 +18,16 @@ type Names struct {
 	// CredentialBundle is the one-file layout: key, then chain (see
 	// CredentialBundle).
 	CredentialBundle string
+	// TrustBundleSuffix, when set, writes one file per trust domain the
+	// SVID's holder may talk to, its own included, named
+	// <trust-domain><TrustBundleSuffix>: each peer is checked against its
+	// own trust domain's bundle only.
+	TrustBundleSuffix string
+	// IncludeFederated puts the federated trust domains' bundles into
+	// Bundle after the own one (spiffe-helper's include_federated_domains),
+	// for applications that take one CA file. Without it Bundle holds the
+	// SVID's own trust domain only: SPIFFE says never to mix bundles.
+	IncludeFederated bool
 }
 
 // Modes of the identity files: only the owner reads the key.
@@ -25,33 +38,46 @@ const (
 
 // Identity renders an SVID and the bundles its holder should trust (its own
 // trust domain's and those it federates with) as the files of a delivery:
-// the leaf and intermediates as PEM, the PKCS#8 key as PEM, and the trust
-// bundle as PEM. Both inputs come from go-spiffe's parsers, so what is
-// written was checked.
+// the leaf and intermediates as PEM, the PKCS#8 key as PEM, the trust
+// bundles as PEM, and the credential bundle. Both inputs come from
+// go-spiffe's parsers, so what is written was checked. A federated trust
+// domain the agent has no bundle for is left out, so a relationship that
+// ended (its bundle deleted, or the entry no longer federating with it)
+// drops its files at the next write.
 func Identity(n Names, svid *x509svid.SVID, bundles *x509bundle.Set, federatesWith []spiffeid.TrustDomain) ([]File, error) {
 	certs, key, err := svid.Marshal()
 	if err != nil {
 		return nil, fmt.Errorf("files: encoding SVID %s: %w", svid.ID, err)
 	}
-	own, ok := bundles.Get(svid.ID.TrustDomain())
+	ownTD := svid.ID.TrustDomain()
+	own, ok := bundles.Get(ownTD)
 	if !ok {
-		return nil, fmt.Errorf("files: the agent sent no bundle for trust domain %s of SVID %s", svid.ID.TrustDomain(), svid.ID)
+		return nil, fmt.Errorf("files: the agent sent no bundle for trust domain %s of SVID %s", ownTD, svid.ID)
 	}
-	trust, err := own.Marshal()
+	ownPEM, err := own.Marshal()
 	if err != nil {
-		return nil, fmt.Errorf("files: encoding bundle of %s: %w", own.TrustDomain(), err)
+		return nil, fmt.Errorf("files: encoding bundle of %s: %w", ownTD, err)
 	}
+	// The federated domains, each once, in name order: the agent's order
+	// may change between updates, and the files should not.
+	var feds []*x509bundle.Bundle
+	seen := map[spiffeid.TrustDomain]bool{ownTD: true}
 	for _, td := range federatesWith {
-		b, ok := bundles.Get(td)
-		if !ok || td == own.TrustDomain() {
-			continue
+		if b, ok := bundles.Get(td); ok && !seen[td] {
+			seen[td] = true
+			feds = append(feds, b)
 		}
-		pem, err := b.Marshal()
-		if err != nil {
-			return nil, fmt.Errorf("files: encoding bundle of %s: %w", td, err)
-		}
-		trust = append(trust, pem...)
 	}
+	slices.SortFunc(feds, func(a, b *x509bundle.Bundle) int {
+		return strings.Compare(a.TrustDomain().Name(), b.TrustDomain().Name())
+	})
+	fedPEM := make([][]byte, len(feds))
+	for i, b := range feds {
+		if fedPEM[i], err = b.Marshal(); err != nil {
+			return nil, fmt.Errorf("files: encoding bundle of %s: %w", b.TrustDomain(), err)
+		}
+	}
+
 	var out []File
 	add := func(name string, data []byte, mode os.FileMode) {
 		if name != "" {
@@ -60,9 +86,30 @@ func Identity(n Names, svid *x509svid.SVID, bundles *x509bundle.Set, federatesWi
 	}
 	add(n.SVID, certs, CertMode)
 	add(n.Key, key, KeyMode)
+	trust := ownPEM
+	if n.IncludeFederated {
+		trust = bytes.Join(append([][]byte{ownPEM}, fedPEM...), nil)
+	}
 	add(n.Bundle, trust, CertMode)
 	add(n.CredentialBundle, CredentialBundle(key, certs), KeyMode)
+	if n.TrustBundleSuffix != "" {
+		add(TrustBundleFileName(ownTD, n.TrustBundleSuffix), ownPEM, CertMode)
+		for i, b := range feds {
+			add(TrustBundleFileName(b.TrustDomain(), n.TrustBundleSuffix), fedPEM[i], CertMode)
+		}
+	}
 	return out, nil
+}
+
+// TrustBundleFileName names trust domain td's own bundle file. Trust domain
+// names hold only [a-z0-9._-] (go-spiffe checks), so the name is a plain
+// file name; one starting with "." would enter the writer's reserved
+// "..*" names and is not written.
+func TrustBundleFileName(td spiffeid.TrustDomain, suffix string) string {
+	if strings.HasPrefix(td.Name(), ".") {
+		return ""
+	}
+	return td.Name() + suffix
 }
 
 // CredentialBundle is the one-file credential of Kubernetes Pod

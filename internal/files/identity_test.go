@@ -13,6 +13,7 @@ import (
 	"math/big"
 	"net/url"
 	"os"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -148,39 +149,96 @@ func TestIdentity(t *testing.T) {
 	}
 }
 
-func TestIdentityFederation(t *testing.T) {
-	ca := newCA(t, "example.org")
-	fed := newCA(t, "partner.test")
-	other := newCA(t, "unrelated.test")
-	svid := ca.svid(t, "spiffe://example.org/web")
-	set := x509bundle.NewSet(ca.bundle(), fed.bundle(), other.bundle())
-
-	// Federated bundles are appended; an unknown federated domain and the
-	// own domain named again are skipped; unrelated ones are not included.
-	fs, err := Identity(testNames, svid, set, []spiffeid.TrustDomain{
-		fed.td,
-		spiffeid.RequireTrustDomainFromString("missing.test"),
-		ca.td,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	data := filesByName(t, fs)["ca.pem"].Data
+// pemCerts parses every block of data as a certificate.
+func pemCerts(t *testing.T, data []byte) []*x509.Certificate {
+	t.Helper()
 	var certs []*x509.Certificate
-	for rest := data; ; {
-		var blk *pem.Block
-		blk, rest = pem.Decode(rest)
-		if blk == nil {
-			break
-		}
+	for _, blk := range strictBlocks(t, data) {
 		c, err := x509.ParseCertificate(blk.Bytes)
-		if err != nil {
-			t.Fatal(err)
+		if err != nil || blk.Type != "CERTIFICATE" {
+			t.Fatalf("%s block: %v", blk.Type, err)
 		}
 		certs = append(certs, c)
 	}
-	if len(certs) != 2 || !certs[0].Equal(ca.cert) || !certs[1].Equal(fed.cert) {
-		t.Fatalf("bundle holds %d certificates, want own CA then federated CA", len(certs))
+	return certs
+}
+
+func TestIdentityFederation(t *testing.T) {
+	ca := newCA(t, "example.org")
+	fed := newCA(t, "partner.test")
+	fed2 := newCA(t, "another.test")
+	other := newCA(t, "unrelated.test")
+	svid := ca.svid(t, "spiffe://example.org/web")
+	set := x509bundle.NewSet(ca.bundle(), fed.bundle(), fed2.bundle(), other.bundle())
+	// An unknown federated domain and the own domain named again are
+	// skipped; unrelated ones are never included.
+	federates := []spiffeid.TrustDomain{
+		fed.td,
+		spiffeid.RequireTrustDomainFromString("missing.test"),
+		ca.td,
+		fed2.td,
+		fed.td,
+	}
+	names := testNames
+	names.TrustBundleSuffix = ".trust-bundle.pem"
+
+	// Default: the bundle file holds the own trust domain only; one file
+	// per trust domain, each holding that domain's CA alone.
+	fs, err := Identity(names, svid, set, federates)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := filesByName(t, fs)
+	if c := pemCerts(t, m["ca.pem"].Data); len(c) != 1 || !c[0].Equal(ca.cert) {
+		t.Fatalf("ca.pem holds %d certificates, want the own CA only", len(c))
+	}
+	want := map[string]*x509.Certificate{
+		"example.org.trust-bundle.pem":  ca.cert,
+		"partner.test.trust-bundle.pem": fed.cert,
+		"another.test.trust-bundle.pem": fed2.cert,
+	}
+	if len(fs) != 3+len(want) {
+		t.Fatalf("Identity returned %d files, want the three and %d trust bundles", len(fs), len(want))
+	}
+	for name, cert := range want {
+		f, ok := m[name]
+		if !ok {
+			t.Fatalf("no %s", name)
+		}
+		if c := pemCerts(t, f.Data); len(c) != 1 || !c[0].Equal(cert) || f.Mode != CertMode {
+			t.Fatalf("%s holds %d certificates (mode %v), want its own CA alone", name, len(c), f.Mode)
+		}
+	}
+	// The agent's order does not change the files.
+	slices.Reverse(federates)
+	again, err := Identity(names, svid, set, federates)
+	if err != nil || !slices.EqualFunc(fs[1:], again[1:], func(a, b File) bool { return a.Name == b.Name && bytes.Equal(a.Data, b.Data) }) {
+		t.Fatalf("federatesWith order changed the files (%v)", err)
+	}
+
+	// include_federated_domains: own CA first, then the federated ones in
+	// name order.
+	names.IncludeFederated = true
+	fs, err = Identity(names, svid, set, federates)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := pemCerts(t, filesByName(t, fs)["ca.pem"].Data)
+	if len(c) != 3 || !c[0].Equal(ca.cert) || !c[1].Equal(fed2.cert) || !c[2].Equal(fed.cert) {
+		t.Fatalf("merged bundle holds %d certificates, want own, another.test, partner.test", len(c))
+	}
+
+	// A federation that ended: its bundle is gone from the agent's set.
+	fs, err = Identity(names, svid, x509bundle.NewSet(ca.bundle(), fed2.bundle()), federates)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := filesByName(t, fs)["partner.test.trust-bundle.pem"]; ok || len(fs) != 5 {
+		t.Fatalf("after partner.test's bundle went away: %d files, partner.test's still there: %v", len(fs), ok)
+	}
+	// No suffix, no per-trust-domain files.
+	if fs, _ := Identity(testNames, svid, set, federates); len(fs) != 3 {
+		t.Fatalf("without a suffix: %d files", len(fs))
 	}
 }
 

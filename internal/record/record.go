@@ -56,7 +56,9 @@ type Delivery struct {
 func (d Delivery) Names() files.Names {
 	return files.Names{
 		SVID: d.SVIDFileName, Key: d.KeyFileName, Bundle: d.BundleFileName,
-		CredentialBundle: d.CredentialBundleFileName,
+		CredentialBundle:  d.CredentialBundleFileName,
+		TrustBundleSuffix: annotations.TrustBundleSuffix,
+		IncludeFederated:  d.IncludeFederatedDomains,
 	}
 }
 

@@ -318,6 +318,11 @@ func onDisk(dir string, fs []files.File) bool {
 	for i, f := range fs {
 		names[i] = f.Name
 	}
+	// A file the delivery no longer has (a federation that ended while
+	// the refresher was down) must go, so the set must match too.
+	if have, err := files.List(dir); err != nil || len(have) != len(names) {
+		return false
+	}
 	cur, err := files.Read(dir, names...)
 	if err != nil {
 		return false

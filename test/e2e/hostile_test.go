@@ -187,6 +187,10 @@ func TestHostileAnnotations(t *testing.T) {
 		{"credential_bundle_file_name ..data", "- cert_dir: /certs\n  credential_bundle_file_name: ..data\n", []string{"credential_bundle_file_name", "is reserved"}},
 		{"credential_bundle_file_name over the key", "- cert_dir: /certs\n  credential_bundle_file_name: svid_key.pem\n", []string{"credential_bundle_file_name", "must differ"}},
 		{"credential_bundle_file_name binary", "- cert_dir: /certs\n  credential_bundle_file_name: !!binary " + base64.StdEncoding.EncodeToString([]byte("c\x00\xff")) + "\n", []string{"credential_bundle_file_name", "holds control"}},
+		{"include_federated_domains not a bool", "- cert_dir: /certs\n  include_federated_domains: " + hostDir + "\n", []string{"into bool"}},
+		{"include_federated_domains list", "- cert_dir: /certs\n  include_federated_domains: [true, true]\n", []string{"into bool"}},
+		{"include_federated_domains quoted", "- cert_dir: /certs\n  include_federated_domains: \"true\"\n", []string{"into bool"}},
+		{"file name posing as a trust bundle", "- cert_dir: /certs\n  svid_bundle_file_name: evil.test.trust-bundle.pem\n", []string{"svid_bundle_file_name", "is reserved"}},
 		{"credential_bundle_file_name list", "- cert_dir: /certs\n  credential_bundle_file_name: [a, b]\n", []string{"not a YAML list of deliveries"}},
 		// spiffe_id: never a path, and never an identity the agent did not return.
 		{"spiffe_id traversal", "- cert_dir: /certs\n  spiffe_id: spiffe://example.org/../../etc/passwd\n", []string{"spiffe_id", "is not a SPIFFE ID"}},
