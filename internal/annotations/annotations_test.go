@@ -169,6 +169,20 @@ func TestParseFull(t *testing.T) {
 	}
 }
 
+func TestParseLayout(t *testing.T) {
+	ds, err := Parse(Key, "- cert_dir: /run/secrets/spiffe\n  layout: spiffe-fs\n  spiffe_id: spiffe://example.org/web\n- cert_dir: /certs\n")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []Delivery{
+		{CertDir: "/run/secrets/spiffe", Layout: LayoutSPIFFEFS, SPIFFEID: "spiffe://example.org/web"},
+		{CertDir: "/certs", SVIDFileName: DefaultSVIDFileName, KeyFileName: DefaultKeyFileName, BundleFileName: DefaultBundleFileName},
+	}
+	if !reflect.DeepEqual(ds, want) {
+		t.Fatalf("Parse() = %+v, want %+v", ds, want)
+	}
+}
+
 func deliveries(n int) string {
 	var b strings.Builder
 	for i := range n {
@@ -299,6 +313,20 @@ func parseErrorCases() []errCase {
 		{"bundle named like a trust domain's", "- cert_dir: /a\n  svid_bundle_file_name: evil.test.trust-bundle.pem\n", []string{"svid_bundle_file_name", "reserved", ".trust-bundle.pem"}},
 		{"cert named like a trust domain's", "- cert_dir: /a\n  svid_file_name: example.org.trust-bundle.pem\n", []string{"svid_file_name", "reserved"}},
 		{"credential bundle named like a trust domain's", "- cert_dir: /a\n  credential_bundle_file_name: .trust-bundle.pem\n", []string{"credential_bundle_file_name", "reserved"}},
+		// layout: spiffe-fs or nothing, and spiffe-fs fixes every name.
+		{"unknown layout", "- cert_dir: /a\n  layout: spiffe\n", []string{"layout \"spiffe\" is not known", "spiffe-fs"}},
+		{"layout path", "- cert_dir: /a\n  layout: ../../etc\n", []string{"layout", "is not known"}},
+		{"layout binary", "- cert_dir: /a\n  layout: !!binary c3BpZmZlLWZz/w==\n", []string{"layout \"(unprintable or too long)\" is not known"}},
+		{"layout list", "- cert_dir: /a\n  layout: [spiffe-fs]\n", []string{"not a YAML list of deliveries"}},
+		{"layout upper case", "- cert_dir: /a\n  layout: SPIFFE-FS\n", []string{"is not known"}},
+		{"spiffe-fs with svid_file_name", "- cert_dir: /a\n  layout: spiffe-fs\n  svid_file_name: cert.pem\n", []string{"svid_file_name cannot be used with layout spiffe-fs"}},
+		{"spiffe-fs with key name", "- cert_dir: /a\n  layout: spiffe-fs\n  svid_key_file_name: k.pem\n", []string{"svid_key_file_name cannot be used"}},
+		{"spiffe-fs with bundle name", "- cert_dir: /a\n  layout: spiffe-fs\n  svid_bundle_file_name: b.pem\n", []string{"svid_bundle_file_name cannot be used"}},
+		{"spiffe-fs with credential bundle name", "- cert_dir: /a\n  layout: spiffe-fs\n  credential_bundle_file_name: c.pem\n", []string{"credential_bundle_file_name cannot be used"}},
+		{"spiffe-fs merged", "- cert_dir: /a\n  layout: spiffe-fs\n  include_federated_domains: true\n", []string{"include_federated_domains cannot be used"}},
+		{"spiffe-fs bad spiffe_id", "- cert_dir: /a\n  layout: spiffe-fs\n  spiffe_id: example.org/x\n", []string{"not a SPIFFE ID"}},
+		{"spiffe-fs relative agent", "- cert_dir: /a\n  layout: spiffe-fs\n  spire_agent_address: a.sock\n", []string{"absolute socket path"}},
+		{"spiffe-fs bad cert_dir", "- cert_dir: a\n  layout: spiffe-fs\n", []string{"absolute"}},
 		{"credential bundle mapping", "- cert_dir: /a\n  credential_bundle_file_name: {a: b}\n", []string{"not a YAML list of deliveries"}},
 	}
 }
@@ -384,6 +412,12 @@ func checkInvariants(t *testing.T, ds []Delivery) {
 			t.Fatalf("delivery %d: cert_dir %q twice", i, d.CertDir)
 		}
 		dirs[d.CertDir] = true
+		if d.Layout != "" {
+			if d.Layout != LayoutSPIFFEFS || d.SVIDFileName != "" || d.KeyFileName != "" || d.BundleFileName != "" || d.CredentialBundleFileName != "" || d.IncludeFederatedDomains {
+				t.Fatalf("delivery %d: layout %q with names or a merged bundle: %+v", i, d.Layout, d)
+			}
+			continue
+		}
 		names := []string{d.SVIDFileName, d.KeyFileName, d.BundleFileName}
 		for _, n := range append(names, d.CredentialBundleFileName) {
 			if strings.HasSuffix(n, TrustBundleSuffix) {

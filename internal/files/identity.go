@@ -28,6 +28,9 @@ type Names struct {
 	// for applications that take one CA file. Without it Bundle holds the
 	// SVID's own trust domain only: SPIFFE says never to mix bundles.
 	IncludeFederated bool
+	// Redact keeps the file of a trust domain no longer trusted, empty,
+	// instead of removing it (see Redact).
+	Redact bool
 }
 
 // Modes of the identity files: only the owner reads the key.
@@ -99,6 +102,26 @@ func Identity(n Names, svid *x509svid.SVID, bundles *x509bundle.Set, federatesWi
 		}
 	}
 	return out, nil
+}
+
+// Redact returns fs plus an empty file for every trust bundle file (name
+// ending in suffix) that dir's current generation holds and fs does not.
+// The draft SPIFFE Filesystem Delivery standard (section 2.3) asks for
+// this: an empty file says the trust domain was withdrawn, while an absent
+// one may be a remount, so a reader of the draft may keep trusting a
+// domain whose file merely went away.
+func Redact(dir string, fs []File, suffix string) []File {
+	have, err := List(dir)
+	if err != nil {
+		return fs
+	}
+	slices.Sort(have)
+	for _, name := range have {
+		if strings.HasSuffix(name, suffix) && !slices.ContainsFunc(fs, func(f File) bool { return f.Name == name }) {
+			fs = append(fs, File{Name: name, Data: []byte{}, Mode: CertMode})
+		}
+	}
+	return fs
 }
 
 // TrustBundleFileName names trust domain td's own bundle file. Trust domain

@@ -233,12 +233,16 @@ func (c *container) write(ctx context.Context) (ok bool) {
 			c.reportWrite(fmt.Errorf("delivery %d (%s): %w; keeping the current files", i, d.CertDir, err), err.Error())
 			continue
 		}
-		fs, err := files.Identity(d.Names(), svid, bundles, c.svids.FederatesWith)
+		names := d.Names()
+		fs, err := files.Identity(names, svid, bundles, c.svids.FederatesWith)
 		if err != nil {
 			c.reportWrite(err, err.Error())
 			continue
 		}
 		dir := c.r.store.DeliveryDir(c.rec.ID, i)
+		if names.Redact {
+			fs = files.Redact(dir, fs, names.TrustBundleSuffix)
+		}
 		sum := fingerprint(fs)
 		if bytes.Equal(sum, c.written[i]) || (c.written[i] == nil && onDisk(dir, fs)) {
 			c.written[i] = sum

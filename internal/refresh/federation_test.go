@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/noderesource/spiffe-oci-hook/internal/annotations"
 	"github.com/noderesource/spiffe-oci-hook/internal/files"
 )
 
@@ -126,4 +127,65 @@ func TestIncludeFederatedDomains(t *testing.T) {
 	if !holds(dir, "partner.test.trust-bundle.pem", rotated) {
 		t.Fatal("per-trust-domain file not current beside the merged one")
 	}
+}
+
+// TestSPIFFEFSLayout: layout spiffe-fs writes exactly the draft standard's
+// files, rotates the credential bundle (its only copy of the chain), and
+// redacts a withdrawn trust domain with an empty file, as the draft asks.
+func TestSPIFFEFSLayout(t *testing.T) {
+	n := newNode(t)
+	partnerCA, err := n.agent.Federate("partner.test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := n.workloadProcess()
+	id := n.deliverDelivery(p.Process.Pid, true, annotations.Delivery{CertDir: "/run/secrets/spiffe", Layout: annotations.LayoutSPIFFEFS})
+	dir := n.store.DeliveryDir(id, 0)
+	const cb = "credential-bundle.private-key.x509.pem"
+	want := []string{cb, "example.org.spiffe-trust-bundle.x509.pem", "partner.test.spiffe-trust-bundle.x509.pem"}
+	list := func() []string {
+		names, _ := files.List(dir)
+		slices.Sort(names)
+		return names
+	}
+	if got := list(); !slices.Equal(got, want) {
+		t.Fatalf("spiffe-fs delivery holds %v, want exactly %v", got, want)
+	}
+	if !holds(dir, "partner.test.spiffe-trust-bundle.x509.pem", partnerCA) || !holds(dir, "example.org.spiffe-trust-bundle.x509.pem", n.agent.CA()) {
+		t.Fatal("trust bundle files do not hold their domain's CA alone")
+	}
+	credential := func() []byte {
+		fs, err := files.Read(dir, cb)
+		if err != nil {
+			return nil
+		}
+		return fs[cb]
+	}
+	first := credential()
+	if err := checkCredentialBundle(first); err != nil {
+		t.Fatalf("credential bundle: %v", err)
+	}
+
+	r, _ := n.start()
+	eventually(t, 5*time.Second, "container served", func() bool { return r.Count() == 1 })
+	n.agent.Rotate()
+	eventually(t, 5*time.Second, "credential bundle rotated", func() bool { c := credential(); return c != nil && !bytes.Equal(c, first) })
+	if err := checkCredentialBundle(credential()); err != nil {
+		t.Fatalf("rotated credential bundle: %v", err)
+	}
+	n.agent.Defederate("partner.test")
+	redacted := func() bool {
+		fs, err := files.Read(dir, "partner.test.spiffe-trust-bundle.x509.pem")
+		return err == nil && len(fs["partner.test.spiffe-trust-bundle.x509.pem"]) == 0
+	}
+	eventually(t, 5*time.Second, "withdrawn trust domain redacted with an empty file", redacted)
+	if got := list(); !slices.Equal(got, want) {
+		t.Fatalf("after the redaction the delivery holds %v, want %v", got, want)
+	}
+	// Re-federating fills it again.
+	back, err := n.agent.Federate("partner.test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 5*time.Second, "re-federated trust domain filled again", func() bool { return holds(dir, "partner.test.spiffe-trust-bundle.x509.pem", back) })
 }

@@ -142,7 +142,9 @@ func waitFor(t *testing.T, d time.Duration, what string, cond func() bool, expla
 // its own trust domain only; one that asks include_federated_domains gets
 // the merged file; a CA rotation of the foreign server reaches both
 // containers' files; and when the entry stops federating, the foreign
-// file goes and the merged file shrinks, while the containers run.
+// file goes and the merged file shrinks, while the containers run. A
+// third container with layout spiffe-fs sees exactly the draft standard's
+// files, and the withdrawn domain's file emptied rather than removed.
 func TestFederationTwoServers(t *testing.T) {
 	e := startEnvOptions(t, spiretest.Options{BundleEndpoint: true})
 	partner := spiretest.Start(t, spiretest.Options{TrustDomain: partnerTD, ServerOnly: true, BundleEndpoint: true})
@@ -154,6 +156,7 @@ func TestFederationTwoServers(t *testing.T) {
 
 	safe := e.startSleeper(t, "- cert_dir: /certs\n  credential_bundle_file_name: credential-bundle.pem\n")
 	wide := e.startSleeper(t, "- cert_dir: /certs\n  include_federated_domains: true\n")
+	draft := e.startSleeper(t, "- cert_dir: /certs\n  layout: spiffe-fs\n")
 	own := pemCertificates(e.spire.BundlePEM(t))
 	foreign := pemCertificates(partner.BundlePEM(t))
 	if len(own) == 0 || len(foreign) == 0 {
@@ -195,6 +198,23 @@ func TestFederationTwoServers(t *testing.T) {
 		}
 	})
 
+	t.Run("layout spiffe-fs writes exactly the draft standard's files", func(t *testing.T) {
+		want := []string{"credential-bundle.private-key.x509.pem", "example.org.spiffe-trust-bundle.x509.pem", "partner.test.spiffe-trust-bundle.x509.pem"}
+		waitFor(t, time.Minute, "the draft's file set", func() bool {
+			return slices.Equal(draft.files(), want) && sameCerts(draft.certs("partner.test.spiffe-trust-bundle.x509.pem"), foreign)
+		}, func() string { return fmt.Sprintf("draft sees %v", draft.files()) })
+		if !sameCerts(draft.certs("example.org.spiffe-trust-bundle.x509.pem"), own) {
+			t.Error("example.org.spiffe-trust-bundle.x509.pem is not the own server's bundle")
+		}
+		cb := []byte(draft.exec("cat", "/certs/credential-bundle.private-key.x509.pem"))
+		if blk, _ := pem.Decode(cb); blk == nil || blk.Type != "PRIVATE KEY" {
+			t.Fatal("the credential bundle does not start with a PRIVATE KEY block")
+		}
+		if svid, err := x509svid.Parse(cb, cb); err != nil || svid.ID.String() != federatedID {
+			t.Fatalf("credential bundle: %v (%v)", err, svid)
+		}
+	})
+
 	t.Run("include_federated_domains merges", func(t *testing.T) {
 		waitFor(t, time.Minute, "merged svid_bundle.pem", func() bool { return merged(wide.certs("svid_bundle.pem"), own, foreign) }, explain)
 		if !slices.Contains(wide.files(), "partner.test.trust-bundle.pem") {
@@ -226,6 +246,11 @@ func TestFederationTwoServers(t *testing.T) {
 			return !slices.Contains(safe.files(), "partner.test.trust-bundle.pem") && !slices.Contains(wide.files(), "partner.test.trust-bundle.pem") &&
 				sameCerts(wide.certs("svid_bundle.pem"), own)
 		}, explain)
+		// The draft standard redacts with an empty file (its section 2.3).
+		waitFor(t, 30*time.Second, "spiffe-fs trust bundle redacted", func() bool {
+			return slices.Contains(draft.files(), "partner.test.spiffe-trust-bundle.x509.pem") && draft.exec("cat", "/certs/partner.test.spiffe-trust-bundle.x509.pem") == "" &&
+				draft.exec("ls", "/certs/partner.test.spiffe-trust-bundle.x509.pem") != ""
+		}, func() string { return fmt.Sprintf("draft sees %v", draft.files()) })
 		if !sameCerts(safe.certs("example.org.trust-bundle.pem"), own) || safe.exec("cat", "/certs/credential-bundle.pem") == "" {
 			t.Error("the own files went with the foreign one")
 		}

@@ -191,6 +191,12 @@ func TestHostileAnnotations(t *testing.T) {
 		{"include_federated_domains list", "- cert_dir: /certs\n  include_federated_domains: [true, true]\n", []string{"into bool"}},
 		{"include_federated_domains quoted", "- cert_dir: /certs\n  include_federated_domains: \"true\"\n", []string{"into bool"}},
 		{"file name posing as a trust bundle", "- cert_dir: /certs\n  svid_bundle_file_name: evil.test.trust-bundle.pem\n", []string{"svid_bundle_file_name", "is reserved"}},
+		{"layout unknown", "- cert_dir: /certs\n  layout: " + hostDir + "\n", []string{"layout", "is not known"}},
+		{"layout binary", "- cert_dir: /certs\n  layout: !!binary " + base64.StdEncoding.EncodeToString([]byte("spiffe-fs\x00")) + "\n", []string{"layout \"(unprintable or too long)\" is not known"}},
+		{"layout spiffe-fs with a file name", "- cert_dir: /certs\n  layout: spiffe-fs\n  svid_key_file_name: ../../" + hostDir + "/key\n", []string{"svid_key_file_name cannot be used with layout spiffe-fs"}},
+		{"layout spiffe-fs merged", "- cert_dir: /certs\n  layout: spiffe-fs\n  include_federated_domains: true\n", []string{"include_federated_domains cannot be used with layout spiffe-fs"}},
+		{"layout spiffe-fs traversal cert_dir", "- cert_dir: /certs/../..\n  layout: spiffe-fs\n", []string{"must not contain '..'"}},
+		{"layout spiffe-fs another identity", "- cert_dir: /certs\n  layout: spiffe-fs\n  spiffe_id: " + workloadID + "\n", []string{"is not among the identities the agent returned"}},
 		{"credential_bundle_file_name list", "- cert_dir: /certs\n  credential_bundle_file_name: [a, b]\n", []string{"not a YAML list of deliveries"}},
 		// spiffe_id: never a path, and never an identity the agent did not return.
 		{"spiffe_id traversal", "- cert_dir: /certs\n  spiffe_id: spiffe://example.org/../../etc/passwd\n", []string{"spiffe_id", "is not a SPIFFE ID"}},
