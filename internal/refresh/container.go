@@ -250,12 +250,16 @@ func (c *container) write(ctx context.Context) (ok bool) {
 			c.reportWrite(fmt.Errorf("delivery %d (%s): %w; keeping the current files", i, d.CertDir, err), err.Error())
 			continue
 		}
-		fs, err := files.Identity(d.Names(), svid, bundles, c.svids.FederatesWith)
+		names := d.Names()
+		fs, err := files.Identity(names, svid, bundles, c.svids.FederatesWith)
 		if err != nil {
 			c.reportWrite(err, err.Error())
 			continue
 		}
 		dir := c.r.store.DeliveryDir(c.rec.ID, i)
+		if names.Redact {
+			fs = files.Redact(dir, fs, names.TrustBundleSuffix)
+		}
 		sum := fingerprint(fs)
 		if bytes.Equal(sum, c.written[i]) || (c.written[i] == nil && onDisk(dir, fs)) {
 			c.written[i] = sum
@@ -320,36 +324,38 @@ func errnoKind(err error) string {
 }
 
 // fingerprint identifies what a delivery's files say: a hash, so that a
-// thousand containers do not each keep a copy of their PEM. The key is
-// left out: the certificate already names it, and the agent re-sends the
-// same SVID.
+// thousand containers do not each keep a copy of their PEM. Every file
+// counts, the key-holding ones too: a delivery may have no certificate
+// file of its own (a credential bundle is its only copy of the chain).
 func fingerprint(fs []files.File) []byte {
 	h := sha256.New()
 	for _, f := range fs {
-		if f.Mode != files.KeyMode {
-			h.Write([]byte(f.Name))
-			h.Write([]byte{0})
-			h.Write(f.Data)
-		}
+		h.Write([]byte(f.Name))
+		h.Write([]byte{0})
+		h.Write(f.Data)
+		h.Write([]byte{0})
 	}
 	return h.Sum(nil)
 }
 
-// onDisk reports whether dir already holds fs's certificate and bundle,
-// so that a restarted refresher does not rewrite every container at once.
+// onDisk reports whether dir already holds exactly fs, so that a restarted
+// refresher does not rewrite every container at once.
 func onDisk(dir string, fs []files.File) bool {
-	var names []string
-	for _, f := range fs {
-		if f.Mode != files.KeyMode {
-			names = append(names, f.Name)
-		}
+	names := make([]string, len(fs))
+	for i, f := range fs {
+		names[i] = f.Name
+	}
+	// A file the delivery no longer has (a federation that ended while
+	// the refresher was down) must go, so the set must match too.
+	if have, err := files.List(dir); err != nil || len(have) != len(names) {
+		return false
 	}
 	cur, err := files.Read(dir, names...)
 	if err != nil {
 		return false
 	}
 	for _, f := range fs {
-		if f.Mode != files.KeyMode && !bytes.Equal(cur[f.Name], f.Data) {
+		if !bytes.Equal(cur[f.Name], f.Data) {
 			return false
 		}
 	}
