@@ -19,7 +19,14 @@ import (
 // was put in place (the "..data" swap).
 func ReadDelivery(store record.Store, rec record.Record, i int) (leaf *x509.Certificate, written time.Time, err error) {
 	dir := store.DeliveryDir(rec.ID, i)
-	name := rec.Deliveries[i].Names().SVID
+	// The leaf is the first certificate of the SVID file or, in a layout
+	// that has none (spiffe-fs), of the credential bundle, where it follows
+	// the key.
+	names := rec.Deliveries[i].Names()
+	name := names.SVID
+	if name == "" && names.CredentialBundle != "" {
+		name = names.CredentialBundle
+	}
 	if name == "" {
 		name = annotations.DefaultSVIDFileName
 	}
@@ -30,13 +37,21 @@ func ReadDelivery(store record.Store, rec record.Record, i int) (leaf *x509.Cert
 	if err != nil {
 		return nil, written, err
 	}
-	b, _ := pem.Decode(got[name])
-	if b == nil || b.Type != "CERTIFICATE" {
-		return nil, written, fmt.Errorf("%s: no PEM certificate", filepath.Join(dir, name))
-	}
-	leaf, err = x509.ParseCertificate(b.Bytes)
-	if err != nil {
-		return nil, written, fmt.Errorf("%s: %w", filepath.Join(dir, name), err)
+	rest := got[name]
+	for {
+		var b *pem.Block
+		b, rest = pem.Decode(rest)
+		if b == nil {
+			return nil, written, fmt.Errorf("%s: no PEM certificate", filepath.Join(dir, name))
+		}
+		if b.Type != "CERTIFICATE" {
+			continue
+		}
+		leaf, err = x509.ParseCertificate(b.Bytes)
+		if err != nil {
+			return nil, written, fmt.Errorf("%s: %w", filepath.Join(dir, name), err)
+		}
+		break
 	}
 	return leaf, written, nil
 }
