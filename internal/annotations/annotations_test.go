@@ -378,6 +378,7 @@ func checkInvariants(t *testing.T, ds []Delivery) {
 			}
 		}
 	}
+	checkJWTInvariants(t, ds)
 }
 
 func FuzzParse(f *testing.F) {
