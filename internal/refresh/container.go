@@ -39,9 +39,13 @@ type container struct {
 	// lastWriteErr is the kind of the last logged write error ("" when
 	// writes work).
 	lastWriteErr string
+	// jwt is the latest answer to the container's JWT-SVID requests (nil
+	// until the first, or when it asked for none).
+	jwt *agent.JWT
 
-	mu      sync.Mutex
-	lastErr string // kind of the last logged error, "" when healthy
+	mu         sync.Mutex
+	lastErr    string // kind of the last logged error, "" when healthy
+	lastJWTErr string // the same for JWT-SVID renewal
 }
 
 func newContainer(ctx context.Context, r *Refresher, rec record.Record, proc *process.Process, a *agentConn) *container {
@@ -96,6 +100,10 @@ func (c *container) run() (exited bool) {
 	}
 	updates := make(chan *agent.X509SVIDs)
 	go c.stream(ctx, updates)
+	// JWT-SVIDs do not stream: a goroutine renews them, only for a
+	// container that asked for some.
+	jwts := make(chan *agent.JWT)
+	go c.renewJWT(ctx, jwts)
 	// A write that failed (a full state directory, say) is retried with
 	// backoff: the agent sends the next SVID only at half its lifetime,
 	// by when the files on disk may have expired.
@@ -123,6 +131,11 @@ func (c *container) run() (exited bool) {
 		case u := <-updates:
 			c.svids = u
 			write()
+		case j := <-jwts:
+			c.jwt = j
+			if c.svids != nil {
+				write()
+			}
 		case <-c.bundleCh:
 			if c.svids != nil {
 				write()
@@ -239,6 +252,15 @@ func (c *container) write(ctx context.Context) (ok bool) {
 			continue
 		}
 		dir := c.r.store.DeliveryDir(c.rec.ID, i)
+		if d.WantsJWT() {
+			jfs, err := c.jwtFiles(d.Delivery, svid.ID, dir)
+			if err != nil {
+				// A new token or bundle brings the next try.
+				c.reportWrite(fmt.Errorf("delivery %d (%s): %w; keeping the current files", i, d.CertDir, err), err.Error())
+				continue
+			}
+			fs = append(fs, jfs...)
+		}
 		sum := fingerprint(fs)
 		if bytes.Equal(sum, c.written[i]) || (c.written[i] == nil && onDisk(dir, fs)) {
 			c.written[i] = sum
@@ -297,36 +319,33 @@ func errnoKind(err error) string {
 }
 
 // fingerprint identifies what a delivery's files say: a hash, so that a
-// thousand containers do not each keep a copy of their PEM. The key is
-// left out: the certificate already names it, and the agent re-sends the
-// same SVID.
+// thousand containers do not each keep a copy of their PEM. Every file
+// counts, the key-holding ones too: a delivery may have no certificate
+// file of its own (a credential bundle is its only copy of the chain).
 func fingerprint(fs []files.File) []byte {
 	h := sha256.New()
 	for _, f := range fs {
-		if f.Mode != files.KeyMode {
-			h.Write([]byte(f.Name))
-			h.Write([]byte{0})
-			h.Write(f.Data)
-		}
+		h.Write([]byte(f.Name))
+		h.Write([]byte{0})
+		h.Write(f.Data)
+		h.Write([]byte{0})
 	}
 	return h.Sum(nil)
 }
 
-// onDisk reports whether dir already holds fs's certificate and bundle,
-// so that a restarted refresher does not rewrite every container at once.
+// onDisk reports whether dir already holds exactly fs, so that a restarted
+// refresher does not rewrite every container at once.
 func onDisk(dir string, fs []files.File) bool {
-	var names []string
-	for _, f := range fs {
-		if f.Mode != files.KeyMode {
-			names = append(names, f.Name)
-		}
+	names := make([]string, len(fs))
+	for i, f := range fs {
+		names[i] = f.Name
 	}
 	cur, err := files.Read(dir, names...)
 	if err != nil {
 		return false
 	}
 	for _, f := range fs {
-		if f.Mode != files.KeyMode && !bytes.Equal(cur[f.Name], f.Data) {
+		if !bytes.Equal(cur[f.Name], f.Data) {
 			return false
 		}
 	}

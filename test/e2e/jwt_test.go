@@ -33,11 +33,12 @@ const jwtAnnotation = `- cert_dir: /certs
 var jwtAudiences = []string{"https://vault.example.org", "spiffe://example.org/db"}
 
 // jwtEnv registers jwtID for every uid-0 process (so the refresher's
-// re-attestation of the running container matches too) with a JWT-SVID
-// TTL of two minutes.
+// re-attestation of the running container matches too) with the given
+// JWT-SVID TTL, and a 30 s X.509-SVID TTL, so that X.509 rotations
+// interleave with token renewals.
 func jwtEnv(t *testing.T, jwtTTL time.Duration) *env {
 	e := startEnv(t)
-	e.spire.CreateEntryArgs(t, jwtID, []string{"unix:uid:0"}, "-jwtSVIDTTL", fmt.Sprint(int(jwtTTL/time.Second)))
+	e.spire.CreateEntryArgs(t, jwtID, []string{"unix:uid:0"}, "-jwtSVIDTTL", fmt.Sprint(int(jwtTTL/time.Second)), "-x509SVIDTTL", "30")
 	e.waitSynced()
 	return e
 }
@@ -125,6 +126,81 @@ echo "=== stat ==="; stat -L -c '%a %u %g' /certs/jwt.token /certs/jwt_bundle.js
 
 }
 
+// TestJWTRenewal, against the real SPIRE agent: with a two-minute TTL the
+// refresher replaces the container's token before the old one expires,
+// again and again while the container runs; a new JWT authority reaches
+// the bundle file.
+func TestJWTRenewal(t *testing.T) {
+	const ttl = 2 * time.Minute
+	e := jwtEnv(t, ttl)
+	r := e.startRefresher(t)
+
+	t.Run("refresher renews before expiry", func(t *testing.T) {
+		l := e.startLooper(t, jwtAnnotation, `while :; do echo "=== tok $(cat /certs/jwt.token)"; sleep 0.5; done`)
+		type seen struct {
+			svid *jwtsvid.SVID
+			at   time.Time
+		}
+		var tokens []seen
+		bundle := parseJWTBundle(t, readFile(filepath.Join(e.stateDir, "containers", l.id, "0", "jwt_bundle.json")))
+		certFile := filepath.Join(e.stateDir, "containers", l.id, "0", "svid.pem")
+		firstCert := leafOf(t, readFile(certFile))
+		// Three tokens: the hook's and two renewals, each seen by the
+		// container before the one it replaced expired.
+		deadline := time.Now().Add(2*ttl + 30*time.Second)
+		for len(tokens) < 3 {
+			if time.Now().After(deadline) {
+				t.Fatalf("after %s the container saw %d tokens, want 3", 2*ttl+30*time.Second, len(tokens))
+			}
+			lines := strings.Split(readFile(l.out), "\n")
+			for i := len(lines) - 1; i >= 0; i-- {
+				tok, ok := strings.CutPrefix(lines[i], "=== tok ")
+				if !ok {
+					continue
+				}
+				if strings.TrimSpace(tok) == "" {
+					t.Fatalf("the container read no token: a rewrite dropped the file\n%s", readFile(l.out))
+				}
+				if len(tokens) == 0 || tokens[len(tokens)-1].svid.Marshal() != tok {
+					now := time.Now()
+					svid := checkJWT(t, tok, bundle)
+					if n := len(tokens); n > 0 {
+						old := tokens[n-1].svid
+						if !now.Before(old.Expiry) {
+							t.Fatalf("token %d appeared at %s, after the one it replaced expired (%s)", n, now.Format(time.TimeOnly), old.Expiry.Format(time.TimeOnly))
+						}
+						t.Logf("token %d replaced %s before the old one expired (at %s of its %s lifetime)", n, old.Expiry.Sub(now).Round(time.Second), now.Sub(old.Expiry.Add(-ttl)).Round(time.Second), ttl)
+					}
+					tokens = append(tokens, seen{svid, now})
+				}
+				break
+			}
+			time.Sleep(250 * time.Millisecond)
+		}
+		if leafOf(t, readFile(certFile)).Equal(firstCert) {
+			t.Error("the X.509 SVID never rotated meanwhile: the test did not mix X.509 rotations with token renewals")
+		}
+	})
+
+	t.Run("new JWT authority reaches the bundle file", func(t *testing.T) {
+		l := e.startLooper(t, jwtAnnotation, `sleep 300`)
+		path := filepath.Join(e.stateDir, "containers", l.id, "0", "jwt_bundle.json")
+		keys := func() int {
+			b, _ := parseJWTBundle(t, readFile(path)).Get(spiffeid.RequireTrustDomainFromString(trustDomain))
+			return len(b.JWTAuthorities())
+		}
+		before := keys()
+		e.spire.ServerCLI(t, "localauthority", "jwt", "prepare", "-socketPath", e.spire.ServerSocket)
+		deadline := time.Now().Add(30 * time.Second)
+		for keys() <= before {
+			if time.Now().After(deadline) {
+				t.Fatalf("the JWT bundle file still holds %d keys 30 s after a new JWT authority was prepared; refresher log:\n%s", before, readFile(r.log))
+			}
+			time.Sleep(250 * time.Millisecond)
+		}
+	})
+}
+
 // looper is a detached runc container whose output goes to a file.
 type looper struct {
 	id, out string
@@ -136,6 +212,13 @@ func (e *env) startLooper(t *testing.T, ann, script string) *looper {
 	b := newBundle(t, []string{"/bin/sh", "-c", script})
 	b.AddAnnotation(annotation, ann)
 	b.Config.Hooks = &rspec.Hooks{CreateRuntime: []rspec.Hook{e.hook(e.config)}}
+	return &looper{id: b.id, out: e.runDetached(t, b)}
+}
+
+// runDetached starts bundle b with `runc run --detach` and returns the
+// file its output goes to; the container is deleted at cleanup.
+func (e *env) runDetached(t *testing.T, b *bundle) string {
+	t.Helper()
 	b.save(t)
 	out := filepath.Join(b.dir, "out")
 	f, err := os.Create(out)
@@ -150,5 +233,5 @@ func (e *env) startLooper(t *testing.T, ann, script string) *looper {
 		t.Fatalf("runc run --detach: %v: %s", err, readFile(out))
 	}
 	t.Cleanup(func() { exec.Command("runc", "--root", root, "delete", "--force", b.id).Run() })
-	return &looper{id: b.id, out: out}
+	return out
 }
