@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"sync"
 	"syscall"
 	"time"
@@ -239,6 +240,8 @@ func (c *container) write(ctx context.Context) (ok bool) {
 		return true
 	}
 	ok = true
+	var signals []string // renew_signal of each delivery rewritten
+	defer func() { c.signal(signals) }()
 	for i, d := range c.rec.Deliveries {
 		svid, err := agent.Select(c.svids.SVIDs, d.SPIFFEID)
 		if err != nil {
@@ -277,6 +280,9 @@ func (c *container) write(ctx context.Context) (ok bool) {
 			continue
 		}
 		c.written[i] = sum
+		if d.RenewSignal != "" && !slices.Contains(signals, d.RenewSignal) {
+			signals = append(signals, d.RenewSignal)
+		}
 		if id := svid.ID.String(); id != c.delivered[i] {
 			c.r.log.Warn("container identity changed", "container", c.rec.ID, "cert_dir", d.CertDir, "was", c.delivered[i], "now", id)
 			c.delivered[i] = id
@@ -290,6 +296,25 @@ func (c *container) write(ctx context.Context) (ok bool) {
 		c.reportWrite(nil, "")
 	}
 	return ok
+}
+
+// signal sends each renew_signal to the container's init process, through
+// the pidfd that pins it: never to another process, whatever its number.
+// A container's init ignores a signal it has no handler for when it comes
+// from outside its pid namespace, so an application that does not reload
+// is not stopped either.
+func (c *container) signal(names []string) {
+	for _, name := range names {
+		sig := unix.SignalNum(name)
+		if sig == 0 {
+			continue // the parser allows only names unix knows
+		}
+		if err := c.proc.Signal(sig); err != nil {
+			c.r.log.Warn("renew_signal", "container", c.rec.ID, "signal", name, "error", err)
+			continue
+		}
+		c.r.log.Debug("sent renew_signal", "container", c.rec.ID, "pid", c.proc.PID, "signal", name)
+	}
 }
 
 // reportWrite logs trouble writing a container's files once per kind, and
