@@ -47,6 +47,11 @@ type Agent struct {
 	Refuse error
 	// Hang makes new streams block without ever sending.
 	Hang bool
+	// JWTTTL is the lifetime of minted JWT-SVIDs (default 5 minutes).
+	JWTTTL time.Duration
+	// JWTHold, when not nil, makes FetchJWTSVIDs wait until it is closed.
+	JWTHold chan struct{}
+	jwtKey  *ecdsa.PrivateKey
 	// generation bumps on Rotate; streams re-send when it changes.
 	generation uint64
 	changed    chan struct{}
