@@ -11,6 +11,8 @@ command -v podman >/dev/null || need+=(podman)
 command -v newuidmap >/dev/null || need+=(uidmap)
 command -v rpmbuild >/dev/null || need+=(rpm)
 command -v systemd-analyze >/dev/null || need+=(systemd)
+# nginx: a real application that reloads its TLS files on SIGHUP (renew_signal).
+[ -x /usr/sbin/nginx ] || need+=(nginx)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "test/deps.sh: missing ${need[*]}; run as root or install them" >&2
@@ -18,6 +20,15 @@ if [ ${#need[@]} -gt 0 ]; then
   fi
   echo "test/deps.sh: installing ${need[*]}"
   apt-get update -qq
+  # Installing nginx must not start it on the node (it would hold port 80
+  # and outlive the tests): a policy-rc.d that refuses every start, only
+  # for this install and only if the machine has none.
+  policy=
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    policy=/usr/sbin/policy-rc.d
+    printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod 0755 "$policy"
+    trap 'rm -f "$policy"' EXIT
+  fi
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 

@@ -99,6 +99,17 @@ type Delivery struct {
 	// AgentAddress names an agent admin socket; the caller accepts it only if
 	// the node configuration allows it.
 	AgentAddress string `yaml:"spire_agent_address,omitempty" json:"spire_agent_address,omitempty"`
+
+	// JWTSVIDs asks for JWT-SVIDs of the delivered identity, one file each
+	// (spiffe-helper's jwt_svids). Pointers, so that a null item is seen.
+	JWTSVIDs []*JWTSVID `yaml:"jwt_svids,omitempty" json:"jwt_svids,omitempty"`
+	// JWTBundleFileName, when set, names the file of the JWT bundles (JSON,
+	// keyed by trust domain, as spiffe-helper writes it).
+	JWTBundleFileName string `yaml:"jwt_bundle_file_name,omitempty" json:"jwt_bundle_file_name,omitempty"`
+	// RenewSignal, when set, is sent to the container's init process after
+	// the refresher rewrites this delivery's files (spiffe-helper's
+	// renew_signal); only the signals in RenewSignals.
+	RenewSignal string `yaml:"renew_signal,omitempty" json:"renew_signal,omitempty"`
 }
 
 // Find returns the annotation that applies to a container, if any. A
@@ -168,6 +179,13 @@ func parse(value string) ([]Delivery, error) {
 	}
 	if len(ds) > MaxDeliveries {
 		return nil, fmt.Errorf("value lists %d deliveries, more than the %d allowed", len(ds), MaxDeliveries)
+	}
+	jwts := 0
+	for i := range ds {
+		jwts += len(ds[i].JWTSVIDs)
+	}
+	if jwts > MaxJWTSVIDs {
+		return nil, fmt.Errorf("value asks for %d JWT-SVIDs, more than the %d allowed", jwts, MaxJWTSVIDs)
 	}
 	seen := map[string]bool{}
 	for i := range ds {
@@ -240,7 +258,10 @@ func (d *Delivery) checkAgentFields() error {
 	if d.AgentAddress != "" && !path.IsAbs(d.AgentAddress) {
 		return fmt.Errorf("spire_agent_address %q must be an absolute socket path", d.AgentAddress)
 	}
-	return nil
+	if err := d.checkJWT(); err != nil {
+		return err
+	}
+	return checkRenewSignal(d.RenewSignal)
 }
 
 // checkSPIFFEFS checks a spiffe-fs delivery: the layout fixes every file
@@ -256,6 +277,8 @@ func (d *Delivery) checkSPIFFEFS() error {
 		{"svid_bundle_file_name", d.BundleFileName != ""},
 		{"credential_bundle_file_name", d.CredentialBundleFileName != ""},
 		{"include_federated_domains", d.IncludeFederatedDomains},
+		{"jwt_svids", len(d.JWTSVIDs) > 0},
+		{"jwt_bundle_file_name", d.JWTBundleFileName != ""},
 	} {
 		if f.set {
 			return fmt.Errorf("%s cannot be used with layout %s, which writes exactly %s and one <trust-domain>%s per trust domain", f.field, LayoutSPIFFEFS, SPIFFEFSCredentialBundle, SPIFFEFSTrustBundleSuffix)

@@ -324,6 +324,10 @@ func parseErrorCases() []errCase {
 		{"spiffe-fs with bundle name", "- cert_dir: /a\n  layout: spiffe-fs\n  svid_bundle_file_name: b.pem\n", []string{"svid_bundle_file_name cannot be used"}},
 		{"spiffe-fs with credential bundle name", "- cert_dir: /a\n  layout: spiffe-fs\n  credential_bundle_file_name: c.pem\n", []string{"credential_bundle_file_name cannot be used"}},
 		{"spiffe-fs merged", "- cert_dir: /a\n  layout: spiffe-fs\n  include_federated_domains: true\n", []string{"include_federated_domains cannot be used"}},
+		{"spiffe-fs with jwt_svids", "- cert_dir: /a\n  layout: spiffe-fs\n  jwt_svids: [{jwt_audience: x, jwt_svid_file_name: t}]\n", []string{"jwt_svids cannot be used with layout spiffe-fs"}},
+		{"spiffe-fs with jwt bundle", "- cert_dir: /a\n  layout: spiffe-fs\n  jwt_bundle_file_name: j.json\n", []string{"jwt_bundle_file_name cannot be used"}},
+		{"jwt token named as the credential bundle", "- cert_dir: /a\n  credential_bundle_file_name: c.pem\n  jwt_svids: [{jwt_audience: x, jwt_svid_file_name: c.pem}]\n", []string{"jwt_svid_file_name \"c.pem\" is already the name of another file"}},
+		{"jwt token named as a trust bundle", "- cert_dir: /a\n  jwt_svids: [{jwt_audience: x, jwt_svid_file_name: example.org.trust-bundle.pem}]\n", []string{"reserved"}},
 		{"spiffe-fs bad spiffe_id", "- cert_dir: /a\n  layout: spiffe-fs\n  spiffe_id: example.org/x\n", []string{"not a SPIFFE ID"}},
 		{"spiffe-fs relative agent", "- cert_dir: /a\n  layout: spiffe-fs\n  spire_agent_address: a.sock\n", []string{"absolute socket path"}},
 		{"spiffe-fs bad cert_dir", "- cert_dir: a\n  layout: spiffe-fs\n", []string{"absolute"}},
@@ -448,6 +452,7 @@ func checkInvariants(t *testing.T, ds []Delivery) {
 			}
 		}
 	}
+	checkJWTInvariants(t, ds)
 }
 
 func FuzzParse(f *testing.F) {

@@ -50,6 +50,11 @@ type Agent struct {
 	// federated maps foreign trust domains to their CA: the bundle stream
 	// sends them and every SVID update names them in FederatesWith.
 	federated map[string]*x509.Certificate
+	// JWTTTL is the lifetime of minted JWT-SVIDs (default 5 minutes).
+	JWTTTL time.Duration
+	// JWTHold, when not nil, makes FetchJWTSVIDs wait until it is closed.
+	JWTHold chan struct{}
+	jwtKey  *ecdsa.PrivateKey
 	// generation bumps on Rotate; streams re-send when it changes.
 	generation uint64
 	changed    chan struct{}

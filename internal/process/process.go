@@ -121,3 +121,17 @@ func StartTime(pid int) (uint64, error) {
 	}
 	return st, nil
 }
+
+// Signal sends sig to the pinned process through its pidfd: to this
+// process, never to another that has since been given its number.
+func (p *Process) Signal(sig unix.Signal) error {
+	err := unix.PidfdSendSignal(p.fd, sig, nil, 0)
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, unix.ESRCH):
+		return fmt.Errorf("pid %d: %w", p.PID, ErrGone)
+	default:
+		return fmt.Errorf("pidfd_send_signal(%d, %s): %w", p.PID, unix.SignalName(sig), err)
+	}
+}

@@ -32,6 +32,11 @@ type agentConn struct {
 	up        bool
 	recovered chan struct{} // closed when the agent becomes reachable again
 	ready     chan struct{} // closed when the first bundles arrive
+
+	// jwtBundles is the latest answer of the JWT bundle stream, which
+	// only opens once a container asks for JWT bundles (jwtOnce).
+	jwtBundles agent.JWTBundles
+	jwtOnce    sync.Once
 }
 
 func newAgentConn(ctx context.Context, socket string, settings func() config.Refresher, log *slog.Logger) *agentConn {

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"sync"
 	"syscall"
 	"time"
@@ -39,10 +40,14 @@ type container struct {
 	// lastWriteErr is the kind of the last logged write error ("" when
 	// writes work).
 	lastWriteErr string
+	// jwt is the latest answer to the container's JWT-SVID requests (nil
+	// until the first, or when it asked for none).
+	jwt *agent.JWT
 
-	mu      sync.Mutex
-	lastErr string // kind of the last logged error, "" when healthy
-	view    view   // for Report (status.go)
+	mu         sync.Mutex
+	lastErr    string // kind of the last logged error, "" when healthy
+	lastJWTErr string // the same for JWT-SVID renewal
+	view       view   // for Report (status.go)
 }
 
 func newContainer(ctx context.Context, r *Refresher, rec record.Record, proc *process.Process, a *agentConn) *container {
@@ -98,6 +103,10 @@ func (c *container) run() (exited bool) {
 	}
 	updates := make(chan *agent.X509SVIDs)
 	go c.stream(ctx, updates)
+	// JWT-SVIDs do not stream: a goroutine renews them, only for a
+	// container that asked for some.
+	jwts := make(chan *agent.JWT)
+	go c.renewJWT(ctx, jwts)
 	// A write that failed (a full state directory, say) is retried with
 	// backoff: the agent sends the next SVID only at half its lifetime,
 	// by when the files on disk may have expired.
@@ -125,6 +134,11 @@ func (c *container) run() (exited bool) {
 		case u := <-updates:
 			c.svids = u
 			write()
+		case j := <-jwts:
+			c.jwt = j
+			if c.svids != nil {
+				write()
+			}
 		case <-c.bundleCh:
 			if c.svids != nil {
 				write()
@@ -243,6 +257,8 @@ func (c *container) write(ctx context.Context) (ok bool) {
 		return true
 	}
 	ok = true
+	var signals []string // renew_signal of each delivery rewritten
+	defer func() { c.signal(signals) }()
 	for i, d := range c.rec.Deliveries {
 		svid, err := agent.Select(c.svids.SVIDs, d.SPIFFEID)
 		if err != nil {
@@ -257,6 +273,15 @@ func (c *container) write(ctx context.Context) (ok bool) {
 			continue
 		}
 		dir := c.r.store.DeliveryDir(c.rec.ID, i)
+		if d.WantsJWT() {
+			jfs, err := c.jwtFiles(d.Delivery, svid.ID, dir)
+			if err != nil {
+				// A new token or bundle brings the next try.
+				c.reportWrite(fmt.Errorf("delivery %d (%s): %w; keeping the current files", i, d.CertDir, err), err.Error())
+				continue
+			}
+			fs = append(fs, jfs...)
+		}
 		if names.Redact {
 			fs = files.Redact(dir, fs, names.TrustBundleSuffix)
 		}
@@ -280,6 +305,9 @@ func (c *container) write(ctx context.Context) (ok bool) {
 		c.written[i] = sum
 		c.r.Metrics.Rotations.Inc()
 		c.noteDelivered(i, svid.ID.String(), svid.Certificates[0], true)
+		if d.RenewSignal != "" && !slices.Contains(signals, d.RenewSignal) {
+			signals = append(signals, d.RenewSignal)
+		}
 		if id := svid.ID.String(); id != c.delivered[i] {
 			c.r.log.Warn("container identity changed", "container", c.rec.ID, "cert_dir", d.CertDir, "was", c.delivered[i], "now", id)
 			c.delivered[i] = id
@@ -293,6 +321,25 @@ func (c *container) write(ctx context.Context) (ok bool) {
 		c.reportWrite(nil, "")
 	}
 	return ok
+}
+
+// signal sends each renew_signal to the container's init process, through
+// the pidfd that pins it: never to another process, whatever its number.
+// A container's init ignores a signal it has no handler for when it comes
+// from outside its pid namespace, so an application that does not reload
+// is not stopped either.
+func (c *container) signal(names []string) {
+	for _, name := range names {
+		sig := unix.SignalNum(name)
+		if sig == 0 {
+			continue // the parser allows only names unix knows
+		}
+		if err := c.proc.Signal(sig); err != nil {
+			c.r.log.Warn("renew_signal", "container", c.rec.ID, "signal", name, "error", err)
+			continue
+		}
+		c.r.log.Debug("sent renew_signal", "container", c.rec.ID, "pid", c.proc.PID, "signal", name)
+	}
 }
 
 // reportWrite logs trouble writing a container's files once per kind, and

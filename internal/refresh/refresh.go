@@ -257,6 +257,9 @@ func (r *Refresher) add(ctx context.Context, id string) {
 		return
 	}
 	a := r.agent(ctx, rec.AgentSocket)
+	if wantsJWTBundles(rec) {
+		r.followJWTBundles(ctx, a)
+	}
 	c := newContainer(ctx, r, rec, proc, a)
 
 	r.mu.Lock()
@@ -317,6 +320,29 @@ func (r *Refresher) agent(ctx context.Context, socket string) *agentConn {
 		}()
 	}
 	return a
+}
+
+// followJWTBundles opens agent a's one JWT bundle stream, if not yet open.
+func (r *Refresher) followJWTBundles(ctx context.Context, a *agentConn) {
+	a.jwtOnce.Do(func() {
+		r.wg.Add(1)
+		go func() {
+			defer r.wg.Done()
+			a.runJWTBundles(ctx, r.broadcastJWTBundles)
+		}()
+	})
+}
+
+// broadcastJWTBundles tells the containers of agent a that write JWT
+// bundles that they changed.
+func (r *Refresher) broadcastJWTBundles(a *agentConn) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, c := range r.containers {
+		if c.agent == a && wantsJWTBundles(c.rec) {
+			c.bundlesChanged()
+		}
+	}
 }
 
 // broadcastBundles tells every container of agent a that its bundles changed.

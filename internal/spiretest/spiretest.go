@@ -556,6 +556,35 @@ func (s *SPIRE) CreateFederatedEntry(t testing.TB, spiffeID string, selectors []
 	return resp.Results[0].Entry.ID
 }
 
+// CreateEntryArgs is CreateEntry with further `spire-server entry create`
+// flags (e.g. "-jwtSVIDTTL", "120"); it returns the entry ID.
+func (s *SPIRE) CreateEntryArgs(t testing.TB, spiffeID string, selectors []string, extra ...string) string {
+	t.Helper()
+	args := []string{"entry", "create", "-socketPath", s.ServerSocket,
+		"-parentID", s.AgentID, "-spiffeID", spiffeID, "-output", "json"}
+	for _, sel := range selectors {
+		args = append(args, "-selector", sel)
+	}
+	out := s.ServerCLI(t, append(args, extra...)...)
+	var resp struct {
+		Results []struct {
+			Status struct {
+				Code int `json:"code"`
+			} `json:"status"`
+			Entry struct {
+				ID string `json:"id"`
+			} `json:"entry"`
+		} `json:"results"`
+	}
+	if err := json.Unmarshal(out, &resp); err != nil {
+		t.Fatalf("spiretest: parsing entry create output %q: %v", out, err)
+	}
+	if len(resp.Results) != 1 || resp.Results[0].Status.Code != 0 || resp.Results[0].Entry.ID == "" {
+		t.Fatalf("spiretest: entry create failed: %s", out)
+	}
+	return resp.Results[0].Entry.ID
+}
+
 // DeleteEntry deletes a registration entry.
 func (s *SPIRE) DeleteEntry(t testing.TB, entryID string) {
 	t.Helper()

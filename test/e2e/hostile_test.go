@@ -209,6 +209,25 @@ func TestHostileAnnotations(t *testing.T) {
 		{"agent address traversal to the node's socket", "- cert_dir: /certs\n  spire_agent_address: " + filepath.Dir(e.spire.AdminSocket) + "/../admin/admin.sock\n", []string{"spire_agent_address", "is not allowed"}},
 		{"agent address host path", "- cert_dir: /certs\n  spire_agent_address: " + hostDir + "/etc/passwd\n", []string{"spire_agent_address", "is not allowed"}},
 		{"agent address control", "- cert_dir: /certs\n  spire_agent_address: \"" + e.spire.AdminSocket + "\\n\"\n", []string{"must be plain text"}},
+		// JWT-SVIDs: file names like the others, audiences bounded, and
+		// never a token of an identity the agent did not return.
+		{"jwt_svid_file_name traversal", "- cert_dir: /certs\n  jwt_svids:\n  - {jwt_audience: a, jwt_svid_file_name: ../../" + hostDir + "/tok}\n", []string{"jwt_svid_file_name", "must not contain '/'"}},
+		{"jwt_svid_file_name absolute", "- cert_dir: /certs\n  jwt_svids:\n  - {jwt_audience: a, jwt_svid_file_name: /etc/shadow}\n", []string{"jwt_svid_file_name", "must not contain '/'"}},
+		{"jwt_svid_file_name ..data", "- cert_dir: /certs\n  jwt_svids:\n  - {jwt_audience: a, jwt_svid_file_name: ..data}\n", []string{"jwt_svid_file_name", "is reserved"}},
+		{"jwt_svid_file_name over the key", "- cert_dir: /certs\n  jwt_svids:\n  - {jwt_audience: a, jwt_svid_file_name: svid_key.pem}\n", []string{"jwt_svid_file_name", "already the name of another file"}},
+		{"jwt_bundle_file_name traversal", "- cert_dir: /certs\n  jwt_bundle_file_name: ../../" + hostDir + "/b.json\n", []string{"jwt_bundle_file_name", "must not contain '/'"}},
+		{"jwt_audience newline", "- cert_dir: /certs\n  jwt_svids:\n  - {jwt_audience: \"a\\nb\", jwt_svid_file_name: t}\n", []string{"audience", "holds '\\n'"}},
+		{"jwt_audience quote and space", "- cert_dir: /certs\n  jwt_svids:\n  - {jwt_audience: 'a\" b', jwt_svid_file_name: t}\n", []string{"audience", "holds '\"'"}},
+		{"jwt_audience binary", "- cert_dir: /certs\n  jwt_svids:\n  - {jwt_audience: !!binary " + base64.StdEncoding.EncodeToString([]byte("a\x00\xff")) + ", jwt_svid_file_name: t}\n", []string{"audience", "holds"}},
+		{"jwt_audience over 256", "- cert_dir: /certs\n  jwt_svids:\n  - {jwt_audience: " + long(300) + ", jwt_svid_file_name: t}\n", []string{"longer than 256 bytes"}},
+		{"nine audiences", "- cert_dir: /certs\n  jwt_svids:\n  - {jwt_audience: a, jwt_extra_audiences: [b, c, d, e, f, g, h, i], jwt_svid_file_name: t}\n", []string{"9 audiences, more than the 8 allowed"}},
+		{"nine JWT-SVIDs", "- cert_dir: /certs\n  jwt_svids:\n" + strings.Repeat("  - {jwt_audience: a, jwt_svid_file_name: t}\n", 9), []string{"9 JWT-SVIDs, more than the 8 allowed"}},
+		{"JWT-SVID of another workload", "- cert_dir: /certs\n  spiffe_id: " + workloadID + "\n  jwt_svids:\n  - {jwt_audience: a, jwt_svid_file_name: t}\n", []string{"spiffe_id " + workloadID + " is not among the identities the agent returned"}},
+		// renew_signal: only the four reload signals.
+		{"renew_signal SIGKILL", "- cert_dir: /certs\n  renew_signal: SIGKILL\n", []string{"renew_signal \"SIGKILL\" is not allowed"}},
+		{"renew_signal SIGTERM", "- cert_dir: /certs\n  renew_signal: SIGTERM\n", []string{"renew_signal \"SIGTERM\" is not allowed"}},
+		{"renew_signal number", "- cert_dir: /certs\n  renew_signal: 9\n", []string{"renew_signal \"9\" is not allowed"}},
+		{"renew_signal control", "- cert_dir: /certs\n  renew_signal: \"SIGHUP\\n\"\n", []string{"renew_signal must be one of"}},
 		// Size.
 		{"value over 64 KiB", "- cert_dir: /" + long(70000) + "\n", []string{"more than the 65536 allowed"}},
 		{"cert_dir over 1 KiB", "- cert_dir: /" + long(2000) + "\n", []string{"cert_dir is longer than 1024 bytes"}},
