@@ -524,36 +524,14 @@ func (s *SPIRE) CreateEntry(t testing.TB, spiffeID string, selectors []string, x
 // holders get those domains' bundles too.
 func (s *SPIRE) CreateFederatedEntry(t testing.TB, spiffeID string, selectors []string, x509TTL time.Duration, federatesWith ...string) string {
 	t.Helper()
-	args := []string{"entry", "create", "-socketPath", s.ServerSocket,
-		"-parentID", s.AgentID, "-spiffeID", spiffeID, "-output", "json"}
+	var extra []string
 	for _, td := range federatesWith {
-		args = append(args, "-federatesWith", "spiffe://"+td)
-	}
-	for _, sel := range selectors {
-		args = append(args, "-selector", sel)
+		extra = append(extra, "-federatesWith", "spiffe://"+td)
 	}
 	if x509TTL > 0 {
-		args = append(args, "-x509SVIDTTL", strconv.Itoa(int(x509TTL/time.Second)))
+		extra = append(extra, "-x509SVIDTTL", strconv.Itoa(int(x509TTL/time.Second)))
 	}
-	out := s.ServerCLI(t, args...)
-	var resp struct {
-		Results []struct {
-			Status struct {
-				Code    int    `json:"code"`
-				Message string `json:"message"`
-			} `json:"status"`
-			Entry struct {
-				ID string `json:"id"`
-			} `json:"entry"`
-		} `json:"results"`
-	}
-	if err := json.Unmarshal(out, &resp); err != nil {
-		t.Fatalf("spiretest: parsing entry create output %q: %v", out, err)
-	}
-	if len(resp.Results) != 1 || resp.Results[0].Status.Code != 0 || resp.Results[0].Entry.ID == "" {
-		t.Fatalf("spiretest: entry create failed: %s", out)
-	}
-	return resp.Results[0].Entry.ID
+	return s.CreateEntryArgs(t, spiffeID, selectors, extra...)
 }
 
 // CreateEntryArgs is CreateEntry with further `spire-server entry create`
@@ -569,7 +547,8 @@ func (s *SPIRE) CreateEntryArgs(t testing.TB, spiffeID string, selectors []strin
 	var resp struct {
 		Results []struct {
 			Status struct {
-				Code int `json:"code"`
+				Code    int    `json:"code"`
+				Message string `json:"message"`
 			} `json:"status"`
 			Entry struct {
 				ID string `json:"id"`

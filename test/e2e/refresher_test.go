@@ -81,20 +81,7 @@ func (e *env) startWatcher(t *testing.T) *watcher {
 	b := newBundle(t, []string{"/bin/sh", "-c", script})
 	b.AddAnnotation(annotation, "- cert_dir: /certs\n")
 	b.Config.Hooks = &rspec.Hooks{CreateRuntime: []rspec.Hook{e.hook(e.config)}}
-	b.save(t)
-	out := filepath.Join(b.dir, "out")
-	f, err := os.Create(out)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	root := filepath.Join(b.dir, "runc-root")
-	cmd := exec.Command("runc", "--root", root, "run", "--detach", "--bundle", b.dir, b.id)
-	cmd.Stdout, cmd.Stderr = f, f
-	if err := cmd.Run(); err != nil {
-		t.Fatalf("runc run --detach: %v: %s", err, readFile(out))
-	}
-	t.Cleanup(func() { exec.Command("runc", "--root", root, "delete", "--force", b.id).Run() })
+	out := e.runDetached(t, b)
 	return &watcher{b: b, out: out}
 }
 
