@@ -10,6 +10,7 @@ LIBEXECDIR ?= $(PREFIX)/libexec
 DATADIR ?= $(PREFIX)/share
 SYSCONFDIR ?= /etc
 UNITDIR ?= $(PREFIX)/lib/systemd/system
+TMPFILESDIR ?= $(PREFIX)/lib/tmpfiles.d
 HOOK_DIR ?= $(LIBEXECDIR)/oci/hooks.d
 HOOKS_JSON_DIR ?= $(DATADIR)/containers/oci/hooks.d
 DOCDIR ?= $(DATADIR)/doc/spiffe-oci-hook
@@ -126,6 +127,7 @@ install.nobuild:
 	sed '$(UNIT_SED)' refresher/spiffe-oci-refresher.service > $(DESTDIR)$(UNITDIR)/spiffe-oci-refresher.service
 	grep -qF 'ExecStart=$(BINDIR)/spiffe-oci-refresher --config $(CONFDIR)/config.yaml' $(DESTDIR)$(UNITDIR)/spiffe-oci-refresher.service || { echo "install: unit: ExecStart not rendered" >&2; exit 1; }
 	chmod 0644 $(DESTDIR)$(UNITDIR)/spiffe-oci-refresher.service
+	install -D -m 0644 tmpfiles.d/spiffe-oci-hook.conf $(DESTDIR)$(TMPFILESDIR)/spiffe-oci-hook.conf
 	install -d -m 0755 $(DESTDIR)$(CONFDIR)
 	[ -e $(DESTDIR)$(CONFDIR)/config.yaml ] || install -m 0644 deploy/config.yaml $(DESTDIR)$(CONFDIR)/config.yaml
 	install -d -m 0755 $(DESTDIR)$(DOCDIR) $(DESTDIR)$(LICENSEDIR)
@@ -133,6 +135,8 @@ install.nobuild:
 	install -m 0644 $(LICENSES) $(DESTDIR)$(LICENSEDIR)/
 
 # The JSON goes first, so that no runtime runs a hook being removed. The
+# state directory (/run/spiffe-oci-hook, tmpfs) is left to running
+# containers and goes at the next boot. The
 # node config stays (an admin may have edited it): remove $(CONFDIR) by
 # hand. Stop the service first: systemctl disable --now spiffe-oci-refresher
 uninstall:
@@ -140,6 +144,7 @@ uninstall:
 	rm -f $(DESTDIR)$(HOOK_DIR)/spiffe-oci-hook
 	rm -f $(DESTDIR)$(BINDIR)/spiffe-oci-refresher
 	rm -f $(DESTDIR)$(UNITDIR)/spiffe-oci-refresher.service
+	rm -f $(DESTDIR)$(TMPFILESDIR)/spiffe-oci-hook.conf
 	rm -f $(addprefix $(DESTDIR)$(DOCDIR)/,$(notdir $(DOCS))) $(addprefix $(DESTDIR)$(LICENSEDIR)/,$(notdir $(LICENSES)))
 	rmdir $(DESTDIR)$(DOCDIR) $(DESTDIR)$(LICENSEDIR) 2>/dev/null || :
 	@echo "uninstall: left $(DESTDIR)$(CONFDIR)/config.yaml in place"
