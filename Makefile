@@ -67,17 +67,18 @@ bin/spiffe-oci-nri: FORCE
 FORCE:
 
 # Everything, on a fresh machine: packages, pinned SPIRE, unit and
-# end-to-end tests (real runc, Podman and SPIRE; needs root).
+# end-to-end tests (real runc, Podman and SPIRE; needs root), and the
+# systemd node (test/systemd: the unit under a real systemd).
 test: test-deps spire build test-fuzz
 	$(GO) vet ./...
 	@unformatted=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$unformatted" ]; then echo "gofmt needed: $$unformatted"; exit 1; fi
-	SPIRE_BIN_DIR=$(SPIRE_BIN_DIR) $(GO) test -count=1 -timeout 30m ./...
+	SPIFFE_OCI_SYSTEMD=1 SPIRE_BIN_DIR=$(SPIRE_BIN_DIR) $(GO) test -count=1 -timeout 30m ./...
 
 # The shipped unit, SPIRE and Quadlet-style Podman services under a real
 # systemd: PID 1 of a privileged Podman container on this machine's root
 # (an overlay), where `make install.nobuild PREFIX=/usr` installs the built
 # binaries. Needs root; leaves the host's cgroup tree as it found it.
-# .ci/run runs it after `make test`.
+# About a minute; `make test` runs it too.
 test-systemd: test-deps spire build
 	SPIFFE_OCI_SYSTEMD=1 SPIRE_BIN_DIR=$(SPIRE_BIN_DIR) $(GO) test -count=1 -timeout 20m -v -run '^TestSystemdNode$$' ./test/systemd
 

@@ -9,9 +9,9 @@
 // create perf_event, net_cls, net_prio, cpu,cpuacct and net_cls,net_prio on
 // the host's tmpfs, which breaks crun on the host until they are removed.
 // The cgroups it creates sit under the container's own cgroup, which Podman
-// removes with the container; the few that escape (nested runc computes
-// machine.slice against the v2 root) are removed at cleanup, and the test
-// fails if the host's cgroup tree is not as it found it.
+// removes with the container; those that escape to the v2 root (see
+// restoreCgroups) are removed at cleanup, and the test fails if it cannot
+// put the host's cgroup tree back as it found it.
 package systemd
 
 import (
@@ -38,6 +38,11 @@ import (
 )
 
 const cgroupRoot = "/sys/fs/cgroup"
+
+// nodeTops are the names the node creates at the v2 root (see
+// restoreCgroups).
+var nodeTops = []string{"machine.slice", "systemd", "blkio", "cpu", "cpuacct", "cpuset", "devices", "freezer",
+	"hugetlb", "memory", "pids", "perf_event", "net_cls", "net_prio", "net_cls,net_prio", "cpu,cpuacct", "misc", "rdma"}
 
 // node is the systemd container.
 type node struct {
@@ -163,7 +168,8 @@ func bootNode(t *testing.T, mounts map[string]string) *node {
 		t.Fatalf("podman run (systemd): %v\n%s", err, out)
 	}
 	n.id = strings.TrimSpace(string(out))
-	state, err := n.shTimeout(2*time.Minute, "systemctl is-system-running --wait")
+	// The first exec can come before systemd listens on its bus.
+	state, err := n.shTimeout(2*time.Minute, `i=0; until [ -S /run/systemd/private ] || [ $i -ge 120 ]; do i=$((i+1)); sleep 0.5; done; systemctl is-system-running --wait`)
 	state = strings.TrimSpace(state)
 	if state != "running" && state != "degraded" {
 		logs, _ := exec.Command(n.podman[0], append(n.podman[1:], "logs", n.name)...).CombinedOutput()
@@ -293,12 +299,16 @@ func (n *node) restoreCgroups() {
 		if _, ok := b.v2Dirs[p]; ok {
 			return nil
 		}
-		// Only what is certainly the node's: its own cgroup, and what
-		// systemd-managed Podman inside creates at the v2 root (this host
-		// has no systemd of its own). Other runtimes on this host create
-		// cgroups at any time; those are not touched.
+		// Only what is certainly the node's: its own cgroup; machine.slice,
+		// where runc's systemd driver inside puts containers (this host has
+		// no systemd of its own); and v1 controller names at the v2 root,
+		// where Podman inside, reading the v1 lines of /proc/self/cgroup
+		// against a cgroup2 /sys/fs/cgroup, moves itself to a "runtime"
+		// cgroup. Other runtimes on this host create cgroups at any time;
+		// those are not touched.
 		rel := strings.TrimPrefix(p, b.v2+"/")
-		if strings.Contains(rel, n.id) || rel == "machine.slice" || strings.HasPrefix(rel, "machine.slice/") || rel == "systemd" {
+		top, _, _ := strings.Cut(rel, "/")
+		if strings.Contains(rel, n.id) || slices.Contains(nodeTops, top) {
 			leaked = append(leaked, p)
 		}
 		return nil
@@ -320,7 +330,7 @@ func (n *node) restoreCgroups() {
 		}
 	}
 	if len(leaked) > 0 {
-		t.Logf("removed cgroups the node left: %q", leaked)
+		t.Logf("removed %d cgroups the node left in the v2 hierarchy", len(leaked))
 	}
 
 	entries, _ := os.ReadDir(cgroupRoot)

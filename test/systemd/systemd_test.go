@@ -46,14 +46,13 @@ runroot = "/run/soh-node/storage"
 `
 
 // quadletUnit is the service Quadlet (Podman ≥ 4.4) generates for a
-// NAME.container file with Rootfs=, Network=none and an Annotation=; only
-// the cgroups mode varies. The container prints its SPIFFE ID as its first
+// NAME.container file with Rootfs=, Network=none and an Annotation= (less
+// SourcePath=, as there is no such file here); only the cgroups mode varies. The container prints its SPIFFE ID as its first
 // act, then waits.
 func quadletUnit(name, cgroups string) string {
 	return `[Unit]
 Description=` + name + ` (as Quadlet generates it from ` + name + `.container)
 After=spire-agent.service spiffe-oci-refresher.service
-SourcePath=/etc/containers/systemd/` + name + `.container
 RequiresMountsFor=%t/containers
 
 [Service]
@@ -198,7 +197,8 @@ func TestSystemdNode(t *testing.T) {
 	t.Run("a container that exits is forgotten", func(t *testing.T) {
 		id := strings.TrimSpace(n.must("podman inspect -f '{{.Id}}' systemd-db"))
 		n.must("systemctl stop db")
-		n.must(waitFor(20, "journalctl -u spiffe-oci-refresher -o cat | grep -E 'msg=\"(forgot container|removed container state)\" container="+id+"'"))
+		out := n.must(waitFor(20, "journalctl -u spiffe-oci-refresher -o cat | grep -E 'msg=\"(forgot container|removed container state)\" container="+id+"'"))
+		t.Logf("refresher: %s", strings.TrimSpace(out))
 		if out, _ := n.sh("ls " + stateDir + "/records"); strings.Contains(out, id) {
 			t.Errorf("db's record is still in the state directory: %s", out)
 		}
