@@ -103,6 +103,9 @@ func TestUnitDirectives(t *testing.T) {
 		"RestrictNamespaces":      "yes",
 		"SystemCallArchitectures": "native",
 		"MemoryDenyWriteExecute":  "yes",
+		// Every /proc/PID stays visible; test/systemd runs it this way.
+		"ProcSubset":    "pid",
+		"IPAddressDeny": "any",
 		// systemd creates the state directory before it builds the
 		// sandbox, makes it writable there, and never removes it.
 		"RuntimeDirectory":         strings.TrimPrefix(def.StateDir, "/run/"),
@@ -125,7 +128,7 @@ func TestUnitDirectives(t *testing.T) {
 	if !strings.HasPrefix(def.StateDir, "/run/") {
 		t.Errorf("default state_dir %s is not under /run: RuntimeDirectory= cannot name it", def.StateDir)
 	}
-	for _, key := range []string{"AmbientCapabilities", "PrivatePIDs", "ProcSubset", "DynamicUser"} {
+	for _, key := range []string{"AmbientCapabilities", "PrivatePIDs", "DynamicUser"} {
 		if v, ok := svc[key]; ok {
 			t.Errorf("%s=%q: must not be set", key, v)
 		}

@@ -15,9 +15,10 @@ const (
 	stateDir   = "/run/spiffe-oci-hook"
 	annotation = "identity.noderesource.dev/container"
 	// Flow style: Podman 4.3 keeps only the first line of an --annotation.
-	delivery = "[{cert_dir: /certs}]"
-	svidTTL  = 30 * time.Second
-	unitPath = "/usr/lib/systemd/system/spiffe-oci-refresher.service"
+	delivery   = "[{cert_dir: /certs}]"
+	dbDelivery = "[{cert_dir: /certs, svid_bundle_file_name: ca.pem}]"
+	svidTTL    = 30 * time.Second
+	unitPath   = "/usr/lib/systemd/system/spiffe-oci-refresher.service"
 )
 
 // printID is a busybox script printing the SPIFFE ID of the first
@@ -47,9 +48,10 @@ runroot = "/run/soh-node/storage"
 
 // quadletUnit is the service Quadlet (Podman ≥ 4.4) generates for a
 // NAME.container file with Rootfs=, Network=none and an Annotation= (less
-// SourcePath=, as there is no such file here); only the cgroups mode varies. The container prints its SPIFFE ID as its first
-// act, then waits.
-func quadletUnit(name, cgroups string) string {
+// SourcePath=, as there is no such file here); the cgroups mode and the
+// annotation vary. The container prints its SPIFFE ID as its first act,
+// then waits.
+func quadletUnit(name, cgroups, annotationArg string) string {
 	return `[Unit]
 Description=` + name + ` (as Quadlet generates it from ` + name + `.container)
 After=spire-agent.service spiffe-oci-refresher.service
@@ -64,7 +66,7 @@ Delegate=yes
 Type=notify
 NotifyAccess=all
 SyslogIdentifier=%N
-ExecStart=/usr/bin/podman run --name=systemd-%N --cidfile=%t/%N.cid --replace --rm --cgroups=` + cgroups + ` --network=none --sdnotify=conmon -d "--annotation=` + annotation + `=` + delivery + `" --rootfs /srv/soh/` + name + ` /bin/sh -c "echo ` + name + `: $$(` + "sh /print-id" + `); exec sleep 100000"
+ExecStart=/usr/bin/podman run --name=systemd-%N --cidfile=%t/%N.cid --replace --rm --cgroups=` + cgroups + ` --network=none --sdnotify=conmon -d ` + annotationArg + ` --rootfs /srv/soh/` + name + ` /bin/sh -c "echo ` + name + `: $$(` + "sh /print-id" + `); exec sleep 100000"
 
 [Install]
 WantedBy=multi-user.target default.target
@@ -129,9 +131,13 @@ func TestSystemdNode(t *testing.T) {
 		n.must("r=/srv/soh/" + svc + "; mkdir -p $r/bin $r/proc $r/sys $r/dev $r/tmp $r/etc && cp /bin/busybox $r/bin/ && " +
 			"for a in sh sleep cat ls sed grep base64 od awk echo; do ln -sf busybox $r/bin/$a; done && cp /print-id $r/print-id")
 	}
-	n.write("/etc/systemd/system/web.service", quadletUnit("web", "split"), 0o644)
-	n.write("/etc/systemd/system/db.service", quadletUnit("db", "split"), 0o644)
-	n.write("/etc/systemd/system/api.service", quadletUnit("api", "enabled"), 0o644)
+	plain := `"--annotation=` + annotation + `=` + delivery + `"`
+	n.write("/etc/systemd/system/web.service", quadletUnit("web", "split", plain), 0o644)
+	// Two fields need a comma, which Podman 4.3 splits on unless the whole
+	// KEY=VALUE is one quoted CSV field (\" is a quote inside systemd's
+	// double quotes).
+	n.write("/etc/systemd/system/db.service", quadletUnit("db", "split", `"--annotation=\"`+annotation+`=`+dbDelivery+`\""`), 0o644)
+	n.write("/etc/systemd/system/api.service", quadletUnit("api", "enabled", plain), 0o644)
 	n.must("systemctl daemon-reload")
 
 	t.Run("each service's container reads its own identity first", func(t *testing.T) {
@@ -140,6 +146,9 @@ func TestSystemdNode(t *testing.T) {
 			want := svc + ": spiffe://" + trustDomain + "/" + svc
 			out := n.must(waitFor(20, "podman logs systemd-"+svc+" | grep -x '"+want+"'"))
 			t.Logf("%s", strings.TrimSpace(out))
+		}
+		if out := n.must("podman exec systemd-db ls /certs"); !strings.Contains(out, "ca.pem") {
+			t.Errorf("db's second field (svid_bundle_file_name: ca.pem) was lost: /certs holds %s", out)
 		}
 	})
 	if t.Failed() {
