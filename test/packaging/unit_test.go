@@ -62,9 +62,10 @@ func TestUnitVerify(t *testing.T) {
 	}
 
 	// Exposure 0 (locked down) .. 10 (unprotected): the hardening directives
-	// hold it at about 1.7; 2.5 leaves room for systemd's scoring to move.
-	if out, ok := systemdAnalyze(t, "security", "--offline=true", "--threshold=25", copyPath); !ok {
-		t.Errorf("systemd-analyze security: exposure above 2.5:\n%s", out)
+	// hold it at 1.4 with systemd 252; 2.0 leaves room for systemd's scoring
+	// to move. (test/systemd checks the refresher still works under it.)
+	if out, ok := systemdAnalyze(t, "security", "--offline=true", "--threshold=20", copyPath); !ok {
+		t.Errorf("systemd-analyze security: exposure above 2.0:\n%s", out)
 	}
 }
 
