@@ -132,7 +132,9 @@ func TestSystemdNode(t *testing.T) {
 			"for a in sh sleep cat ls sed grep base64 od awk echo; do ln -sf busybox $r/bin/$a; done && cp /print-id $r/print-id")
 	}
 	plain := `"--annotation=` + annotation + `=` + delivery + `"`
-	n.write("/etc/systemd/system/web.service", quadletUnit("web", "split", plain), 0o644)
+	// web runs as uid 1000 (Quadlet's User=): its files must stay that
+	// uid's through rotations and refresher restarts.
+	n.write("/etc/systemd/system/web.service", quadletUnit("web", "split", "--user=1000:1000 "+plain), 0o644)
 	// Two fields need a comma, which Podman 4.3 splits on unless the whole
 	// KEY=VALUE is one quoted CSV field (\" is a quote inside systemd's
 	// double quotes).
@@ -196,6 +198,9 @@ func TestSystemdNode(t *testing.T) {
 
 	t.Run("restart keeps serving with no file lost", func(t *testing.T) {
 		before := listCerts(t, n)
+		if !strings.Contains(before, "svid_key.pem") || !regexp.MustCompile(`-rw------- 1000 1000 svid_key.pem`).MatchString(before) {
+			t.Errorf("web (uid 1000) does not own its key:\n%s", before)
+		}
 		n.must("systemctl restart spiffe-oci-refresher && systemctl is-active spiffe-oci-refresher")
 		if after := listCerts(t, n); after != before {
 			t.Errorf("files after restart:\n%s\nbefore:\n%s", after, before)
@@ -291,11 +296,12 @@ func waitRotation(t *testing.T, n *node, svc string) {
 			return
 		}
 	}
-	t.Errorf("%s: no new certificate within %s (TTL %s)", svc, 2*svidTTL, svidTTL)
+	journal, _ := n.sh("journalctl -u spiffe-oci-refresher -o cat | tail -n 20; echo ==== agent; journalctl -u spire-agent -o cat | grep -iE 'error|warn|web' | tail -n 15; echo ==== state; find /run/spiffe-oci-hook -exec ls -ld --time-style=+%T {} + | tail -n 30")
+	t.Errorf("%s: no new certificate within %s (TTL %s); the refresher's journal ends:\n%s", svc, 2*svidTTL, svidTTL, journal)
 }
 
 // listCerts lists the files each running service's container sees.
 func listCerts(t *testing.T, n *node) string {
 	t.Helper()
-	return n.must("for c in web db; do echo $c; podman exec systemd-$c ls -l /certs | awk '{print $1, $3, $4, $NF}'; done")
+	return n.must("for c in web db; do echo $c; podman exec systemd-$c ls -lL /certs | awk '{print $1, $3, $4, $NF}'; done")
 }
