@@ -13,6 +13,11 @@ command -v rpmbuild >/dev/null || need+=(rpm)
 command -v systemd-analyze >/dev/null || need+=(systemd)
 # nginx: a real application that reloads its TLS files on SIGHUP (renew_signal).
 [ -x /usr/sbin/nginx ] || need+=(nginx)
+# make test-systemd: systemd as PID 1 of a container on this root, and the
+# system bus that SPIRE's systemd workload attestor asks.
+[ -x /lib/systemd/systemd ] || need+=(systemd)
+command -v dbus-daemon >/dev/null || need+=(dbus)
+command -v make >/dev/null || need+=(make)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "test/deps.sh: missing ${need[*]}; run as root or install them" >&2

@@ -75,7 +75,11 @@ func (p *Process) FD() int { return p.fd }
 func (p *Process) Alive() error {
 	err := unix.PidfdSendSignal(p.fd, 0, nil, 0)
 	switch {
-	case err == nil:
+	// EPERM: the process exists (the kernel finds it before it checks the
+	// permission to signal it), but this caller may not signal it. That is
+	// the refresher under its unit, which keeps no CAP_KILL, watching a
+	// container that runs as another uid.
+	case err == nil, errors.Is(err, unix.EPERM):
 		return nil
 	case errors.Is(err, unix.ESRCH):
 		return fmt.Errorf("pid %d: %w", p.PID, ErrGone)

@@ -201,6 +201,11 @@ func (c *container) follow(ctx context.Context, updates chan<- *agent.X509SVIDs,
 		// process is alive now, it was alive then, so the pid was still
 		// ours: a reused pid never gets an identity written here.
 		if err := c.proc.Alive(); err != nil {
+			// Gone: the exit watcher forgets the container. Anything
+			// else would stop its rotation silently: say so.
+			if !errors.Is(err, process.ErrGone) {
+				c.r.log.Error("checking container process; not writing its files", "container", c.rec.ID, "error", err)
+			}
 			<-ctx.Done()
 			return ctx.Err()
 		}
