@@ -72,11 +72,13 @@ FORCE:
 # Everything, on a fresh machine: packages, pinned SPIRE, CRI-O, containerd
 # and crictl, unit and end-to-end tests (real runc, Podman, CRI-O,
 # containerd and SPIRE; needs root), and the systemd node (test/systemd:
-# the unit under a real systemd).
+# the unit under a real systemd). -p 1: one test package at a time, so
+# that the runtimes, SPIRE instances and the systemd node of different
+# packages never share this machine's two cores or its cgroup tree.
 test: test-deps spire cri-tools build test-fuzz
 	$(GO) vet ./...
 	@unformatted=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$unformatted" ]; then echo "gofmt needed: $$unformatted"; exit 1; fi
-	SPIFFE_OCI_SYSTEMD=1 SPIRE_BIN_DIR=$(SPIRE_BIN_DIR) $(GO) test -count=1 -timeout 30m ./...
+	SPIFFE_OCI_SYSTEMD=1 SPIRE_BIN_DIR=$(SPIRE_BIN_DIR) $(GO) test -p 1 -count=1 -timeout 30m ./...
 
 # The shipped unit, SPIRE and Quadlet-style Podman services under a real
 # systemd: PID 1 of a privileged Podman container on this machine's root
@@ -97,7 +99,7 @@ test-unit:
 	$(GO) test -count=1 -short ./internal/...
 
 test-integration: test-deps spire cri-tools build
-	SPIFFE_OCI_SYSTEMD=1 SPIRE_BIN_DIR=$(SPIRE_BIN_DIR) $(GO) test -count=1 -timeout 30m ./test/...
+	SPIFFE_OCI_SYSTEMD=1 SPIRE_BIN_DIR=$(SPIRE_BIN_DIR) $(GO) test -p 1 -count=1 -timeout 30m ./test/...
 
 test-deps:
 	test/deps.sh
