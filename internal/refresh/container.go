@@ -262,6 +262,10 @@ func (c *container) write(ctx context.Context) (ok bool) {
 		return true
 	}
 	ok = true
+	// clean: every delivery is as it should be. A delivery only a new
+	// update can fix is not retried (ok stays true) but is not clean
+	// either: its trouble stays reported until a write succeeds.
+	clean := true
 	var signals []string // renew_signal of each delivery rewritten
 	defer func() { c.signal(signals) }()
 	for i, d := range c.rec.Deliveries {
@@ -269,12 +273,14 @@ func (c *container) write(ctx context.Context) (ok bool) {
 		if err != nil {
 			// Only a new update can fix this one; no retry.
 			c.reportWrite(fmt.Errorf("delivery %d (%s): %w; keeping the current files", i, d.CertDir, err), err.Error())
+			clean = false
 			continue
 		}
 		names := d.Names()
 		fs, err := files.Identity(names, svid, bundles, c.svids.FederatesWith)
 		if err != nil {
 			c.reportWrite(err, err.Error())
+			clean = false
 			continue
 		}
 		dir := c.r.store.DeliveryDir(c.rec.ID, i)
@@ -283,6 +289,7 @@ func (c *container) write(ctx context.Context) (ok bool) {
 			if err != nil {
 				// A new token or bundle brings the next try.
 				c.reportWrite(fmt.Errorf("delivery %d (%s): %w; keeping the current files", i, d.CertDir, err), err.Error())
+				clean = false
 				continue
 			}
 			fs = append(fs, jfs...)
@@ -304,7 +311,7 @@ func (c *container) write(ctx context.Context) (ok bool) {
 			// The kind is the errno, not the message, which names a new
 			// generation directory every time.
 			c.reportWrite(fmt.Errorf("writing %s: %w; keeping the current files and retrying", dir, err), errnoKind(err))
-			ok = false
+			ok, clean = false, false
 			continue
 		}
 		c.written[i] = sum
@@ -322,7 +329,7 @@ func (c *container) write(ctx context.Context) (ok bool) {
 			c.r.OnWrite(c.rec.ID, i)
 		}
 	}
-	if ok {
+	if clean {
 		c.reportWrite(nil, "")
 	}
 	return ok

@@ -1,6 +1,7 @@
 package refresh
 
 import (
+	"bytes"
 	"context"
 	"crypto/x509"
 	"encoding/pem"
@@ -8,10 +9,12 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/noderesource/spiffe-oci-hook/internal/metrics"
 	"github.com/noderesource/spiffe-oci-hook/internal/record"
@@ -178,5 +181,38 @@ func TestServer(t *testing.T) {
 	}
 	if _, err := metrics.Listen(socket, "", r.Metrics, r.Report, log); err == nil {
 		t.Error("a second server took over a socket in use")
+	}
+}
+
+// TestDeliveryErrorStaysReported: a delivery the refresher cannot render
+// (its spiffe_id is no longer among the agent's SVIDs) stays in the report
+// and is logged once, not followed at once by a false "written again".
+func TestDeliveryErrorStaysReported(t *testing.T) {
+	n := newNode(t)
+	p := n.workloadProcess()
+	pinned := classic
+	pinned.SPIFFEID = workload.String()
+	id := n.deliverDelivery(p.Process.Pid, true, pinned)
+	r, _ := n.start()
+	eventually(t, 5*time.Second, "served", func() bool { return r.Count() == 1 })
+	before := n.cert(id)
+	n.agent.Set(p.Process.Pid, spiffeid.RequireFromString("spiffe://example.org/other"))
+	eventually(t, 5*time.Second, "the delivery's trouble logged", func() bool {
+		return strings.Contains(n.logs.String(), "container files")
+	})
+	n.agent.Rotate()
+	time.Sleep(300 * time.Millisecond)
+	if c := r.Report().Containers[0]; !strings.Contains(c.Error, workload.String()) {
+		t.Errorf("report error %q, want the missing %s", c.Error, workload)
+	}
+	logs := n.logs.String()
+	if strings.Contains(logs, "container files written again") {
+		t.Errorf("a delivery that was not written was logged as written again:\n%s", logs)
+	}
+	if c := strings.Count(logs, `msg="container files"`); c != 1 {
+		t.Errorf("the delivery's trouble logged %d times, want once:\n%s", c, logs)
+	}
+	if !bytes.Equal(n.cert(id), before) {
+		t.Error("the files changed")
 	}
 }
