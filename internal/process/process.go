@@ -76,9 +76,9 @@ func (p *Process) Alive() error {
 	err := unix.PidfdSendSignal(p.fd, 0, nil, 0)
 	switch {
 	// EPERM: the process exists (the kernel finds it before it checks the
-	// permission to signal it), but this caller may not signal it. That is
-	// the refresher under its unit, which keeps no CAP_KILL, watching a
-	// container that runs as another uid.
+	// permission to signal it), but this caller may not signal it: a
+	// caller without CAP_KILL (a refresher whose unit a drop-in narrowed)
+	// watching a container that runs as another uid.
 	case err == nil, errors.Is(err, unix.EPERM):
 		return nil
 	case errors.Is(err, unix.ESRCH):

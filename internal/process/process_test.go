@@ -130,8 +130,8 @@ func TestAliveAfterExit(t *testing.T) {
 }
 
 // TestAliveWithoutPermission: a caller that may not signal the process (no
-// CAP_KILL, another uid: the refresher under its unit and a container
-// running as uid 1000) still sees it alive, and pins it.
+// CAP_KILL, another uid: a refresher whose unit lost CAP_KILL and a
+// container running as uid 1000) still sees it alive, and pins it.
 func TestAliveWithoutPermission(t *testing.T) {
 	if pid := os.Getenv("PROCESS_TEST_PID"); pid != "" {
 		n, _ := strconv.Atoi(pid)

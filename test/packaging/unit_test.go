@@ -118,7 +118,7 @@ func TestUnitDirectives(t *testing.T) {
 		}
 	}
 	caps := strings.Fields(one("CapabilityBoundingSet"))
-	if want := []string{"CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER"}; !slices.Equal(sorted(caps), want) {
+	if want := []string{"CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_KILL"}; !slices.Equal(sorted(caps), want) {
 		t.Errorf("CapabilityBoundingSet %q, want %q", caps, want)
 	}
 	// It runs as root (chown), holds no ambient extras, and must see every

@@ -15,10 +15,13 @@ const (
 	stateDir   = "/run/spiffe-oci-hook"
 	annotation = "identity.noderesource.dev/container"
 	// Flow style: Podman 4.3 keeps only the first line of an --annotation.
-	delivery   = "[{cert_dir: /certs}]"
-	dbDelivery = "[{cert_dir: /certs, svid_bundle_file_name: ca.pem}]"
-	svidTTL    = 30 * time.Second
-	unitPath   = "/usr/lib/systemd/system/spiffe-oci-refresher.service"
+	delivery = "[{cert_dir: /certs}]"
+	// web (uid 1000) also asks for a renew_signal: the refresher must be
+	// allowed to signal another uid's process (CAP_KILL).
+	webDelivery = "[{cert_dir: /certs, renew_signal: SIGHUP}]"
+	dbDelivery  = "[{cert_dir: /certs, svid_bundle_file_name: ca.pem}]"
+	svidTTL     = 30 * time.Second
+	unitPath    = "/usr/lib/systemd/system/spiffe-oci-refresher.service"
 )
 
 // printID is a busybox script printing the SPIFFE ID of the first
@@ -134,10 +137,10 @@ func TestSystemdNode(t *testing.T) {
 	plain := `"--annotation=` + annotation + `=` + delivery + `"`
 	// web runs as uid 1000 (Quadlet's User=): its files must stay that
 	// uid's through rotations and refresher restarts.
-	n.write("/etc/systemd/system/web.service", quadletUnit("web", "split", "--user=1000:1000 "+plain), 0o644)
 	// Two fields need a comma, which Podman 4.3 splits on unless the whole
 	// KEY=VALUE is one quoted CSV field (\" is a quote inside systemd's
 	// double quotes).
+	n.write("/etc/systemd/system/web.service", quadletUnit("web", "split", `--user=1000:1000 "--annotation=\"`+annotation+`=`+webDelivery+`\""`), 0o644)
 	n.write("/etc/systemd/system/db.service", quadletUnit("db", "split", `"--annotation=\"`+annotation+`=`+dbDelivery+`\""`), 0o644)
 	n.write("/etc/systemd/system/api.service", quadletUnit("api", "enabled", plain), 0o644)
 	n.must("systemctl daemon-reload")
@@ -193,6 +196,12 @@ func TestSystemdNode(t *testing.T) {
 		}
 		if strings.Contains(journal, "level=ERROR") {
 			t.Errorf("the refresher logged errors under its hardening:\n%s", journal)
+		}
+		// web's container (uid 1000, its init a sleep without a handler,
+		// which the kernel then drops the signal for) was signalled after
+		// each rotation: pidfd_send_signal to another uid needs CAP_KILL.
+		if strings.Contains(journal, "msg=renew_signal") {
+			t.Errorf("the refresher could not send web's renew_signal under its hardening:\n%s", journal)
 		}
 	})
 
