@@ -33,8 +33,8 @@ func (p *Plugin) CreateContainer(_ context.Context, pod *api.PodSandbox, ctr *ap
 	return adj, nil, nil
 }
 
-// Adjust returns the adjustment for one container: nil when its pod has
-// no identity annotation.
+// Adjust returns the adjustment for one container: nil when neither its
+// pod nor its spec has an identity annotation.
 //
 // Every identity annotation of the pod is copied, also onto containers
 // another container's named annotation is meant for: the container's spec
@@ -57,6 +57,19 @@ func Adjust(hook *api.Hook, pod *api.PodSandbox, ctr *api.Container) *api.Contai
 		}
 		if _, has := ctr.GetAnnotations()[k]; !has {
 			adj.AddAnnotation(k, v)
+		}
+	}
+	// So do those the container's spec has already (containerd's
+	// container_annotations or pod_annotations allowlists), and they win,
+	// as nothing above replaces them: the hook reads the spec, so a
+	// container whose spec asks gets the hook, even if its pod does not.
+	for k, v := range ctr.GetAnnotations() {
+		if !annotations.IsIdentityKey(k) {
+			continue
+		}
+		ann[k] = v
+		if adj == nil {
+			adj = &api.ContainerAdjustment{}
 		}
 	}
 	if adj == nil {

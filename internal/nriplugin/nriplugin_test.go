@@ -265,6 +265,8 @@ func TestAdjust(t *testing.T) {
 		{"named key wins; both copied", map[string]string{annotations.Key: "- cert_dir: /other\n", annotations.Key + ".app": v}, nil, "app", true, []string{annotations.Key, annotations.Key + ".app"}},
 		{"other container's key: copied, no hook", map[string]string{annotations.Key + ".db": v}, nil, "app", false, []string{annotations.Key + ".db"}},
 		{"already allowlisted: no duplicate annotation", map[string]string{annotations.Key: v}, map[string]string{annotations.Key: v}, "app", true, nil},
+		{"container's own key (container_annotations allowlist), pod has none", nil, map[string]string{annotations.Key: v}, "app", true, nil},
+		{"container's own key next to another container's pod key", map[string]string{annotations.Key + ".db": v}, map[string]string{annotations.Key + ".app": v}, "app", true, []string{annotations.Key + ".db"}},
 		{"look-alike key is not ours", map[string]string{annotations.Key + "s": v, annotations.Key + "/x": v}, nil, "app", false, nil},
 	}
 	for _, c := range cases {
