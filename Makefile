@@ -46,7 +46,10 @@ LICENSES := LICENSE
 # Where the test harness keeps the pinned SPIRE binaries.
 SPIRE_BIN_DIR ?= $(CURDIR)/bin/test
 
-.PHONY: all build binary test test-deps test-fuzz test-unit test-integration spire demo bench install install.nobuild uninstall rpm clean
+# Where the CRI tests (test/cri) find the pinned CRI-O, containerd and crictl.
+CRI_BIN_DIR := $(CURDIR)/bin/test
+
+.PHONY: all build binary test test-deps test-fuzz test-unit test-integration spire cri-tools demo bench install install.nobuild uninstall rpm clean
 
 all: build
 
@@ -65,9 +68,10 @@ bin/spiffe-oci-nri: FORCE
 
 FORCE:
 
-# Everything, on a fresh machine: packages, pinned SPIRE, unit and
-# end-to-end tests (real runc, Podman and SPIRE; needs root).
-test: test-deps spire build test-fuzz
+# Everything, on a fresh machine: packages, pinned SPIRE, CRI-O, containerd
+# and crictl, unit and end-to-end tests (real runc, Podman, CRI-O,
+# containerd and SPIRE; needs root).
+test: test-deps spire cri-tools build test-fuzz
 	$(GO) vet ./...
 	@unformatted=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$unformatted" ]; then echo "gofmt needed: $$unformatted"; exit 1; fi
 	SPIRE_BIN_DIR=$(SPIRE_BIN_DIR) $(GO) test -count=1 -timeout 30m ./...
@@ -82,7 +86,7 @@ test-fuzz:
 test-unit:
 	$(GO) test -count=1 -short ./internal/...
 
-test-integration: test-deps spire build
+test-integration: test-deps spire cri-tools build
 	SPIRE_BIN_DIR=$(SPIRE_BIN_DIR) $(GO) test -count=1 -timeout 30m ./test/...
 
 test-deps:
@@ -90,6 +94,14 @@ test-deps:
 
 spire:
 	test/spire/build.sh $(SPIRE_BIN_DIR)
+
+# The pinned crictl, CRI-O (with pinns) and containerd for test/cri, one
+# after the other and after SPIRE (2 cores: about 5 minutes the first time,
+# seconds once built). Each script skips what is up to date.
+cri-tools: test-deps spire
+	test/crictl/build.sh $(CRI_BIN_DIR)
+	test/crio/build.sh $(CRI_BIN_DIR)
+	test/containerd/build.sh $(CRI_BIN_DIR)
 
 # A pinned SPIRE in a temp dir with a 30 s TTL entry, the refresher, and an
 # annotated Podman container that prints its SPIFFE ID, its certificate's

@@ -11,6 +11,11 @@ command -v podman >/dev/null || need+=(podman)
 command -v newuidmap >/dev/null || need+=(uidmap)
 command -v rpmbuild >/dev/null || need+=(rpm)
 command -v systemd-analyze >/dev/null || need+=(systemd)
+# test/cri: CRI-O's conmon; building CRI-O (cgo, libseccomp) and its pinns.
+command -v conmon >/dev/null || need+=(conmon)
+command -v gcc >/dev/null || need+=(gcc)
+command -v make >/dev/null || need+=(make)
+dpkg-query -W -f '${Status}' libseccomp-dev 2>/dev/null | grep -q 'install ok installed' || need+=(libseccomp-dev)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "test/deps.sh: missing ${need[*]}; run as root or install them" >&2

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"log/slog"
+	"net"
 	"os"
 	"path/filepath"
 	"slices"
@@ -198,6 +199,55 @@ func TestRunnerBadIndex(t *testing.T) {
 	defer cancel()
 	if err := r.Run(ctx); err == nil || ctx.Err() != nil {
 		t.Fatalf("Run with plugin index %q: %v (context: %v)", r.Index, err, ctx.Err())
+	}
+}
+
+// TestRunnerSilentRuntime: a runtime that accepts the connection and never
+// answers holds neither a registration (StartTimeout) nor a shutdown.
+func TestRunnerSilentRuntime(t *testing.T) {
+	socket := filepath.Join(t.TempDir(), "nri.sock")
+	l, err := net.Listen("unix", socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	accepted := make(chan net.Conn, 16)
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			accepted <- c // read nothing, answer nothing
+		}
+	}()
+	logs := &syncBuffer{}
+	r := &Runner{Plugin: &Plugin{Hook: hook}, Socket: socket, Name: Name, Index: "10", Log: slog.New(slog.NewTextHandler(logs, nil)),
+		StartTimeout: 300 * time.Millisecond, MinRetry: 10 * time.Millisecond, MaxRetry: 50 * time.Millisecond}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- r.Run(ctx) }()
+
+	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(logs.String(), "did not configure the plugin within 300ms"); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("no start timeout logged:\n%s", logs)
+		}
+	}
+	// It tries again, and a cancel while it waits for the silent runtime
+	// ends Run.
+	<-accepted
+	<-accepted
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Run still runs 10 s after its context ended")
+	}
+	if n := strings.Count(logs.String(), "cannot register"); n != 1 {
+		t.Errorf("%d failure lines, want 1 (one per change of state):\n%s", n, logs)
 	}
 }
 

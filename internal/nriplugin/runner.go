@@ -116,18 +116,25 @@ func (r *Runner) session(ctx context.Context) (connected bool, err error) {
 	if err != nil {
 		return false, &configError{fmt.Errorf("creating the NRI plugin: %w", err)}
 	}
-	// abandon closes the connection of a stub that cannot be stopped
-	// because it is still starting (Stop waits for Start's lock).
+	started := make(chan error, 1)
+	go func() { started <- s.Start(ctx) }()
+	// abandon gives up on a stub that is still starting: Stop would wait
+	// for Start, which holds the stub's lock until the runtime configures
+	// the plugin. Closing the connection makes Start fail, or leaves it
+	// waiting on a runtime that will never configure it; if it succeeds
+	// all the same, the stub is stopped then.
 	abandon := func() {
 		mu.Lock()
-		defer mu.Unlock()
 		if conn != nil {
 			conn.Close()
 		}
+		mu.Unlock()
+		go func() {
+			if err := <-started; err == nil {
+				s.Stop()
+			}
+		}()
 	}
-
-	started := make(chan error, 1)
-	go func() { started <- s.Start(ctx) }()
 	timeout := r.StartTimeout
 	if timeout <= 0 {
 		timeout = DefaultStartTimeout

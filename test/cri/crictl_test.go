@@ -68,7 +68,9 @@ func (r *runtime) must(t *testing.T, args ...string) string {
 type pod struct {
 	name, ns, uid, sa string
 	annotations       map[string]string
-	id                string // sandbox id, once running
+	id                string         // sandbox id, once running
+	config            map[string]any // the sandbox config, as crictl create wants it again
+	logDir            string
 	rt                *runtime
 }
 
@@ -119,10 +121,10 @@ func (p *pod) start() error {
 	r.mu.Lock()
 	r.cgroupParents = append(r.cgroupParents, parent)
 	r.mu.Unlock()
-	cfg := map[string]any{
+	p.logDir = filepath.Join(r.logs, fmt.Sprintf("%s_%s_%s", p.ns, p.name, p.uid))
+	p.config = map[string]any{
 		"metadata":      map[string]any{"name": p.name, "namespace": p.ns, "uid": p.uid, "attempt": 0},
-		"hostname":      p.name,
-		"log_directory": filepath.Join(r.logs, fmt.Sprintf("%s_%s_%s", p.ns, p.name, p.uid)),
+		"log_directory": p.logDir,
 		"labels":        p.labels(),
 		"annotations":   p.annotations,
 		"linux": map[string]any{
@@ -131,10 +133,10 @@ func (p *pod) start() error {
 		},
 	}
 	// The kubelet makes the pod's log directory before the sandbox.
-	if err := os.MkdirAll(cfg["log_directory"].(string), 0o755); err != nil {
+	if err := os.MkdirAll(p.logDir, 0o755); err != nil {
 		return err
 	}
-	path, err := writeJSONFile(r.dir, "pod", cfg)
+	path, err := writeJSONFile(r.dir, "pod", p.config)
 	if err != nil {
 		return err
 	}
@@ -159,6 +161,12 @@ func (p *pod) labels() map[string]string {
 func (p *pod) remove() error {
 	if p.id == "" {
 		return nil
+	}
+	// The kubelet stops each container (with the pod's grace period)
+	// before the sandbox.
+	out, _ := p.rt.run("ps", "-q", "--pod", p.id)
+	for _, id := range strings.Fields(out) {
+		p.rt.run("stop", "--timeout", "5", id)
 	}
 	if _, err := p.rt.run("stopp", p.id); err != nil {
 		return err
@@ -218,25 +226,15 @@ func (p *pod) createWith(name string, attempt int, script string, mounts ...moun
 			"security_context": map[string]any{"namespace_options": namespaceOptions},
 		},
 	}
-	podCfg := map[string]any{
-		"metadata":      map[string]any{"name": p.name, "namespace": p.ns, "uid": p.uid, "attempt": 0},
-		"log_directory": filepath.Join(p.rt.logs, fmt.Sprintf("%s_%s_%s", p.ns, p.name, p.uid)),
-		"labels":        p.labels(),
-		"annotations":   p.annotations,
-		"linux": map[string]any{
-			"cgroup_parent":    "/kubepods/besteffort/pod" + p.uid,
-			"security_context": map[string]any{"namespace_options": namespaceOptions},
-		},
-	}
 	// ... and each container's before creating it.
-	if err := os.MkdirAll(filepath.Join(podCfg["log_directory"].(string), name), 0o755); err != nil {
+	if err := os.MkdirAll(filepath.Join(p.logDir, name), 0o755); err != nil {
 		return nil, err
 	}
 	ctrPath, err := writeJSONFile(p.rt.dir, "ctr", cfg)
 	if err != nil {
 		return nil, err
 	}
-	podPath, err := writeJSONFile(p.rt.dir, "pod", podCfg)
+	podPath, err := writeJSONFile(p.rt.dir, "pod", p.config)
 	if err != nil {
 		return nil, err
 	}
@@ -366,15 +364,25 @@ func writeJSONFile(dir, kind string, v any) (string, error) {
 	return path, os.WriteFile(path, data, 0o644)
 }
 
-// removeCgroups removes the pod cgroups (and the kubepods parents) from
+// removeCgroups removes the pod cgroups, what is left under them (CRI-O's
+// crio-conmon-<id> children under cgroupfs) and the kubepods parents from
 // every hierarchy, where empty: the kubelet creates and removes them, the
-// runtimes only their own children.
+// runtimes only their containers'.
 func removeCgroups(parents []string) {
 	roots, _ := filepath.Glob("/sys/fs/cgroup/*")
 	roots = append(roots, "/sys/fs/cgroup")
 	for _, root := range roots {
 		for _, p := range parents {
-			os.Remove(filepath.Join(root, p))
+			var dirs []string
+			filepath.WalkDir(filepath.Join(root, p), func(path string, d os.DirEntry, err error) error {
+				if err == nil && d.IsDir() {
+					dirs = append(dirs, path)
+				}
+				return nil
+			})
+			for i := len(dirs) - 1; i >= 0; i-- {
+				os.Remove(dirs[i])
+			}
 		}
 		os.Remove(filepath.Join(root, "kubepods", "besteffort"))
 		os.Remove(filepath.Join(root, "kubepods"))

@@ -23,7 +23,7 @@ import (
 // that CRI-O never decides to wipe a store.
 func startCRIO(t *testing.T, n *node) *runtime {
 	t.Helper()
-	dir := tempDir(t, "crio-")
+	dir := tempDir(t, "cri-crio-")
 	root, runroot := filepath.Join(dir, "storage"), filepath.Join(dir, "runroot")
 	podmanImport(t, dir, root, runroot)
 	for _, d := range []string{"exits", "attach", "ns", "runc", "cni/net.d", "cni/bin", "crio.conf.d", "pods"} {
@@ -71,6 +71,7 @@ monitor_cgroup = "pod"
 [crio.image]
 pause_image = %[6]q
 signature_policy = "%[3]s/policy.json"
+signature_policy_dir = "%[3]s/policies"
 
 [crio.network]
 network_dir = "%[3]s/cni/net.d"
@@ -92,6 +93,7 @@ enable_nri = false
 		t.Fatal(err)
 	}
 
+	hostPathsUntouched(t, "CRI-O")
 	log := filepath.Join(dir, "crio.log")
 	logf, err := os.Create(log)
 	if err != nil {
@@ -111,6 +113,7 @@ enable_nri = false
 		if out, err := r.run("rmp", "-fa"); err != nil {
 			t.Errorf("crictl rmp -fa: %v %s", err, out)
 		}
+		n.checkStateEmpty(t)
 		if _, ok := stop(cmd, done, unix.SIGTERM, 30*time.Second); !ok {
 			t.Errorf("CRI-O did not stop at SIGTERM")
 		}
@@ -161,5 +164,5 @@ func openshiftDropIn(t *testing.T, root string) string {
 	if !ok || !strings.Contains(conf, "hooks_dir") {
 		t.Fatalf("crio-dropin.yaml holds no 99-spiffe-oci-hook.conf with hooks_dir: %q", conf)
 	}
-	return strings.ReplaceAll(conf, `"/`, `"`+root+`/`)
+	return rootPaths(conf, root)
 }

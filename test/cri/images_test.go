@@ -18,7 +18,7 @@ const (
 	pauseImage   = "localhost/spiffe-oci-hook-test/pause:cri"
 )
 
-var busyboxApplets = []string{"sh", "cat", "ls", "stat", "grep", "sed", "test", "sleep", "id", "echo", "true", "head", "readlink", "mountpoint", "wc"}
+var busyboxApplets = []string{"sh", "cat", "ls", "stat", "grep", "sed", "test", "sleep", "id", "echo", "true", "head", "readlink", "mountpoint", "wc", "md5sum"}
 
 // rootfsTar writes a busybox rootfs tarball under dir.
 func rootfsTar(t *testing.T, dir string) string {
@@ -67,12 +67,7 @@ func podmanImport(t *testing.T, dir, root, runroot string) {
 	}
 	podman("import", "--change", `CMD ["/bin/sleep", "2147483647"]`, tarball, busyboxImage)
 	podman("tag", busyboxImage, pauseImage)
-	t.Cleanup(func() {
-		// Podman mounts nothing for import; this only unlocks the store
-		// before the directory goes.
-		exec.Command("podman", "--root", root, "--runroot", runroot, "--storage-driver", "overlay",
-			"--tmpdir", filepath.Join(dir, "podman-tmp"), "--events-backend", "none", "system", "reset", "--force").Run()
-	})
+	// Import mounts nothing: the store goes with the temp dir.
 }
 
 // podmanSave writes both images to a docker-archive for ctr import.

@@ -215,6 +215,34 @@ func (n *node) waitStateGone(t *testing.T, why string, ids ...string) {
 	}
 }
 
+// checkStateEmpty fails the test unless, once every pod is gone, the
+// state directory holds no file, symlink or per-container directory.
+func (n *node) checkStateEmpty(t *testing.T) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		var left []string
+		filepath.Walk(n.stateDir, func(p string, fi os.FileInfo, err error) error {
+			if err != nil || p == n.stateDir {
+				return nil
+			}
+			rel := strings.TrimPrefix(p, n.stateDir+"/")
+			if !fi.IsDir() || strings.Count(rel, "/") > 0 {
+				left = append(left, rel)
+			}
+			return nil
+		})
+		if len(left) == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Errorf("with every pod removed, the state directory still holds %v", left)
+			return
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
 // kubelet is a stand-in for the kubelet's read-only port: it serves
 // /pods, the pods the test has created, for SPIRE's k8s attestor.
 type kubelet struct {
@@ -300,4 +328,33 @@ func tail(path string, n int) string {
 		lines = lines[len(lines)-n:]
 	}
 	return strings.Join(lines, "\n")
+}
+
+// hostDefaults are where CRI-O, containerd and NRI keep things unless
+// told otherwise; the tests tell them otherwise.
+var hostDefaults = []string{
+	"/etc/crio", "/var/lib/crio", "/run/crio", "/var/log/crio",
+	"/etc/containerd", "/var/lib/containerd", "/run/containerd", "/opt/containerd",
+	"/run/nri", "/var/run/nri", "/opt/nri", "/etc/nri", "/etc/cdi", "/var/run/cdi",
+	"/etc/containers/oci/hooks.d",
+}
+
+// hostPathsUntouched fails the test if a runtime started now creates one
+// of its default paths on the host (checked when the test ends, after the
+// runtime has stopped).
+func hostPathsUntouched(t *testing.T, runtime string) {
+	t.Helper()
+	var absent []string
+	for _, p := range hostDefaults {
+		if _, err := os.Lstat(p); err != nil {
+			absent = append(absent, p)
+		}
+	}
+	t.Cleanup(func() {
+		for _, p := range absent {
+			if _, err := os.Lstat(p); err == nil {
+				t.Errorf("%s created %s on the host", runtime, p)
+			}
+		}
+	})
 }

@@ -64,6 +64,7 @@ if fresh "$dst"; then
 	echo "build.sh: pinns is up to date ($dst)" >&2
 else
 	echo "build.sh: building pinns -> $dst" >&2
+	go mod download github.com/cri-o/cri-o
 	src="$(go list -mod=readonly -m -f '{{.Dir}}' github.com/cri-o/cri-o)"
 	work="$(mktemp -d)"
 	trap 'rm -rf "$work"' EXIT
