@@ -36,6 +36,8 @@ type member struct {
 	pid int    // the app's process on the host: its files are read through /proc/pid/root
 	// hookTime is crictl create + start of the annotated app container.
 	hookTime time.Duration
+	sidecars *podStartRig
+	certs    string // sidecars: the host directory the helper writes
 }
 
 // fleetCertDir is where each app container asks for its files.
@@ -51,6 +53,9 @@ type fleetOptions struct {
 	groups int           // namespace/service-account pairs, one entry each
 	batch  int           // pods created at a time
 	ttl    time.Duration // X.509 SVID TTL of every entry
+	// sidecars, when set, runs each pod without the annotation and with a
+	// spiffe-helper daemon sidecar (writing to a host directory) instead.
+	sidecars *podStartRig
 }
 
 // startFleet registers one entry per group, then runs the pods batch at a
@@ -74,9 +79,13 @@ func startFleet(t *testing.T, r *runtime, o fleetOptions) *fleet {
 	for i := range o.pods {
 		g := i % o.groups
 		ns, sa := fmt.Sprintf("team-%02d", g), fmt.Sprintf("sa-%02d", g)
-		p := r.newPod(fmt.Sprintf("app-%03d", i), ns, sa, ann)
+		a := ann
+		if o.sidecars != nil {
+			a = nil
+		}
+		p := r.newPod(fmt.Sprintf("app-%03d", i), ns, sa, a)
 		t.Cleanup(func() { p.remove() })
-		f.members = append(f.members, &member{pod: p, id: workloadID(ns, sa)})
+		f.members = append(f.members, &member{pod: p, id: workloadID(ns, sa), sidecars: o.sidecars})
 	}
 	// Removed batch at a time too, before each pod's own cleanup (which
 	// then has nothing left to do).
@@ -108,6 +117,13 @@ func (f *fleet) each(batch int, fn func(*member) error) error {
 func (m *member) start() error {
 	if err := m.pod.start(); err != nil {
 		return err
+	}
+	if m.sidecars != nil {
+		dir, err := m.sidecars.startHelper(m.pod)
+		if err != nil {
+			return fmt.Errorf("pod %s/%s: %w", m.pod.ns, m.pod.name, err)
+		}
+		m.certs = dir
 	}
 	begin := time.Now()
 	c, err := m.pod.createWith("app", 0, appScript)
@@ -222,50 +238,85 @@ func serials(fs []files) []string {
 	return s
 }
 
-// watch checks every member's files every interval until stop is called,
-// which returns every failure seen (a file unreadable, not matching its
-// key or bundle, the wrong identity, or outside its validity) and when
-// each member first held each new certificate it saw.
-func (f *fleet) watch(interval time.Duration) (stop func() (failures []string, seen []map[string]time.Time)) {
+// sighting is when a member's files were first seen holding a
+// certificate.
+type sighting struct {
+	at      time.Time
+	cert    *x509.Certificate
+	atStart bool // already there at the watch's first sweep
+}
+
+// watching is a running watch.
+type watching struct {
+	done   chan struct{}
+	wg     sync.WaitGroup
+	fails  []string
+	seen   []map[string]sighting
+	sweeps samples // how long each sweep over all members took
+}
+
+// watch checks every member's files every interval (or continuously, if
+// a sweep takes longer) until stop, recording every failure (a file
+// unreadable, not matching its key or bundle, the wrong identity, or
+// outside its validity) and when each member first held each
+// certificate.
+func (f *fleet) watch(interval time.Duration) *watching {
 	td := spiffeid.RequireTrustDomainFromString(trustDomain)
-	done := make(chan struct{})
-	var wg sync.WaitGroup
-	var fails []string
-	seen := make([]map[string]time.Time, len(f.members))
-	for i := range seen {
-		seen[i] = map[string]time.Time{}
+	w := &watching{done: make(chan struct{}), seen: make([]map[string]sighting, len(f.members))}
+	for i := range w.seen {
+		w.seen[i] = map[string]sighting{}
 	}
-	wg.Go(func() {
+	w.wg.Go(func() {
 		tick := time.NewTicker(interval)
 		defer tick.Stop()
-		for {
+		for sweep := 0; ; sweep++ {
+			start := time.Now()
 			for i, m := range f.members {
 				fs, err := m.read(td)
 				now := time.Now()
 				switch {
 				case err != nil:
-					fails = append(fails, fmt.Sprintf("%s: %v", now.Format("15:04:05.000"), err))
+					w.fails = append(w.fails, fmt.Sprintf("%s: %v", now.Format("15:04:05.000"), err))
 				case now.Before(fs.cert.NotBefore) || now.After(fs.cert.NotAfter):
-					fails = append(fails, fmt.Sprintf("%s: pod %s/%s: certificate valid %s to %s only", now.Format("15:04:05.000"), m.pod.ns, m.pod.name, fs.cert.NotBefore, fs.cert.NotAfter))
+					w.fails = append(w.fails, fmt.Sprintf("%s: pod %s/%s: certificate valid %s to %s only", now.Format("15:04:05.000"), m.pod.ns, m.pod.name, fs.cert.NotBefore, fs.cert.NotAfter))
 				default:
 					s := fs.cert.SerialNumber.String()
-					if _, ok := seen[i][s]; !ok {
-						seen[i][s] = now
+					if _, ok := w.seen[i][s]; !ok {
+						w.seen[i][s] = sighting{at: now, cert: fs.cert, atStart: sweep == 0}
 					}
 				}
 			}
+			w.sweeps = append(w.sweeps, time.Since(start))
 			select {
-			case <-done:
+			case <-w.done:
 				return
 			case <-tick.C:
 			}
 		}
 	})
-	return func() ([]string, []map[string]time.Time) {
-		close(done)
-		wg.Wait()
-		return fails, seen
+	return w
+}
+
+// stop ends the watch and returns its failures.
+func (w *watching) stop() []string {
+	close(w.done)
+	w.wg.Wait()
+	return w.fails
+}
+
+// reach is, for every certificate a member first held during the watch,
+// the time from its issue (NotAfter − ttl: SPIRE backdates NotBefore) to
+// the sweep that saw it in the member's files.
+func (w *watching) reach(ttl time.Duration) samples {
+	var s samples
+	for _, m := range w.seen {
+		for _, x := range m {
+			if !x.atStart {
+				s = append(s, x.at.Sub(x.cert.NotAfter.Add(-ttl)))
+			}
+		}
 	}
+	return s
 }
 
 // waitAllNew waits until every member's files hold a certificate other

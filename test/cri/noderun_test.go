@@ -25,10 +25,10 @@ func TestCRIONodeRun(t *testing.T) {
 	if err != nil {
 		t.Fatalf("right after start: %v", err)
 	}
-	stop := f.watch(250 * time.Millisecond)
+	w := f.watch(250 * time.Millisecond)
 	defer func() {
-		fails, seen := stop()
-		t.Logf("pod 0's files held %d certificates in all", len(seen[0]))
+		fails := w.stop()
+		t.Logf("pod 0's files held %d certificates in all", len(w.seen[0]))
 		if len(fails) > 0 {
 			t.Errorf("%d checks of the pods' files failed, first ones:\n%s", len(fails), strings.Join(fails[:min(len(fails), 10)], "\n"))
 		}

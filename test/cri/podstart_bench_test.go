@@ -88,12 +88,7 @@ func (g *podStartRig) run(t *testing.T, p pattern) podStart {
 	defer os.RemoveAll(host)
 	outM := mount{host: out, container: "/out"}
 	certsM := mount{host: certs, container: "/certs"}
-	helperMs := []mount{
-		certsM, outM,
-		{host: g.helper, container: "/opt/spiffe-helper", readonly: true},
-		{host: g.confDir, container: "/opt/conf", readonly: true},
-		{host: g.socket, container: "/run/spire"},
-	}
+	helperMs := g.mounts(certs, out)
 	var ann map[string]string
 	if p == annotated {
 		ann = map[string]string{annotation: "- cert_dir: /certs\n"}
@@ -127,7 +122,7 @@ func (g *podStartRig) run(t *testing.T, p pattern) podStart {
 		app = filesThere + " && echo > /out/ready"
 	case sidecar:
 		t0 := time.Now()
-		c, err := pd.createWith("helper", 0, "/opt/spiffe-helper -config /opt/conf/daemon.conf & trap 'kill $!; exit 0' TERM; wait", helperMs...)
+		c, err := pd.createWith("helper", 0, helperDaemon, helperMs...)
 		if err == nil {
 			err = c.start()
 		}
@@ -161,6 +156,39 @@ func (g *podStartRig) run(t *testing.T, p pattern) podStart {
 		}
 	}
 	return s
+}
+
+// startHelper runs a spiffe-helper daemon sidecar in pod p, writing into
+// a new host directory, which it returns.
+func (g *podStartRig) startHelper(p *pod) (string, error) {
+	host := filepath.Join(g.r.dir, "sc", p.uid)
+	certs, out := filepath.Join(host, "certs"), filepath.Join(host, "out")
+	for _, d := range []string{certs, out} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			return "", err
+		}
+	}
+	c, err := p.createWith("helper", 0, helperDaemon, g.mounts(certs, out)...)
+	if err == nil {
+		err = c.start()
+	}
+	return certs, err
+}
+
+// helperDaemon runs spiffe-helper in daemon mode until the container is
+// stopped (as a pid namespace's init, sh would ignore SIGTERM).
+const helperDaemon = "/opt/spiffe-helper -config /opt/conf/daemon.conf & trap 'kill $!; exit 0' TERM; wait"
+
+// mounts are what a spiffe-helper container has: the emptyDir-like host
+// directory at /certs, the marker directory at /out, the helper and its
+// configurations, and the agent's Workload API socket directory.
+func (g *podStartRig) mounts(certs, out string) []mount {
+	return []mount{
+		{host: certs, container: "/certs"}, {host: out, container: "/out"},
+		{host: g.helper, container: "/opt/spiffe-helper", readonly: true},
+		{host: g.confDir, container: "/opt/conf", readonly: true},
+		{host: g.socket, container: "/run/spire"},
+	}
 }
 
 // waitFile polls for path every millisecond, for up to 30 s.
