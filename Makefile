@@ -10,6 +10,7 @@ LIBEXECDIR ?= $(PREFIX)/libexec
 DATADIR ?= $(PREFIX)/share
 SYSCONFDIR ?= /etc
 UNITDIR ?= $(PREFIX)/lib/systemd/system
+TMPFILESDIR ?= $(PREFIX)/lib/tmpfiles.d
 HOOK_DIR ?= $(LIBEXECDIR)/oci/hooks.d
 HOOKS_JSON_DIR ?= $(DATADIR)/containers/oci/hooks.d
 DOCDIR ?= $(DATADIR)/doc/spiffe-oci-hook
@@ -49,7 +50,7 @@ SPIRE_BIN_DIR ?= $(CURDIR)/bin/test
 # Where the CRI tests (test/cri) find the pinned CRI-O, containerd and crictl.
 CRI_BIN_DIR := $(CURDIR)/bin/test
 
-.PHONY: all build binary test test-deps test-fuzz test-unit test-integration spire cri-tools demo bench install install.nobuild uninstall rpm clean
+.PHONY: all build binary test test-systemd test-deps test-fuzz test-unit test-integration spire cri-tools demo bench install install.nobuild uninstall rpm clean
 
 all: build
 
@@ -70,11 +71,20 @@ FORCE:
 
 # Everything, on a fresh machine: packages, pinned SPIRE, CRI-O, containerd
 # and crictl, unit and end-to-end tests (real runc, Podman, CRI-O,
-# containerd and SPIRE; needs root).
+# containerd and SPIRE; needs root), and the systemd node (test/systemd:
+# the unit under a real systemd).
 test: test-deps spire cri-tools build test-fuzz
 	$(GO) vet ./...
 	@unformatted=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$unformatted" ]; then echo "gofmt needed: $$unformatted"; exit 1; fi
-	SPIRE_BIN_DIR=$(SPIRE_BIN_DIR) $(GO) test -count=1 -timeout 30m ./...
+	SPIFFE_OCI_SYSTEMD=1 SPIRE_BIN_DIR=$(SPIRE_BIN_DIR) $(GO) test -count=1 -timeout 30m ./...
+
+# The shipped unit, SPIRE and Quadlet-style Podman services under a real
+# systemd: PID 1 of a privileged Podman container on this machine's root
+# (an overlay), where `make install.nobuild PREFIX=/usr` installs the built
+# binaries. Needs root; leaves the host's cgroup tree as it found it.
+# About a minute; `make test` runs it too.
+test-systemd: test-deps spire build
+	SPIFFE_OCI_SYSTEMD=1 SPIRE_BIN_DIR=$(SPIRE_BIN_DIR) $(GO) test -count=1 -timeout 20m -v -run '^TestSystemdNode$$' ./test/systemd
 
 # Each fuzz target for a bounded time (FUZZTIME), seeded from its corpus.
 FUZZTIME ?= 10s
@@ -87,7 +97,7 @@ test-unit:
 	$(GO) test -count=1 -short ./internal/...
 
 test-integration: test-deps spire cri-tools build
-	SPIRE_BIN_DIR=$(SPIRE_BIN_DIR) $(GO) test -count=1 -timeout 30m ./test/...
+	SPIFFE_OCI_SYSTEMD=1 SPIRE_BIN_DIR=$(SPIRE_BIN_DIR) $(GO) test -count=1 -timeout 30m ./test/...
 
 test-deps:
 	test/deps.sh
@@ -151,6 +161,7 @@ install.nobuild:
 	sed '$(UNIT_SED)' refresher/spiffe-oci-refresher.service > $(DESTDIR)$(UNITDIR)/spiffe-oci-refresher.service
 	grep -qF 'ExecStart=$(BINDIR)/spiffe-oci-refresher --config $(CONFDIR)/config.yaml' $(DESTDIR)$(UNITDIR)/spiffe-oci-refresher.service || { echo "install: unit: ExecStart not rendered" >&2; exit 1; }
 	chmod 0644 $(DESTDIR)$(UNITDIR)/spiffe-oci-refresher.service
+	install -D -m 0644 tmpfiles.d/spiffe-oci-hook.conf $(DESTDIR)$(TMPFILESDIR)/spiffe-oci-hook.conf
 	install -d -m 0755 $(DESTDIR)$(CONFDIR)
 	[ -e $(DESTDIR)$(CONFDIR)/config.yaml ] || install -m 0644 deploy/config.yaml $(DESTDIR)$(CONFDIR)/config.yaml
 	install -d -m 0755 $(DESTDIR)$(DOCDIR) $(DESTDIR)$(LICENSEDIR)
@@ -158,6 +169,8 @@ install.nobuild:
 	install -m 0644 $(LICENSES) $(DESTDIR)$(LICENSEDIR)/
 
 # The JSON goes first, so that no runtime runs a hook being removed. The
+# state directory (/run/spiffe-oci-hook, tmpfs) is left to running
+# containers and goes at the next boot. The
 # node config stays (an admin may have edited it): remove $(CONFDIR) by
 # hand. Stop the service first: systemctl disable --now spiffe-oci-refresher
 uninstall:
@@ -165,6 +178,7 @@ uninstall:
 	rm -f $(DESTDIR)$(HOOK_DIR)/spiffe-oci-hook
 	rm -f $(DESTDIR)$(BINDIR)/spiffe-oci-refresher
 	rm -f $(DESTDIR)$(UNITDIR)/spiffe-oci-refresher.service
+	rm -f $(DESTDIR)$(TMPFILESDIR)/spiffe-oci-hook.conf
 	rm -f $(addprefix $(DESTDIR)$(DOCDIR)/,$(notdir $(DOCS))) $(addprefix $(DESTDIR)$(LICENSEDIR)/,$(notdir $(LICENSES)))
 	rmdir $(DESTDIR)$(DOCDIR) $(DESTDIR)$(LICENSEDIR) 2>/dev/null || :
 	@echo "uninstall: left $(DESTDIR)$(CONFDIR)/config.yaml in place"

@@ -47,6 +47,21 @@ const (
 	DefaultBundleFileName = "svid_bundle.pem"
 )
 
+// TrustBundleSuffix names the per-trust-domain bundle files every delivery
+// gets: <trust-domain>.trust-bundle.pem, its own trust domain and each one
+// it federates with. File names from an annotation may not end with it.
+const TrustBundleSuffix = ".trust-bundle.pem"
+
+// The spiffe-fs layout: exactly the file set of the draft SPIFFE
+// Filesystem Delivery standard (spiffe/spiffe pull request 376, as of its
+// text of 2026): one credential bundle and one trust bundle per trust
+// domain, nothing else.
+const (
+	LayoutSPIFFEFS            = "spiffe-fs"
+	SPIFFEFSCredentialBundle  = "credential-bundle.private-key.x509.pem"
+	SPIFFEFSTrustBundleSuffix = ".spiffe-trust-bundle.x509.pem"
+)
+
 // Limits that keep a hostile annotation from costing the hook much.
 const (
 	MaxValueSize  = 64 << 10
@@ -63,12 +78,38 @@ type Delivery struct {
 	SVIDFileName   string `yaml:"svid_file_name" json:"svid_file_name"`
 	KeyFileName    string `yaml:"svid_key_file_name" json:"svid_key_file_name"`
 	BundleFileName string `yaml:"svid_bundle_file_name" json:"svid_bundle_file_name"`
+	// CredentialBundleFileName, when set, also writes one file holding the
+	// PKCS#8 key followed by the certificate chain, leaf first: the format
+	// of Kubernetes Pod Certificates (credentialBundlePath) and of the
+	// draft SPIFFE Filesystem Delivery standard. One read() of it always
+	// gives a key and a certificate that belong together.
+	CredentialBundleFileName string `yaml:"credential_bundle_file_name,omitempty" json:"credential_bundle_file_name,omitempty"`
+	// IncludeFederatedDomains puts the federated trust domains' bundles in
+	// the svid_bundle_file_name file too (spiffe-helper's name and
+	// meaning), for applications that take one CA file. By default that
+	// file holds the SVID's own trust domain only.
+	IncludeFederatedDomains bool `yaml:"include_federated_domains,omitempty" json:"include_federated_domains,omitempty"`
+	// Layout "spiffe-fs" writes exactly the draft SPIFFE Filesystem
+	// Delivery standard's files instead of the names above, which must
+	// then be left out.
+	Layout string `yaml:"layout,omitempty" json:"layout,omitempty"`
 	// SPIFFEID, when set, picks one of the SVIDs the agent returned for the
 	// container; it can never obtain one the agent did not return.
 	SPIFFEID string `yaml:"spiffe_id,omitempty" json:"spiffe_id,omitempty"`
 	// AgentAddress names an agent admin socket; the caller accepts it only if
 	// the node configuration allows it.
 	AgentAddress string `yaml:"spire_agent_address,omitempty" json:"spire_agent_address,omitempty"`
+
+	// JWTSVIDs asks for JWT-SVIDs of the delivered identity, one file each
+	// (spiffe-helper's jwt_svids). Pointers, so that a null item is seen.
+	JWTSVIDs []*JWTSVID `yaml:"jwt_svids,omitempty" json:"jwt_svids,omitempty"`
+	// JWTBundleFileName, when set, names the file of the JWT bundles (JSON,
+	// keyed by trust domain, as spiffe-helper writes it).
+	JWTBundleFileName string `yaml:"jwt_bundle_file_name,omitempty" json:"jwt_bundle_file_name,omitempty"`
+	// RenewSignal, when set, is sent to the container's init process after
+	// the refresher rewrites this delivery's files (spiffe-helper's
+	// renew_signal); only the signals in RenewSignals.
+	RenewSignal string `yaml:"renew_signal,omitempty" json:"renew_signal,omitempty"`
 }
 
 // Find returns the annotation that applies to a container, if any. A
@@ -139,6 +180,13 @@ func parse(value string) ([]Delivery, error) {
 	if len(ds) > MaxDeliveries {
 		return nil, fmt.Errorf("value lists %d deliveries, more than the %d allowed", len(ds), MaxDeliveries)
 	}
+	jwts := 0
+	for i := range ds {
+		jwts += len(ds[i].JWTSVIDs)
+	}
+	if jwts > MaxJWTSVIDs {
+		return nil, fmt.Errorf("value asks for %d JWT-SVIDs, more than the %d allowed", jwts, MaxJWTSVIDs)
+	}
 	seen := map[string]bool{}
 	for i := range ds {
 		d := &ds[i]
@@ -164,6 +212,13 @@ func (d *Delivery) normalize() error {
 	if err := checkCertDir(d.CertDir); err != nil {
 		return err
 	}
+	switch d.Layout {
+	case "":
+	case LayoutSPIFFEFS:
+		return d.checkSPIFFEFS()
+	default:
+		return fmt.Errorf("layout %q is not known: use %q or leave layout out", printableOr(d.Layout), LayoutSPIFFEFS)
+	}
 	for _, f := range []struct {
 		field string
 		value *string
@@ -183,6 +238,15 @@ func (d *Delivery) normalize() error {
 	if d.SVIDFileName == d.KeyFileName || d.SVIDFileName == d.BundleFileName || d.KeyFileName == d.BundleFileName {
 		return fmt.Errorf("file names %q, %q and %q must differ", d.SVIDFileName, d.KeyFileName, d.BundleFileName)
 	}
+	if err := d.checkCredentialBundle(); err != nil {
+		return err
+	}
+	return d.checkAgentFields()
+}
+
+// checkAgentFields checks the fields that say which identity and which
+// agent, whatever the layout.
+func (d *Delivery) checkAgentFields() error {
 	if d.SPIFFEID != "" {
 		if _, err := spiffeid.FromString(d.SPIFFEID); err != nil {
 			return fmt.Errorf("spiffe_id %q is not a SPIFFE ID: %w", d.SPIFFEID, err)
@@ -193,6 +257,50 @@ func (d *Delivery) normalize() error {
 	}
 	if d.AgentAddress != "" && !path.IsAbs(d.AgentAddress) {
 		return fmt.Errorf("spire_agent_address %q must be an absolute socket path", d.AgentAddress)
+	}
+	if err := d.checkJWT(); err != nil {
+		return err
+	}
+	return checkRenewSignal(d.RenewSignal)
+}
+
+// checkSPIFFEFS checks a spiffe-fs delivery: the layout fixes every file
+// name and never merges bundles, so the fields that choose otherwise are
+// refused rather than ignored.
+func (d *Delivery) checkSPIFFEFS() error {
+	for _, f := range []struct {
+		field string
+		set   bool
+	}{
+		{"svid_file_name", d.SVIDFileName != ""},
+		{"svid_key_file_name", d.KeyFileName != ""},
+		{"svid_bundle_file_name", d.BundleFileName != ""},
+		{"credential_bundle_file_name", d.CredentialBundleFileName != ""},
+		{"include_federated_domains", d.IncludeFederatedDomains},
+		{"jwt_svids", len(d.JWTSVIDs) > 0},
+		{"jwt_bundle_file_name", d.JWTBundleFileName != ""},
+	} {
+		if f.set {
+			return fmt.Errorf("%s cannot be used with layout %s, which writes exactly %s and one <trust-domain>%s per trust domain", f.field, LayoutSPIFFEFS, SPIFFEFSCredentialBundle, SPIFFEFSTrustBundleSuffix)
+		}
+	}
+	return d.checkAgentFields()
+}
+
+// checkCredentialBundle checks the optional one-file credential name: a
+// plain name that no other file of the delivery uses.
+func (d *Delivery) checkCredentialBundle() error {
+	name := d.CredentialBundleFileName
+	if name == "" {
+		return nil
+	}
+	if err := checkFileName(name); err != nil {
+		return fmt.Errorf("credential_bundle_file_name: %w", err)
+	}
+	for _, other := range []string{d.SVIDFileName, d.KeyFileName, d.BundleFileName} {
+		if name == other {
+			return fmt.Errorf("credential_bundle_file_name %q must differ from the other file names (%q, %q, %q)", name, d.SVIDFileName, d.KeyFileName, d.BundleFileName)
+		}
 	}
 	return nil
 }
@@ -229,6 +337,10 @@ func checkFileName(name string) error {
 		// Names starting with ".." are the writer's own (..data and the
 		// generation directories).
 		return fmt.Errorf("file name %q is reserved", name)
+	case strings.HasSuffix(name, TrustBundleSuffix):
+		// The per-trust-domain bundles' names; a chosen name must not
+		// stand in for one.
+		return fmt.Errorf("file name %q is reserved: names ending in %q are the per-trust-domain bundles", name, TrustBundleSuffix)
 	}
 	return nil
 }
@@ -255,6 +367,14 @@ func printable(s string) bool {
 		}
 	}
 	return true
+}
+
+// printableOr quotes s for a message only if it is printable.
+func printableOr(s string) string {
+	if printable(s) && len(s) <= maxNameLen {
+		return s
+	}
+	return "(unprintable or too long)"
 }
 
 func oneLine(s string) string {

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"path"
 	"reflect"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -138,16 +139,18 @@ func TestParseFull(t *testing.T) {
   svid_key_file_name: key.pem
   svid_bundle_file_name: ca.pem
   spiffe_id: spiffe://example.org/web
+  credential_bundle_file_name: credential-bundle.pem
 - cert_dir: /b/c
   spire_agent_address: /run/spire/other.sock
+  include_federated_domains: true
 `
 	ds, err := Parse(Key, value)
 	if err != nil {
 		t.Fatal(err)
 	}
 	want := []Delivery{
-		{CertDir: "/a", SVIDFileName: "cert.pem", KeyFileName: "key.pem", BundleFileName: "ca.pem", SPIFFEID: "spiffe://example.org/web"},
-		{CertDir: "/b/c", SVIDFileName: DefaultSVIDFileName, KeyFileName: DefaultKeyFileName, BundleFileName: DefaultBundleFileName, AgentAddress: "/run/spire/other.sock"},
+		{CertDir: "/a", SVIDFileName: "cert.pem", KeyFileName: "key.pem", BundleFileName: "ca.pem", SPIFFEID: "spiffe://example.org/web", CredentialBundleFileName: "credential-bundle.pem"},
+		{CertDir: "/b/c", SVIDFileName: DefaultSVIDFileName, KeyFileName: DefaultKeyFileName, BundleFileName: DefaultBundleFileName, AgentAddress: "/run/spire/other.sock", IncludeFederatedDomains: true},
 	}
 	if !reflect.DeepEqual(ds, want) {
 		t.Fatalf("Parse() = %+v, want %+v", ds, want)
@@ -163,6 +166,20 @@ func TestParseFull(t *testing.T) {
 	// Exactly MaxDeliveries is allowed.
 	if ds, err := Parse(Key, deliveries(MaxDeliveries)); err != nil || len(ds) != MaxDeliveries {
 		t.Fatalf("%d deliveries: %d, %v", MaxDeliveries, len(ds), err)
+	}
+}
+
+func TestParseLayout(t *testing.T) {
+	ds, err := Parse(Key, "- cert_dir: /run/secrets/spiffe\n  layout: spiffe-fs\n  spiffe_id: spiffe://example.org/web\n- cert_dir: /certs\n")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []Delivery{
+		{CertDir: "/run/secrets/spiffe", Layout: LayoutSPIFFEFS, SPIFFEID: "spiffe://example.org/web"},
+		{CertDir: "/certs", SVIDFileName: DefaultSVIDFileName, KeyFileName: DefaultKeyFileName, BundleFileName: DefaultBundleFileName},
+	}
+	if !reflect.DeepEqual(ds, want) {
+		t.Fatalf("Parse() = %+v, want %+v", ds, want)
 	}
 }
 
@@ -274,6 +291,47 @@ func parseErrorCases() []errCase {
 		{"second YAML document", "- cert_dir: /a\n---\n- cert_dir: ../x\n", []string{"more than one YAML document"}},
 		{"broken second document", "- cert_dir: /a\n--- [\n", []string{"more than one YAML document"}},
 		{"null item", "- cert_dir: /a\n- ~\n- cert_dir: /b\n", []string{"delivery 1 is empty"}},
+		// credential_bundle_file_name: a plain name like the others.
+		{"credential bundle traversal", "- cert_dir: /a\n  credential_bundle_file_name: ../../etc/shadow\n", []string{"credential_bundle_file_name", "must not contain '/'"}},
+		{"credential bundle absolute", "- cert_dir: /a\n  credential_bundle_file_name: /etc/shadow\n", []string{"credential_bundle_file_name", "'/'"}},
+		{"credential bundle ..data", "- cert_dir: /a\n  credential_bundle_file_name: ..data\n", []string{"credential_bundle_file_name", "reserved"}},
+		{"credential bundle dot", "- cert_dir: /a\n  credential_bundle_file_name: .\n", []string{"credential_bundle_file_name", "reserved"}},
+		{"credential bundle same as key", "- cert_dir: /a\n  credential_bundle_file_name: svid_key.pem\n", []string{"credential_bundle_file_name \"svid_key.pem\" must differ"}},
+		{"credential bundle same as renamed cert", "- cert_dir: /a\n  svid_file_name: c.pem\n  credential_bundle_file_name: c.pem\n", []string{"credential_bundle_file_name \"c.pem\" must differ"}},
+		{"credential bundle too long", "- cert_dir: /a\n  credential_bundle_file_name: " + strings.Repeat("n", 256) + "\n", []string{"credential_bundle_file_name", "longer than 255"}},
+		{"credential bundle control char", "- cert_dir: /a\n  credential_bundle_file_name: \"a\\u202eb\"\n", []string{"credential_bundle_file_name", "control, format"}},
+		{"credential bundle binary", "- cert_dir: /a\n  credential_bundle_file_name: !!binary Y2VydP8ucGVt\n", []string{"credential_bundle_file_name", "non-UTF-8"}},
+		{"credential bundle list", "- cert_dir: /a\n  credential_bundle_file_name: [a, b]\n", []string{"not a YAML list of deliveries"}},
+		// include_federated_domains: a YAML boolean and nothing else.
+		{"include_federated_domains int", "- cert_dir: /a\n  include_federated_domains: 1\n", []string{"not a YAML list of deliveries", "into bool"}},
+		{"include_federated_domains string", "- cert_dir: /a\n  include_federated_domains: \"true\"\n", []string{"into bool"}},
+		{"include_federated_domains list", "- cert_dir: /a\n  include_federated_domains: [true]\n", []string{"into bool"}},
+		{"include_federated_domains mapping", "- cert_dir: /a\n  include_federated_domains: {a: true}\n", []string{"into bool"}},
+		{"include_federated_domains path", "- cert_dir: /a\n  include_federated_domains: /etc/ssl/certs\n", []string{"into bool"}},
+		{"include_federated_domains misspelt", "- cert_dir: /a\n  include_federated_domain: true\n", []string{"include_federated_domain not found"}},
+		// The per-trust-domain files' names are not for the taking.
+		{"bundle named like a trust domain's", "- cert_dir: /a\n  svid_bundle_file_name: evil.test.trust-bundle.pem\n", []string{"svid_bundle_file_name", "reserved", ".trust-bundle.pem"}},
+		{"cert named like a trust domain's", "- cert_dir: /a\n  svid_file_name: example.org.trust-bundle.pem\n", []string{"svid_file_name", "reserved"}},
+		{"credential bundle named like a trust domain's", "- cert_dir: /a\n  credential_bundle_file_name: .trust-bundle.pem\n", []string{"credential_bundle_file_name", "reserved"}},
+		// layout: spiffe-fs or nothing, and spiffe-fs fixes every name.
+		{"unknown layout", "- cert_dir: /a\n  layout: spiffe\n", []string{"layout \"spiffe\" is not known", "spiffe-fs"}},
+		{"layout path", "- cert_dir: /a\n  layout: ../../etc\n", []string{"layout", "is not known"}},
+		{"layout binary", "- cert_dir: /a\n  layout: !!binary c3BpZmZlLWZz/w==\n", []string{"layout \"(unprintable or too long)\" is not known"}},
+		{"layout list", "- cert_dir: /a\n  layout: [spiffe-fs]\n", []string{"not a YAML list of deliveries"}},
+		{"layout upper case", "- cert_dir: /a\n  layout: SPIFFE-FS\n", []string{"is not known"}},
+		{"spiffe-fs with svid_file_name", "- cert_dir: /a\n  layout: spiffe-fs\n  svid_file_name: cert.pem\n", []string{"svid_file_name cannot be used with layout spiffe-fs"}},
+		{"spiffe-fs with key name", "- cert_dir: /a\n  layout: spiffe-fs\n  svid_key_file_name: k.pem\n", []string{"svid_key_file_name cannot be used"}},
+		{"spiffe-fs with bundle name", "- cert_dir: /a\n  layout: spiffe-fs\n  svid_bundle_file_name: b.pem\n", []string{"svid_bundle_file_name cannot be used"}},
+		{"spiffe-fs with credential bundle name", "- cert_dir: /a\n  layout: spiffe-fs\n  credential_bundle_file_name: c.pem\n", []string{"credential_bundle_file_name cannot be used"}},
+		{"spiffe-fs merged", "- cert_dir: /a\n  layout: spiffe-fs\n  include_federated_domains: true\n", []string{"include_federated_domains cannot be used"}},
+		{"spiffe-fs with jwt_svids", "- cert_dir: /a\n  layout: spiffe-fs\n  jwt_svids: [{jwt_audience: x, jwt_svid_file_name: t}]\n", []string{"jwt_svids cannot be used with layout spiffe-fs"}},
+		{"spiffe-fs with jwt bundle", "- cert_dir: /a\n  layout: spiffe-fs\n  jwt_bundle_file_name: j.json\n", []string{"jwt_bundle_file_name cannot be used"}},
+		{"jwt token named as the credential bundle", "- cert_dir: /a\n  credential_bundle_file_name: c.pem\n  jwt_svids: [{jwt_audience: x, jwt_svid_file_name: c.pem}]\n", []string{"jwt_svid_file_name \"c.pem\" is already the name of another file"}},
+		{"jwt token named as a trust bundle", "- cert_dir: /a\n  jwt_svids: [{jwt_audience: x, jwt_svid_file_name: example.org.trust-bundle.pem}]\n", []string{"reserved"}},
+		{"spiffe-fs bad spiffe_id", "- cert_dir: /a\n  layout: spiffe-fs\n  spiffe_id: example.org/x\n", []string{"not a SPIFFE ID"}},
+		{"spiffe-fs relative agent", "- cert_dir: /a\n  layout: spiffe-fs\n  spire_agent_address: a.sock\n", []string{"absolute socket path"}},
+		{"spiffe-fs bad cert_dir", "- cert_dir: a\n  layout: spiffe-fs\n", []string{"absolute"}},
+		{"credential bundle mapping", "- cert_dir: /a\n  credential_bundle_file_name: {a: b}\n", []string{"not a YAML list of deliveries"}},
 	}
 }
 
@@ -358,7 +416,18 @@ func checkInvariants(t *testing.T, ds []Delivery) {
 			t.Fatalf("delivery %d: cert_dir %q twice", i, d.CertDir)
 		}
 		dirs[d.CertDir] = true
+		if d.Layout != "" {
+			if d.Layout != LayoutSPIFFEFS || d.SVIDFileName != "" || d.KeyFileName != "" || d.BundleFileName != "" || d.CredentialBundleFileName != "" || d.IncludeFederatedDomains {
+				t.Fatalf("delivery %d: layout %q with names or a merged bundle: %+v", i, d.Layout, d)
+			}
+			continue
+		}
 		names := []string{d.SVIDFileName, d.KeyFileName, d.BundleFileName}
+		for _, n := range append(names, d.CredentialBundleFileName) {
+			if strings.HasSuffix(n, TrustBundleSuffix) {
+				t.Fatalf("delivery %d: file name %q stands in for a trust domain's bundle", i, n)
+			}
+		}
 		for _, n := range names {
 			if n == "" || n == "." || strings.Contains(n, "/") || strings.HasPrefix(n, "..") {
 				t.Fatalf("delivery %d: bad file name %q", i, n)
@@ -366,6 +435,11 @@ func checkInvariants(t *testing.T, ds []Delivery) {
 		}
 		if names[0] == names[1] || names[0] == names[2] || names[1] == names[2] {
 			t.Fatalf("delivery %d: file names %q are not pairwise different", i, names)
+		}
+		if n := d.CredentialBundleFileName; n != "" {
+			if n == "." || strings.Contains(n, "/") || strings.HasPrefix(n, "..") || slices.Contains(names, n) {
+				t.Fatalf("delivery %d: bad credential bundle name %q (others %q)", i, n, names)
+			}
 		}
 		if d.AgentAddress != "" && !path.IsAbs(d.AgentAddress) {
 			t.Fatalf("delivery %d: relative agent address %q", i, d.AgentAddress)
@@ -378,6 +452,7 @@ func checkInvariants(t *testing.T, ds []Delivery) {
 			}
 		}
 	}
+	checkJWTInvariants(t, ds)
 }
 
 func FuzzParse(f *testing.F) {

@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"net"
 	"os"
 	"path/filepath"
 	"slices"
@@ -61,6 +62,46 @@ type Refresher struct {
 	// RescanInterval is how often the state directory is scanned in full, to
 	// catch up on anything a missed notification did not tell.
 	RescanInterval time.Duration `yaml:"rescan_interval"`
+	// LogLevel is "info" or "debug" (every rotation).
+	LogLevel string `yaml:"log_level"`
+	// MetricsSocket is the unix socket serving /metrics, /healthz, /readyz
+	// and /status, mode 0600 (root only). Empty: StatusSocket's default,
+	// refresher.sock in the state directory.
+	MetricsSocket string `yaml:"metrics_socket"`
+	// MetricsAddress, when set, also serves /metrics, /healthz and /readyz
+	// (not /status, which names containers) on this TCP address.
+	MetricsAddress string `yaml:"metrics_address"`
+}
+
+// Log levels.
+const (
+	LogInfo  = "info"
+	LogDebug = "debug"
+)
+
+// StatusSocket is the refresher's unix socket: metrics_socket, or
+// refresher.sock in the state directory, which is root's only already.
+func (c Config) StatusSocket() string {
+	if c.Refresher.MetricsSocket != "" {
+		return c.Refresher.MetricsSocket
+	}
+	return filepath.Join(c.StateDir, "refresher.sock")
+}
+
+// RestartOnly returns an error naming the first setting that differs
+// between cur and next and that a running refresher cannot change: it has
+// open sockets and files under them. Everything else applies on reload.
+func RestartOnly(cur, next Config) error {
+	for _, s := range []struct{ key, a, b string }{
+		{"state_dir", cur.StateDir, next.StateDir},
+		{"refresher.metrics_socket", cur.StatusSocket(), next.StatusSocket()},
+		{"refresher.metrics_address", cur.Refresher.MetricsAddress, next.Refresher.MetricsAddress},
+	} {
+		if s.a != s.b {
+			return fmt.Errorf("%s cannot change while the refresher runs (%q -> %q): restart it", s.key, s.a, s.b)
+		}
+	}
+	return nil
 }
 
 // Default returns the configuration used when no file and no flag says otherwise.
@@ -74,6 +115,7 @@ func Default() Config {
 			BackoffMin:     500 * time.Millisecond,
 			BackoffMax:     30 * time.Second,
 			RescanInterval: 30 * time.Second,
+			LogLevel:       LogInfo,
 		},
 	}
 }
@@ -103,6 +145,17 @@ func (c Config) Validate() error {
 	}
 	if r.RescanInterval <= 0 {
 		return fmt.Errorf("refresher rescan_interval %s must be positive", r.RescanInterval)
+	}
+	if r.LogLevel != LogInfo && r.LogLevel != LogDebug {
+		return fmt.Errorf("refresher log_level %q must be %q or %q", r.LogLevel, LogInfo, LogDebug)
+	}
+	if r.MetricsSocket != "" && !filepath.IsAbs(r.MetricsSocket) {
+		return fmt.Errorf("refresher metrics_socket %q must be an absolute path", r.MetricsSocket)
+	}
+	if a := r.MetricsAddress; a != "" {
+		if _, _, err := net.SplitHostPort(a); err != nil {
+			return fmt.Errorf("refresher metrics_address %q must be host:port: %w", a, err)
+		}
 	}
 	return nil
 }
@@ -155,7 +208,13 @@ func (f *Flags) BindRefresher() {
 	f.fs.DurationVar(&f.set.Refresher.BackoffMin, "backoff-min", d.Refresher.BackoffMin, "first retry delay after the agent goes away")
 	f.fs.DurationVar(&f.set.Refresher.BackoffMax, "backoff-max", d.Refresher.BackoffMax, "largest retry delay")
 	f.fs.DurationVar(&f.set.Refresher.RescanInterval, "rescan-interval", d.Refresher.RescanInterval, "interval of full scans of the state directory")
+	f.fs.StringVar(&f.set.Refresher.LogLevel, "log-level", d.Refresher.LogLevel, "info, or debug to log every rotation")
+	f.fs.StringVar(&f.set.Refresher.MetricsSocket, "metrics-socket", "", "unix socket for /metrics, /healthz, /readyz and /status (default <state_dir>/refresher.sock)")
+	f.fs.StringVar(&f.set.Refresher.MetricsAddress, "metrics-address", "", "also serve /metrics, /healthz and /readyz on this TCP host:port")
 }
+
+// Path is the configuration file Load reads.
+func (f *Flags) Path() string { return f.path }
 
 // Load reads the configuration file named by --config (a missing file is an
 // error only when --config was given), applies the flags that were set and
@@ -199,6 +258,15 @@ func (f *Flags) Load() (Config, error) {
 	}
 	if explicit["rescan-interval"] {
 		c.Refresher.RescanInterval = f.set.Refresher.RescanInterval
+	}
+	if explicit["log-level"] {
+		c.Refresher.LogLevel = f.set.Refresher.LogLevel
+	}
+	if explicit["metrics-socket"] {
+		c.Refresher.MetricsSocket = f.set.Refresher.MetricsSocket
+	}
+	if explicit["metrics-address"] {
+		c.Refresher.MetricsAddress = f.set.Refresher.MetricsAddress
 	}
 	if err := c.Validate(); err != nil {
 		return Config{}, fmt.Errorf("config %s: %w", f.path, err)

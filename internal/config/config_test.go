@@ -32,6 +32,9 @@ refresher:
   backoff_min: 250ms
   backoff_max: 1m
   rescan_interval: 1h30m
+  log_level: debug
+  metrics_socket: /run/m.sock
+  metrics_address: 127.0.0.1:9464
 `))
 	if err != nil {
 		t.Fatal(err)
@@ -46,6 +49,9 @@ refresher:
 			BackoffMin:     250 * time.Millisecond,
 			BackoffMax:     time.Minute,
 			RescanInterval: 90 * time.Minute,
+			LogLevel:       LogDebug,
+			MetricsSocket:  "/run/m.sock",
+			MetricsAddress: "127.0.0.1:9464",
 		},
 	}
 	if !reflect.DeepEqual(c, want) {
@@ -126,6 +132,9 @@ func TestValidate(t *testing.T) {
 		{"zero backoff min", func(c *Config) { c.Refresher.BackoffMin = 0 }, "backoff_min"},
 		{"backoff max below min", func(c *Config) { c.Refresher.BackoffMin = time.Minute; c.Refresher.BackoffMax = time.Second }, "backoff_min 1m0s and backoff_max 1s"},
 		{"zero rescan", func(c *Config) { c.Refresher.RescanInterval = 0 }, "rescan_interval 0s must be positive"},
+		{"log level", func(c *Config) { c.Refresher.LogLevel = "trace" }, `log_level "trace"`},
+		{"relative metrics socket", func(c *Config) { c.Refresher.MetricsSocket = "m.sock" }, `metrics_socket "m.sock"`},
+		{"metrics address without port", func(c *Config) { c.Refresher.MetricsAddress = "localhost" }, `metrics_address "localhost"`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -207,7 +216,7 @@ refresher:
 		StateDir:            "/file/state",
 		Timeout:             4 * time.Second,
 		FailurePolicy:       FailOpen,
-		Refresher:           Refresher{BackoffMin: 2 * time.Second, BackoffMax: 20 * time.Second, RescanInterval: 5 * time.Minute},
+		Refresher:           Refresher{BackoffMin: 2 * time.Second, BackoffMax: 20 * time.Second, RescanInterval: 5 * time.Minute, LogLevel: LogInfo},
 	}
 
 	// No flag set: the file's values, not the flags' defaults.
@@ -250,6 +259,9 @@ refresher:
 		"--backoff-min", "1s",
 		"--backoff-max", "9s",
 		"--rescan-interval", "1m",
+		"--log-level", "debug",
+		"--metrics-socket", "/flag/m.sock",
+		"--metrics-address", ":9464",
 	)
 	if err != nil {
 		t.Fatal(err)
@@ -260,7 +272,7 @@ refresher:
 		StateDir:            "/flag/state",
 		Timeout:             time.Second,
 		FailurePolicy:       FailClosed,
-		Refresher:           Refresher{BackoffMin: time.Second, BackoffMax: 9 * time.Second, RescanInterval: time.Minute},
+		Refresher:           Refresher{BackoffMin: time.Second, BackoffMax: 9 * time.Second, RescanInterval: time.Minute, LogLevel: LogDebug, MetricsSocket: "/flag/m.sock", MetricsAddress: ":9464"},
 	}
 	if !reflect.DeepEqual(c, want) {
 		t.Fatalf("Load() = %+v, want %+v", c, want)
@@ -358,4 +370,37 @@ func FuzzParse(f *testing.F) {
 			t.Fatalf("the configured agent socket %q is not allowed", c.AgentAdminSocket)
 		}
 	})
+}
+
+// TestRestartOnly: the settings a running refresher cannot take on reload
+// are named; the others may change.
+func TestRestartOnly(t *testing.T) {
+	cur := Default()
+	if got := cur.StatusSocket(); got != "/run/spiffe-oci-hook/refresher.sock" {
+		t.Errorf("StatusSocket() = %q", got)
+	}
+	live := cur
+	live.Refresher.LogLevel = LogDebug
+	live.Refresher.RescanInterval = time.Minute
+	live.Refresher.BackoffMax = time.Hour
+	live.AgentAdminSocket = "/run/other.sock"
+	live.FailurePolicy = FailOpen
+	live.Refresher.MetricsSocket = cur.StatusSocket() // the same socket, spelled out
+	if err := RestartOnly(cur, live); err != nil {
+		t.Errorf("live settings refused: %v", err)
+	}
+	for _, tc := range []struct {
+		key    string
+		mutate func(*Config)
+	}{
+		{"state_dir", func(c *Config) { c.StateDir = "/run/elsewhere" }},
+		{"refresher.metrics_socket", func(c *Config) { c.Refresher.MetricsSocket = "/run/m.sock" }},
+		{"refresher.metrics_address", func(c *Config) { c.Refresher.MetricsAddress = ":9464" }},
+	} {
+		next := cur
+		tc.mutate(&next)
+		if err := RestartOnly(cur, next); err == nil || !strings.HasPrefix(err.Error(), tc.key+" cannot change") {
+			t.Errorf("%s changed: error = %v", tc.key, err)
+		}
+	}
 }

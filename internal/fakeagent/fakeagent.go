@@ -47,6 +47,14 @@ type Agent struct {
 	Refuse error
 	// Hang makes new streams block without ever sending.
 	Hang bool
+	// federated maps foreign trust domains to their CA: the bundle stream
+	// sends them and every SVID update names them in FederatesWith.
+	federated map[string]*x509.Certificate
+	// JWTTTL is the lifetime of minted JWT-SVIDs (default 5 minutes).
+	JWTTTL time.Duration
+	// JWTHold, when not nil, makes FetchJWTSVIDs wait until it is closed.
+	JWTHold chan struct{}
+	jwtKey  *ecdsa.PrivateKey
 	// generation bumps on Rotate; streams re-send when it changes.
 	generation uint64
 	changed    chan struct{}
@@ -63,34 +71,64 @@ func New(td string, socket string) (*Agent, error) {
 	a := &Agent{
 		TrustDomain: spiffeid.RequireTrustDomainFromString(td),
 		identities:  map[int][]spiffeid.ID{},
+		federated:   map[string]*x509.Certificate{},
 		TTL:         time.Hour,
 		changed:     make(chan struct{}),
 	}
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
+	var err error
+	if a.caKey, a.caCert, err = newCA(a.TrustDomain); err != nil {
 		return nil, err
 	}
+	if err := a.Serve(socket); err != nil {
+		return nil, err
+	}
+	return a, nil
+}
+
+func newCA(td spiffeid.TrustDomain) (crypto.Signer, *x509.Certificate, error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, nil, err
+	}
 	tmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(1),
-		Subject:               pkix.Name{CommonName: "fakeagent CA"},
+		SerialNumber:          big.NewInt(serial.Add(1) + 1),
+		Subject:               pkix.Name{CommonName: "fakeagent CA " + td.Name()},
 		NotBefore:             time.Now().Add(-time.Minute),
 		NotAfter:              time.Now().Add(24 * time.Hour),
 		IsCA:                  true,
 		BasicConstraintsValid: true,
 		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
-		URIs:                  []*url.URL{a.TrustDomain.ID().URL()},
+		URIs:                  []*url.URL{td.ID().URL()},
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	a.caKey = key
-	a.caCert, _ = x509.ParseCertificate(der)
+	cert, err := x509.ParseCertificate(der)
+	return key, cert, err
+}
 
-	if err := a.Serve(socket); err != nil {
+// Federate makes every SVID federate with trust domain td, whose bundle
+// becomes a new CA (a fresh one on every call: a foreign CA rotation). It
+// returns that CA.
+func (a *Agent) Federate(td string) (*x509.Certificate, error) {
+	_, cert, err := newCA(spiffeid.RequireTrustDomainFromString(td))
+	if err != nil {
 		return nil, err
 	}
-	return a, nil
+	a.mu.Lock()
+	a.federated[td] = cert
+	a.mu.Unlock()
+	a.Rotate()
+	return cert, nil
+}
+
+// Defederate ends the federation with td: its bundle and its name go.
+func (a *Agent) Defederate(td string) {
+	a.mu.Lock()
+	delete(a.federated, td)
+	a.mu.Unlock()
+	a.Rotate()
 }
 
 // Serve starts serving on socket (again, after Stop: same CA, same state).
@@ -174,8 +212,11 @@ func (a *Agent) SubscribeToX509SVIDs(req *delegatedidentityv1.SubscribeToX509SVI
 			ids = a.Default
 		}
 		changed := a.changed
-		a.mu.Unlock()
 		resp := &delegatedidentityv1.SubscribeToX509SVIDsResponse{}
+		for td := range a.federated {
+			resp.FederatesWith = append(resp.FederatesWith, td)
+		}
+		a.mu.Unlock()
 		for _, id := range ids {
 			sv, err := a.mint(id)
 			if err != nil {
@@ -209,10 +250,13 @@ func (a *Agent) SubscribeToX509Bundles(_ *delegatedidentityv1.SubscribeToX509Bun
 	for {
 		a.mu.Lock()
 		changed := a.changed
-		a.mu.Unlock()
 		resp := &delegatedidentityv1.SubscribeToX509BundlesResponse{
 			CaCertificates: map[string][]byte{a.TrustDomain.IDString(): a.caCert.Raw},
 		}
+		for td, cert := range a.federated {
+			resp.CaCertificates[spiffeid.RequireTrustDomainFromString(td).IDString()] = cert.Raw
+		}
+		a.mu.Unlock()
 		if err := stream.Send(resp); err != nil {
 			return err
 		}

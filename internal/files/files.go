@@ -86,7 +86,38 @@ func (w Writer) Write(dir string, files []File, owner Owner) error {
 			return err
 		}
 	}
+	if err := unlinkGone(dir, files); err != nil {
+		return err
+	}
 	return prune(dir, gen, prev)
+}
+
+// unlinkGone removes the plain-name links of files the new generation no
+// longer has (a trust domain no longer federated with). The generation
+// swap already removed their content for a reader that resolves "..data";
+// this takes away the dangling name.
+func unlinkGone(dir string, files []File) error {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return fmt.Errorf("files: %w", err)
+	}
+	keep := make(map[string]bool, len(files))
+	for _, f := range files {
+		keep[f.Name] = true
+	}
+	for _, e := range entries {
+		name := e.Name()
+		if e.Type()&fs.ModeSymlink == 0 || strings.HasPrefix(name, genPrefix) || keep[name] {
+			continue
+		}
+		if target, err := os.Readlink(filepath.Join(dir, name)); err != nil || target != filepath.Join(DataLink, name) {
+			continue
+		}
+		if err := os.Remove(filepath.Join(dir, name)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("files: %w", err)
+		}
+	}
+	return nil
 }
 
 func (w Writer) ensureDir(dir string) error {
@@ -198,6 +229,19 @@ func prune(dir, cur, prev string) error {
 		}
 	}
 	return nil
+}
+
+// List returns the names of the files in dir's current generation.
+func List(dir string) ([]string, error) {
+	entries, err := os.ReadDir(filepath.Join(dir, DataLink))
+	if err != nil {
+		return nil, fmt.Errorf("files: %w", err)
+	}
+	names := make([]string, len(entries))
+	for i, e := range entries {
+		names[i] = e.Name()
+	}
+	return names, nil
 }
 
 // Read reads names from one generation of dir: it resolves "..data" once,

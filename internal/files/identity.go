@@ -1,16 +1,36 @@
 package files
 
 import (
+	"bytes"
 	"fmt"
+	"os"
+	"slices"
+	"strings"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 )
 
-// Names are the three file names of a delivery.
+// Names are the file names of a delivery. An empty name is not written.
 type Names struct {
 	SVID, Key, Bundle string
+	// CredentialBundle is the one-file layout: key, then chain (see
+	// CredentialBundle).
+	CredentialBundle string
+	// TrustBundleSuffix, when set, writes one file per trust domain the
+	// SVID's holder may talk to, its own included, named
+	// <trust-domain><TrustBundleSuffix>: each peer is checked against its
+	// own trust domain's bundle only.
+	TrustBundleSuffix string
+	// IncludeFederated puts the federated trust domains' bundles into
+	// Bundle after the own one (spiffe-helper's include_federated_domains),
+	// for applications that take one CA file. Without it Bundle holds the
+	// SVID's own trust domain only: SPIFFE says never to mix bundles.
+	IncludeFederated bool
+	// Redact keeps the file of a trust domain no longer trusted, empty,
+	// instead of removing it (see Redact).
+	Redact bool
 }
 
 // Modes of the identity files: only the owner reads the key.
@@ -21,36 +41,108 @@ const (
 
 // Identity renders an SVID and the bundles its holder should trust (its own
 // trust domain's and those it federates with) as the files of a delivery:
-// the leaf and intermediates as PEM, the PKCS#8 key as PEM, and the trust
-// bundle as PEM. Both inputs come from go-spiffe's parsers, so what is
-// written was checked.
+// the leaf and intermediates as PEM, the PKCS#8 key as PEM, the trust
+// bundles as PEM, and the credential bundle. Both inputs come from
+// go-spiffe's parsers, so what is written was checked. A federated trust
+// domain the agent has no bundle for is left out, so a relationship that
+// ended (its bundle deleted, or the entry no longer federating with it)
+// drops its files at the next write.
 func Identity(n Names, svid *x509svid.SVID, bundles *x509bundle.Set, federatesWith []spiffeid.TrustDomain) ([]File, error) {
 	certs, key, err := svid.Marshal()
 	if err != nil {
 		return nil, fmt.Errorf("files: encoding SVID %s: %w", svid.ID, err)
 	}
-	own, ok := bundles.Get(svid.ID.TrustDomain())
+	ownTD := svid.ID.TrustDomain()
+	own, ok := bundles.Get(ownTD)
 	if !ok {
-		return nil, fmt.Errorf("files: the agent sent no bundle for trust domain %s of SVID %s", svid.ID.TrustDomain(), svid.ID)
+		return nil, fmt.Errorf("files: the agent sent no bundle for trust domain %s of SVID %s", ownTD, svid.ID)
 	}
-	trust, err := own.Marshal()
+	ownPEM, err := own.Marshal()
 	if err != nil {
-		return nil, fmt.Errorf("files: encoding bundle of %s: %w", own.TrustDomain(), err)
+		return nil, fmt.Errorf("files: encoding bundle of %s: %w", ownTD, err)
 	}
+	// The federated domains, each once, in name order: the agent's order
+	// may change between updates, and the files should not.
+	var feds []*x509bundle.Bundle
+	seen := map[spiffeid.TrustDomain]bool{ownTD: true}
 	for _, td := range federatesWith {
-		b, ok := bundles.Get(td)
-		if !ok || td == own.TrustDomain() {
-			continue
+		if b, ok := bundles.Get(td); ok && !seen[td] {
+			seen[td] = true
+			feds = append(feds, b)
 		}
-		pem, err := b.Marshal()
-		if err != nil {
-			return nil, fmt.Errorf("files: encoding bundle of %s: %w", td, err)
-		}
-		trust = append(trust, pem...)
 	}
-	return []File{
-		{Name: n.SVID, Data: certs, Mode: CertMode},
-		{Name: n.Key, Data: key, Mode: KeyMode},
-		{Name: n.Bundle, Data: trust, Mode: CertMode},
-	}, nil
+	slices.SortFunc(feds, func(a, b *x509bundle.Bundle) int {
+		return strings.Compare(a.TrustDomain().Name(), b.TrustDomain().Name())
+	})
+	fedPEM := make([][]byte, len(feds))
+	for i, b := range feds {
+		if fedPEM[i], err = b.Marshal(); err != nil {
+			return nil, fmt.Errorf("files: encoding bundle of %s: %w", b.TrustDomain(), err)
+		}
+	}
+
+	var out []File
+	add := func(name string, data []byte, mode os.FileMode) {
+		if name != "" {
+			out = append(out, File{Name: name, Data: data, Mode: mode})
+		}
+	}
+	add(n.SVID, certs, CertMode)
+	add(n.Key, key, KeyMode)
+	trust := ownPEM
+	if n.IncludeFederated {
+		trust = bytes.Join(append([][]byte{ownPEM}, fedPEM...), nil)
+	}
+	add(n.Bundle, trust, CertMode)
+	add(n.CredentialBundle, CredentialBundle(key, certs), KeyMode)
+	if n.TrustBundleSuffix != "" {
+		add(TrustBundleFileName(ownTD, n.TrustBundleSuffix), ownPEM, CertMode)
+		for i, b := range feds {
+			add(TrustBundleFileName(b.TrustDomain(), n.TrustBundleSuffix), fedPEM[i], CertMode)
+		}
+	}
+	return out, nil
+}
+
+// Redact returns fs plus an empty file for every trust bundle file (name
+// ending in suffix) that dir's current generation holds and fs does not.
+// The draft SPIFFE Filesystem Delivery standard (section 2.3) asks for
+// this: an empty file says the trust domain was withdrawn, while an absent
+// one may be a remount, so a reader of the draft may keep trusting a
+// domain whose file merely went away.
+func Redact(dir string, fs []File, suffix string) []File {
+	have, err := List(dir)
+	if err != nil {
+		return fs
+	}
+	slices.Sort(have)
+	for _, name := range have {
+		if strings.HasSuffix(name, suffix) && !slices.ContainsFunc(fs, func(f File) bool { return f.Name == name }) {
+			fs = append(fs, File{Name: name, Data: []byte{}, Mode: CertMode})
+		}
+	}
+	return fs
+}
+
+// TrustBundleFileName names trust domain td's own bundle file. Trust domain
+// names hold only [a-z0-9._-] (go-spiffe checks), so the name is a plain
+// file name; one starting with "." would enter the writer's reserved
+// "..*" names and is not written.
+func TrustBundleFileName(td spiffeid.TrustDomain, suffix string) string {
+	if strings.HasPrefix(td.Name(), ".") {
+		return ""
+	}
+	return td.Name() + suffix
+}
+
+// CredentialBundle is the one-file credential of Kubernetes Pod
+// Certificates (KEP-4317 credentialBundlePath) and the draft SPIFFE
+// Filesystem Delivery standard: the PKCS#8 "PRIVATE KEY" block, then the
+// "CERTIFICATE" blocks of the chain, leaf first, with no other block
+// types, no data between blocks and no PEM headers. key and certs are
+// go-spiffe's encoding of a parsed SVID, which is exactly that. It holds
+// the key, so it is written with KeyMode.
+func CredentialBundle(key, certs []byte) []byte {
+	out := make([]byte, 0, len(key)+len(certs))
+	return append(append(out, key...), certs...)
 }

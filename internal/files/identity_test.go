@@ -6,11 +6,14 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
 	"math/big"
 	"net/url"
+	"os"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -146,39 +149,96 @@ func TestIdentity(t *testing.T) {
 	}
 }
 
-func TestIdentityFederation(t *testing.T) {
-	ca := newCA(t, "example.org")
-	fed := newCA(t, "partner.test")
-	other := newCA(t, "unrelated.test")
-	svid := ca.svid(t, "spiffe://example.org/web")
-	set := x509bundle.NewSet(ca.bundle(), fed.bundle(), other.bundle())
-
-	// Federated bundles are appended; an unknown federated domain and the
-	// own domain named again are skipped; unrelated ones are not included.
-	fs, err := Identity(testNames, svid, set, []spiffeid.TrustDomain{
-		fed.td,
-		spiffeid.RequireTrustDomainFromString("missing.test"),
-		ca.td,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	data := filesByName(t, fs)["ca.pem"].Data
+// pemCerts parses every block of data as a certificate.
+func pemCerts(t *testing.T, data []byte) []*x509.Certificate {
+	t.Helper()
 	var certs []*x509.Certificate
-	for rest := data; ; {
-		var blk *pem.Block
-		blk, rest = pem.Decode(rest)
-		if blk == nil {
-			break
-		}
+	for _, blk := range strictBlocks(t, data) {
 		c, err := x509.ParseCertificate(blk.Bytes)
-		if err != nil {
-			t.Fatal(err)
+		if err != nil || blk.Type != "CERTIFICATE" {
+			t.Fatalf("%s block: %v", blk.Type, err)
 		}
 		certs = append(certs, c)
 	}
-	if len(certs) != 2 || !certs[0].Equal(ca.cert) || !certs[1].Equal(fed.cert) {
-		t.Fatalf("bundle holds %d certificates, want own CA then federated CA", len(certs))
+	return certs
+}
+
+func TestIdentityFederation(t *testing.T) {
+	ca := newCA(t, "example.org")
+	fed := newCA(t, "partner.test")
+	fed2 := newCA(t, "another.test")
+	other := newCA(t, "unrelated.test")
+	svid := ca.svid(t, "spiffe://example.org/web")
+	set := x509bundle.NewSet(ca.bundle(), fed.bundle(), fed2.bundle(), other.bundle())
+	// An unknown federated domain and the own domain named again are
+	// skipped; unrelated ones are never included.
+	federates := []spiffeid.TrustDomain{
+		fed.td,
+		spiffeid.RequireTrustDomainFromString("missing.test"),
+		ca.td,
+		fed2.td,
+		fed.td,
+	}
+	names := testNames
+	names.TrustBundleSuffix = ".trust-bundle.pem"
+
+	// Default: the bundle file holds the own trust domain only; one file
+	// per trust domain, each holding that domain's CA alone.
+	fs, err := Identity(names, svid, set, federates)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := filesByName(t, fs)
+	if c := pemCerts(t, m["ca.pem"].Data); len(c) != 1 || !c[0].Equal(ca.cert) {
+		t.Fatalf("ca.pem holds %d certificates, want the own CA only", len(c))
+	}
+	want := map[string]*x509.Certificate{
+		"example.org.trust-bundle.pem":  ca.cert,
+		"partner.test.trust-bundle.pem": fed.cert,
+		"another.test.trust-bundle.pem": fed2.cert,
+	}
+	if len(fs) != 3+len(want) {
+		t.Fatalf("Identity returned %d files, want the three and %d trust bundles", len(fs), len(want))
+	}
+	for name, cert := range want {
+		f, ok := m[name]
+		if !ok {
+			t.Fatalf("no %s", name)
+		}
+		if c := pemCerts(t, f.Data); len(c) != 1 || !c[0].Equal(cert) || f.Mode != CertMode {
+			t.Fatalf("%s holds %d certificates (mode %v), want its own CA alone", name, len(c), f.Mode)
+		}
+	}
+	// The agent's order does not change the files.
+	slices.Reverse(federates)
+	again, err := Identity(names, svid, set, federates)
+	if err != nil || !slices.EqualFunc(fs[1:], again[1:], func(a, b File) bool { return a.Name == b.Name && bytes.Equal(a.Data, b.Data) }) {
+		t.Fatalf("federatesWith order changed the files (%v)", err)
+	}
+
+	// include_federated_domains: own CA first, then the federated ones in
+	// name order.
+	names.IncludeFederated = true
+	fs, err = Identity(names, svid, set, federates)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := pemCerts(t, filesByName(t, fs)["ca.pem"].Data)
+	if len(c) != 3 || !c[0].Equal(ca.cert) || !c[1].Equal(fed2.cert) || !c[2].Equal(fed.cert) {
+		t.Fatalf("merged bundle holds %d certificates, want own, another.test, partner.test", len(c))
+	}
+
+	// A federation that ended: its bundle is gone from the agent's set.
+	fs, err = Identity(names, svid, x509bundle.NewSet(ca.bundle(), fed2.bundle()), federates)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := filesByName(t, fs)["partner.test.trust-bundle.pem"]; ok || len(fs) != 5 {
+		t.Fatalf("after partner.test's bundle went away: %d files, partner.test's still there: %v", len(fs), ok)
+	}
+	// No suffix, no per-trust-domain files.
+	if fs, _ := Identity(testNames, svid, set, federates); len(fs) != 3 {
+		t.Fatalf("without a suffix: %d files", len(fs))
 	}
 }
 
@@ -198,5 +258,80 @@ func TestIdentityMissingBundle(t *testing.T) {
 	}
 	if _, err := Identity(testNames, svid, x509bundle.NewSet(), nil); err == nil {
 		t.Fatal("empty bundle set: no error")
+	}
+}
+
+// strictBlocks decodes data as PEM and fails unless it is nothing but
+// header-less blocks back to back: re-encoding the blocks must give back
+// exactly data.
+func strictBlocks(t *testing.T, data []byte) []*pem.Block {
+	t.Helper()
+	var blocks []*pem.Block
+	var again []byte
+	for rest := data; len(rest) > 0; {
+		var blk *pem.Block
+		blk, rest = pem.Decode(rest)
+		if blk == nil {
+			t.Fatalf("data after the last PEM block: %q", rest)
+		}
+		if len(blk.Headers) != 0 {
+			t.Fatalf("%s block has PEM headers %v", blk.Type, blk.Headers)
+		}
+		blocks = append(blocks, blk)
+		again = append(again, pem.EncodeToMemory(blk)...)
+	}
+	if !bytes.Equal(again, data) {
+		t.Fatalf("data between or around PEM blocks:\n%s", data)
+	}
+	return blocks
+}
+
+func TestIdentityCredentialBundle(t *testing.T) {
+	ca := newCA(t, "example.org")
+	svid := ca.svid(t, "spiffe://example.org/web")
+	// An intermediate, so that the chain order is checked too.
+	inter := newCA(t, "example.org")
+	svid.Certificates = append(svid.Certificates, inter.cert)
+	names := testNames
+	names.CredentialBundle = "credential-bundle.pem"
+	fs, err := Identity(names, svid, x509bundle.NewSet(ca.bundle()), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := filesByName(t, fs)
+	cb, ok := m["credential-bundle.pem"]
+	if !ok || len(fs) != 4 {
+		t.Fatalf("Identity returned %d files, want the three and the credential bundle", len(fs))
+	}
+	if cb.Mode != KeyMode {
+		t.Fatalf("credential bundle mode %v, want %v: it holds the key", cb.Mode, os.FileMode(KeyMode))
+	}
+	blocks := strictBlocks(t, cb.Data)
+	if len(blocks) != 3 || blocks[0].Type != "PRIVATE KEY" || blocks[1].Type != "CERTIFICATE" || blocks[2].Type != "CERTIFICATE" {
+		t.Fatalf("blocks %d, want PRIVATE KEY, CERTIFICATE (leaf), CERTIFICATE (intermediate)", len(blocks))
+	}
+	if _, err := x509.ParsePKCS8PrivateKey(blocks[0].Bytes); err != nil {
+		t.Fatalf("first block is not PKCS#8: %v", err)
+	}
+	if !bytes.Equal(blocks[1].Bytes, svid.Certificates[0].Raw) || !bytes.Equal(blocks[2].Bytes, inter.cert.Raw) {
+		t.Fatal("chain is not leaf first, then the intermediate")
+	}
+	// One read gives a matching pair, by go-spiffe's and by crypto/tls's
+	// reading (what an application would use).
+	if _, err := x509svid.Parse(cb.Data, cb.Data); err != nil {
+		t.Fatalf("x509svid.Parse(bundle, bundle): %v", err)
+	}
+	if _, err := tls.X509KeyPair(cb.Data, cb.Data); err != nil {
+		t.Fatalf("tls.X509KeyPair(bundle, bundle): %v", err)
+	}
+	// The same key and chain as the two-file layout.
+	if !bytes.Equal(cb.Data, append(append([]byte{}, m["key.pem"].Data...), m["cert.pem"].Data...)) {
+		t.Fatal("credential bundle differs from key.pem followed by cert.pem")
+	}
+
+	// Alone: the credential bundle without the three classic files.
+	fs, err = Identity(Names{CredentialBundle: "c.pem"}, svid, x509bundle.NewSet(ca.bundle()), nil)
+	if err != nil || len(fs) != 1 || fs[0].Name != "c.pem" {
+		t.Fatalf("credential bundle alone: %d files, %v", len(fs), err)
 	}
 }

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/noderesource/spiffe-oci-hook/internal/agent"
 	"github.com/noderesource/spiffe-oci-hook/internal/annotations"
@@ -162,7 +163,19 @@ func (h *Hook) Create(ctx context.Context, req *Request) (err error) {
 		return err
 	}
 	defer client.Close()
+	// JWT material, when asked for, in parallel with the X.509 exchange;
+	// a container that asked for none starts nothing here.
+	jwtCtx, jwtCancel := context.WithCancel(ctx)
+	defer jwtCancel()
+	jwtDone := h.fetchJWT(jwtCtx, client, proc.PID, req.Deliveries)
 	update, bundles, err := client.FetchX509(ctx, proc.PID)
+	if err != nil {
+		jwtCancel() // its answer would not be used
+	}
+	jwt, jwtErr := jwtDone()
+	if err == nil && jwtErr != nil {
+		err = jwtErr
+	}
 	if err != nil {
 		if errors.Is(err, agent.ErrNoIdentity) {
 			return fmt.Errorf("%w: create a registration entry whose selectors match pid %d as the agent sees it at container creation", err, proc.PID)
@@ -222,6 +235,13 @@ func (h *Hook) Create(ctx context.Context, req *Request) (err error) {
 		if err != nil {
 			return err
 		}
+		if d.WantsJWT() {
+			jfs, err := jwtFiles(d, svid.ID, update.FederatesWith, jwt)
+			if err != nil {
+				return fmt.Errorf("annotation %s: delivery %d: %w", req.Key, i, err)
+			}
+			fs = append(fs, jfs...)
+		}
 		dir := store.DeliveryDir(id, i)
 		if err := writer.Write(dir, fs, owner); err != nil {
 			return err
@@ -232,6 +252,48 @@ func (h *Hook) Create(ctx context.Context, req *Request) (err error) {
 		rec.Deliveries = append(rec.Deliveries, rd)
 	}
 	return store.Save(rec)
+}
+
+// fetchJWT starts fetching the JWT material the deliveries ask for and
+// returns the function that waits for it.
+func (h *Hook) fetchJWT(ctx context.Context, client *agent.Client, pid int, ds []annotations.Delivery) func() (*agent.JWT, error) {
+	auds, wantBundles := annotations.JWTRequests(ds)
+	if len(auds) == 0 && !wantBundles {
+		return func() (*agent.JWT, error) { return nil, nil }
+	}
+	type result struct {
+		jwt *agent.JWT
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		jwt, err := client.FetchJWT(ctx, pid, agent.JWTRequest{Audiences: auds, Bundles: wantBundles})
+		done <- result{jwt, err}
+	}()
+	return func() (*agent.JWT, error) {
+		r := <-done
+		return r.jwt, r.err
+	}
+}
+
+// jwtFiles renders a delivery's JWT files from the agent's answer.
+func jwtFiles(d annotations.Delivery, id spiffeid.ID, federatesWith []spiffeid.TrustDomain, jwt *agent.JWT) ([]files.File, error) {
+	var out []files.File
+	for _, j := range d.JWTSVIDs {
+		f, err := files.JWTSVIDFor(j, id, jwt)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, f)
+	}
+	if d.JWTBundleFileName != "" {
+		f, err := files.JWTBundle(d.JWTBundleFileName, id.TrustDomain(), federatesWith, jwt.Bundles)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, f)
+	}
+	return out, nil
 }
 
 // Poststop forgets container id: its record and files.

@@ -127,8 +127,9 @@ func TestMountLabelSeam(t *testing.T) {
 	}
 	delivery := record.Store{Dir: state}.DeliveryDir("labelled", 0)
 	gen1, _ := os.Readlink(filepath.Join(delivery, files.DataLink))
-	want := []string{"", gen1, gen1 + "/svid.pem", gen1 + "/svid_key.pem", gen1 + "/svid_bundle.pem",
-		"..tmp...data", "..tmp.svid.pem", "..tmp.svid_key.pem", "..tmp.svid_bundle.pem"}
+	const ownTD = "example.org.trust-bundle.pem"
+	want := []string{"", gen1, gen1 + "/svid.pem", gen1 + "/svid_key.pem", gen1 + "/svid_bundle.pem", gen1 + "/" + ownTD,
+		"..tmp...data", "..tmp.svid.pem", "..tmp.svid_key.pem", "..tmp.svid_bundle.pem", "..tmp." + ownTD}
 	checkLabelled(t, "first delivery", rec.take(), delivery, want)
 	// Every entry in the directory now carries the label: the tmp
 	// symlinks were labelled before being renamed to these names.
@@ -165,7 +166,7 @@ func TestMountLabelSeam(t *testing.T) {
 		t.Fatal("..data did not move")
 	}
 	time.Sleep(100 * time.Millisecond) // the bundle update may follow; it must not relabel anything unchanged
-	checkLabelled(t, "rotation", rec.take(), delivery, []string{gen2, gen2 + "/svid.pem", gen2 + "/svid_key.pem", gen2 + "/svid_bundle.pem", "..tmp...data"})
+	checkLabelled(t, "rotation", rec.take(), delivery, []string{gen2, gen2 + "/svid.pem", gen2 + "/svid_key.pem", gen2 + "/svid_bundle.pem", gen2 + "/" + ownTD, "..tmp...data"})
 }
 
 func checkLabelled(t *testing.T, when string, got []string, dir string, want []string) {

@@ -75,7 +75,11 @@ func (p *Process) FD() int { return p.fd }
 func (p *Process) Alive() error {
 	err := unix.PidfdSendSignal(p.fd, 0, nil, 0)
 	switch {
-	case err == nil:
+	// EPERM: the process exists (the kernel finds it before it checks the
+	// permission to signal it), but this caller may not signal it. That is
+	// the refresher under its unit, which keeps no CAP_KILL, watching a
+	// container that runs as another uid.
+	case err == nil, errors.Is(err, unix.EPERM):
 		return nil
 	case errors.Is(err, unix.ESRCH):
 		return fmt.Errorf("pid %d: %w", p.PID, ErrGone)
@@ -120,4 +124,18 @@ func StartTime(pid int) (uint64, error) {
 		return 0, fmt.Errorf("pid %d: parsing start time: %w", pid, err)
 	}
 	return st, nil
+}
+
+// Signal sends sig to the pinned process through its pidfd: to this
+// process, never to another that has since been given its number.
+func (p *Process) Signal(sig unix.Signal) error {
+	err := unix.PidfdSendSignal(p.fd, sig, nil, 0)
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, unix.ESRCH):
+		return fmt.Errorf("pid %d: %w", p.PID, ErrGone)
+	default:
+		return fmt.Errorf("pidfd_send_signal(%d, %s): %w", p.PID, unix.SignalName(sig), err)
+	}
 }

@@ -2,8 +2,12 @@ package process
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
+	"strconv"
+	"syscall"
 	"testing"
 )
 
@@ -122,5 +126,60 @@ func TestAliveAfterExit(t *testing.T) {
 	}
 	if _, err := OpenRecorded(cmd.Process.Pid, p.StartTime); !errors.Is(err, ErrGone) {
 		t.Fatalf("OpenRecorded after exit = %v, want ErrGone", err)
+	}
+}
+
+// TestAliveWithoutPermission: a caller that may not signal the process (no
+// CAP_KILL, another uid: the refresher under its unit and a container
+// running as uid 1000) still sees it alive, and pins it.
+func TestAliveWithoutPermission(t *testing.T) {
+	if pid := os.Getenv("PROCESS_TEST_PID"); pid != "" {
+		n, _ := strconv.Atoi(pid)
+		p, err := Open(n)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "Open:", err)
+			os.Exit(1)
+		}
+		if err := p.Alive(); err != nil {
+			fmt.Fprintln(os.Stderr, "Alive:", err)
+			os.Exit(1)
+		}
+		os.Exit(0)
+	}
+	if os.Getuid() != 0 {
+		t.Skip("needs root to run processes as other uids")
+	}
+	sleep := exec.Command("sleep", "60")
+	sleep.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65533, Gid: 65533}}
+	if err := sleep.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { sleep.Process.Kill(); sleep.Wait() }()
+
+	// This test binary again, as another unprivileged uid; it must be
+	// readable there.
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir, err := os.MkdirTemp("", "process-test-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	os.Chmod(dir, 0o755)
+	data, err := os.ReadFile(self)
+	if err != nil {
+		t.Fatal(err)
+	}
+	exe := filepath.Join(dir, "process.test")
+	if err := os.WriteFile(exe, data, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	helper := exec.Command(exe, "-test.run=^TestAliveWithoutPermission$")
+	helper.Env = append(os.Environ(), "PROCESS_TEST_PID="+strconv.Itoa(sleep.Process.Pid))
+	helper.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
+	if out, err := helper.CombinedOutput(); err != nil {
+		t.Fatalf("uid 65534 pinning uid 65533's process: %v\n%s", err, out)
 	}
 }

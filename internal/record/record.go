@@ -54,7 +54,15 @@ type Delivery struct {
 
 // Names returns the delivery's file names.
 func (d Delivery) Names() files.Names {
-	return files.Names{SVID: d.SVIDFileName, Key: d.KeyFileName, Bundle: d.BundleFileName}
+	if d.Layout == annotations.LayoutSPIFFEFS {
+		return files.Names{CredentialBundle: annotations.SPIFFEFSCredentialBundle, TrustBundleSuffix: annotations.SPIFFEFSTrustBundleSuffix, Redact: true}
+	}
+	return files.Names{
+		SVID: d.SVIDFileName, Key: d.KeyFileName, Bundle: d.BundleFileName,
+		CredentialBundle:  d.CredentialBundleFileName,
+		TrustBundleSuffix: annotations.TrustBundleSuffix,
+		IncludeFederated:  d.IncludeFederatedDomains,
+	}
 }
 
 // Store is a state directory.

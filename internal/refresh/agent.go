@@ -14,6 +14,7 @@ import (
 
 	"github.com/noderesource/spiffe-oci-hook/internal/agent"
 	"github.com/noderesource/spiffe-oci-hook/internal/config"
+	"github.com/noderesource/spiffe-oci-hook/internal/metrics"
 )
 
 // agentConn is one agent admin socket: its gRPC connection, shared by all
@@ -21,29 +22,36 @@ import (
 // is reachable. It logs reachability once per change, however many
 // containers are waiting on it.
 type agentConn struct {
-	socket string
-	client *agent.Client
-	cfg    config.Refresher
-	log    *slog.Logger
+	socket   string
+	client   *agent.Client
+	settings func() config.Refresher
+	log      *slog.Logger
 
 	mu        sync.Mutex
 	bundles   *x509bundle.Set
 	up        bool
 	recovered chan struct{} // closed when the agent becomes reachable again
 	ready     chan struct{} // closed when the first bundles arrive
+
+	// jwtBundles is the latest answer of the JWT bundle stream, which
+	// only opens once a container asks for JWT bundles (jwtOnce).
+	jwtBundles agent.JWTBundles
+	jwtOnce    sync.Once
 }
 
-func newAgentConn(ctx context.Context, socket string, cfg config.Refresher, log *slog.Logger) *agentConn {
+func newAgentConn(ctx context.Context, socket string, settings func() config.Refresher, log *slog.Logger) *agentConn {
+	cfg := settings()
 	a := &agentConn{
 		socket:    socket,
-		cfg:       cfg,
+		settings:  settings,
 		log:       log.With("agent", socket),
 		recovered: make(chan struct{}),
 		ready:     make(chan struct{}),
 		up:        true, // until shown otherwise, so the first failure is logged
 	}
 	// gRPC reconnects on its own schedule; bound it by the same backoff,
-	// so that streams resume soon after the agent comes back.
+	// so that streams resume soon after the agent comes back. (Fixed for
+	// the connection's life: a reload changes only the retry delays.)
 	client, err := agent.New(socket, grpc.WithConnectParams(grpc.ConnectParams{
 		Backoff:           backoff.Config{BaseDelay: cfg.BackoffMin, Multiplier: 1.6, Jitter: 0.2, MaxDelay: cfg.BackoffMax},
 		MinConnectTimeout: 5 * time.Second,
@@ -86,7 +94,7 @@ func (a *agentConn) run(ctx context.Context, onBundles func(*agentConn)) {
 			return
 		}
 		a.setUp(false, err)
-		if !sleep(ctx, backoffDelay(a.cfg, attempt), nil) {
+		if !sleep(ctx, backoffDelay(a.settings(), attempt), nil) {
 			return
 		}
 		attempt++
@@ -117,6 +125,14 @@ func (a *agentConn) setUp(up bool, err error) {
 		return
 	}
 	a.log.Warn("agent unreachable; containers keep their current files and streams retry with backoff", "error", err)
+}
+
+// reachable reports whether the agent answers now: it has sent bundles and
+// no stream has failed since.
+func (a *agentConn) reachable() bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.up && a.bundles != nil
 }
 
 // Bundles returns the latest bundles, waiting for the first set.
@@ -163,6 +179,19 @@ func sleep(ctx context.Context, d time.Duration, wake <-chan struct{}) bool {
 	case <-ctx.Done():
 	}
 	return ctx.Err() == nil
+}
+
+// metricKind is errKind bounded to the metric's label values.
+func metricKind(err error) string {
+	switch {
+	case errors.Is(err, agent.ErrUnavailable):
+		return metrics.KindUnavailable
+	case errors.Is(err, agent.ErrNotAuthorized):
+		return metrics.KindNotAuthorized
+	case errors.Is(err, agent.ErrNoIdentity):
+		return metrics.KindNoIdentity
+	}
+	return metrics.KindOther
 }
 
 // errKind groups errors so that a container logs once per kind of trouble.

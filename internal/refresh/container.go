@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"sync"
 	"syscall"
 	"time"
@@ -39,9 +40,14 @@ type container struct {
 	// lastWriteErr is the kind of the last logged write error ("" when
 	// writes work).
 	lastWriteErr string
+	// jwt is the latest answer to the container's JWT-SVID requests (nil
+	// until the first, or when it asked for none).
+	jwt *agent.JWT
 
-	mu      sync.Mutex
-	lastErr string // kind of the last logged error, "" when healthy
+	mu         sync.Mutex
+	lastErr    string // kind of the last logged error, "" when healthy
+	lastJWTErr string // the same for JWT-SVID renewal
+	view       view   // for Report (status.go)
 }
 
 func newContainer(ctx context.Context, r *Refresher, rec record.Record, proc *process.Process, a *agentConn) *container {
@@ -89,6 +95,7 @@ func (c *container) run() (exited bool) {
 	defer c.proc.Close()
 	defer c.cancel()
 
+	c.loadView()
 	exit, err := watchExit(ctx, c.proc)
 	if err != nil {
 		c.r.log.Error("watching container process", "container", c.rec.ID, "error", err)
@@ -96,6 +103,10 @@ func (c *container) run() (exited bool) {
 	}
 	updates := make(chan *agent.X509SVIDs)
 	go c.stream(ctx, updates)
+	// JWT-SVIDs do not stream: a goroutine renews them, only for a
+	// container that asked for some.
+	jwts := make(chan *agent.JWT)
+	go c.renewJWT(ctx, jwts)
 	// A write that failed (a full state directory, say) is retried with
 	// backoff: the agent sends the next SVID only at half its lifetime,
 	// by when the files on disk may have expired.
@@ -111,7 +122,7 @@ func (c *container) run() (exited bool) {
 			retry.Stop()
 			return
 		}
-		retry.Reset(backoffDelay(c.r.cfg.Refresher, attempt))
+		retry.Reset(backoffDelay(c.r.settings(), attempt))
 		attempt++
 	}
 	for {
@@ -123,6 +134,11 @@ func (c *container) run() (exited bool) {
 		case u := <-updates:
 			c.svids = u
 			write()
+		case j := <-jwts:
+			c.jwt = j
+			if c.svids != nil {
+				write()
+			}
 		case <-c.bundleCh:
 			if c.svids != nil {
 				write()
@@ -142,7 +158,7 @@ func (c *container) stream(ctx context.Context, updates chan<- *agent.X509SVIDs)
 			return
 		}
 		c.report(err)
-		if !sleep(ctx, backoffDelay(c.r.cfg.Refresher, attempt), c.agent.Recovered()) {
+		if !sleep(ctx, backoffDelay(c.r.settings(), attempt), c.agent.Recovered()) {
 			return
 		}
 		attempt++
@@ -158,8 +174,20 @@ func (c *container) follow(ctx context.Context, updates chan<- *agent.X509SVIDs,
 	if err != nil {
 		return err
 	}
+	open := false
+	defer func() {
+		if open {
+			c.setStreamOpen(false)
+		}
+	}()
 	for {
 		u, err := s.Recv()
+		if !open && (err == nil || errors.Is(err, agent.ErrNoIdentity)) {
+			// The agent answered: the stream is open.
+			open = true
+			c.setStreamOpen(true)
+			c.r.Metrics.StreamsOpened.Inc()
+		}
 		if errors.Is(err, agent.ErrNoIdentity) {
 			// The stream stays open: an entry may match again later.
 			// The files on disk stay valid until they expire.
@@ -173,6 +201,11 @@ func (c *container) follow(ctx context.Context, updates chan<- *agent.X509SVIDs,
 		// process is alive now, it was alive then, so the pid was still
 		// ours: a reused pid never gets an identity written here.
 		if err := c.proc.Alive(); err != nil {
+			// Gone: the exit watcher forgets the container. Anything
+			// else would stop its rotation silently: say so.
+			if !errors.Is(err, process.ErrGone) {
+				c.r.log.Error("checking container process; not writing its files", "container", c.rec.ID, "error", err)
+			}
 			<-ctx.Done()
 			return ctx.Err()
 		}
@@ -199,8 +232,11 @@ func (c *container) report(err error) {
 			c.r.log.Info("container stream healthy again", "container", c.rec.ID)
 		}
 		c.lastErr = ""
+		c.view.streamErr = ""
 		return
 	}
+	c.r.Metrics.StreamErrors.WithLabelValues(metricKind(err)).Inc()
+	c.view.streamErr = err.Error()
 	kind := errKind(err)
 	if kind == c.lastErr {
 		return
@@ -226,6 +262,8 @@ func (c *container) write(ctx context.Context) (ok bool) {
 		return true
 	}
 	ok = true
+	var signals []string // renew_signal of each delivery rewritten
+	defer func() { c.signal(signals) }()
 	for i, d := range c.rec.Deliveries {
 		svid, err := agent.Select(c.svids.SVIDs, d.SPIFFEID)
 		if err != nil {
@@ -233,21 +271,36 @@ func (c *container) write(ctx context.Context) (ok bool) {
 			c.reportWrite(fmt.Errorf("delivery %d (%s): %w; keeping the current files", i, d.CertDir, err), err.Error())
 			continue
 		}
-		fs, err := files.Identity(d.Names(), svid, bundles, c.svids.FederatesWith)
+		names := d.Names()
+		fs, err := files.Identity(names, svid, bundles, c.svids.FederatesWith)
 		if err != nil {
 			c.reportWrite(err, err.Error())
 			continue
 		}
 		dir := c.r.store.DeliveryDir(c.rec.ID, i)
+		if d.WantsJWT() {
+			jfs, err := c.jwtFiles(d.Delivery, svid.ID, dir)
+			if err != nil {
+				// A new token or bundle brings the next try.
+				c.reportWrite(fmt.Errorf("delivery %d (%s): %w; keeping the current files", i, d.CertDir, err), err.Error())
+				continue
+			}
+			fs = append(fs, jfs...)
+		}
+		if names.Redact {
+			fs = files.Redact(dir, fs, names.TrustBundleSuffix)
+		}
 		sum := fingerprint(fs)
 		if bytes.Equal(sum, c.written[i]) || (c.written[i] == nil && onDisk(dir, fs)) {
 			c.written[i] = sum
+			c.noteDelivered(i, svid.ID.String(), svid.Certificates[0], false)
 			continue
 		}
 		if err := c.writer.Write(dir, fs, c.rec.Owner); err != nil {
 			if _, statErr := os.Stat(c.r.store.RecordPath(c.rec.ID)); errors.Is(statErr, os.ErrNotExist) {
 				return true // poststop removed the container meanwhile
 			}
+			c.r.Metrics.WriteFailures.Inc()
 			// The kind is the errno, not the message, which names a new
 			// generation directory every time.
 			c.reportWrite(fmt.Errorf("writing %s: %w; keeping the current files and retrying", dir, err), errnoKind(err))
@@ -255,6 +308,11 @@ func (c *container) write(ctx context.Context) (ok bool) {
 			continue
 		}
 		c.written[i] = sum
+		c.r.Metrics.Rotations.Inc()
+		c.noteDelivered(i, svid.ID.String(), svid.Certificates[0], true)
+		if d.RenewSignal != "" && !slices.Contains(signals, d.RenewSignal) {
+			signals = append(signals, d.RenewSignal)
+		}
 		if id := svid.ID.String(); id != c.delivered[i] {
 			c.r.log.Warn("container identity changed", "container", c.rec.ID, "cert_dir", d.CertDir, "was", c.delivered[i], "now", id)
 			c.delivered[i] = id
@@ -270,6 +328,25 @@ func (c *container) write(ctx context.Context) (ok bool) {
 	return ok
 }
 
+// signal sends each renew_signal to the container's init process, through
+// the pidfd that pins it: never to another process, whatever its number.
+// A container's init ignores a signal it has no handler for when it comes
+// from outside its pid namespace, so an application that does not reload
+// is not stopped either.
+func (c *container) signal(names []string) {
+	for _, name := range names {
+		sig := unix.SignalNum(name)
+		if sig == 0 {
+			continue // the parser allows only names unix knows
+		}
+		if err := c.proc.Signal(sig); err != nil {
+			c.r.log.Warn("renew_signal", "container", c.rec.ID, "signal", name, "error", err)
+			continue
+		}
+		c.r.log.Debug("sent renew_signal", "container", c.rec.ID, "pid", c.proc.PID, "signal", name)
+	}
+}
+
 // reportWrite logs trouble writing a container's files once per kind, and
 // the recovery once. Stream health is reported separately (report).
 func (c *container) reportWrite(err error, kind string) {
@@ -277,9 +354,11 @@ func (c *container) reportWrite(err error, kind string) {
 		if c.lastWriteErr != "" {
 			c.r.log.Info("container files written again", "container", c.rec.ID)
 			c.lastWriteErr = ""
+			c.setWriteErr("")
 		}
 		return
 	}
+	c.setWriteErr(err.Error())
 	if kind == c.lastWriteErr {
 		return
 	}
@@ -297,36 +376,38 @@ func errnoKind(err error) string {
 }
 
 // fingerprint identifies what a delivery's files say: a hash, so that a
-// thousand containers do not each keep a copy of their PEM. The key is
-// left out: the certificate already names it, and the agent re-sends the
-// same SVID.
+// thousand containers do not each keep a copy of their PEM. Every file
+// counts, the key-holding ones too: a delivery may have no certificate
+// file of its own (a credential bundle is its only copy of the chain).
 func fingerprint(fs []files.File) []byte {
 	h := sha256.New()
 	for _, f := range fs {
-		if f.Mode != files.KeyMode {
-			h.Write([]byte(f.Name))
-			h.Write([]byte{0})
-			h.Write(f.Data)
-		}
+		h.Write([]byte(f.Name))
+		h.Write([]byte{0})
+		h.Write(f.Data)
+		h.Write([]byte{0})
 	}
 	return h.Sum(nil)
 }
 
-// onDisk reports whether dir already holds fs's certificate and bundle,
-// so that a restarted refresher does not rewrite every container at once.
+// onDisk reports whether dir already holds exactly fs, so that a restarted
+// refresher does not rewrite every container at once.
 func onDisk(dir string, fs []files.File) bool {
-	var names []string
-	for _, f := range fs {
-		if f.Mode != files.KeyMode {
-			names = append(names, f.Name)
-		}
+	names := make([]string, len(fs))
+	for i, f := range fs {
+		names[i] = f.Name
+	}
+	// A file the delivery no longer has (a federation that ended while
+	// the refresher was down) must go, so the set must match too.
+	if have, err := files.List(dir); err != nil || len(have) != len(names) {
+		return false
 	}
 	cur, err := files.Read(dir, names...)
 	if err != nil {
 		return false
 	}
 	for _, f := range fs {
-		if f.Mode != files.KeyMode && !bytes.Equal(cur[f.Name], f.Data) {
+		if !bytes.Equal(cur[f.Name], f.Data) {
 			return false
 		}
 	}

@@ -18,15 +18,20 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/fsnotify/fsnotify"
 
 	"github.com/noderesource/spiffe-oci-hook/internal/config"
 	"github.com/noderesource/spiffe-oci-hook/internal/files"
+	"github.com/noderesource/spiffe-oci-hook/internal/metrics"
 	"github.com/noderesource/spiffe-oci-hook/internal/process"
 	"github.com/noderesource/spiffe-oci-hook/internal/record"
+	"github.com/noderesource/spiffe-oci-hook/internal/status"
 )
 
 // orphanAge is how old a container directory without a record must be
@@ -46,6 +51,15 @@ type Refresher struct {
 	// OnWrite, when set, is called after each delivery is rewritten
 	// (benchmarks and tests measure with it).
 	OnWrite func(id string, delivery int)
+	// Metrics are the refresher's counters; its gauges read Report.
+	Metrics *metrics.Metrics
+	// Version is reported in Report.
+	Version string
+
+	// live is the configuration in force: Reload replaces it.
+	live     atomic.Pointer[config.Config]
+	reloaded chan struct{}
+	scanned  atomic.Bool
 
 	// writeSlots bounds how many containers render and write at once: a
 	// bundle change or an agent restart rotates every container together,
@@ -61,14 +75,38 @@ type Refresher struct {
 
 // New returns a refresher for cfg.
 func New(cfg config.Config, log *slog.Logger) *Refresher {
-	return &Refresher{
+	r := &Refresher{
 		cfg:        cfg,
 		store:      record.Store{Dir: cfg.StateDir},
 		log:        log,
 		containers: map[string]*container{},
 		agents:     map[string]*agentConn{},
 		writeSlots: make(chan struct{}, 2*runtime.GOMAXPROCS(0)),
+		reloaded:   make(chan struct{}, 1),
 	}
+	r.live.Store(&cfg)
+	r.Metrics = metrics.New(r.Report)
+	return r
+}
+
+// settings returns the refresher settings in force.
+func (r *Refresher) settings() config.Refresher { return r.live.Load().Refresher }
+
+// Reload puts cfg in force without touching any stream or file: backoff
+// applies from the next retry, the rescan interval at once, and a new
+// agent_admin_socket becomes the agent /readyz checks (containers keep the
+// agent their record names). Settings the refresher cannot change while
+// it runs (config.RestartOnly) make it refuse the whole of cfg.
+func (r *Refresher) Reload(cfg config.Config) error {
+	if err := config.RestartOnly(*r.live.Load(), cfg); err != nil {
+		return err
+	}
+	r.live.Store(&cfg)
+	select {
+	case r.reloaded <- struct{}{}:
+	default:
+	}
+	return nil
 }
 
 // Run scans the state directory, calls ready once the containers found
@@ -95,16 +133,23 @@ func (r *Refresher) Run(ctx context.Context, ready func()) error {
 		cancel()
 		r.wg.Wait()
 	}()
+	// The node's agent is followed even with no container to serve, so
+	// that /readyz and spiffe_oci_agent_up tell whether it answers.
+	r.agent(ctx, r.live.Load().AgentAdminSocket)
 	r.scan(ctx)
+	r.scanned.Store(true)
 	r.log.Info("ready", "state_dir", r.cfg.StateDir, "containers", r.Count())
 	if ready != nil {
 		ready()
 	}
 
-	rescan := time.NewTicker(r.cfg.Refresher.RescanInterval)
+	rescan := time.NewTicker(r.settings().RescanInterval)
 	defer rescan.Stop()
 	for {
 		select {
+		case <-r.reloaded:
+			rescan.Reset(r.settings().RescanInterval)
+			r.agent(ctx, r.live.Load().AgentAdminSocket)
 		case <-ctx.Done():
 			r.log.Info("stopping", "containers", r.Count())
 			return nil
@@ -212,6 +257,9 @@ func (r *Refresher) add(ctx context.Context, id string) {
 		return
 	}
 	a := r.agent(ctx, rec.AgentSocket)
+	if wantsJWTBundles(rec) {
+		r.followJWTBundles(ctx, a)
+	}
 	c := newContainer(ctx, r, rec, proc, a)
 
 	r.mu.Lock()
@@ -263,7 +311,7 @@ func (r *Refresher) agent(ctx context.Context, socket string) *agentConn {
 	defer r.mu.Unlock()
 	a, ok := r.agents[socket]
 	if !ok {
-		a = newAgentConn(ctx, socket, r.cfg.Refresher, r.log)
+		a = newAgentConn(ctx, socket, r.settings, r.log)
 		r.agents[socket] = a
 		r.wg.Add(1)
 		go func() {
@@ -272,6 +320,29 @@ func (r *Refresher) agent(ctx context.Context, socket string) *agentConn {
 		}()
 	}
 	return a
+}
+
+// followJWTBundles opens agent a's one JWT bundle stream, if not yet open.
+func (r *Refresher) followJWTBundles(ctx context.Context, a *agentConn) {
+	a.jwtOnce.Do(func() {
+		r.wg.Add(1)
+		go func() {
+			defer r.wg.Done()
+			a.runJWTBundles(ctx, r.broadcastJWTBundles)
+		}()
+	})
+}
+
+// broadcastJWTBundles tells the containers of agent a that write JWT
+// bundles that they changed.
+func (r *Refresher) broadcastJWTBundles(a *agentConn) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, c := range r.containers {
+		if c.agent == a && wantsJWTBundles(c.rec) {
+			c.bundlesChanged()
+		}
+	}
 }
 
 // broadcastBundles tells every container of agent a that its bundles changed.
@@ -283,4 +354,35 @@ func (r *Refresher) broadcastBundles(a *agentConn) {
 			c.bundlesChanged()
 		}
 	}
+}
+
+// Report returns what the refresher serves now: the agents in use (the
+// node's, and those containers' records name) and every served container.
+func (r *Refresher) Report() status.Report {
+	node := r.live.Load().AgentAdminSocket
+	r.mu.Lock()
+	cs := make([]*container, 0, len(r.containers))
+	used := map[*agentConn]bool{}
+	for _, c := range r.containers {
+		cs = append(cs, c)
+		used[c.agent] = true
+	}
+	var agents []*agentConn
+	for socket, a := range r.agents {
+		if socket == node || used[a] {
+			agents = append(agents, a)
+		}
+	}
+	r.mu.Unlock()
+
+	rep := status.Report{Version: r.Version, Scanned: r.scanned.Load()}
+	for _, a := range agents {
+		rep.Agents = append(rep.Agents, status.Agent{Socket: a.socket, Reachable: a.reachable()})
+	}
+	slices.SortFunc(rep.Agents, func(a, b status.Agent) int { return strings.Compare(a.Socket, b.Socket) })
+	for _, c := range cs {
+		rep.Containers = append(rep.Containers, c.status())
+	}
+	slices.SortFunc(rep.Containers, func(a, b status.Container) int { return strings.Compare(a.ID, b.ID) })
+	return rep
 }

@@ -92,7 +92,16 @@ func (n *node) deliverWhileServing(pid int) string {
 	return n.deliverAs(pid, false)
 }
 
+// classic is the delivery deliver writes: the three files at their defaults.
+var classic = annotations.Delivery{CertDir: "/certs", SVIDFileName: "svid.pem", KeyFileName: "svid_key.pem", BundleFileName: "svid_bundle.pem"}
+
 func (n *node) deliverAs(pid int, waitStreams bool) string {
+	n.t.Helper()
+	return n.deliverDelivery(pid, waitStreams, classic)
+}
+
+// deliverDelivery is deliverAs for one delivery of the caller's choosing.
+func (n *node) deliverDelivery(pid int, waitStreams bool, ad annotations.Delivery) string {
 	n.t.Helper()
 	id := fmt.Sprintf("c%d", pid)
 	proc, err := process.Open(pid)
@@ -114,8 +123,8 @@ func (n *node) deliverAs(pid int, waitStreams bool) string {
 	if waitStreams {
 		eventually(n.t, 5*time.Second, "fetch streams closed", func() bool { return n.agent.SVIDStreams() <= streams })
 	}
-	d := record.Delivery{Delivery: annotations.Delivery{CertDir: "/certs", SVIDFileName: "svid.pem", KeyFileName: "svid_key.pem", BundleFileName: "svid_bundle.pem"}, Delivered: update.SVIDs[0].ID.String()}
-	fs, err := files.Identity(d.Names(), update.SVIDs[0], bundles, nil)
+	d := record.Delivery{Delivery: ad, Delivered: update.SVIDs[0].ID.String()}
+	fs, err := files.Identity(d.Names(), update.SVIDs[0], bundles, update.FederatesWith)
 	if err != nil {
 		n.t.Fatal(err)
 	}

@@ -66,6 +66,19 @@
 //	func (s *SPIRE) TrustBundle(t testing.TB) *x509bundle.Bundle
 //	func (s *SPIRE) DelegatedClient(t testing.TB) (delegatedidentityv1.DelegatedIdentityClient, func())
 //	func (s *SPIRE) ServerCLI(t testing.TB, args ...string) []byte
+//	func (s *SPIRE) CreateFederatedEntry(t testing.TB, spiffeID string, selectors []string, x509TTL time.Duration, federatesWith ...string) string
+//	func (s *SPIRE) Federate(t testing.TB, other *SPIRE)
+//	func (s *SPIRE) PrepareX509Authority(t testing.TB)
+//
+// Federation: Options.BundleEndpoint serves the server's bundle endpoint on
+// 127.0.0.1 with the https_spiffe profile (s.BundleEndpointURL), and
+// Options.ServerOnly starts a server without agent (a foreign trust
+// domain). a.Federate(t, b) creates on a's server a federation relationship
+// to b's endpoint, seeded with b's bundle as a SPIFFE document; call it
+// both ways for two servers federated with each other. The endpoint's
+// refresh hint is one minute (SPIRE's floor), with which a federated server
+// polls it about every 15 s. PrepareX509Authority prepares the next CA,
+// which enters the bundle: a foreign CA rotation.
 //
 // CreateEntry parents entries to the agent (s.AgentID =
 // spiffe://<td>/spire/agent/join_token/<token>); x509TTL 0 means the server

@@ -49,6 +49,13 @@ type Options struct {
 	// ExtraAgentPlugins is HCL added to the agent's plugins block, e.g. a
 	// WorkloadAttestor "k8s" pointed at a fake kubelet.
 	ExtraAgentPlugins string
+	// ServerOnly starts the server alone: no join token, harness entry or
+	// agent. A federation test's foreign trust domain needs no more.
+	ServerOnly bool
+	// BundleEndpoint serves the server's SPIFFE bundle endpoint on
+	// 127.0.0.1:<free port> with the https_spiffe profile (see
+	// BundleEndpointURL and Federate).
+	BundleEndpoint bool
 }
 
 // SPIRE is a running SPIRE server + agent pair.
@@ -61,8 +68,11 @@ type SPIRE struct {
 	AgentID        string // spiffe://<td>/spire/agent/join_token/<token>; parent of CreateEntry entries
 	HarnessID      string // spiffe://<td>/spiretest/harness, the test process's identity
 	ServerAddr     string // 127.0.0.1:<port>
-	ServerLog      string
-	AgentLog       string
+	// BundleEndpointURL is https://127.0.0.1:<port> when
+	// Options.BundleEndpoint is set.
+	BundleEndpointURL string
+	ServerLog         string
+	AgentLog          string
 
 	serverBin, agentBin string
 	agentConf           string
@@ -217,6 +227,22 @@ func Start(t testing.TB, opts Options) *SPIRE {
 
 	port := freePort(t)
 	s.ServerAddr = net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
+	federation := ""
+	if opts.BundleEndpoint {
+		bport := freePort(t)
+		s.BundleEndpointURL = "https://" + net.JoinHostPort("127.0.0.1", strconv.Itoa(bport))
+		// A one-minute hint (SPIRE's floor): a federated server polls
+		// this endpoint every 15 s or so.
+		federation = fmt.Sprintf(`
+    federation {
+        bundle_endpoint {
+            address = "127.0.0.1"
+            port = %d
+            refresh_hint = "1m"
+            profile "https_spiffe" {}
+        }
+    }`, bport)
+	}
 
 	serverConf := filepath.Join(dir, "server.conf")
 	writeFile(t, serverConf, fmt.Sprintf(`server {
@@ -232,7 +258,7 @@ func Start(t testing.TB, opts Options) *SPIRE {
         # Reload the authorized-entry cache every second (default 5s) so
         # new entries reach agents quickly.
         cache_reload_interval = "1s"
-    }
+    }%s
 }
 
 plugins {
@@ -249,10 +275,13 @@ plugins {
         plugin_data {}
     }
 }
-`, port, s.ServerSocket, td, filepath.Join(dir, "server"), filepath.Join(dir, "server", "datastore.sqlite3")))
+`, port, s.ServerSocket, td, filepath.Join(dir, "server"), federation, filepath.Join(dir, "server", "datastore.sqlite3")))
 
 	s.server = s.spawn(t, "server", serverBin, s.ServerLog, "run", "-config", serverConf)
 	s.waitServer(t)
+	if opts.ServerOnly {
+		return s
+	}
 
 	// Join token for the agent.
 	out := s.ServerCLI(t, "token", "generate", "-socketPath", s.ServerSocket, "-ttl", "3600", "-output", "json")
@@ -487,15 +516,34 @@ func (s *SPIRE) ServerCLI(t testing.TB, args ...string) []byte {
 // uses the server default.
 func (s *SPIRE) CreateEntry(t testing.TB, spiffeID string, selectors []string, x509TTL time.Duration) string {
 	t.Helper()
+	return s.CreateFederatedEntry(t, spiffeID, selectors, x509TTL)
+}
+
+// CreateFederatedEntry is CreateEntry for an entry that federates with the
+// trust domains federatesWith (names, e.g. "partner.test"): its SVIDs'
+// holders get those domains' bundles too.
+func (s *SPIRE) CreateFederatedEntry(t testing.TB, spiffeID string, selectors []string, x509TTL time.Duration, federatesWith ...string) string {
+	t.Helper()
+	var extra []string
+	for _, td := range federatesWith {
+		extra = append(extra, "-federatesWith", "spiffe://"+td)
+	}
+	if x509TTL > 0 {
+		extra = append(extra, "-x509SVIDTTL", strconv.Itoa(int(x509TTL/time.Second)))
+	}
+	return s.CreateEntryArgs(t, spiffeID, selectors, extra...)
+}
+
+// CreateEntryArgs is CreateEntry with further `spire-server entry create`
+// flags (e.g. "-jwtSVIDTTL", "120"); it returns the entry ID.
+func (s *SPIRE) CreateEntryArgs(t testing.TB, spiffeID string, selectors []string, extra ...string) string {
+	t.Helper()
 	args := []string{"entry", "create", "-socketPath", s.ServerSocket,
 		"-parentID", s.AgentID, "-spiffeID", spiffeID, "-output", "json"}
 	for _, sel := range selectors {
 		args = append(args, "-selector", sel)
 	}
-	if x509TTL > 0 {
-		args = append(args, "-x509SVIDTTL", strconv.Itoa(int(x509TTL/time.Second)))
-	}
-	out := s.ServerCLI(t, args...)
+	out := s.ServerCLI(t, append(args, extra...)...)
 	var resp struct {
 		Results []struct {
 			Status struct {

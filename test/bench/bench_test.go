@@ -57,6 +57,8 @@ const (
 	fetchID     = "spiffe://example.org/bench/fetch"
 	annotation  = "identity.noderesource.dev/container"
 	annValue    = "- cert_dir: /certs\n"
+	// jwtAnnValue adds one JWT-SVID and the JWT bundles to annValue.
+	jwtAnnValue = annValue + "  jwt_svids: [{jwt_audience: bench, jwt_svid_file_name: jwt.token}]\n  jwt_bundle_file_name: jwt_bundle.json\n"
 	warmup      = 3
 	clkTck      = 100 // USER_HZ: /proc/PID/stat's utime and stime unit
 )
@@ -227,6 +229,7 @@ func benchSPIRE(t *testing.T, b bins, res *results) {
 		}, false)},
 		{name: "spiffe-oci-hook --version"},
 		{name: "spiffe-helper -version"},
+		{name: "hook + annotation with a JWT-SVID and JWT bundles", bundle: newBundleWith(t, dir, "jwt", []rspec.Hook{hook}, jwtAnnValue)},
 	}
 	rg.helperConf = filepath.Join(dir, "helper.conf")
 	writeFile(t, rg.helperConf, helperConfig(s.WorkloadSocket, rg.oneshot, false))
@@ -322,10 +325,13 @@ func (rg *rig) pass(t *testing.T, name string, rounds int) createResult {
 					t.Fatalf("runc run (%s): %v\n%s", v.name, err, stderr)
 				}
 			}
-			if i == 2 || i == 3 {
+			if i == 2 || i == 3 || i == jwtVariant {
 				if !checked[i] {
 					checked[i] = true
 					checkFiles(t, rg.store.DeliveryDir(id, 0), workloadID)
+					if tok, err := os.ReadFile(filepath.Join(rg.store.DeliveryDir(id, 0), "jwt.token")); i == jwtVariant && len(tok) == 0 {
+						t.Fatalf("the JWT variant delivered no token: %v", err)
+					}
 				}
 				if err := rg.store.Remove(id); err != nil {
 					t.Fatal(err)
@@ -357,6 +363,7 @@ func (rg *rig) pass(t *testing.T, name string, rounds int) createResult {
 	r.NoAnnWall = stat{Name: "hook wall, no annotation", Samples: noAnnWall}
 	r.PairedNoAnn = paired(samples[1], samples[0])
 	r.PairedAnn = paired(samples[2], samples[0])
+	r.PairedJWT = paired(samples[jwtVariant], samples[0])
 	progress("  no hook %s, no annotation %s, annotated %s; hook wall %s, agent round-trip %s, spiffe-helper %s",
 		ms(r.Variants[0].Median()), ms(r.Variants[1].Median()), ms(r.Variants[2].Median()), ms(r.HookWall.Median()), ms(r.Fetch.Median()), ms(r.Variants[4].Median()))
 	return r
@@ -464,6 +471,25 @@ func checkFiles(t *testing.T, dir, want string) {
 	if svid.ID.String() != want {
 		t.Fatalf("%s holds an SVID for %s, want %s", dir, svid.ID, want)
 	}
+}
+
+// jwtVariant is the index of the variant whose annotation asks for a
+// JWT-SVID too.
+const jwtVariant = 8
+
+// newBundleWith is newBundle annotated with value.
+func newBundleWith(t *testing.T, dir, name string, hooks []rspec.Hook, value string) string {
+	t.Helper()
+	bdir := newBundle(t, dir, name, hooks, false)
+	g, err := generate.NewFromFile(filepath.Join(bdir, "config.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	g.AddAnnotation(annotation, value)
+	if err := g.SaveToFile(filepath.Join(bdir, "config.json"), generate.ExportOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	return bdir
 }
 
 // newBundle writes an OCI bundle running busybox /bin/true.

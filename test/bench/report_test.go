@@ -140,6 +140,7 @@ type createResult struct {
 	Overhead               stat
 	NoAnnWall              stat
 	PairedNoAnn, PairedAnn stat
+	PairedJWT              stat
 }
 
 type helperResult struct {
@@ -230,6 +231,10 @@ func (r *results) table() string {
 				delta, pd = signedMS(v.Median()-base), signedMS(c.PairedAnn.Median())
 			}
 			fmt.Fprintf(&b, "| %s | %s | %s | %s | %s | %s |\n", passLabel[k], name, ms(v.Median()), ms(v.P(0.95)), delta, pd)
+		}
+		if len(c.Variants) > jwtVariant {
+			v := c.Variants[jwtVariant]
+			fmt.Fprintf(&b, "| %s | hook + annotation with a JWT-SVID and JWT bundles | %s | %s | %s | %s |\n", passLabel[k], ms(v.Median()), ms(v.P(0.95)), signedMS(v.Median()-base), signedMS(c.PairedJWT.Median()))
 		}
 	}
 

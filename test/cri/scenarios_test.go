@@ -40,7 +40,7 @@ func scenarios(t *testing.T, r *runtime) {
 	t.Run("a restarted container gets fresh files, the old state goes", func(t *testing.T) { restartedContainer(t, r) })
 	t.Run("pod removal leaves no state and no mount", func(t *testing.T) { podRemoval(t, r) })
 	t.Run("agent down: the hook's line and no container", func(t *testing.T) { agentDown(t, r) })
-	t.Run("a hostile annotation is refused with its line", func(t *testing.T) { hostileAnnotation(t, r) })
+	t.Run("hostile annotations are refused with their line", func(t *testing.T) { hostileAnnotation(t, r) })
 	t.Run("rotation: the refresher rotates a running container's files", func(t *testing.T) {
 		if rot == nil {
 			t.Skip("no watcher")
@@ -244,23 +244,33 @@ func notRun(t *testing.T, r *runtime, p *pod, c *container) {
 	}
 }
 
-// hostileAnnotation: a cert_dir that climbs out of the container is
-// refused, crictl's error carries the hook's line naming the annotation
-// and the field, and the container never runs.
+// hostileAnnotation: a cert_dir that climbs out of the container, and a
+// spiffe_id of another namespace's identity, are refused; crictl's error
+// carries the hook's line naming the annotation and the field, and the
+// container never runs.
 func hostileAnnotation(t *testing.T, r *runtime) {
 	r.node.register(t, "shop", "default", time.Hour)
-	p := r.runPod(t, "hostile", "shop", map[string]string{annotation: "- cert_dir: /certs/../../etc\n"})
-	c, err := p.run(t, "app", 0, "echo STARTED; "+idle)
-	if err == nil {
-		t.Fatalf("the container started with a hostile annotation")
-	}
-	// runc's log quotes the hook's stderr, escaping its quotes.
-	for _, want := range []string{"spiffe-oci-hook: container ", "annotation " + annotation + ": delivery 0: cert_dir ", `/certs/../../etc`, ` must not contain '..'`} {
-		if !strings.Contains(err.Error(), want) {
-			t.Errorf("crictl's error lacks %q:\n%v", want, err)
+	bank := r.node.register(t, "bank", "default", time.Hour)
+	for _, tc := range []struct {
+		value string
+		want  []string
+	}{
+		// runc's log quotes the hook's stderr, escaping its quotes.
+		{"- cert_dir: /certs/../../etc\n", []string{"annotation " + annotation + ": delivery 0: cert_dir ", "/certs/../../etc", " must not contain '..'"}},
+		{"- cert_dir: /certs\n  spiffe_id: " + bank + "\n", []string{"spiffe_id " + bank + " is not among the identities the agent returned for this container (" + workloadID("shop", "default") + ")"}},
+	} {
+		p := r.runPod(t, "hostile", "shop", map[string]string{annotation: tc.value})
+		c, err := p.run(t, "app", 0, "echo STARTED; "+idle)
+		if err == nil {
+			t.Fatalf("the container started with annotation %q", tc.value)
 		}
+		for _, want := range append([]string{"spiffe-oci-hook: container "}, tc.want...) {
+			if !strings.Contains(err.Error(), want) {
+				t.Errorf("crictl's error lacks %q:\n%v", want, err)
+			}
+		}
+		notRun(t, r, p, c)
 	}
-	notRun(t, r, p, c)
 }
 
 // rotationTTL is the X.509 TTL of the rotation scenario's entry; the agent

@@ -104,8 +104,15 @@ func startEnv(t *testing.T) *env {
 
 // startEnvWith is startEnv with extra agent plugins (HCL).
 func startEnvWith(t *testing.T, agentPlugins string) *env {
+	return startEnvOptions(t, spiretest.Options{ExtraAgentPlugins: agentPlugins})
+}
+
+// startEnvOptions is startEnv with SPIRE options; the trust domain and the
+// delegates are always this package's.
+func startEnvOptions(t *testing.T, opts spiretest.Options) *env {
 	requireRoot(t)
-	s := spiretest.Start(t, spiretest.Options{TrustDomain: trustDomain, AuthorizedDelegates: []string{hookID, refresherID}, ExtraAgentPlugins: agentPlugins})
+	opts.TrustDomain, opts.AuthorizedDelegates = trustDomain, []string{hookID, refresherID}
+	s := spiretest.Start(t, opts)
 	e := &env{t: t, spire: s, dir: shortTempDir(t)}
 	e.stateDir = filepath.Join(e.dir, "state")
 	mountTmpfs(t, e.stateDir)

@@ -254,44 +254,55 @@ func TestPIDReuseDuringFetch(t *testing.T) {
 	})
 
 	t.Run("pid reused while the agent attests", func(t *testing.T) {
-		orig := startOriginal(t)
-		pid := orig.Process.Pid
-		b := newBundle(t, []string{"/bin/true"})
-		rootfsBefore := listTree(b.rootfs)
-		resume := e.pauseAgent(t)
-		h := e.startHook(t, b, pid, ann)
-		h.waitPinned(t)
-
-		orig.Process.Kill()
-		orig.Wait()
-		impostor := startWithPid(t, pid, impostorUID)
-		resume()
-
-		code, stderr := h.wait(t)
-		if code != 1 {
-			t.Errorf("exit code %d, want 1 (stderr %q)", code, stderr)
-		}
-		if lines := strings.Split(strings.TrimSpace(stderr), "\n"); len(lines) != 1 {
-			t.Errorf("want one line, got %d: %q", len(lines), stderr)
-		}
-		for _, w := range []string{"container " + b.id + ":", "exited while its identity was fetched", "nothing delivered", fmt.Sprintf("pid %d", pid), "gone"} {
-			if !strings.Contains(stderr, w) {
-				t.Errorf("message lacks %q: %q", w, stderr)
-			}
-		}
-		if got := e.listState(); !clean(got) {
-			t.Errorf("state directory holds %v", got)
-		}
-		if after := listTree(b.rootfs); !slices.Equal(rootfsBefore, after) {
-			t.Errorf("rootfs changed: %v -> %v", rootfsBefore, after)
-		}
-		if mounts, _ := os.ReadFile(fmt.Sprintf("/proc/%d/mountinfo", impostor.Process.Pid)); strings.Contains(string(mounts), b.dir) {
-			t.Errorf("something was mounted under %s in the impostor's mount namespace", b.dir)
-		}
-		// The agent does hand the impostor its own identity: the refusal
-		// above is the hook's doing.
-		e.spire.WaitForSVID(t, impostor.Process.Pid, impostorID, 10*time.Second)
+		pidReusedDuringFetch(t, e, ann)
 	})
+	// The tokens come by pid as well, in the same exchange: the same
+	// check keeps the impostor's JWT-SVID from being written.
+	t.Run("pid reused while the agent attests, with a JWT-SVID", func(t *testing.T) {
+		pidReusedDuringFetch(t, e, ann+"  jwt_svids: [{jwt_audience: db, jwt_svid_file_name: jwt.token}]\n  jwt_bundle_file_name: jwt_bundle.json\n")
+	})
+}
+
+// pidReusedDuringFetch swaps the process behind the pid while the agent
+// is stopped with the hook waiting on it: the hook must deliver nothing.
+func pidReusedDuringFetch(t *testing.T, e *env, ann string) {
+	orig := startOriginal(t)
+	pid := orig.Process.Pid
+	b := newBundle(t, []string{"/bin/true"})
+	rootfsBefore := listTree(b.rootfs)
+	resume := e.pauseAgent(t)
+	h := e.startHook(t, b, pid, ann)
+	h.waitPinned(t)
+
+	orig.Process.Kill()
+	orig.Wait()
+	impostor := startWithPid(t, pid, impostorUID)
+	resume()
+
+	code, stderr := h.wait(t)
+	if code != 1 {
+		t.Errorf("exit code %d, want 1 (stderr %q)", code, stderr)
+	}
+	if lines := strings.Split(strings.TrimSpace(stderr), "\n"); len(lines) != 1 {
+		t.Errorf("want one line, got %d: %q", len(lines), stderr)
+	}
+	for _, w := range []string{"container " + b.id + ":", "exited while its identity was fetched", "nothing delivered", fmt.Sprintf("pid %d", pid), "gone"} {
+		if !strings.Contains(stderr, w) {
+			t.Errorf("message lacks %q: %q", w, stderr)
+		}
+	}
+	if got := e.listState(); !clean(got) {
+		t.Errorf("state directory holds %v", got)
+	}
+	if after := listTree(b.rootfs); !slices.Equal(rootfsBefore, after) {
+		t.Errorf("rootfs changed: %v -> %v", rootfsBefore, after)
+	}
+	if mounts, _ := os.ReadFile(fmt.Sprintf("/proc/%d/mountinfo", impostor.Process.Pid)); strings.Contains(string(mounts), b.dir) {
+		t.Errorf("something was mounted under %s in the impostor's mount namespace", b.dir)
+	}
+	// The agent does hand the impostor its own identity: the refusal
+	// above is the hook's doing.
+	e.spire.WaitForSVID(t, impostor.Process.Pid, impostorID, 10*time.Second)
 }
 
 func stoppedState(b *bundle) string {

@@ -30,6 +30,12 @@ type refresher struct {
 // readiness notification (Type=notify), sent after its first scan.
 func (e *env) startRefresher(t *testing.T) *refresher {
 	t.Helper()
+	return e.startRefresherWith(t, e.config)
+}
+
+// startRefresherWith is startRefresher with another node configuration.
+func (e *env) startRefresherWith(t *testing.T, config string) *refresher {
+	t.Helper()
 	notify := filepath.Join(e.dir, fmt.Sprintf("notify-%d.sock", time.Now().UnixNano()))
 	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: notify, Net: "unixgram"})
 	if err != nil {
@@ -42,7 +48,7 @@ func (e *env) startRefresher(t *testing.T) *refresher {
 		t.Fatal(err)
 	}
 	defer logf.Close()
-	cmd := exec.Command(refresherBin, "--config", e.config, "--backoff-min", "200ms", "--backoff-max", "2s", "--rescan-interval", "2s")
+	cmd := exec.Command(refresherBin, "--config", config, "--backoff-min", "200ms", "--backoff-max", "2s", "--rescan-interval", "2s")
 	cmd.Env = append(os.Environ(), "NOTIFY_SOCKET="+notify)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if err := cmd.Start(); err != nil {
@@ -75,20 +81,7 @@ func (e *env) startWatcher(t *testing.T) *watcher {
 	b := newBundle(t, []string{"/bin/sh", "-c", script})
 	b.AddAnnotation(annotation, "- cert_dir: /certs\n")
 	b.Config.Hooks = &rspec.Hooks{CreateRuntime: []rspec.Hook{e.hook(e.config)}}
-	b.save(t)
-	out := filepath.Join(b.dir, "out")
-	f, err := os.Create(out)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	root := filepath.Join(b.dir, "runc-root")
-	cmd := exec.Command("runc", "--root", root, "run", "--detach", "--bundle", b.dir, b.id)
-	cmd.Stdout, cmd.Stderr = f, f
-	if err := cmd.Run(); err != nil {
-		t.Fatalf("runc run --detach: %v: %s", err, readFile(out))
-	}
-	t.Cleanup(func() { exec.Command("runc", "--root", root, "delete", "--force", b.id).Run() })
+	out := e.runDetached(t, b)
 	return &watcher{b: b, out: out}
 }
 

@@ -27,6 +27,7 @@ const (
 	rpmRefresherPath = "/usr/bin/spiffe-oci-refresher"
 	rpmUnitPath      = "/usr/lib/systemd/system/spiffe-oci-refresher.service"
 	rpmConfigPath    = "/etc/spiffe-oci-hook/config.yaml"
+	rpmTmpfilesPath  = "/usr/lib/tmpfiles.d/spiffe-oci-hook.conf"
 	annotationKey    = "identity.noderesource.dev/container"
 )
 

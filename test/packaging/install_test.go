@@ -48,14 +48,14 @@ func TestMakeInstall(t *testing.T) {
 	dest := makeInstall(t, "PREFIX=/usr", "VERSION="+version)
 
 	want := sorted(append([]string{
-		rpmHookPath, rpmHooksJSON, rpmRefresherPath, rpmUnitPath, rpmConfigPath,
+		rpmHookPath, rpmHooksJSON, rpmRefresherPath, rpmUnitPath, rpmConfigPath, rpmTmpfilesPath,
 	}, docFiles(t, "/usr/share/doc/spiffe-oci-hook", "/usr/share/doc/spiffe-oci-hook")...))
 	if got := listTree(t, dest); !slices.Equal(got, want) {
 		t.Fatalf("make install PREFIX=/usr installed\n  %q\nwant\n  %q", got, want)
 	}
 	for path, mode := range map[string]os.FileMode{
 		rpmHookPath: 0o755, rpmRefresherPath: 0o755,
-		rpmHooksJSON: 0o644, rpmUnitPath: 0o644, rpmConfigPath: 0o644,
+		rpmHooksJSON: 0o644, rpmUnitPath: 0o644, rpmConfigPath: 0o644, rpmTmpfilesPath: 0o644,
 	} {
 		st, err := os.Stat(dest + path)
 		if err != nil {
@@ -93,6 +93,11 @@ func TestMakeInstall(t *testing.T) {
 	}
 	if got, want := execStartArgs(t, unit), []string{rpmRefresherPath, "--config", rpmConfigPath}; !slices.Equal(got, want) {
 		t.Errorf("installed unit: ExecStart %q, want %q", got, want)
+	}
+
+	// The tmpfiles.d entry is the repo's.
+	if got, _ := os.ReadFile(dest + rpmTmpfilesPath); !bytes.Equal(got, repoTmpfiles(t)) {
+		t.Errorf("installed %s differs from tmpfiles.d/spiffe-oci-hook.conf", rpmTmpfilesPath)
 	}
 
 	// The config is deploy/config.yaml, and an edited one is kept.
@@ -138,8 +143,9 @@ func TestMakeInstallRendersPaths(t *testing.T) {
 		bin    = "/opt/soh/bin/spiffe-oci-refresher"
 		unit   = "/opt/soh/lib/systemd/system/spiffe-oci-refresher.service"
 		config = "/opt/soh/etc/spiffe-oci-hook/config.yaml"
+		tmpf   = "/opt/soh/lib/tmpfiles.d/spiffe-oci-hook.conf"
 	)
-	want := sorted(append([]string{hook, js, bin, unit, config},
+	want := sorted(append([]string{hook, js, bin, unit, config, tmpf},
 		docFiles(t, "/opt/soh/share/doc/spiffe-oci-hook", "/opt/soh/share/doc/spiffe-oci-hook")...))
 	if got := listTree(t, dest); !slices.Equal(got, want) {
 		t.Fatalf("installed\n  %q\nwant\n  %q", got, want)

@@ -88,6 +88,14 @@ type container struct {
 		MountPath string `yaml:"mountPath"`
 		ReadOnly  bool   `yaml:"readOnly"`
 	} `yaml:"volumeMounts"`
+	LivenessProbe  *probe `yaml:"livenessProbe"`
+	ReadinessProbe *probe `yaml:"readinessProbe"`
+}
+
+type probe struct {
+	Exec *struct {
+		Command []string `yaml:"command"`
+	} `yaml:"exec"`
 }
 
 type volume struct {
@@ -149,6 +157,9 @@ func TestManifestsParse(t *testing.T) {
 		rel, _ := filepath.Rel(root, p)
 		if rel == "config.yaml" {
 			return nil // the node config, checked by TestShippedConfig
+		}
+		if strings.HasPrefix(rel, "helm"+string(filepath.Separator)) {
+			return nil // templates, checked rendered by helm_test.go
 		}
 		for _, m := range decodeManifests(t, rel, data) {
 			n++
@@ -522,6 +533,18 @@ func checkNodeDeployment(t *testing.T, docs []manifest, built bool) nodeDeployme
 		if v := d.volumes[m.Name]; v.HostPath != nil && path.Clean(v.HostPath.Path) == cfg.StateDir && m.ReadOnly {
 			t.Errorf("refresher mounts the state directory read-only")
 		}
+	}
+	// Its probes: the refresher's own client on its unix socket, which
+	// the config (the same file) places in the state directory mounted
+	// above.
+	for what, p := range map[string]*probe{"healthz": r.LivenessProbe, "readyz": r.ReadinessProbe} {
+		want := []string{argv[0], "probe", "--config", config.DefaultPath, what}
+		if p == nil || p.Exec == nil || !slices.Equal(p.Exec.Command, want) {
+			t.Errorf("refresher's %s probe %+v, want exec %q", what, p, want)
+		}
+	}
+	if sock := cfg.StatusSocket(); path.Dir(sock) != cfg.StateDir {
+		t.Errorf("the refresher's socket %s is not in the state directory the pod mounts", sock)
 	}
 	return d
 }

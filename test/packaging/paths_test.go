@@ -12,7 +12,7 @@ import (
 // TestPathsAgree: one hook path everywhere it is written down for a /usr
 // install: the repo's hooks.d JSON, the Makefile's HOOK_DIR for PREFIX=/usr
 // and its SHIPPED_HOOK_PATH, and the spec's %files; likewise the JSON, the
-// unit and the config directories, and the unit's ExecStart.
+// unit, the tmpfiles.d and the config directories, and the unit's ExecStart.
 func TestPathsAgree(t *testing.T) {
 	needTools(t, "make")
 	root := pkgRoot(t)
@@ -33,6 +33,7 @@ func TestPathsAgree(t *testing.T) {
 		"BINDIR":                 filepath.Dir(rpmRefresherPath),
 		"UNITDIR":                filepath.Dir(rpmUnitPath),
 		"CONFDIR":                filepath.Dir(rpmConfigPath),
+		"TMPFILESDIR":            filepath.Dir(rpmTmpfilesPath),
 	} {
 		if got := makeVar(t, name, usr...); got != want {
 			t.Errorf("Makefile %s = %q with PREFIX=/usr, want %q", name, got, want)
@@ -64,7 +65,7 @@ func TestPathsAgree(t *testing.T) {
 		}
 	}
 	for p, attr := range map[string]string{
-		rpmHookPath: "", rpmHooksJSON: "", rpmRefresherPath: "", rpmUnitPath: "",
+		rpmHookPath: "", rpmHooksJSON: "", rpmRefresherPath: "", rpmUnitPath: "", rpmTmpfilesPath: "",
 		rpmConfigPath: "%config(noreplace)",
 	} {
 		got, ok := listed[p]

@@ -134,6 +134,7 @@ func TestRPM(t *testing.T) {
 		rpmConfigPath,
 		rpmRefresherPath,
 		rpmUnitPath,
+		rpmTmpfilesPath,
 		rpmHookPath,
 		rpmHooksJSON,
 		"/usr/share/doc/spiffe-oci-hook",
@@ -189,6 +190,9 @@ func TestRPM(t *testing.T) {
 	}
 	if !containsAny(sections["postinstall"], "preset", "install-system-units") {
 		t.Errorf("postinstall does not apply the preset:\n%s", sections["postinstall"])
+	}
+	if !strings.Contains(sections["postinstall"], "systemd-tmpfiles --create") || !strings.Contains(sections["postinstall"], "spiffe-oci-hook.conf") {
+		t.Errorf("postinstall does not create the state directory (systemd-tmpfiles --create spiffe-oci-hook.conf):\n%s", sections["postinstall"])
 	}
 	if !containsAny(sections["preuninstall"], "disable", "remove-system-units") {
 		t.Errorf("preuninstall does not disable the unit:\n%s", sections["preuninstall"])
@@ -247,6 +251,9 @@ func TestRPM(t *testing.T) {
 	}
 	if e, ok := payload[args[0]]; !ok || e.mode&0o111 == 0 {
 		t.Errorf("payload has no executable %s", args[0])
+	}
+	if tf, ok := payload[rpmTmpfilesPath]; !ok || !bytes.Equal(tf.data, repoTmpfiles(t)) {
+		t.Errorf("payload %s differs from tmpfiles.d/spiffe-oci-hook.conf", rpmTmpfilesPath)
 	}
 	cfg, ok := payload[rpmConfigPath]
 	shipped, _ := os.ReadFile(filepath.Join(root, "deploy", "config.yaml"))

@@ -1,0 +1,210 @@
+package refresh
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/noderesource/spiffe-oci-hook/internal/agent"
+	"github.com/noderesource/spiffe-oci-hook/internal/annotations"
+	"github.com/noderesource/spiffe-oci-hook/internal/files"
+	"github.com/noderesource/spiffe-oci-hook/internal/record"
+)
+
+// JWT-SVIDs do not stream: the refresher asks for them again. It asks at
+// half a token's lifetime. SPIRE's agent hands out its cached token until
+// somewhere between 45% and 55% of the lifetime is left, so when the
+// answer is still the old token it asks again every twentieth of the
+// lifetime, and the new token is in place with at least 45% of the old
+// one's lifetime to spare.
+const (
+	jwtRetryFraction = 20
+	minJWTWait       = time.Second
+)
+
+// nextJWTRenewal is how long to wait before asking for j's tokens again.
+func nextJWTRenewal(j *agent.JWT, now time.Time) time.Duration {
+	wait := time.Duration(-1)
+	for _, svids := range j.SVIDs {
+		for _, s := range svids {
+			life := s.Lifetime()
+			d := s.IssuedAt.Add(life / 2).Sub(now)
+			if d <= 0 {
+				d = life / jwtRetryFraction
+			}
+			if wait < 0 || d < wait {
+				wait = d
+			}
+		}
+	}
+	return max(wait, minJWTWait)
+}
+
+// renewJWT keeps the container's JWT-SVIDs fresh for as long as ctx
+// lasts, sending every answer to out. Nothing for a container that asked
+// for none.
+func (c *container) renewJWT(ctx context.Context, out chan<- *agent.JWT) {
+	auds, _ := annotations.JWTRequests(recordDeliveries(c.rec))
+	if len(auds) == 0 || c.agent.client == nil {
+		return
+	}
+	attempt := 0
+	for {
+		j, err := c.agent.client.FetchJWT(ctx, c.proc.PID, agent.JWTRequest{Audiences: auds})
+		if ctx.Err() != nil {
+			return
+		}
+		if err == nil {
+			// The agent attested the pid when asked: only if the pinned
+			// process is alive now were the tokens this container's.
+			if c.proc.Alive() != nil {
+				<-ctx.Done()
+				return
+			}
+			c.reportJWT(nil)
+			attempt = 0
+			select {
+			case out <- j:
+			case <-ctx.Done():
+				return
+			}
+			if !sleep(ctx, nextJWTRenewal(j, time.Now()), nil) {
+				return
+			}
+			continue
+		}
+		c.reportJWT(err)
+		if !sleep(ctx, backoffDelay(c.r.settings(), attempt), c.agent.Recovered()) {
+			return
+		}
+		attempt++
+	}
+}
+
+// reportJWT logs JWT-SVID renewal trouble once per kind, and its recovery
+// once. The files on disk stay until a renewal succeeds.
+func (c *container) reportJWT(err error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if err == nil {
+		if c.lastJWTErr != "" && c.lastJWTErr != "unavailable" {
+			c.r.log.Info("container JWT-SVIDs renewed again", "container", c.rec.ID)
+		}
+		c.lastJWTErr = ""
+		return
+	}
+	kind := errKind(err)
+	if kind == c.lastJWTErr {
+		return
+	}
+	c.lastJWTErr = kind
+	if kind == "unavailable" {
+		return
+	}
+	c.r.log.Warn("container JWT-SVIDs", "container", c.rec.ID, "pid", c.proc.PID, "error", fmt.Errorf("%w; keeping the current tokens", err))
+}
+
+// jwtFiles renders delivery d's JWT files for identity id. What the
+// refresher has not received yet (it asks for tokens and opens the bundle
+// stream when it starts serving a container) is carried over from the
+// current generation, so that an X.509 rotation never drops a token file.
+func (c *container) jwtFiles(d annotations.Delivery, id spiffeid.ID, dir string) ([]files.File, error) {
+	var out []files.File
+	for _, j := range d.JWTSVIDs {
+		if c.jwt == nil {
+			f, err := current(dir, j.FileName, files.KeyMode)
+			if err != nil {
+				return nil, err
+			}
+			out = append(out, f)
+			continue
+		}
+		f, err := files.JWTSVIDFor(j, id, c.jwt)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, f)
+	}
+	if d.JWTBundleFileName != "" {
+		jwks := c.agent.JWTBundles()
+		if jwks == nil {
+			f, err := current(dir, d.JWTBundleFileName, files.CertMode)
+			if err != nil {
+				return nil, err
+			}
+			return append(out, f), nil
+		}
+		f, err := files.JWTBundle(d.JWTBundleFileName, id.TrustDomain(), c.svids.FederatesWith, jwks)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, f)
+	}
+	return out, nil
+}
+
+// current reads file name of dir's current generation, to write it again.
+func current(dir, name string, mode os.FileMode) (files.File, error) {
+	cur, err := files.Read(dir, name)
+	if err != nil {
+		return files.File{}, fmt.Errorf("%s not received from the agent yet, and the current one is unreadable: %w", filepath.Join(dir, name), err)
+	}
+	return files.File{Name: name, Data: cur[name], Mode: mode}, nil
+}
+
+func recordDeliveries(rec record.Record) []annotations.Delivery {
+	ds := make([]annotations.Delivery, len(rec.Deliveries))
+	for i, d := range rec.Deliveries {
+		ds[i] = d.Delivery
+	}
+	return ds
+}
+
+// wantsJWTBundles reports whether any delivery of rec writes JWT bundles.
+func wantsJWTBundles(rec record.Record) bool {
+	_, bundles := annotations.JWTRequests(recordDeliveries(rec))
+	return bundles
+}
+
+// runJWTBundles follows the agent's JWT bundles until ctx ends, calling
+// onBundles after each change. It runs once per agent, from the first
+// container that asks for JWT bundles; reachability is the X.509 bundle
+// stream's to report.
+func (a *agentConn) runJWTBundles(ctx context.Context, onBundles func(*agentConn)) {
+	if a.client == nil {
+		return
+	}
+	attempt := 0
+	for ctx.Err() == nil {
+		stream, err := a.client.SubscribeJWTBundles(ctx)
+		for err == nil {
+			var b agent.JWTBundles
+			if b, err = stream.Recv(); err != nil {
+				break
+			}
+			attempt = 0
+			a.mu.Lock()
+			a.jwtBundles = b
+			a.mu.Unlock()
+			onBundles(a)
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		if !sleep(ctx, backoffDelay(a.settings(), attempt), a.Recovered()) {
+			return
+		}
+		attempt++
+	}
+}
+
+// JWTBundles returns the latest JWT bundles, nil before the first.
+func (a *agentConn) JWTBundles() agent.JWTBundles {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.jwtBundles
+}
