@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	goruntime "runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -36,7 +37,10 @@ func writeSection(t *testing.T, name, md string) {
 	begin, end := "<!-- begin "+name+" -->\n", "<!-- end "+name+" -->\n"
 	data, _ := os.ReadFile(path)
 	doc := string(data)
-	block := begin + strings.TrimRight(md, "\n") + "\n" + end
+	// The machine is shared while some runs happen: say how busy it was.
+	load, _ := os.ReadFile("/proc/loadavg")
+	md = strings.TrimRight(md, "\n") + fmt.Sprintf("\n\nLoad average (1, 5, 15 min) when this section was written: %s, on %d CPUs.\n", strings.Join(strings.Fields(string(load))[:3], ", "), goruntime.NumCPU())
+	block := begin + md + end
 	if i, j := strings.Index(doc, begin), strings.Index(doc, end); i >= 0 && j > i {
 		doc = doc[:i] + block + doc[j+len(end):]
 	} else {

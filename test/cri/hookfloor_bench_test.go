@@ -170,5 +170,48 @@ func hookFloorReport(ps []hookParts, rounds int, hookSize int64) string {
 			msf(p.hookFloor.median()), msf(p.minimal.median()), signed(p.hookFloor.median()-p.minimal.median()), msf(p.helperOneShot.median()))
 	}
 	b.WriteString("\nMedians. The exec floors are fork + exec + Go runtime start + exit, timed from the benchmark process.\n\n")
+	hook, helper := runcRow("| hook process wall time at createRuntime"), runcRow("| spiffe-helper one-shot wall time")
+	if len(hook) < 2 || len(helper) < 2 || len(ps) < 2 {
+		b.WriteString("The runc part's table (hook wall time, spiffe-helper one-shot) is not in BENCHMARKS.md, so no projection is made: run `make bench` with BENCH_PARTS including runc first.\n\n")
+		return b.String()
+	}
+	b.WriteString("**Target: hook / spiffe-helper one-shot ≤ 0.7** (the ratio of the runc part above). Projection from the two tables: the runc part's hook wall time and spiffe-helper time, less what each candidate saves here. The projections are arithmetic on measured medians from two runs of one `make bench`, not a measurement of a changed hook.\n\n")
+	b.WriteString("| Agent | as measured (runc part) | without the bundle RPC | with a minimal Go floor | both |\n|---|---:|---:|---:|---:|\n")
+	for i, p := range ps {
+		h, s := hook[i], helper[i]
+		rpc, floor := p.both.median()-p.svidOnly.median(), p.hookFloor.median()-p.minimal.median()
+		r := func(d time.Duration) string { return fmt.Sprintf("%.2f", float64(h-d)/float64(s)) }
+		fmt.Fprintf(&b, "| %s | %s | %s | %s | %s |\n", p.agent, r(0), r(rpc), r(floor), r(rpc+floor))
+	}
+	b.WriteString("\n")
 	return b.String()
+}
+
+// runcRow reads the A and B medians of a row of the runc part's table in
+// BENCHMARKS.md (columns: A median, A p95, B median, B p95).
+func runcRow(prefix string) []time.Duration {
+	path := os.Getenv("BENCH_OUT")
+	if path == "" {
+		path = filepath.Join(repoRoot, "BENCHMARKS.md")
+	}
+	data, _ := os.ReadFile(path)
+	for _, line := range strings.Split(string(data), "\n") {
+		if !strings.HasPrefix(line, prefix) {
+			continue
+		}
+		f := strings.Split(line, "|")
+		if len(f) < 6 {
+			return nil
+		}
+		var out []time.Duration
+		for _, c := range []string{f[2], f[4]} {
+			d, err := time.ParseDuration(strings.ReplaceAll(strings.TrimSpace(c), " ", ""))
+			if err != nil {
+				return nil
+			}
+			out = append(out, d)
+		}
+		return out
+	}
+	return nil
 }
