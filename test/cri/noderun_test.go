@@ -36,21 +36,30 @@ func TestCRIONodeRun(t *testing.T) {
 
 	// The agent renews an SVID in the second half of its life.
 	f.waitAllNew(t, serials(first), ttl+10*time.Second, "rotation")
+	rotated, err := f.snapshot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	c0, c1 := first[0].cert, rotated[0].cert
+	t.Logf("rotation: pod 0 went from a certificate valid %s to %s to one valid %s to %s",
+		c0.NotBefore.Format(time.TimeOnly), c0.NotAfter.Format(time.TimeOnly), c1.NotBefore.Format(time.TimeOnly), c1.NotAfter.Format(time.TimeOnly))
+
+	logged, _ := os.ReadFile(n.refLog)
+	n.spire.StopAgent(t)
+	// Taken with the agent down, so that only the restarted agent can
+	// have sent what replaces it.
 	before, err := f.snapshot()
 	if err != nil {
 		t.Fatal(err)
 	}
-	c0, c1 := first[0].cert, before[0].cert
-	t.Logf("rotation: pod 0 went from a certificate valid %s to %s to one valid %s to %s",
-		c0.NotBefore.Format(time.TimeOnly), c0.NotAfter.Format(time.TimeOnly), c1.NotBefore.Format(time.TimeOnly), c1.NotAfter.Format(time.TimeOnly))
-
-	n.spire.StopAgent(t)
 	time.Sleep(3 * time.Second) // longer than the refresher's 2 s backoff cap
 	n.spire.StartAgent(t)
 	back := time.Now()
 	f.waitAllNew(t, serials(before), ttl, "after the agent's restart")
 	t.Logf("all %d pods held a new certificate %s after the agent was back", len(f.members), time.Since(back).Round(100*time.Millisecond))
-	if log, _ := os.ReadFile(n.refLog); strings.Count(string(log), "agent unreachable") > 1 {
-		t.Errorf("the outage was logged more than once:\n%s", log)
+	// (The refresher may have found the agent unreachable once at its
+	// start, before its entry reached the agent.)
+	if log, _ := os.ReadFile(n.refLog); strings.Count(string(log[len(logged):]), "agent unreachable") != 1 {
+		t.Errorf("the outage was not logged exactly once:\n%s", log[len(logged):])
 	}
 }
