@@ -2,7 +2,9 @@ package cri
 
 import (
 	"os"
+	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -12,7 +14,8 @@ import (
 // 10 pods across 5 namespaces and service accounts under CRI-O, one entry
 // each with a short TTL. Every pod starts with its files; one rotation
 // reaches all of them; the agent restarts and all of them are served
-// again (a new certificate, as the restarted agent mints one); and every
+// again (a new certificate, as the restarted agent mints one); the
+// refresher is SIGKILLed and serves all of them again; and every
 // pod's files stay valid (readable, matching key and bundle, the right
 // identity, within their validity) throughout.
 func TestCRIONodeRun(t *testing.T) {
@@ -62,4 +65,14 @@ func TestCRIONodeRun(t *testing.T) {
 	if log, _ := os.ReadFile(n.refLog); strings.Count(string(log[len(logged):]), "agent unreachable") != 1 {
 		t.Errorf("the outage was not logged exactly once:\n%s", log[len(logged):])
 	}
+
+	// The refresher is SIGKILLed and restarted: it serves all of them
+	// again (its status report shows every SVID stream answered).
+	n.refresher.Process.Signal(syscall.SIGKILL)
+	n.refresher.Wait()
+	os.Remove(filepath.Join(n.dir, "notify.sock"))
+	restart := time.Now()
+	n.startRefresher(t, filepath.Join(n.prefix, "bin", "spiffe-oci-refresher"))
+	n.waitStreams(t, len(f.members), 30*time.Second)
+	t.Logf("all %d pods served again %s after the refresher's restart", len(f.members), time.Since(restart).Round(10*time.Millisecond))
 }
