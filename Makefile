@@ -127,7 +127,7 @@ demo: test-deps spire build
 # skipping the bundle RPC or a smaller exec floor would save the hook; about
 # a minute), podstart (pod start
 # under CRI-O and containerd per pattern; about 5 minutes) and node (a full
-# node of 110 pods under CRI-O with the real agent; about 15 minutes). The
+# node of 110 pods under CRI-O with the real agent; about 9 minutes). The
 # last two replace only their own sections. BENCH_ROUNDS, BENCH_SCALES,
 # BENCH_IDLE, BENCH_ROTATIONS, BENCH_POD_ROUNDS, BENCH_RUNTIMES,
 # BENCH_NODE_PODS, BENCH_NODE_TTL and BENCH_NODE_ROTATIONS tune them.
