@@ -157,10 +157,10 @@ func verdictWord(ok bool) string {
 
 const notMeasured = `## What this does not measure, and why
 
-- **A real SPIRE agent at 1,000 workloads.** The agent cannot attest 1,000 distinct workloads quickly here (one entry and one attestation per process, with executable hashing), so the scale part uses internal/fakeagent. Its rotation numbers include the fake agent's own minting on the same CPUs, and say nothing about the agent's or the server's cost of 1,000 subscribers.
-- **Podman, CRI-O, containerd.** Only runc is timed. Podman is installed, but its own per-container work (image store, conmon, networking) would bury a few milliseconds of hook time in its noise. CRI-O and containerd (NRI) are not installed.
+- **A real SPIRE agent at 1,000 workloads.** The agent cannot attest 1,000 distinct workloads quickly here (one entry and one attestation per process, with executable hashing), so the scale part uses internal/fakeagent. Its rotation numbers include the fake agent's own minting on the same CPUs, and say nothing about the agent's or the server's cost of 1,000 subscribers. The node section below (test/cri) runs the real agent with 110 pods, the kubelet's default max-pods.
+- **Podman, CRI-O, containerd.** This part times runc only. Podman is installed, but its own per-container work (image store, conmon, networking) would bury a few milliseconds of hook time in its noise. CRI-O and containerd are timed as a user sees them, whole pod starts, in the pod-start section below (test/cri).
 - **The hook's overhead from inside.** The hook is not instrumented, because the benchmark changes no product code. Its own time is its measured wall time minus a separately measured agent round-trip for the same pid at the same moment, made by a process of the same binary size. Those are two measurements, so the per-round difference carries both samples' noise; the p95 shows it.
 - **Idle CPU with rotations.** SVIDs live an hour here, so the idle window contains no rotation. The cost of one rotation of all containers is reported separately (CPU per rotation).
-- **1,000 spiffe-helper daemons.** Their memory is one measured daemon multiplied by 1,000, not 1,000 running ones.
+- **1,000 spiffe-helper daemons.** Their memory is one measured daemon multiplied by 1,000, not 1,000 running ones. The node section below runs 110 real ones, as sidecars.
 - **Cold caches.** Binaries and the busybox rootfs are in the page cache after the warm-up rounds. A node's first container after boot pays more on every variant.
 `

@@ -10,6 +10,8 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -25,6 +27,7 @@ type runtime struct {
 	// cgroupParents are the pod cgroups this runtime's pods used, removed
 	// (with /kubepods/besteffort and /kubepods) when the test ends, as the
 	// kubelet would remove them.
+	mu            sync.Mutex
 	cgroupParents []string
 }
 
@@ -95,16 +98,35 @@ var namespaceOptions = map[string]any{"network": nsNode, "pid": nsContainer, "ip
 // io.kubernetes.pod.* labels, and the cgroup parent of a BestEffort pod.
 func (r *runtime) runPod(t *testing.T, name, ns string, annotations map[string]string) *pod {
 	t.Helper()
-	p := &pod{name: name, ns: ns, uid: newUID(), sa: "default", annotations: annotations, rt: r}
+	p := r.newPod(name, ns, "default", annotations)
+	t.Cleanup(func() { p.remove() })
+	if err := p.start(); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// newPod is a pod of service account sa, not yet known to the kubelet
+// nor run; start does both. It is safe to start pods concurrently.
+func (r *runtime) newPod(name, ns, sa string, annotations map[string]string) *pod {
+	return &pod{name: name, ns: ns, uid: newUID(), sa: sa, annotations: annotations, rt: r}
+}
+
+// start makes the kubelet know the pod and runs its sandbox (crictl
+// runp); the caller removes it.
+func (p *pod) start() error {
+	r := p.rt
 	r.node.kubelet.add(p)
 	parent := "/kubepods/besteffort/pod" + p.uid
+	r.mu.Lock()
 	r.cgroupParents = append(r.cgroupParents, parent)
+	r.mu.Unlock()
 	p.logDir = filepath.Join(r.logs, fmt.Sprintf("%s_%s_%s", p.ns, p.name, p.uid))
 	p.config = map[string]any{
 		"metadata":      map[string]any{"name": p.name, "namespace": p.ns, "uid": p.uid, "attempt": 0},
 		"log_directory": p.logDir,
 		"labels":        p.labels(),
-		"annotations":   annotations,
+		"annotations":   p.annotations,
 		"linux": map[string]any{
 			"cgroup_parent":    parent,
 			"security_context": map[string]any{"namespace_options": namespaceOptions},
@@ -112,11 +134,18 @@ func (r *runtime) runPod(t *testing.T, name, ns string, annotations map[string]s
 	}
 	// The kubelet makes the pod's log directory before the sandbox.
 	if err := os.MkdirAll(p.logDir, 0o755); err != nil {
-		t.Fatal(err)
+		return err
 	}
-	p.id = r.must(t, "runp", writeJSON(t, r.dir, "pod", p.config))
-	t.Cleanup(func() { p.remove() })
-	return p
+	path, err := writeJSONFile(r.dir, "pod", p.config)
+	if err != nil {
+		return err
+	}
+	out, err := r.run("runp", path)
+	if err != nil {
+		return err
+	}
+	p.id = strings.TrimSpace(out)
+	return nil
 }
 
 func (p *pod) labels() map[string]string {
@@ -164,13 +193,30 @@ type container struct {
 // (and a failing hook's) message.
 func (p *pod) create(t *testing.T, name string, attempt int, script string) (*container, error) {
 	t.Helper()
+	return p.createWith(name, attempt, script)
+}
+
+// mount is a host path bound into a container (a CRI Mount).
+type mount struct {
+	host, container string
+	readonly        bool
+}
+
+// createWith is create with host paths mounted into the container, safe
+// to call concurrently.
+func (p *pod) createWith(name string, attempt int, script string, mounts ...mount) (*container, error) {
 	labels := p.labels()
 	labels["io.kubernetes.container.name"] = name
+	var ms []map[string]any
+	for _, m := range mounts {
+		ms = append(ms, map[string]any{"host_path": m.host, "container_path": m.container, "readonly": m.readonly})
+	}
 	cfg := map[string]any{
 		"metadata": map[string]any{"name": name, "attempt": attempt},
 		"image":    map[string]any{"image": busyboxImage},
 		"command":  []string{"/bin/sh", "-c", script},
 		"labels":   labels,
+		"mounts":   ms,
 		"annotations": map[string]string{
 			"io.kubernetes.container.restartCount":           fmt.Sprint(attempt),
 			"io.kubernetes.container.terminationMessagePath": "/dev/termination-log",
@@ -182,9 +228,17 @@ func (p *pod) create(t *testing.T, name string, attempt int, script string) (*co
 	}
 	// ... and each container's before creating it.
 	if err := os.MkdirAll(filepath.Join(p.logDir, name), 0o755); err != nil {
-		t.Fatal(err)
+		return nil, err
 	}
-	out, err := p.rt.run("create", p.id, writeJSON(t, p.rt.dir, "ctr", cfg), writeJSON(t, p.rt.dir, "pod", p.config))
+	ctrPath, err := writeJSONFile(p.rt.dir, "ctr", cfg)
+	if err != nil {
+		return nil, err
+	}
+	podPath, err := writeJSONFile(p.rt.dir, "pod", p.config)
+	if err != nil {
+		return nil, err
+	}
+	out, err := p.rt.run("create", p.id, ctrPath, podPath)
 	if err != nil {
 		return nil, err
 	}
@@ -288,20 +342,26 @@ func (p *pod) containers(t *testing.T) []string {
 	return strings.Fields(p.rt.must(t, "ps", "-a", "-q", "--pod", p.id))
 }
 
-var jsonSeq int
+var jsonSeq atomic.Int64
 
 func writeJSON(t *testing.T, dir, kind string, v any) string {
 	t.Helper()
-	jsonSeq++
-	path := filepath.Join(dir, fmt.Sprintf("%s-%d.json", kind, jsonSeq))
-	data, err := json.MarshalIndent(v, "", "  ")
+	path, err := writeJSONFile(dir, kind, v)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := os.WriteFile(path, data, 0o644); err != nil {
-		t.Fatal(err)
-	}
 	return path
+}
+
+// writeJSONFile writes v to a new file under dir, safe to call
+// concurrently.
+func writeJSONFile(dir, kind string, v any) (string, error) {
+	path := filepath.Join(dir, fmt.Sprintf("%s-%d.json", kind, jsonSeq.Add(1)))
+	data, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		return "", err
+	}
+	return path, os.WriteFile(path, data, 0o644)
 }
 
 // removeCgroups removes the pod cgroups, what is left under them (CRI-O's

@@ -14,6 +14,7 @@
 //	    "<container-id> <spiffe-id> <ns>..." to LOG: the agent round-trip
 //	    alone. The benchmark pads this binary to the hook binary's size,
 //	    because the agent hashes its caller's executable on every call.
+//	    With HOOKWRAP_SVID_ONLY=1 it opens only the SVID stream.
 package main
 
 import (
@@ -112,6 +113,10 @@ func fetch(log, socket string, n int) {
 		fail(fmt.Sprintf("no pid in the state: %v", err))
 	}
 	line := st.ID
+	// HOOKWRAP_SVID_ONLY=1: the SVID stream alone, without the bundle
+	// stream FetchX509 opens beside it (what a hook that took its bundle
+	// elsewhere would ask).
+	svidOnly := os.Getenv("HOOKWRAP_SVID_ONLY") == "1"
 	for i := range n {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		start := time.Now()
@@ -119,7 +124,15 @@ func fetch(log, socket string, n int) {
 		if err != nil {
 			fail(err.Error())
 		}
-		u, _, err := c.FetchX509(ctx, st.Pid)
+		var u *agent.X509SVIDs
+		if svidOnly {
+			var s *agent.SVIDStream
+			if s, err = c.SubscribeX509SVIDs(ctx, st.Pid); err == nil {
+				u, err = s.Recv()
+			}
+		} else {
+			u, _, err = c.FetchX509(ctx, st.Pid)
+		}
 		c.Close()
 		d := time.Since(start)
 		cancel()
