@@ -61,7 +61,7 @@ func TestDemo(t *testing.T) {
 	hooksDir := renderHooksDir(t, e.config)
 	rootfs := filepath.Join(shortTempDir(t), "rootfs")
 	makeBusyboxRootfs(t, rootfs)
-	store := shortTempDir(t)
+	store := podmanStore(t)
 	say("podman run --hooks-dir %s --annotation 'identity.noderesource.dev/container=- cert_dir: /certs' ...", hooksDir)
 
 	args := []string{

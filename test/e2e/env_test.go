@@ -208,6 +208,18 @@ func shortTempDir(t *testing.T) string {
 	return dir
 }
 
+// podmanStore returns a temp dir for a private Podman store (--root
+// <dir>/root --runroot <dir>/runroot). containers/storage's overlay driver
+// bind-mounts its home onto itself (to make it private) and leaves that
+// mount behind when podman exits; the cleanup unmounts it so the dir can
+// be removed (cleanups run last-in first-out: this one before RemoveAll).
+func podmanStore(t *testing.T) string {
+	t.Helper()
+	store := shortTempDir(t)
+	t.Cleanup(func() { unix.Unmount(filepath.Join(store, "root", "overlay"), unix.MNT_DETACH) })
+	return store
+}
+
 func mountTmpfs(t *testing.T, dir string) {
 	t.Helper()
 	if err := os.MkdirAll(dir, 0o700); err != nil {

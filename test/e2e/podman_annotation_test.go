@@ -16,7 +16,7 @@ import (
 // arguments and returns the annotations of its config.json.
 func podmanConfigAnnotations(t *testing.T, annotationArgs ...string) map[string]string {
 	t.Helper()
-	store := shortTempDir(t)
+	store := podmanStore(t)
 	rootfs := filepath.Join(shortTempDir(t), "rootfs")
 	makeBusyboxRootfs(t, rootfs)
 	global := []string{"--root", filepath.Join(store, "root"), "--runroot", filepath.Join(store, "runroot"),
@@ -98,7 +98,7 @@ func TestPodmanAnnotationCSV(t *testing.T) {
 	}
 
 	// An unquoted comma: Podman refuses the container.
-	store := shortTempDir(t)
+	store := podmanStore(t)
 	out, err := exec.Command("podman", "--root", filepath.Join(store, "root"), "--runroot", filepath.Join(store, "runroot"),
 		"create", "--annotation", annotation+"="+flow, "--rootfs", "/nonexistent", "/bin/sh").CombinedOutput()
 	if err == nil || !strings.Contains(string(out), "KEY=VALUE") {
