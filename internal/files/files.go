@@ -86,21 +86,23 @@ func (w Writer) Write(dir string, files []File, owner Owner) error {
 			return err
 		}
 	}
-	if err := unlinkGone(dir, files); err != nil {
+	// One listing serves both clean-ups: a refresher rewrites a thousand
+	// directories at once, each read is a syscall round and its garbage.
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return fmt.Errorf("files: %w", err)
+	}
+	if err := unlinkGone(dir, entries, files); err != nil {
 		return err
 	}
-	return prune(dir, gen, prev)
+	return prune(dir, entries, gen, prev)
 }
 
 // unlinkGone removes the plain-name links of files the new generation no
 // longer has (a trust domain no longer federated with). The generation
 // swap already removed their content for a reader that resolves "..data";
 // this takes away the dangling name.
-func unlinkGone(dir string, files []File) error {
-	entries, err := os.ReadDir(dir)
-	if err != nil {
-		return fmt.Errorf("files: %w", err)
-	}
+func unlinkGone(dir string, entries []fs.DirEntry, files []File) error {
 	keep := make(map[string]bool, len(files))
 	for _, f := range files {
 		keep[f.Name] = true
@@ -212,13 +214,10 @@ func (w Writer) label(path string) error {
 	return nil
 }
 
-// prune removes every generation but cur and prev. The previous one stays
-// so that a reader that resolved "..data" just before the swap can finish.
-func prune(dir, cur, prev string) error {
-	entries, err := os.ReadDir(dir)
-	if err != nil {
-		return fmt.Errorf("files: %w", err)
-	}
+// prune removes every generation among entries (dir's listing) but cur
+// and prev. The previous one stays so that a reader that resolved "..data"
+// just before the swap can finish.
+func prune(dir string, entries []fs.DirEntry, cur, prev string) error {
 	for _, e := range entries {
 		name := e.Name()
 		if !e.IsDir() || !strings.HasPrefix(name, genPrefix) || name == cur || name == prev {
