@@ -7,7 +7,9 @@ need=()
 command -v runc >/dev/null || need+=(runc)
 command -v crun >/dev/null || need+=(crun)
 command -v podman >/dev/null || need+=(podman)
-[ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -qx base64 || need+=(busybox-static)
+# grep without -q reads the whole list: with pipefail, -q's early exit would
+# SIGPIPE busybox and count as missing.
+[ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -x base64 >/dev/null || need+=(busybox-static)
 command -v newuidmap >/dev/null || need+=(uidmap)
 command -v rpmbuild >/dev/null || need+=(rpm)
 command -v systemd-analyze >/dev/null || need+=(systemd)
