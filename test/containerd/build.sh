@@ -16,38 +16,12 @@
 # and installed atomically (build to a temp file, then mv).
 set -euo pipefail
 
-if [ $# -ne 1 ]; then
-	echo "usage: $0 OUTDIR" >&2
-	exit 2
-fi
+. "$(dirname "${BASH_SOURCE[0]}")/../lib/tools.sh"
+tools_init "$@"
 
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-mkdir -p "$1"
-out="$(cd "$1" && pwd)"
-
-export GOWORK=off
 export CGO_ENABLED=0
 tags="no_btrfs no_devmapper no_zfs"
 
-exec 9>"$out/.build.lock"
-flock 9
-
-cd "$here"
-
-build() {
-	local name="$1" pkg="$2"
-	local dst="$out/$name"
-	if [ -x "$dst" ] && [ "$dst" -nt "$here/go.mod" ]; then
-		echo "build.sh: $name is up to date ($dst)" >&2
-		return 0
-	fi
-	echo "build.sh: building $name -> $dst" >&2
-	local tmp="$dst.tmp.$$"
-	trap 'rm -f "$tmp"' RETURN
-	go build -mod=readonly -trimpath -tags "$tags" -o "$tmp" "$pkg"
-	mv -f "$tmp" "$dst"
-}
-
-build containerd github.com/containerd/containerd/v2/cmd/containerd
-build containerd-shim-runc-v2 github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2
-build ctr github.com/containerd/containerd/v2/cmd/ctr
+tools_build containerd github.com/containerd/containerd/v2/cmd/containerd -trimpath -tags "$tags"
+tools_build containerd-shim-runc-v2 github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2 -trimpath -tags "$tags"
+tools_build ctr github.com/containerd/containerd/v2/cmd/ctr -trimpath -tags "$tags"

@@ -24,43 +24,19 @@
 # temp file, then mv). Needs gcc, make and libseccomp-dev (test/deps.sh).
 set -euo pipefail
 
-if [ $# -ne 1 ]; then
-	echo "usage: $0 OUTDIR" >&2
-	exit 2
-fi
+. "$(dirname "${BASH_SOURCE[0]}")/../lib/tools.sh"
+tools_init "$@"
 
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-mkdir -p "$1"
-out="$(cd "$1" && pwd)"
-
-export GOWORK=off
 # cgo: the seccomp tag links libseccomp.
 export CGO_ENABLED=1
 # The tags CRI-O's Makefile would pick on a Debian host without btrfs,
 # devicemapper, gpgme or ostree headers, plus seccomp.
 tags="containers_image_ostree_stub containers_image_openpgp exclude_graphdriver_btrfs exclude_graphdriver_devicemapper btrfs_noversion seccomp"
 
-exec 9>"$out/.build.lock"
-flock 9
-
-cd "$here"
-
-fresh() {
-	[ -x "$1" ] && [ "$1" -nt "$here/go.mod" ]
-}
-
-dst="$out/crio"
-if fresh "$dst"; then
-	echo "build.sh: crio is up to date ($dst)" >&2
-else
-	echo "build.sh: building crio -> $dst" >&2
-	go build -mod=readonly -trimpath -tags "$tags" -o "$dst.tmp.$$" github.com/cri-o/cri-o/cmd/crio ||
-		{ rm -f "$dst.tmp.$$"; exit 1; }
-	mv -f "$dst.tmp.$$" "$dst"
-fi
+tools_build crio github.com/cri-o/cri-o/cmd/crio -trimpath -tags "$tags"
 
 dst="$out/pinns"
-if fresh "$dst"; then
+if tools_fresh "$dst"; then
 	echo "build.sh: pinns is up to date ($dst)" >&2
 else
 	echo "build.sh: building pinns -> $dst" >&2

@@ -13,35 +13,10 @@
 # processes do not race, and installed atomically (temp file, then mv).
 set -euo pipefail
 
-if [ $# -ne 1 ]; then
-	echo "usage: $0 OUTDIR" >&2
-	exit 2
-fi
+. "$(dirname "${BASH_SOURCE[0]}")/../lib/tools.sh"
+tools_init "$@"
 
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-mkdir -p "$1"
-out="$(cd "$1" && pwd)"
-
-export GOWORK=off
 export CGO_ENABLED=0
 
-exec 9>"$out/.helm-build.lock"
-flock 9
-
-cd "$here"
-build() {
-	local name="$1" pkg="$2"
-	local dst="$out/$name"
-	if [ -x "$dst" ] && [ "$dst" -nt "$here/go.mod" ] && [ "$dst" -nt "$here/go.sum" ]; then
-		echo "build.sh: $name is up to date ($dst)" >&2
-		return 0
-	fi
-	echo "build.sh: building $name -> $dst" >&2
-	local tmp="$dst.tmp.$$"
-	trap 'rm -f "$tmp"' RETURN
-	go build -mod=readonly -trimpath -o "$tmp" "$pkg"
-	mv -f "$tmp" "$dst"
-}
-
-build helm helm.sh/helm/v3/cmd/helm
-build kustomize ./kustomize
+tools_build helm helm.sh/helm/v3/cmd/helm -trimpath
+tools_build kustomize ./kustomize -trimpath

@@ -18,37 +18,11 @@
 # file, then mv).
 set -euo pipefail
 
-if [ $# -ne 1 ]; then
-	echo "usage: $0 OUTDIR" >&2
-	exit 2
-fi
+. "$(dirname "${BASH_SOURCE[0]}")/../lib/tools.sh"
+tools_init "$@"
 
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-mkdir -p "$1"
-out="$(cd "$1" && pwd)"
-
-export GOWORK=off
 export CGO_ENABLED="${CGO_ENABLED:-1}"
 
-exec 9>"$out/.build.lock"
-flock 9
-
-cd "$here"
-
-build() {
-	local name="$1" pkg="$2"
-	local dst="$out/$name"
-	if [ -x "$dst" ] && [ "$dst" -nt "$here/go.mod" ]; then
-		echo "build.sh: $name is up to date ($dst)" >&2
-		return 0
-	fi
-	echo "build.sh: building $name -> $dst" >&2
-	local tmp="$dst.tmp.$$"
-	trap 'rm -f "$tmp"' RETURN
-	go build -mod=readonly -o "$tmp" "$pkg"
-	mv -f "$tmp" "$dst"
-}
-
-build spire-server github.com/spiffe/spire/cmd/spire-server
-build spire-agent github.com/spiffe/spire/cmd/spire-agent
-build spiffe-helper github.com/spiffe/spiffe-helper/cmd/spiffe-helper
+tools_build spire-server github.com/spiffe/spire/cmd/spire-server
+tools_build spire-agent github.com/spiffe/spire/cmd/spire-agent
+tools_build spiffe-helper github.com/spiffe/spiffe-helper/cmd/spiffe-helper
