@@ -65,14 +65,8 @@ func TestCredentialBundleNeverTorn(t *testing.T) {
 		})
 	}
 	loop(func() {
-		cert, err1 := os.ReadFile(filepath.Join(dir, "svid.pem"))
-		key, err2 := os.ReadFile(filepath.Join(dir, "svid_key.pem"))
 		twoReads.Add(1)
-		if err1 != nil || err2 != nil {
-			twoBad.Add(1)
-			return
-		}
-		if _, err := x509svid.Parse(cert, key); err != nil {
+		if !naiveTwoFileRead(dir) {
 			twoBad.Add(1)
 		}
 	})
