@@ -247,14 +247,21 @@ func List(dir string) ([]string, error) {
 // so the files it returns were written together. This is the safe way to
 // read a delivery; the README shows the same steps for other languages.
 func Read(dir string, names ...string) (map[string][]byte, error) {
-	var lastErr error
 	// A generation two rotations old is pruned; if that happens between
-	// resolving and reading, resolve again.
-	for range 3 {
+	// resolving and reading, resolve again. A missing file is an error only
+	// when "..data" still names the same generation: a reader fails only if
+	// rotations keep outrunning it (the bound), never on a busy writer.
+	prev := ""
+	var lastErr error
+	for range 100 {
 		gen, err := os.Readlink(filepath.Join(dir, DataLink))
 		if err != nil {
 			return nil, fmt.Errorf("files: %w", err)
 		}
+		if gen == prev {
+			break
+		}
+		prev = gen
 		out := make(map[string][]byte, len(names))
 		for _, n := range names {
 			b, err := os.ReadFile(filepath.Join(dir, gen, n))
