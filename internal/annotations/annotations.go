@@ -87,8 +87,9 @@ type Delivery struct {
 	// IncludeFederatedDomains puts the federated trust domains' bundles in
 	// the svid_bundle_file_name file too (spiffe-helper's name and
 	// meaning), for applications that take one CA file. By default that
-	// file holds the SVID's own trust domain only.
-	IncludeFederatedDomains bool `yaml:"include_federated_domains,omitempty" json:"include_federated_domains,omitempty"`
+	// file holds the SVID's own trust domain only. Only a YAML boolean
+	// is taken (Bool).
+	IncludeFederatedDomains Bool `yaml:"include_federated_domains,omitempty" json:"include_federated_domains,omitempty"`
 	// Layout "spiffe-fs" writes exactly the draft SPIFFE Filesystem
 	// Delivery standard's files instead of the names above, which must
 	// then be left out.
@@ -276,7 +277,7 @@ func (d *Delivery) checkSPIFFEFS() error {
 		{"svid_key_file_name", d.KeyFileName != ""},
 		{"svid_bundle_file_name", d.BundleFileName != ""},
 		{"credential_bundle_file_name", d.CredentialBundleFileName != ""},
-		{"include_federated_domains", d.IncludeFederatedDomains},
+		{"include_federated_domains", bool(d.IncludeFederatedDomains)},
 		{"jwt_svids", len(d.JWTSVIDs) > 0},
 		{"jwt_bundle_file_name", d.JWTBundleFileName != ""},
 	} {

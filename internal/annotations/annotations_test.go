@@ -308,6 +308,12 @@ func parseErrorCases() []errCase {
 		{"include_federated_domains list", "- cert_dir: /a\n  include_federated_domains: [true]\n", []string{"into bool"}},
 		{"include_federated_domains mapping", "- cert_dir: /a\n  include_federated_domains: {a: true}\n", []string{"into bool"}},
 		{"include_federated_domains path", "- cert_dir: /a\n  include_federated_domains: /etc/ssl/certs\n", []string{"into bool"}},
+		// yaml.v3 takes YAML 1.1's on/off/yes/no into a plain bool; not here.
+		{"include_federated_domains on", "- cert_dir: /a\n  include_federated_domains: on\n", []string{"cannot unmarshal !!str `on` into bool"}},
+		{"include_federated_domains quoted on", "- cert_dir: /a\n  include_federated_domains: \"on\"\n", []string{"`on` into bool"}},
+		{"include_federated_domains yes", "- cert_dir: /a\n  include_federated_domains: yes\n", []string{"`yes` into bool"}},
+		{"include_federated_domains off", "- cert_dir: /a\n  include_federated_domains: off\n", []string{"`off` into bool"}},
+		{"include_federated_domains n", "- cert_dir: /a\n  include_federated_domains: n\n", []string{"`n` into bool"}},
 		{"include_federated_domains misspelt", "- cert_dir: /a\n  include_federated_domain: true\n", []string{"include_federated_domain not found"}},
 		// The per-trust-domain files' names are not for the taking.
 		{"bundle named like a trust domain's", "- cert_dir: /a\n  svid_bundle_file_name: evil.test.trust-bundle.pem\n", []string{"svid_bundle_file_name", "reserved", ".trust-bundle.pem"}},

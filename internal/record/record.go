@@ -61,7 +61,7 @@ func (d Delivery) Names() files.Names {
 		SVID: d.SVIDFileName, Key: d.KeyFileName, Bundle: d.BundleFileName,
 		CredentialBundle:  d.CredentialBundleFileName,
 		TrustBundleSuffix: annotations.TrustBundleSuffix,
-		IncludeFederated:  d.IncludeFederatedDomains,
+		IncludeFederated:  bool(d.IncludeFederatedDomains),
 	}
 }
 
