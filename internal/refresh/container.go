@@ -434,9 +434,20 @@ func onDisk(dir string, fs []files.File) bool {
 	return true
 }
 
-// watchExit returns a channel closed when the process exits. The pidfd
-// becomes readable then; Go's netpoller waits on it, so a thousand
-// containers cost a thousand parked goroutines, not a thousand threads.
+// watchExit returns a channel closed when the process has exited and been
+// reaped. Go's netpoller waits on the pidfd, so a thousand containers cost
+// a thousand parked goroutines, not a thousand threads.
+//
+// The pidfd becomes readable when the process exits and turns into a
+// zombie, before its parent (conmon, a shim, runc) reaps it. Only from
+// Linux 6.9 does the kernel wake pidfd pollers a second time, at the reap
+// (Oleg Nesterov's "pidfd_poll: report POLLHUP when pid_task() == NULL",
+// which added the wake-up to __change_pid). On the 5.14 of RHEL 9, the
+// 5.15 of Ubuntu 22.04 and the 6.1 of Debian 12 the exit is the only
+// wake-up: a watcher that saw a zombie and waited for the next edge would
+// never wake, and the container would be served forever. So once the
+// pidfd is readable the watcher stops relying on the poller and checks for
+// the reap on a short backoff instead (watchReap), on every kernel.
 func watchExit(ctx context.Context, p *process.Process) (<-chan struct{}, error) {
 	fd, err := unix.Dup(p.FD())
 	if err != nil {
@@ -453,20 +464,77 @@ func watchExit(ctx context.Context, p *process.Process) (<-chan struct{}, error)
 		return nil, err
 	}
 	exit := make(chan struct{})
-	// Closing the file wakes the waiting Read below; AfterFunc costs no
-	// goroutine while it waits.
+	// Closing the file wakes the waiting Read below (or ends watchReap);
+	// AfterFunc costs no goroutine while it waits.
 	context.AfterFunc(ctx, func() { f.Close() })
 	go func() {
-		var gone bool
-		// The check uses the watcher's own descriptor: the Process may be
+		var gone, zombie bool
+		// The checks use the watcher's own descriptor: the Process may be
 		// closed while this goroutine still runs.
 		err := rc.Read(func(fd uintptr) bool {
-			gone = errors.Is(unix.PidfdSendSignal(int(fd), 0, nil, 0), unix.ESRCH)
-			return gone
+			gone = reaped(int(fd))
+			zombie = !gone && readable(int(fd))
+			return gone || zombie
 		})
+		if err == nil && zombie {
+			if onZombie != nil {
+				onZombie(p.PID)
+			}
+			gone = watchReap(ctx, rc)
+		}
 		if err == nil && gone {
 			close(exit)
 		}
 	}()
 	return exit, nil
+}
+
+// reaped reports whether the pidfd's process is gone for good: signal 0
+// reaches a zombie, and fails with ESRCH only once it was reaped.
+func reaped(pidfd int) bool {
+	return errors.Is(unix.PidfdSendSignal(pidfd, 0, nil, 0), unix.ESRCH)
+}
+
+// readable reports whether the pidfd polls readable: the process exited
+// (it may still be a zombie).
+func readable(pidfd int) bool {
+	fds := []unix.PollFd{{Fd: int32(pidfd), Events: unix.POLLIN}}
+	n, err := unix.Poll(fds, 0)
+	return err == nil && n > 0 && fds[0].Revents&(unix.POLLIN|unix.POLLHUP) != 0
+}
+
+// Reap backoff: a zombie is normally reaped within milliseconds of its
+// exit; a parent that is slow to reap costs a check a second at most.
+var (
+	reapPollMin = 5 * time.Millisecond
+	reapPollMax = time.Second
+	// onZombie, when set (tests), is called with the pid when a watcher
+	// saw the process exited but not yet reaped, and falls back to
+	// watchReap.
+	onZombie func(pid int)
+)
+
+// watchReap waits for an exited process to be reaped, checking on a
+// backoff, without the netpoller (see watchExit). It returns true once the
+// process is reaped, false when ctx ends (which also closes the pidfd).
+func watchReap(ctx context.Context, rc syscall.RawConn) bool {
+	delay := reapPollMin
+	t := time.NewTimer(delay)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return false
+		case <-t.C:
+		}
+		var gone bool
+		if err := rc.Control(func(fd uintptr) { gone = reaped(int(fd)) }); err != nil {
+			return false // the file was closed: ctx ended
+		}
+		if gone {
+			return true
+		}
+		delay = min(2*delay, reapPollMax)
+		t.Reset(delay)
+	}
 }
