@@ -50,7 +50,29 @@ SPIRE_BIN_DIR ?= $(CURDIR)/bin/test
 # Where the CRI tests (test/cri) find the pinned CRI-O, containerd and crictl.
 CRI_BIN_DIR := $(CURDIR)/bin/test
 
-.PHONY: all build binary test test-systemd test-deps test-fuzz test-unit test-integration spire cri-tools demo bench install install.nobuild uninstall rpm clean
+# The pinned gotestsum (test/gotestsum) runs the tests; test/testreport
+# reads the go test -json events it keeps (TEST_EVENTS; `gotestsum tool
+# slowest --jsonfile bin/test/test-events.json` reads them too) and prints
+# the skipped tests with their reasons and the counts. Under CI=true a skip
+# that test/skips.txt does not allow is a failure.
+GOTESTSUM := $(CRI_BIN_DIR)/gotestsum
+TEST_EVENTS := $(CRI_BIN_DIR)/test-events.json
+TESTREPORT_FLAGS := $(if $(filter true,$(CI)),-ci)
+
+# run_tests ENV,GO-TEST-ARGS: go test through gotestsum (a line per
+# package, the failures' output at the end), then the report; fails if
+# either does.
+define run_tests
+	@mkdir -p $(CRI_BIN_DIR); rc=0; \
+	$(1) $(GOTESTSUM) --format pkgname-and-test-fails --format-icons text --hide-summary skipped --jsonfile $(TEST_EVENTS) -- $(2) || rc=$$?; \
+	$(GO) run ./test/testreport -events $(TEST_EVENTS) $(TESTREPORT_FLAGS) || rc=1; \
+	exit $$rc
+endef
+
+# Why make test needs root, in one line.
+NEEDS_ROOT := needs root: its tests mount tmpfs state directories, run runc, Podman, CRI-O, containerd and a systemd node, and the SPIRE agent attests their processes by pid. Run it as root (sudo make test), or run make test-nonroot for the tests that work without root
+
+.PHONY: all build binary test test-as-root test-nonroot test-systemd test-deps test-fuzz test-unit test-integration spire cri-tools gotestsum demo bench install install.nobuild uninstall rpm clean
 
 all: build
 
@@ -71,14 +93,31 @@ FORCE:
 
 # Everything, on a fresh machine: packages, pinned SPIRE, CRI-O, containerd
 # and crictl, unit and end-to-end tests (real runc, Podman, CRI-O,
-# containerd and SPIRE; needs root), and the systemd node (test/systemd:
-# the unit under a real systemd). -p 1: one test package at a time, so
-# that the runtimes, SPIRE instances and the systemd node of different
-# packages never share this machine's two cores or its cgroup tree.
-test: test-deps spire cri-tools build test-fuzz
+# containerd and SPIRE), and the systemd node (test/systemd: the unit
+# under a real systemd). Root only: without root it stops at once, before
+# installing or building anything, and says why. -p 1: one test package
+# at a time, so that the runtimes, SPIRE instances and the systemd node of
+# different packages never share this machine's two cores or its cgroup
+# tree. It ends with every skipped test and its reason, and a line
+# "summary: N passed, N failed, N skipped".
+test:
+	@[ "$$(id -u)" = 0 ] || { echo "make test: $(NEEDS_ROOT)" >&2; exit 1; }
+	@$(MAKE) --no-print-directory test-as-root
+
+test-as-root: test-deps spire cri-tools gotestsum build test-fuzz
 	$(GO) vet ./...
 	@unformatted=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$unformatted" ]; then echo "gofmt needed: $$unformatted"; exit 1; fi
-	SPIFFE_OCI_SYSTEMD=1 SPIRE_BIN_DIR=$(SPIRE_BIN_DIR) $(GO) test -p 1 -count=1 -timeout 30m ./...
+	$(call run_tests,SPIFFE_OCI_SYSTEMD=1 SPIRE_BIN_DIR=$(SPIRE_BIN_DIR),-p 1 -count=1 -timeout 30m ./...)
+
+# What works without root: vet, gofmt and every test that does not need
+# root (parsers, file writer, packaging, the report itself). The tests
+# that need root skip, and the report lists each with its reason: they did
+# not run. Installs nothing (test/deps.sh needs root); builds gotestsum.
+test-nonroot: gotestsum
+	$(GO) vet ./...
+	@unformatted=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$unformatted" ]; then echo "gofmt needed: $$unformatted"; exit 1; fi
+	@if [ "$$(id -u)" != 0 ]; then echo "make test-nonroot: running only the tests that work without root; those that need root skip and are listed at the end (make test, as root, runs everything)"; fi
+	$(call run_tests,,-count=1 -timeout 30m ./...)
 
 # The shipped unit, SPIRE and Quadlet-style Podman services under a real
 # systemd: PID 1 of a privileged Podman container on this machine's root
@@ -98,8 +137,8 @@ test-fuzz:
 test-unit:
 	$(GO) test -count=1 -short ./internal/...
 
-test-integration: test-deps spire cri-tools build
-	SPIFFE_OCI_SYSTEMD=1 SPIRE_BIN_DIR=$(SPIRE_BIN_DIR) $(GO) test -p 1 -count=1 -timeout 30m ./test/...
+test-integration: test-deps spire cri-tools gotestsum build
+	$(call run_tests,SPIFFE_OCI_SYSTEMD=1 SPIRE_BIN_DIR=$(SPIRE_BIN_DIR),-p 1 -count=1 -timeout 30m ./test/...)
 
 test-deps:
 	test/deps.sh
@@ -114,6 +153,10 @@ cri-tools: test-deps spire
 	test/crictl/build.sh $(CRI_BIN_DIR)
 	test/crio/build.sh $(CRI_BIN_DIR)
 	test/containerd/build.sh $(CRI_BIN_DIR)
+
+# The pinned gotestsum that runs make test's go test (seconds once built).
+gotestsum:
+	test/gotestsum/build.sh $(CRI_BIN_DIR)
 
 # A pinned SPIRE in a temp dir with a 30 s TTL entry, the refresher, and an
 # annotated Podman container that prints its SPIFFE ID, its certificate's

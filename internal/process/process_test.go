@@ -61,7 +61,7 @@ func TestOpenInvalid(t *testing.T) {
 func TestOpenExited(t *testing.T) {
 	cmd := exec.Command("sleep", "0")
 	if err := cmd.Start(); err != nil {
-		t.Skipf("cannot start sleep: %v", err)
+		t.Fatalf("cannot start sleep: %v", err)
 	}
 	pid := cmd.Process.Pid
 	if err := cmd.Wait(); err != nil {
@@ -101,7 +101,7 @@ func TestOpenRecordedWrongStartTime(t *testing.T) {
 func TestAliveAfterExit(t *testing.T) {
 	cmd := exec.Command("sleep", "60")
 	if err := cmd.Start(); err != nil {
-		t.Skipf("cannot start sleep: %v", err)
+		t.Fatalf("cannot start sleep: %v", err)
 	}
 	p, err := Open(cmd.Process.Pid)
 	if err != nil {

@@ -36,13 +36,26 @@ func tmpfsStore(t *testing.T) Store {
 // TestInitRefusesPersistentDisk: keys never touch persistent disk, so a
 // state directory that is not tmpfs is refused with a line saying so.
 func TestInitRefusesPersistentDisk(t *testing.T) {
-	dir := t.TempDir()
-	var st unix.Statfs_t
-	if err := unix.Statfs(dir, &st); err != nil {
-		t.Fatal(err)
+	// The test's temp dir, or /var/tmp where TMPDIR is a tmpfs: a
+	// directory on disk that every Linux host has.
+	dir := ""
+	for _, parent := range []string{os.TempDir(), "/var/tmp"} {
+		var st unix.Statfs_t
+		if err := unix.Statfs(parent, &st); err != nil {
+			continue
+		}
+		if st.Type != unix.TMPFS_MAGIC && st.Type != unix.RAMFS_MAGIC {
+			d, err := os.MkdirTemp(parent, "record-disk-")
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { os.RemoveAll(d) })
+			dir = d
+			break
+		}
 	}
-	if st.Type == unix.TMPFS_MAGIC || st.Type == unix.RAMFS_MAGIC {
-		t.Skip("the test's temp dir is itself on tmpfs")
+	if dir == "" {
+		t.Skip("both $TMPDIR and /var/tmp are on tmpfs: no persistent-disk directory to refuse")
 	}
 	err := Store{Dir: filepath.Join(dir, "state")}.Init()
 	if err == nil || !strings.Contains(err.Error(), "is not on tmpfs") || !strings.Contains(err.Error(), "/run") {

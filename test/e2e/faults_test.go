@@ -93,7 +93,10 @@ func startWithPid(t *testing.T, want int, uid uint32) *exec.Cmd {
 	t.Helper()
 	for attempt := range 200 {
 		if err := os.WriteFile("/proc/sys/kernel/ns_last_pid", []byte(strconv.Itoa(want-1)), 0); err != nil {
-			t.Skipf("cannot steer pid allocation (ns_last_pid): %v", err)
+			// Root in the host's pid namespace can always write it: a
+			// machine where this fails cannot run the pid-reuse test,
+			// which is too important to skip quietly.
+			t.Fatalf("cannot steer pid allocation (ns_last_pid): %v; the pid-reuse tests need root in the host's pid and user namespaces", err)
 		}
 		cmd := exec.Command("sleep", "60")
 		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: uid}}

@@ -195,15 +195,19 @@ func TestRuncSymlinkEscape(t *testing.T) {
 	e := newEnv(t)
 
 	t.Run("target inside the rootfs", func(t *testing.T) {
-		if _, err := os.Stat("/etc/spiffe"); err == nil {
-			t.Skip("/etc/spiffe exists on this host; cannot tell whether the hook created it")
+		// A name of this run's own: whether the hook created it on the
+		// host can be told on every host (one that has /etc/spiffe too).
+		name := "spiffe-escape-" + newUID()[:8]
+		hostPath := filepath.Join("/etc", name)
+		if _, err := os.Lstat(hostPath); err == nil {
+			t.Fatalf("%s exists before the test", hostPath)
 		}
-		b := newBundle(t, []string{"/bin/sh", "-c", "cat /var/run/spiffe/svid.pem >/dev/null && echo READ"})
+		b := newBundle(t, []string{"/bin/sh", "-c", "cat /var/run/" + name + "/svid.pem >/dev/null && echo READ"})
 		os.MkdirAll(filepath.Join(b.rootfs, "var"), 0o755)
 		if err := os.Symlink("/etc", filepath.Join(b.rootfs, "var", "run")); err != nil {
 			t.Fatal(err)
 		}
-		b.AddAnnotation(annotation, "- cert_dir: /var/run/spiffe\n")
+		b.AddAnnotation(annotation, "- cert_dir: /var/run/"+name+"\n")
 		b.Config.Hooks = &rspec.Hooks{CreateRuntime: []rspec.Hook{e.hook(e.config)}}
 		out, stderr, err := b.runc(t)
 		if err != nil {
@@ -212,11 +216,11 @@ func TestRuncSymlinkEscape(t *testing.T) {
 		if strings.TrimSpace(out) != "READ" {
 			t.Errorf("container could not read its SVID through its own symlink: %q", out)
 		}
-		if _, err := os.Stat("/etc/spiffe"); err == nil {
-			os.RemoveAll("/etc/spiffe")
-			t.Fatal("the hook created /etc/spiffe on the host")
+		if _, err := os.Lstat(hostPath); err == nil {
+			os.RemoveAll(hostPath)
+			t.Fatalf("the hook created %s on the host", hostPath)
 		}
-		if _, err := os.Stat(filepath.Join(b.rootfs, "etc", "spiffe")); err != nil {
+		if _, err := os.Stat(filepath.Join(b.rootfs, "etc", name)); err != nil {
 			t.Errorf("the delivery did not land inside the rootfs: %v", err)
 		}
 	})
