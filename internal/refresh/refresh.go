@@ -189,8 +189,15 @@ func (r *Refresher) Count() int {
 	return len(r.containers)
 }
 
+// onScan, when set (tests), is called after each scan: a test that checks
+// that rescans change nothing waits for some to have happened.
+var onScan func()
+
 // scan reconciles the served containers with the records on disk.
 func (r *Refresher) scan(ctx context.Context) {
+	if onScan != nil {
+		defer onScan()
+	}
 	ids, err := r.store.IDs()
 	if err != nil {
 		r.log.Error("scanning state directory", "error", err)

@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"golang.org/x/sys/unix"
@@ -24,6 +25,7 @@ import (
 	"github.com/noderesource/spiffe-oci-hook/internal/config"
 	"github.com/noderesource/spiffe-oci-hook/internal/fakeagent"
 	"github.com/noderesource/spiffe-oci-hook/internal/files"
+	"github.com/noderesource/spiffe-oci-hook/internal/metrics"
 	"github.com/noderesource/spiffe-oci-hook/internal/process"
 	"github.com/noderesource/spiffe-oci-hook/internal/record"
 )
@@ -350,10 +352,17 @@ func TestAgentRestart(t *testing.T) {
 	}
 	// The fake agent mints a new SVID per stream: wait until that first
 	// rotation is on disk before taking the reference.
-	_, before := n.startSettled(ids)
+	r, before := n.startSettled(ids)
+	unavailable := func() float64 {
+		return testutil.ToFloat64(r.Metrics.StreamErrors.WithLabelValues(metrics.KindUnavailable))
+	}
+	failed := unavailable()
 	n.agent.Stop()
-	// Longer than the backoff cap, so retries reach it several times.
-	time.Sleep(4 * n.cfg.Refresher.BackoffMax)
+	// Retries reach the backoff cap (50 ms doubling to 500 ms: the fifth
+	// failure) and go on: wait for six failed attempts per container.
+	eventually(t, 30*time.Second, "six failed reconnects per container", func() bool {
+		return unavailable() >= failed+float64(6*len(ids))
+	})
 	for _, id := range ids {
 		if !bytes.Equal(n.cert(id), before[id]) {
 			t.Errorf("%s: files changed while the agent was away", id)
@@ -454,6 +463,7 @@ func (s *syncBuffer) String() string {
 // the refresher writes the new one and logs both IDs once.
 func TestIdentityChange(t *testing.T) {
 	n := newNode(t)
+	passes := watchWritePasses(t)
 	p := n.workloadProcess()
 	id := n.deliver(p.Process.Pid)
 	r, _ := n.start()
@@ -468,9 +478,13 @@ func TestIdentityChange(t *testing.T) {
 		svid, err := x509svid.Parse(fs["svid.pem"], fs["svid_key.pem"])
 		return err == nil && svid.ID == other
 	})
-	n.agent.Rotate()
-	n.agent.Rotate()
-	time.Sleep(200 * time.Millisecond)
+	// Two rotations after the change, each written: neither may log the
+	// change again.
+	for range 2 {
+		seen := passes.serials()
+		n.agent.Rotate()
+		eventually(t, 10*time.Second, "a write pass over the rotated SVID", func() bool { return passes.sawOtherThan(seen) })
+	}
 	logs := n.logs.String()
 	line := "container identity changed"
 	if c := strings.Count(logs, line); c != 1 {

@@ -9,13 +9,17 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"github.com/noderesource/spiffe-oci-hook/internal/agent"
 	"github.com/noderesource/spiffe-oci-hook/internal/metrics"
 	"github.com/noderesource/spiffe-oci-hook/internal/record"
 	"github.com/noderesource/spiffe-oci-hook/internal/status"
@@ -108,6 +112,7 @@ func mustLoad(t *testing.T, n *node, id string) record.Record {
 // needs a restart refuses the whole configuration.
 func TestReload(t *testing.T) {
 	n := newNode(t)
+	scans := countScans(t)
 	r, _ := n.start()
 	n.deliverWhileServing(n.workloadProcess().Process.Pid)
 	eventually(t, 5*time.Second, "stream open", func() bool {
@@ -134,7 +139,10 @@ func TestReload(t *testing.T) {
 	if got := r.settings().BackoffMax; got != 7*time.Second {
 		t.Errorf("a refused reload changed backoff_max to %s", got)
 	}
-	time.Sleep(300 * time.Millisecond) // several rescans at the new interval
+	// Several rescans at the new interval, each of which would reopen a
+	// stream that a reload had broken.
+	after := scans.Load()
+	eventually(t, 10*time.Second, "three rescans after the reloads", func() bool { return scans.Load() >= after+3 })
 	if got := testutil.ToFloat64(r.Metrics.StreamsOpened); got != opened {
 		t.Errorf("streams opened %v -> %v across reloads", opened, got)
 	}
@@ -189,6 +197,7 @@ func TestServer(t *testing.T) {
 // and is logged once, not followed at once by a false "written again".
 func TestDeliveryErrorStaysReported(t *testing.T) {
 	n := newNode(t)
+	passes := watchWritePasses(t)
 	p := n.workloadProcess()
 	pinned := classic
 	pinned.SPIFFEID = workload.String()
@@ -200,8 +209,13 @@ func TestDeliveryErrorStaysReported(t *testing.T) {
 	eventually(t, 5*time.Second, "the delivery's trouble logged", func() bool {
 		return strings.Contains(n.logs.String(), "container files")
 	})
+	// Wait for a write pass over the rotated SVIDs: the one that would
+	// log "written again" if the trouble were cleared wrongly.
+	seen := passes.serials()
 	n.agent.Rotate()
-	time.Sleep(300 * time.Millisecond)
+	eventually(t, 10*time.Second, "a write pass over the rotated SVIDs", func() bool {
+		return passes.sawOtherThan(seen)
+	})
 	if c := r.Report().Containers[0]; !strings.Contains(c.Error, workload.String()) {
 		t.Errorf("report error %q, want the missing %s", c.Error, workload)
 	}
@@ -215,4 +229,53 @@ func TestDeliveryErrorStaysReported(t *testing.T) {
 	if !bytes.Equal(n.cert(id), before) {
 		t.Error("the files changed")
 	}
+}
+
+// countScans counts the refresher's scans; call it before the refresher
+// starts.
+func countScans(t *testing.T) *atomic.Int64 {
+	t.Helper()
+	var n atomic.Int64
+	onScan = func() { n.Add(1) }
+	t.Cleanup(func() { onScan = nil })
+	return &n
+}
+
+// writePasses records the serial number of the leaf certificate each of
+// the refresher's write passes worked from.
+type writePasses struct {
+	mu   sync.Mutex
+	seen []string
+}
+
+// watchWritePasses records the passes; call it before the refresher starts.
+func watchWritePasses(t *testing.T) *writePasses {
+	t.Helper()
+	w := &writePasses{}
+	onWritePass = func(_ string, svids *agent.X509SVIDs) {
+		if svids == nil || len(svids.SVIDs) == 0 {
+			return
+		}
+		w.mu.Lock()
+		w.seen = append(w.seen, svids.SVIDs[0].Certificates[0].SerialNumber.String())
+		w.mu.Unlock()
+	}
+	t.Cleanup(func() { onWritePass = nil })
+	return w
+}
+
+func (w *writePasses) serials() []string {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return slices.Clone(w.seen)
+}
+
+// sawOtherThan reports whether a pass worked from a certificate not in old.
+func (w *writePasses) sawOtherThan(old []string) bool {
+	for _, s := range w.serials() {
+		if !slices.Contains(old, s) {
+			return true
+		}
+	}
+	return false
 }

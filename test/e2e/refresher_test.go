@@ -3,6 +3,7 @@ package e2e
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"fmt"
 	"net"
 	"os"
@@ -16,6 +17,8 @@ import (
 	rspec "github.com/opencontainers/runtime-spec/specs-go"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+
+	"github.com/noderesource/spiffe-oci-hook/internal/status"
 )
 
 const rotatingID = "spiffe://example.org/workload/rotating"
@@ -171,7 +174,10 @@ func TestRefresherLifecycle(t *testing.T) {
 	// matches it both at createRuntime and when the refresher re-attests.
 	e.spire.CreateEntry(t, rotatingID, []string{"unix:uid:0"}, ttl)
 	e.waitSynced()
-	r := e.startRefresher(t)
+	// The first refresher serves metrics: the outage below counts its
+	// failed reconnects.
+	metricsSocket := filepath.Join(e.dir, "refresher-metrics.sock")
+	r := e.startRefresherWith(t, e.writeConfig("metrics_socket: "+metricsSocket+"\n"))
 	a, b := e.startWatcher(t), e.startWatcher(t)
 
 	t.Run("rotation within the TTL", func(t *testing.T) {
@@ -182,14 +188,26 @@ func TestRefresherLifecycle(t *testing.T) {
 
 	t.Run("agent outage", func(t *testing.T) {
 		before := len(a.versions(t, e.spire.TrustBundle(t)))
+		failed := streamErrors(t, metricsSocket)
 		e.spire.KillAgent(t)
-		time.Sleep(5 * time.Second) // longer than the 2 s backoff cap
+		// Long enough that every stream's retries reach the 2 s backoff
+		// cap (200 ms doubling: the fifth failure) and go on: six failed
+		// reconnects per container, as the refresher counts them.
+		deadline := time.Now().Add(60 * time.Second)
+		for streamErrors(t, metricsSocket) < failed+2*6 {
+			if time.Now().After(deadline) {
+				t.Fatalf("after 60 s the refresher had not retried six times per container (stream errors %v -> %v)", failed, streamErrors(t, metricsSocket))
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
 		if got := len(a.versions(t, e.spire.TrustBundle(t))); got != before {
 			t.Errorf("certificate changed while the agent was down (%d -> %d versions)", before, got)
 		}
 		e.spire.StartAgent(t)
 		back := time.Now()
-		a.waitVersions(t, e, before, 10*time.Second)
+		// The agent must start, attest and sync first: a margin that holds
+		// on two busy cores (it takes 2-3 s on an idle machine).
+		a.waitVersions(t, e, before, ttl)
 		t.Logf("rotation resumed %s after the agent's return", time.Since(back).Round(100*time.Millisecond))
 		log := readFile(r.log)
 		if c := strings.Count(log, "agent unreachable"); c != 1 {
@@ -204,18 +222,39 @@ func TestRefresherLifecycle(t *testing.T) {
 		before := len(a.versions(t, e.spire.TrustBundle(t)))
 		restarted := time.Now()
 		r = e.startRefresher(t)
-		deadline := time.Now().Add(5 * time.Second)
+		deadline := time.Now().Add(30 * time.Second)
 		for {
 			_, err := os.Stat(filepath.Join(e.stateDir, "containers", b.b.id))
 			if os.IsNotExist(err) {
 				break
 			}
 			if time.Now().After(deadline) {
-				t.Fatalf("state of the container that exited while the refresher was down is still there after 5 s")
+				t.Fatalf("state of the container that exited while the refresher was down is still there after 30 s")
 			}
 			time.Sleep(100 * time.Millisecond)
 		}
 		t.Logf("dead container's state removed %s after the restart", time.Since(restarted).Round(10*time.Millisecond))
 		a.waitVersions(t, e, before, ttl)
 	})
+}
+
+// streamErrors reads the refresher's count of failed SVID streams (all
+// kinds) from its metrics socket.
+func streamErrors(t *testing.T, socket string) float64 {
+	t.Helper()
+	code, body, err := status.NewClient(socket).Get(context.Background(), status.PathMetrics)
+	if err != nil || code != 200 {
+		t.Fatalf("GET %s on %s: HTTP %d, %v", status.PathMetrics, socket, code, err)
+	}
+	var sum float64
+	for _, line := range strings.Split(string(body), "\n") {
+		if strings.HasPrefix(line, "spiffe_oci_svid_stream_errors_total{") {
+			var v float64
+			if _, err := fmt.Sscan(line[strings.LastIndexByte(line, ' ')+1:], &v); err != nil {
+				t.Fatalf("metrics line %q: %v", line, err)
+			}
+			sum += v
+		}
+	}
+	return sum
 }
