@@ -262,15 +262,29 @@ func TestRuncSymlinkEscape(t *testing.T) {
 // pid, with annotation value ann; it returns the exit code and stderr.
 func (e *env) runHook(t *testing.T, b *bundle, config string, pid int, ann string) (int, string) {
 	t.Helper()
+	code, stderr, _ := e.runHookState(t, b, config, pid, ann)
+	return code, stderr
+}
+
+// runHookState is runHook that also returns the hook's process state, for
+// its resource usage.
+func (e *env) runHookState(t *testing.T, b *bundle, config string, pid int, ann string) (int, string, *os.ProcessState) {
+	t.Helper()
 	b.save(t)
 	state, _ := json.Marshal(rspec.State{
 		Version: rspec.Version, ID: b.id, Status: rspec.StateCreating, Pid: pid, Bundle: b.dir,
 		Annotations: map[string]string{annotation: ann},
 	})
-	return runBinary(t, hookBin, string(state), "--config", config)
+	return runBinaryState(t, hookBin, string(state), "--config", config)
 }
 
 func runBinary(t *testing.T, bin, stdin string, args ...string) (int, string) {
+	t.Helper()
+	code, stderr, _ := runBinaryState(t, bin, stdin, args...)
+	return code, stderr
+}
+
+func runBinaryState(t *testing.T, bin, stdin string, args ...string) (int, string, *os.ProcessState) {
 	t.Helper()
 	cmd := exec.Command(bin, args...)
 	cmd.Stdin = strings.NewReader(stdin)
@@ -278,12 +292,12 @@ func runBinary(t *testing.T, bin, stdin string, args ...string) (int, string) {
 	cmd.Stderr = &stderr
 	err := cmd.Run()
 	if ee, ok := err.(*exec.ExitError); ok {
-		return ee.ExitCode(), stderr.String()
+		return ee.ExitCode(), stderr.String(), cmd.ProcessState
 	}
 	if err != nil {
 		t.Fatal(err)
 	}
-	return 0, stderr.String()
+	return 0, stderr.String(), cmd.ProcessState
 }
 
 // startAs starts `sleep` as uid, standing in for a container's process.
