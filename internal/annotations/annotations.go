@@ -134,6 +134,22 @@ func IsIdentityKey(key string) bool {
 	return key == Key || strings.HasPrefix(key, Key+".")
 }
 
+// Misquoted returns the key of an annotation that is an identity
+// annotation but for a double quote before it: what Podman 5 makes of
+// --annotation '"KEY=VALUE"', the form Podman 4 needed for a value holding
+// commas. Podman 5 takes each --annotation verbatim (a pflag StringArray,
+// no longer a CSV StringSlice), so the quotes stay in the key and the
+// value. Such a container asked for an identity and must not start
+// without one.
+func Misquoted(ann map[string]string) (string, bool) {
+	for k := range ann {
+		if rest, ok := strings.CutPrefix(k, `"`); ok && IsIdentityKey(rest) {
+			return k, true
+		}
+	}
+	return "", false
+}
+
 // Parse parses and validates an annotation's value: a YAML list of
 // deliveries. Errors name the annotation and the field at fault.
 func Parse(key, value string) ([]Delivery, error) {

@@ -53,6 +53,9 @@ func TestFind(t *testing.T) {
 		{"containerd, pod annotation dropped", containerdAnn("app"), annotations.Key, ErrAnnotationDropped},
 		{"containerd sandbox without annotation", with(containerdAnn("pause"), annotations.ContainerdContainerType, "sandbox"), "", nil},
 		{"CRI-O, another container's annotation", map[string]string{annotations.CRIOContainerName: "sidecar", "io.kubernetes.cri-o.ContainerType": "container", annotations.Key + ".app": v}, "", nil},
+		{"podman 5, a key quoted for podman 4", map[string]string{`"` + annotations.Key: v + `"`}, annotations.Key, ErrAnnotationQuoted},
+		{"podman 5, a named key quoted for podman 4", map[string]string{`"` + annotations.Key + ".web": v + `"`}, annotations.Key, ErrAnnotationQuoted},
+		{"a quoted look-alike key is not asking", map[string]string{`"` + annotations.Key + "s": v}, "", nil},
 		{"look-alike key does not count as identity annotation", with(containerdAnn("app"), annotations.Key+"s", v), annotations.Key, ErrAnnotationDropped},
 	}
 	for _, c := range cases {

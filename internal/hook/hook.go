@@ -45,6 +45,13 @@ type Request struct {
 	Deliveries []annotations.Delivery
 }
 
+// ErrAnnotationQuoted: the container's identity annotation key begins with
+// a double quote (annotations.Misquoted). The hooks.d "when" matches such a
+// key too, so that the container is refused rather than started silently
+// without the identity it asked for.
+var ErrAnnotationQuoted = errors.New("Podman 5 passes --annotation as written, so quotes meant for Podman 4's CSV parsing stay in the key and value; " +
+	"write --annotation KEY=VALUE without them (docs/podman.md)")
+
 // ErrAnnotationDropped: containerd ran the hook for a pod's container whose
 // OCI spec carries no identity annotation. The hook is injected under
 // containerd only for a pod that asked: spiffe-oci-nri copies the
@@ -77,6 +84,9 @@ func Find(state *specs.State) (*Request, error) {
 	}
 	key, value, ok := annotations.Find(ann)
 	if !ok {
+		if k, bad := annotations.Misquoted(ann); bad {
+			return &Request{State: state, Spec: spec, Key: annotations.Key}, fmt.Errorf("annotation %.100q begins with a double quote: %w", k, ErrAnnotationQuoted)
+		}
 		if ann[annotations.ContainerdContainerType] == annotations.ContainerdTypeContainer && !hasIdentityKey(ann) {
 			return &Request{State: state, Spec: spec, Key: annotations.Key}, ErrAnnotationDropped
 		}

@@ -80,6 +80,16 @@ func TestPodman(t *testing.T) {
 		t.Errorf("after the container exited the state directory holds %v", got)
 	}
 
+	// A key quoted for Podman 4 and kept so by Podman 5: the container
+	// asked for an identity, so it must not start without one.
+	out, err = podman(t, store, hooksDir, rootfs, "--annotation", quotedKeyArg(t, annotation+"=- cert_dir: /certs"), "echo STARTED")
+	if err == nil || strings.Contains(out, "STARTED") {
+		t.Errorf("a container whose identity annotation key begins with a quote started: %v\n%s", err, out)
+	}
+	if !strings.Contains(out, "begins with a double quote") {
+		t.Errorf("podman's error does not carry the hook's line:\n%s", out)
+	}
+
 	// Without the annotation: no files, and the hook never ran (it would
 	// have created the state directory's records folder).
 	os.RemoveAll(filepath.Join(e.stateDir, "records"))

@@ -197,6 +197,11 @@ func readHooksJSON(t *testing.T, what string, data []byte, exe string) *current.
 		{annotationKey, true},
 		{annotationKey + ".web", true},
 		{annotationKey + "s", false},
+		// Quoted for Podman 4's CSV parsing and kept by Podman 5: the
+		// hook runs, and refuses the container with its line.
+		{`"` + annotationKey, true},
+		{`"` + annotationKey + ".web", true},
+		{`'` + annotationKey, false},
 		{"example.com/container", false},
 	} {
 		got, err := h.When.Match(spec, map[string]string{c.key: "- cert_dir: /certs\n"}, false)
