@@ -52,13 +52,13 @@ func podmanConfigAnnotations(t *testing.T, annotationArgs ...string) map[string]
 	return spec.Annotations
 }
 
-// TestPodmanAnnotationCSV pins what the README's Podman section warns
+// TestPodmanAnnotationCSV pins what docs/podman.md warns
 // about. Podman 4.3 reads each --annotation as one CSV record (a pflag
 // StringSlice; Podman 5.0 made it a StringArray): a newline ends the value,
 // so a block-style YAML list silently loses every line after its first; an
 // unquoted comma splits it, so podman refuses a flow-style list with two
 // fields; and double quotes around the whole KEY=VALUE keep both. If a newer
-// Podman keeps the lines, this test fails: update the README and this test.
+// Podman keeps the lines, this test fails: update docs/podman.md and this test.
 func TestPodmanAnnotationCSV(t *testing.T) {
 	requireRoot(t)
 	const (
@@ -73,7 +73,7 @@ func TestPodmanAnnotationCSV(t *testing.T) {
 		`"`+annotation+`.block=`+block+`"`)
 
 	if v := got["example.com/lines"]; v != "line1" {
-		t.Errorf("--annotation 'k=line1<newline>line2' arrived as %q, want only %q (Podman 4.3); if Podman now keeps the lines, update the README's Podman section", v, "line1")
+		t.Errorf("--annotation 'k=line1<newline>line2' arrived as %q, want only %q (Podman 4.3); if Podman now keeps the lines, update docs/podman.md", v, "line1")
 	}
 	if v := got[annotation]; v != "- cert_dir: /certs" {
 		t.Errorf("block-style value arrived as %q, want its first line only", v)
