@@ -42,6 +42,8 @@ ifneq ($(CONFDIR)/config.yaml,$(DEFAULT_CONFIG))
 HOOK_JSON_SED += ; s|"args": \["spiffe-oci-hook"\]|"args": ["spiffe-oci-hook", "--config", "$(CONFDIR)/config.yaml"]|
 endif
 DOCS := $(wildcard README.md)
+# The pages README.md links to, installed as docs/ beside it so the links hold.
+DOC_PAGES := $(wildcard docs/*.md)
 LICENSES := LICENSE
 
 # Where the test harness keeps the pinned SPIRE binaries.
@@ -214,6 +216,7 @@ install.nobuild:
 	[ -e $(DESTDIR)$(CONFDIR)/config.yaml ] || install -m 0644 deploy/config.yaml $(DESTDIR)$(CONFDIR)/config.yaml
 	install -d -m 0755 $(DESTDIR)$(DOCDIR) $(DESTDIR)$(LICENSEDIR)
 	$(if $(DOCS),install -m 0644 $(DOCS) $(DESTDIR)$(DOCDIR)/)
+	$(if $(DOC_PAGES),install -d -m 0755 $(DESTDIR)$(DOCDIR)/docs && install -m 0644 $(DOC_PAGES) $(DESTDIR)$(DOCDIR)/docs/)
 	install -m 0644 $(LICENSES) $(DESTDIR)$(LICENSEDIR)/
 
 # The JSON goes first, so that no runtime runs a hook being removed. The
@@ -227,8 +230,8 @@ uninstall:
 	rm -f $(DESTDIR)$(BINDIR)/spiffe-oci-refresher
 	rm -f $(DESTDIR)$(UNITDIR)/spiffe-oci-refresher.service
 	rm -f $(DESTDIR)$(TMPFILESDIR)/spiffe-oci-hook.conf
-	rm -f $(addprefix $(DESTDIR)$(DOCDIR)/,$(notdir $(DOCS))) $(addprefix $(DESTDIR)$(LICENSEDIR)/,$(notdir $(LICENSES)))
-	rmdir $(DESTDIR)$(DOCDIR) $(DESTDIR)$(LICENSEDIR) 2>/dev/null || :
+	rm -f $(addprefix $(DESTDIR)$(DOCDIR)/,$(notdir $(DOCS))) $(addprefix $(DESTDIR)$(DOCDIR)/docs/,$(notdir $(DOC_PAGES))) $(addprefix $(DESTDIR)$(LICENSEDIR)/,$(notdir $(LICENSES)))
+	rmdir $(DESTDIR)$(DOCDIR)/docs $(DESTDIR)$(DOCDIR) $(DESTDIR)$(LICENSEDIR) 2>/dev/null || :
 	@echo "uninstall: left $(DESTDIR)$(CONFDIR)/config.yaml in place"
 
 # rpm: an rpm (and source rpm) in rpm/build/, from a git archive of the

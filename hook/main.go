@@ -2,7 +2,7 @@
 // container its SPIFFE X.509 SVID as files before its process starts.
 //
 // The runtime runs it at createRuntime (CRI-O: prestart) and at poststop,
-// with the container's state on stdin. See README.md.
+// with the container's state on stdin. See docs/annotations.md.
 package main
 
 import (

@@ -1,7 +1,7 @@
 // Command spiffe-oci-nri is an NRI plugin for containerd: it passes a pod's
 // identity annotation to its containers and injects spiffe-oci-hook, so
 // containerd needs neither a pod_annotations allowlist nor the
-// hook-injector plugin. See README.md.
+// hook-injector plugin. See docs/containerd.md.
 package main
 
 import (

@@ -1,6 +1,6 @@
 // Command spiffe-oci-refresher is the node daemon that keeps the SVIDs
 // spiffe-oci-hook delivered fresh for as long as each container lives.
-// It runs under systemd (Type=notify) or in a DaemonSet; see README.md.
+// It runs under systemd (Type=notify) or in a DaemonSet; see docs/installing.md.
 //
 //	spiffe-oci-refresher [flags]                   run the daemon
 //	spiffe-oci-refresher status [flags]            one line per served container

@@ -54,7 +54,7 @@ func TestDemo(t *testing.T) {
 	e.waitSynced()
 	say("registered %s for processes running as uid 0, with a 30 s X.509 SVID TTL", demoID)
 	say("NOTE: unix:uid:0 is a demo shortcut: it matches every container this node creates, so all of them would get %s", demoID)
-	say("      to give each Podman container its own identity, run it from a systemd unit and register systemd:id:<unit>; see README.md, \"Podman: one identity per container\"")
+	say("      to give each Podman container its own identity, run it from a systemd unit and register systemd:id:<unit>; see docs/podman.md")
 
 	r := e.startRefresher(t)
 	say("spiffe-oci-refresher is running (log: %s)", r.log)

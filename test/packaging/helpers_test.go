@@ -126,11 +126,19 @@ func listTree(t *testing.T, root string) []string {
 }
 
 // docFiles are the documentation files the packages install: README.md
-// when the repository has one, and the license.
+// when the repository has one, the docs/ pages it links to (under docs/,
+// so the links hold), and the license.
 func docFiles(t *testing.T, docDir, licenseDir string) []string {
 	files := []string{licenseDir + "/LICENSE"}
 	if _, err := os.Stat(filepath.Join(pkgRoot(t), "README.md")); err == nil {
 		files = append(files, docDir+"/README.md")
+	}
+	pages, err := filepath.Glob(filepath.Join(pkgRoot(t), "docs", "*.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range pages {
+		files = append(files, docDir+"/docs/"+filepath.Base(p))
 	}
 	return files
 }

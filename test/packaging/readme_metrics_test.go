@@ -17,7 +17,7 @@ import (
 
 var metricName = regexp.MustCompile(`spiffe_oci_[a-z_]+`)
 
-// TestReadmeMetrics: the README's metric table lists exactly the metrics
+// TestReadmeMetrics: docs/operations.md's metric table lists exactly the metrics
 // the refresher exposes, and its example alerts use only those.
 func TestReadmeMetrics(t *testing.T) {
 	now := time.Now()
@@ -40,7 +40,7 @@ func TestReadmeMetrics(t *testing.T) {
 	}
 	slices.Sort(exposed)
 
-	data, err := os.ReadFile(filepath.Join(pkgRoot(t), "README.md"))
+	data, err := os.ReadFile(filepath.Join(pkgRoot(t), "docs", "operations.md"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -63,7 +63,7 @@ func TestReadmeMetrics(t *testing.T) {
 	}
 	slices.Sort(documented)
 	if !slices.Equal(exposed, documented) {
-		t.Errorf("README documents metrics %q; the refresher exposes %q", documented, exposed)
+		t.Errorf("docs/operations.md documents metrics %q; the refresher exposes %q", documented, exposed)
 	}
 
 	var rule struct {
@@ -77,7 +77,7 @@ func TestReadmeMetrics(t *testing.T) {
 		} `yaml:"spec"`
 	}
 	if err := yaml.Unmarshal([]byte(rules), &rule); err != nil {
-		t.Fatalf("README PrometheusRule: %v", err)
+		t.Fatalf("docs/operations.md PrometheusRule: %v", err)
 	}
 	n := 0
 	for _, g := range rule.Spec.Groups {
@@ -95,6 +95,6 @@ func TestReadmeMetrics(t *testing.T) {
 		}
 	}
 	if n < 2 {
-		t.Errorf("README PrometheusRule has %d alerts, want the expiry and the agent alerts", n)
+		t.Errorf("docs/operations.md PrometheusRule has %d alerts, want the expiry and the agent alerts", n)
 	}
 }
