@@ -1,12 +1,16 @@
 package cri
 
 import (
+	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/noderesource/spiffe-oci-hook/internal/status"
 )
 
 // TestCRIONodeRun is the node benchmark's run at small scale, so that its
@@ -55,7 +59,14 @@ func TestCRIONodeRun(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(3 * time.Second) // longer than the refresher's 2 s backoff cap
+	// Down until every stream has retried past the refresher's 2 s
+	// backoff cap (200 ms doubling: the fifth failure): six failed
+	// reconnects per pod, as the refresher counts them.
+	metricsSocket := filepath.Join(n.stateDir, "refresher.sock")
+	failed := streamErrors(t, metricsSocket)
+	waitFor(t, 60*time.Second, "six failed reconnects per pod", func() bool {
+		return streamErrors(t, metricsSocket) >= failed+float64(6*len(f.members))
+	})
 	n.spire.StartAgent(t)
 	back := time.Now()
 	f.waitAllNew(t, serials(before), ttl, "after the agent's restart")
@@ -75,4 +86,25 @@ func TestCRIONodeRun(t *testing.T) {
 	n.startRefresher(t, filepath.Join(n.prefix, "bin", "spiffe-oci-refresher"))
 	n.waitStreams(t, len(f.members), 30*time.Second)
 	t.Logf("all %d pods served again %s after the refresher's restart", len(f.members), time.Since(restart).Round(10*time.Millisecond))
+}
+
+// streamErrors reads the refresher's count of failed SVID streams (all
+// kinds) from its metrics socket.
+func streamErrors(t *testing.T, socket string) float64 {
+	t.Helper()
+	code, body, err := status.NewClient(socket).Get(context.Background(), status.PathMetrics)
+	if err != nil || code != 200 {
+		t.Fatalf("GET %s on %s: HTTP %d, %v", status.PathMetrics, socket, code, err)
+	}
+	var sum float64
+	for _, line := range strings.Split(string(body), "\n") {
+		if strings.HasPrefix(line, "spiffe_oci_svid_stream_errors_total{") {
+			var v float64
+			if _, err := fmt.Sscan(line[strings.LastIndexByte(line, ' ')+1:], &v); err != nil {
+				t.Fatalf("metrics line %q: %v", line, err)
+			}
+			sum += v
+		}
+	}
+	return sum
 }

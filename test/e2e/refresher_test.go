@@ -177,7 +177,7 @@ func TestRefresherLifecycle(t *testing.T) {
 	// The first refresher serves metrics: the outage below counts its
 	// failed reconnects.
 	metricsSocket := filepath.Join(e.dir, "refresher-metrics.sock")
-	r := e.startRefresherWith(t, e.writeConfig("metrics_socket: "+metricsSocket+"\n"))
+	r := e.startRefresherWith(t, e.writeConfig("refresher:\n  metrics_socket: "+metricsSocket+"\n"))
 	a, b := e.startWatcher(t), e.startWatcher(t)
 
 	t.Run("rotation within the TTL", func(t *testing.T) {
