@@ -18,15 +18,37 @@ import (
 
 	"gopkg.in/yaml.v3"
 
+	"github.com/containers/common/pkg/hooks"
+
 	"github.com/noderesource/spiffe-oci-hook/internal/config"
 )
 
 const (
 	imageRef      = "ghcr.io/noderesource/spiffe-oci-hook:latest"
-	hostHooksDir  = "/etc/containers/oci/hooks.d"
 	crioDropInDir = "/etc/crio/crio.conf.d"
 	crioDropIn    = "99-spiffe-oci-hook.conf"
 )
+
+// Where each flavour puts the hooks JSON. Stock CRI-O reads hooks only from
+// containers/common's DefaultDir (CRI-O's hooks_dir default), so the base,
+// which ships no CRI-O drop-in, must write there. OpenShift's /usr is
+// read-only: its overlay writes OverrideDir and adds it to hooks_dir with a
+// drop-in. containerd reads no hooks.d; its overlay writes OverrideDir, which
+// is writable on every host and read by NRI's hook-injector.
+var flavourHooksDir = map[string]string{
+	"crio":           hooks.DefaultDir,
+	"openshift":      hooks.OverrideDir,
+	"containerd-nri": hooks.OverrideDir,
+}
+
+// wantHooksDir is the hooks directory a flavour's DaemonSet must write:
+// without kubectl the overlays' patches are not applied, so the base's.
+func wantHooksDir(runtime string, built bool) string {
+	if !built {
+		return flavourHooksDir["crio"]
+	}
+	return flavourHooksDir[runtime]
+}
 
 // manifest is the part of a Kubernetes object these tests read.
 type manifest struct {
@@ -338,6 +360,9 @@ type nodeDeployment struct {
 	hooksJSON []byte // the hooks.d JSON the initContainer installs
 	volumes   map[string]volume
 	nri       *container // the containerd-nri overlay's plugin container
+	// The host's hooks directory the JSON goes to, and where the
+	// initContainer mounts it.
+	hooksDir, hooksMount string
 }
 
 // hostMount returns where c mounts the hostPath volume for hostDir ("" if
@@ -381,10 +406,10 @@ func (d nodeDeployment) scriptLine(words ...string) int {
 
 // checkNodeDeployment checks the objects every flavour deploys: the
 // privileged namespace, and a DaemonSet whose initContainer installs the
-// hook binary where its hooks.d JSON says, the JSON into
-// /etc/containers/oci/hooks.d after it, and the node config; and whose
-// container runs spiffe-oci-refresher with the host paths it needs.
-func checkNodeDeployment(t *testing.T, docs []manifest, built bool) nodeDeployment {
+// hook binary where its hooks.d JSON says, the JSON into hooksDir after it,
+// and the node config; and whose container runs spiffe-oci-refresher with
+// the host paths it needs.
+func checkNodeDeployment(t *testing.T, docs []manifest, built bool, hooksDir string) nodeDeployment {
 	t.Helper()
 	var d nodeDeployment
 	nss := only(docs, "Namespace")
@@ -481,10 +506,11 @@ func checkNodeDeployment(t *testing.T, docs []manifest, built bool) nodeDeployme
 	// The binary goes to the host directory hook.path names, the JSON to
 	// the hooks.d directory, in that order.
 	binMount := d.hostMount(d.install, path.Dir(hookPath))
-	jsonMount := d.hostMount(d.install, hostHooksDir)
+	jsonMount := d.hostMount(d.install, hooksDir)
 	if binMount == "" || jsonMount == "" {
-		t.Fatalf("initContainer does not mount the host's %s (%q) and %s (%q)", path.Dir(hookPath), binMount, hostHooksDir, jsonMount)
+		t.Fatalf("initContainer does not mount the host's %s (%q) and %s (%q)", path.Dir(hookPath), binMount, hooksDir, jsonMount)
 	}
+	d.hooksDir, d.hooksMount = hooksDir, jsonMount
 	binLine := d.scriptLine(binMount + "/" + path.Base(hookPath) + " ")
 	jsonLine := d.scriptLine(cmMount+"/spiffe-oci-hook.json", jsonMount+"/spiffe-oci-hook.json")
 	if binLine < 0 || jsonLine < 0 {
@@ -549,10 +575,36 @@ func checkNodeDeployment(t *testing.T, docs []manifest, built bool) nodeDeployme
 	return d
 }
 
-// TestKustomizeBase: the plain deployment (CRI-O with /etc/containers/oci/hooks.d).
+// TestKustomizeBase: the plain deployment works on stock CRI-O: the JSON
+// goes to the one directory CRI-O reads with its default configuration,
+// and nothing else is needed (no drop-in, no CRI-O restart).
 func TestKustomizeBase(t *testing.T) {
 	docs, built := buildKustomization(t, filepath.Join(pkgRoot(t), "deploy", "kubernetes", "base"))
-	checkNodeDeployment(t, docs, built)
+	checkStockCRIO(t, checkNodeDeployment(t, docs, built, wantHooksDir("crio", built)), docs)
+}
+
+// checkStockCRIO: a deployment meant for stock CRI-O writes the JSON into
+// hooks.DefaultDir, ships no CRI-O drop-in, and its installer refuses a
+// node where that directory is not writable, before writing anything,
+// with one line naming the directory and what to install instead.
+func checkStockCRIO(t *testing.T, d nodeDeployment, docs []manifest) {
+	t.Helper()
+	if d.hooksDir != hooks.DefaultDir {
+		t.Errorf("the JSON goes to %s; stock CRI-O reads only %s", d.hooksDir, hooks.DefaultDir)
+	}
+	for _, m := range only(docs, "ConfigMap") {
+		for k := range m.Data {
+			if strings.HasSuffix(k, ".conf") {
+				t.Errorf("ConfigMap %s ships %s: the stock-CRI-O flavour must work without a CRI-O drop-in", m.Metadata.Name, k)
+			}
+		}
+	}
+	check := d.scriptLine("touch", d.hooksMount+"/")
+	fail := d.scriptLine("echo", "$HOOKS_DIR", "openshift", ">&2")
+	first := d.scriptLine("put /")
+	if check < 0 || fail < 0 || check > first || fail > first {
+		t.Errorf("install script does not check that %s is writable, with one line naming it and the openshift overlay, before installing anything:\n%s", d.hooksMount, d.script)
+	}
 }
 
 // TestKustomizeContainerdNRI: the same DaemonSet, and the documented
@@ -560,7 +612,7 @@ func TestKustomizeBase(t *testing.T) {
 func TestKustomizeContainerdNRI(t *testing.T) {
 	dir := filepath.Join(pkgRoot(t), "deploy", "kubernetes", "overlays", "containerd-nri")
 	docs, built := buildKustomization(t, dir)
-	d := checkNodeDeployment(t, docs, built)
+	d := checkNodeDeployment(t, docs, built, wantHooksDir("containerd-nri", built))
 
 	// The plugin runs spiffe-oci-nri against the host's NRI socket and
 	// injects the hook at the path the initContainer installs it to.
@@ -611,7 +663,7 @@ func TestKustomizeContainerdNRI(t *testing.T) {
 			}
 		}
 	}
-	for _, s := range []string{`[plugins.'io.containerd.nri.v1.nri']`, `[plugins."io.containerd.nri.v1.nri"]`, "disable = false", hostHooksDir} {
+	for _, s := range []string{`[plugins.'io.containerd.nri.v1.nri']`, `[plugins."io.containerd.nri.v1.nri"]`, "disable = false", flavourHooksDir["containerd-nri"]} {
 		if !strings.Contains(string(readme), s) {
 			t.Errorf("README.md lacks %q", s)
 		}
@@ -646,8 +698,8 @@ func crioHooksDirs(t *testing.T, conf string) []string {
 func checkCrioDropIn(t *testing.T, what, conf string) {
 	t.Helper()
 	dirs := crioHooksDirs(t, conf)
-	if !slices.Contains(dirs, hostHooksDir) || !slices.Contains(dirs, "/usr/share/containers/oci/hooks.d") {
-		t.Errorf("%s: hooks_dir %q must hold %s (where the hook's JSON goes) and CRI-O's default /usr/share/containers/oci/hooks.d", what, dirs, hostHooksDir)
+	if want := flavourHooksDir["openshift"]; !slices.Contains(dirs, want) || !slices.Contains(dirs, hooks.DefaultDir) {
+		t.Errorf("%s: hooks_dir %q must hold %s (where the hook's JSON goes) and CRI-O's default %s", what, dirs, want, hooks.DefaultDir)
 	}
 }
 
@@ -657,7 +709,7 @@ func checkCrioDropIn(t *testing.T, what, conf string) {
 func TestKustomizeOpenShift(t *testing.T) {
 	dir := filepath.Join(pkgRoot(t), "deploy", "kubernetes", "overlays", "openshift")
 	docs, built := buildKustomization(t, dir)
-	d := checkNodeDeployment(t, docs, built)
+	d := checkNodeDeployment(t, docs, built, wantHooksDir("openshift", built))
 
 	rbs := only(docs, "RoleBinding")
 	ok := false
@@ -698,7 +750,7 @@ func TestKustomizeOpenShift(t *testing.T) {
 	if d.scriptLine(src+"/*.conf") < 0 || d.scriptLine(dst+"/") < 0 {
 		t.Errorf("install script does not copy %s/*.conf into %s:\n%s", src, dst, d.script)
 	}
-	jsonLine := d.scriptLine(d.hostMount(d.install, hostHooksDir) + "/spiffe-oci-hook.json")
+	jsonLine := d.scriptLine(d.hooksMount + "/spiffe-oci-hook.json")
 	if l := d.scriptLine(dst + "/"); l > jsonLine {
 		t.Errorf("install script writes the CRI-O drop-in (line %d) after the hooks JSON (line %d)", l, jsonLine)
 	}
@@ -777,13 +829,13 @@ func TestMachineConfig(t *testing.T) {
 		}
 		files[f.Path] = decodeDataURL(t, f.Contents.Source)
 	}
-	jsonPath := hostHooksDir + "/spiffe-oci-hook.json"
+	jsonPath := flavourHooksDir["openshift"] + "/spiffe-oci-hook.json"
 	dropPath := crioDropInDir + "/" + crioDropIn
 	if len(files) != 2 || files[jsonPath] == nil || files[dropPath] == nil {
 		t.Fatalf("MachineConfig writes %d files, want %s and %s", len(files), jsonPath, dropPath)
 	}
 
-	base := checkNodeDeployment(t, resolveKustomization(t, filepath.Join(root, "deploy", "kubernetes", "base")), false)
+	base := checkNodeDeployment(t, resolveKustomization(t, filepath.Join(root, "deploy", "kubernetes", "base")), false, wantHooksDir("crio", false))
 	if !bytes.Equal(files[jsonPath], base.hooksJSON) {
 		t.Errorf("MachineConfig %s differs from the DaemonSet's ConfigMap:\n%s\nvs\n%s", jsonPath, files[jsonPath], base.hooksJSON)
 	}
@@ -825,7 +877,7 @@ func TestContainerfile(t *testing.T) {
 			}
 		}
 	}
-	d := checkNodeDeployment(t, resolveKustomization(t, filepath.Join(root, "deploy", "kubernetes", "base")), false)
+	d := checkNodeDeployment(t, resolveKustomization(t, filepath.Join(root, "deploy", "kubernetes", "base")), false, wantHooksDir("crio", false))
 	refresher := d.pod.Containers[0].Command[0]
 	if !inImage[refresher] {
 		t.Errorf("the refresher container runs %s, which the Containerfile does not put there (it copies %v)", refresher, inImage)
