@@ -102,9 +102,7 @@ type container struct {
 	Image           string   `yaml:"image"`
 	Command         []string `yaml:"command"`
 	Args            []string `yaml:"args"`
-	SecurityContext struct {
-		Privileged bool `yaml:"privileged"`
-	} `yaml:"securityContext"`
+	SecurityContext securityContext `yaml:"securityContext"`
 	VolumeMounts []struct {
 		Name      string `yaml:"name"`
 		MountPath string `yaml:"mountPath"`
@@ -112,6 +110,20 @@ type container struct {
 	} `yaml:"volumeMounts"`
 	LivenessProbe  *probe `yaml:"livenessProbe"`
 	ReadinessProbe *probe `yaml:"readinessProbe"`
+}
+
+type securityContext struct {
+	Privileged               *bool  `yaml:"privileged"`
+	RunAsUser                *int   `yaml:"runAsUser"`
+	AllowPrivilegeEscalation *bool  `yaml:"allowPrivilegeEscalation"`
+	ReadOnlyRootFilesystem   *bool  `yaml:"readOnlyRootFilesystem"`
+	Capabilities             struct {
+		Add  []string `yaml:"add"`
+		Drop []string `yaml:"drop"`
+	} `yaml:"capabilities"`
+	SELinuxOptions struct {
+		Type string `yaml:"type"`
+	} `yaml:"seLinuxOptions"`
 }
 
 type probe struct {
@@ -450,7 +462,7 @@ func checkNodeDeployment(t *testing.T, docs []manifest, built bool, hooksDir str
 		d.volumes[v.Name] = v
 	}
 	// The NRI plugin (containerd-nri overlay) needs only containerd's
-	// socket, so it is the one container that is not privileged.
+	// socket.
 	if i := slices.IndexFunc(d.pod.Containers, func(c container) bool { return c.Name == "nri" }); i >= 0 {
 		nri := d.pod.Containers[i]
 		d.nri = &nri
@@ -465,16 +477,15 @@ func checkNodeDeployment(t *testing.T, docs []manifest, built bool, hooksDir str
 				t.Errorf("container %s mounts volume %q, which the pod does not have", c.Name, m.Name)
 			}
 		}
-		if !c.SecurityContext.Privileged {
-			t.Errorf("container %s is not privileged", c.Name)
-		}
 		if built && c.Image != imageRef {
 			t.Errorf("container %s: image %q, want %q", c.Name, c.Image, imageRef)
 		}
 	}
 
-	// The initContainer and the ConfigMap it installs from.
 	d.install = d.pod.InitContainers[0]
+	checkLeastPrivilege(t, d)
+
+	// The initContainer and the ConfigMap it installs from.
 	if len(d.install.Command) < 3 || d.install.Command[len(d.install.Command)-2] != "-c" {
 		t.Fatalf("initContainer command %q is not a shell script", d.install.Command)
 	}
@@ -573,6 +584,55 @@ func checkNodeDeployment(t *testing.T, docs []manifest, built bool, hooksDir str
 		t.Errorf("the refresher's socket %s is not in the state directory the pod mounts", sock)
 	}
 	return d
+}
+
+// checkLeastPrivilege: no container is privileged or may gain privileges,
+// none writes its own root file system, and each runs as root with only
+// the capabilities it needs: the refresher exactly those the systemd unit
+// bounds it to, the installer and the NRI plugin none (they write and
+// connect to root-owned host files only).
+func checkLeastPrivilege(t *testing.T, d nodeDeployment) {
+	t.Helper()
+	unit, err := os.ReadFile(filepath.Join(pkgRoot(t), "refresher", "spiffe-oci-refresher.service"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var refresherCaps []string
+	for _, c := range strings.Fields(strings.Join(unitDirectives(t, unit)["Service"]["CapabilityBoundingSet"], " ")) {
+		refresherCaps = append(refresherCaps, strings.TrimPrefix(c, "CAP_"))
+	}
+	cs := append(slices.Clone(d.pod.InitContainers), d.pod.Containers...)
+	if d.nri != nil {
+		cs = append(cs, *d.nri)
+	}
+	for _, c := range cs {
+		sc := c.SecurityContext
+		if sc.Privileged != nil && *sc.Privileged {
+			t.Errorf("container %s is privileged", c.Name)
+		}
+		if sc.RunAsUser == nil || *sc.RunAsUser != 0 {
+			t.Errorf("container %s: runAsUser %v, want 0 (it writes root-owned host files)", c.Name, sc.RunAsUser)
+		}
+		if sc.AllowPrivilegeEscalation == nil || *sc.AllowPrivilegeEscalation {
+			t.Errorf("container %s: allowPrivilegeEscalation is not false", c.Name)
+		}
+		if sc.ReadOnlyRootFilesystem == nil || !*sc.ReadOnlyRootFilesystem {
+			t.Errorf("container %s: readOnlyRootFilesystem is not true", c.Name)
+		}
+		if !slices.Equal(sc.Capabilities.Drop, []string{"ALL"}) {
+			t.Errorf("container %s drops capabilities %q, want [ALL]", c.Name, sc.Capabilities.Drop)
+		}
+		var want []string
+		if c.Name == "refresher" {
+			want = refresherCaps
+		}
+		if !slices.Equal(sorted(sc.Capabilities.Add), sorted(want)) {
+			t.Errorf("container %s adds capabilities %q, want %q", c.Name, sc.Capabilities.Add, want)
+		}
+	}
+	if len(refresherCaps) == 0 || !slices.Contains(refresherCaps, "KILL") {
+		t.Errorf("the unit's CapabilityBoundingSet %q lacks CAP_KILL", refresherCaps)
+	}
 }
 
 // TestKustomizeBase: the plain deployment works on stock CRI-O: the JSON
@@ -741,6 +801,13 @@ func TestKustomizeOpenShift(t *testing.T) {
 	d.ds.Spec.Decode(&spec)
 	if got := spec.Template.Metadata.Annotations["openshift.io/required-scc"]; got != "privileged" {
 		t.Errorf("pod annotation openshift.io/required-scc=%q, want privileged", got)
+	}
+	// Under SELinux, container_t may neither write host files nor reach
+	// the agent's socket: the pods that do run as spc_t.
+	for _, c := range append(slices.Clone(d.pod.InitContainers), d.pod.Containers...) {
+		if got := c.SecurityContext.SELinuxOptions.Type; got != "spc_t" {
+			t.Errorf("container %s: seLinuxOptions.type %q, want spc_t", c.Name, got)
+		}
 	}
 	src := d.configMapMount(d.install, crio.Metadata.Name)
 	dst := d.hostMount(d.install, crioDropInDir)
