@@ -98,10 +98,14 @@ type podSpec struct {
 }
 
 type container struct {
-	Name            string          `yaml:"name"`
-	Image           string          `yaml:"image"`
-	Command         []string        `yaml:"command"`
-	Args            []string        `yaml:"args"`
+	Name    string   `yaml:"name"`
+	Image   string   `yaml:"image"`
+	Command []string `yaml:"command"`
+	Args    []string `yaml:"args"`
+	Env     []struct {
+		Name  string `yaml:"name"`
+		Value string `yaml:"value"`
+	} `yaml:"env"`
 	SecurityContext securityContext `yaml:"securityContext"`
 	VolumeMounts    []struct {
 		Name      string `yaml:"name"`
