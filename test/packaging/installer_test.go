@@ -138,7 +138,7 @@ func TestInstallerUpgrade(t *testing.T) {
 	if got, _ := os.ReadFile(r.host("hooks.d/spiffe-oci-hook.json")); !bytes.Equal(got, r.d.hooksJSON) {
 		t.Errorf("installed JSON differs from the ConfigMap's:\n%s", got)
 	}
-	want := "installed spiffe-oci-hook spiffe-oci-hook v1, its hooks JSON in " + r.d.hooksDir
+	want := "installed spiffe-oci-hook v1, its hooks JSON in " + r.d.hooksDir
 	if strings.TrimSpace(out) != want {
 		t.Errorf("first install printed %q, want %q", out, want)
 	}
@@ -167,7 +167,7 @@ func TestInstallerUpgrade(t *testing.T) {
 	if kept, _ := os.ReadFile("/proc/self/fd/" + strconv.Itoa(int(old.Fd()))); !strings.Contains(string(kept), "v1") {
 		t.Errorf("the running hook's file changed under it:\n%s", kept)
 	}
-	if !strings.Contains(out, "installed spiffe-oci-hook spiffe-oci-hook v2") {
+	if !strings.Contains(out, "installed spiffe-oci-hook v2,") {
 		t.Errorf("the upgrade printed %q, want the host's new version", out)
 	}
 	for _, dir := range installerHostDirs {
