@@ -198,9 +198,17 @@ func (h *Hook) Create(ctx context.Context, req *Request) (err error) {
 	if err := store.Init(); err != nil {
 		return err
 	}
+	// The refresher may be cleaning up after an earlier instance under
+	// this ID (podman restart): hold the container's lock from the first
+	// file to the record, so it never removes what this delivery writes.
+	lock, err := store.Lock(id)
+	if err != nil {
+		return err
+	}
+	defer lock.Unlock()
 	defer func() {
 		if err != nil {
-			if rmErr := store.Remove(id); rmErr != nil {
+			if rmErr := store.RemoveLocked(id); rmErr != nil {
 				err = fmt.Errorf("%w (and cleaning up: %v)", err, rmErr)
 			}
 		}

@@ -316,7 +316,10 @@ func (c *container) write(ctx context.Context) (ok bool) {
 			c.noteDelivered(i, svid.ID.String(), svid.Certificates[0], false)
 			continue
 		}
-		if err := c.writer.Write(dir, fs, c.rec.Owner); err != nil {
+		if err := c.writeLocked(dir, fs); err != nil {
+			if errors.Is(err, errInstanceGone) {
+				return true // the exit watcher forgets it
+			}
 			if _, statErr := os.Stat(c.r.store.RecordPath(c.rec.ID)); errors.Is(statErr, os.ErrNotExist) {
 				return true // poststop removed the container meanwhile
 			}
@@ -346,6 +349,31 @@ func (c *container) write(ctx context.Context) (ok bool) {
 		c.reportWrite(nil, "")
 	}
 	return ok
+}
+
+// errInstanceGone: the container's process exited before its files were
+// written; its ID may already name a new instance.
+var errInstanceGone = errors.New("container process exited")
+
+// writeLocked writes one delivery's files under the container's lock, and
+// only while its process lives: once it exited, a new instance under the
+// same ID (podman restart) may be writing the same directory, and an old
+// instance's rotation must not overwrite the new one's files.
+func (c *container) writeLocked(dir string, fs []files.File) error {
+	l, err := c.r.store.Lock(c.rec.ID)
+	if err != nil {
+		return err
+	}
+	defer l.Unlock()
+	if err := c.proc.Alive(); err != nil {
+		return errInstanceGone
+	}
+	return c.writer.Write(dir, fs, c.rec.Owner)
+}
+
+// sameInstance reports whether rec names the instance c serves.
+func (c *container) sameInstance(rec record.Record) bool {
+	return c.rec.PID == rec.PID && c.rec.StartTime == rec.StartTime
 }
 
 // signal sends each renew_signal to the container's init process, through

@@ -67,6 +67,11 @@ type Refresher struct {
 	// on a node with a few cores.
 	writeSlots chan struct{}
 
+	// holdExit, when set (tests), runs after a container's process
+	// exited and before the refresher acts on it: it can hold the exit
+	// notice back until a new instance under the same ID is recorded.
+	holdExit func(id string)
+
 	mu         sync.Mutex
 	containers map[string]*container
 	agents     map[string]*agentConn
@@ -166,7 +171,7 @@ func (r *Refresher) Run(ctx context.Context, ready func()) error {
 			}
 			if ev.Has(fsnotify.Remove) || ev.Has(fsnotify.Rename) {
 				if _, err := os.Lstat(r.store.RecordPath(id)); errors.Is(err, os.ErrNotExist) {
-					r.forget(id, "record removed (poststop)", false)
+					r.forget(id, "record removed (poststop)")
 				}
 			}
 		case err, ok := <-watcher.Errors:
@@ -210,7 +215,7 @@ func (r *Refresher) scan(ctx context.Context) {
 	}
 	r.mu.Unlock()
 	for _, id := range gone {
-		r.forget(id, "record removed (poststop)", false)
+		r.forget(id, "record removed (poststop)")
 	}
 	orphans, err := r.store.Orphans()
 	if err != nil {
@@ -222,24 +227,28 @@ func (r *Refresher) scan(ctx context.Context) {
 		if err != nil || time.Since(st.ModTime()) < orphanAge {
 			continue
 		}
-		if err := os.RemoveAll(r.store.ContainerDir(id)); err != nil {
+		// The directory may be an old instance's that a hook is
+		// delivering to again under the same ID: RemoveOrphan checks for
+		// a record under the container's lock.
+		removed, err := r.store.RemoveOrphan(id)
+		if err != nil {
 			r.log.Error("removing orphaned container directory", "container", id, "error", err)
 			continue
 		}
-		r.log.Info("removed orphaned container directory", "container", id)
+		if removed {
+			r.log.Info("removed orphaned container directory", "container", id)
+		}
 	}
 }
 
-// add starts serving container id unless it is served already. A container
-// whose process is gone (it exited while the refresher was down, or its pid
-// now names another process) has its state removed.
+// add starts serving container id's recorded instance unless it is served
+// already. A record naming another instance than the one served (the ID
+// was reused: podman restart, --restart=always) replaces it: the old
+// instance is stopped without touching the state, which is the new
+// instance's now. A recorded instance whose process is gone (it exited
+// while the refresher was down, or its pid now names another process) has
+// its state removed.
 func (r *Refresher) add(ctx context.Context, id string) {
-	r.mu.Lock()
-	_, served := r.containers[id]
-	r.mu.Unlock()
-	if served {
-		return
-	}
 	rec, err := r.store.Load(id)
 	if err != nil {
 		if !errors.Is(err, os.ErrNotExist) {
@@ -247,14 +256,23 @@ func (r *Refresher) add(ctx context.Context, id string) {
 		}
 		return
 	}
+	r.mu.Lock()
+	old, served := r.containers[id]
+	r.mu.Unlock()
+	if served && old.sameInstance(rec) {
+		return
+	}
 	proc, err := process.OpenRecorded(rec.PID, rec.StartTime)
 	if err != nil {
 		if errors.Is(err, process.ErrGone) {
-			r.remove(id, "process exited while the refresher was away")
+			r.removeInstance(rec, "process exited while the refresher was away")
 			return
 		}
 		r.log.Error("pinning container process", "container", id, "pid", rec.PID, "error", err)
 		return
+	}
+	if served {
+		r.forgetInstance(old, "its ID now names a new instance (container restarted)")
 	}
 	a := r.agent(ctx, rec.AgentSocket)
 	if wantsJWTBundles(rec) {
@@ -276,14 +294,18 @@ func (r *Refresher) add(ctx context.Context, id string) {
 	go func() {
 		defer r.wg.Done()
 		if exited := c.run(); exited {
-			r.forget(id, "container process exited", true)
+			if r.holdExit != nil {
+				r.holdExit(id)
+			}
+			r.forgetInstance(c, "container process exited")
+			r.removeInstance(c.rec, "container process exited")
 		}
 	}()
 }
 
-// forget stops serving container id; with removeState it also deletes the
-// container's record and files (poststop has done so already otherwise).
-func (r *Refresher) forget(id, why string, removeState bool) {
+// forget stops serving container id, whichever instance is served: its
+// record is gone (poststop removed it with the files).
+func (r *Refresher) forget(id, why string) {
 	r.mu.Lock()
 	c, ok := r.containers[id]
 	delete(r.containers, id)
@@ -292,17 +314,36 @@ func (r *Refresher) forget(id, why string, removeState bool) {
 		c.stop()
 		r.log.Info("forgot container", "container", id, "reason", why)
 	}
-	if removeState {
-		r.remove(id, why)
+}
+
+// forgetInstance stops serving c if it is still the instance served under
+// its ID; a newer instance under the same ID stays served.
+func (r *Refresher) forgetInstance(c *container, why string) {
+	r.mu.Lock()
+	cur, ok := r.containers[c.rec.ID]
+	if ok && cur == c {
+		delete(r.containers, c.rec.ID)
+	}
+	r.mu.Unlock()
+	if ok && cur == c {
+		c.stop()
+		r.log.Info("forgot container", "container", c.rec.ID, "pid", c.rec.PID, "reason", why)
 	}
 }
 
-func (r *Refresher) remove(id, why string) {
-	if err := r.store.Remove(id); err != nil {
-		r.log.Error("removing container state", "container", id, "error", err)
+// removeInstance deletes the state of the instance rec names, unless the
+// ID's record names another instance by now (record.RemoveInstance).
+func (r *Refresher) removeInstance(rec record.Record, why string) {
+	removed, err := r.store.RemoveInstance(rec.ID, rec.PID, rec.StartTime)
+	if err != nil {
+		r.log.Error("removing container state", "container", rec.ID, "error", err)
 		return
 	}
-	r.log.Info("removed container state", "container", id, "reason", why)
+	if !removed {
+		r.log.Info("kept container state: its ID names a new instance", "container", rec.ID, "exited_pid", rec.PID)
+		return
+	}
+	r.log.Info("removed container state", "container", rec.ID, "pid", rec.PID, "reason", why)
 }
 
 // agent returns the connection to socket, creating it on first use.
