@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"slices"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -378,20 +379,46 @@ func (c *container) sameInstance(rec record.Record) bool {
 
 // signal sends each renew_signal to the container's init process, through
 // the pidfd that pins it: never to another process, whatever its number.
-// A container's init ignores a signal it has no handler for when it comes
-// from outside its pid namespace, so an application that does not reload
-// is not stopped either.
+// The kernel drops a signal that a PID namespace's init has no handler
+// for, but a process that is not its namespace's init (shared process
+// namespace, host PID) dies of it, and so does an application behind an
+// init wrapper that forwards it (tini, catatonit). Such a signal is not
+// sent: the rotation stays, the reload does not happen, and the container
+// reports why (process.SignalRisk).
 func (c *container) signal(names []string) {
+	if len(names) == 0 {
+		return // nothing rewritten: the last verdict stands
+	}
+	var refused []string
 	for _, name := range names {
 		sig := unix.SignalNum(name)
 		if sig == 0 {
 			continue // the parser allows only names unix knows
+		}
+		risk, err := process.SignalRisk(c.proc.PID, sig)
+		if err == nil && c.proc.Alive() != nil {
+			return // exited: whatever was read belongs to no one now
+		}
+		if err != nil {
+			risk = fmt.Sprintf("cannot tell whether %s would kill pid %d: %v", name, c.proc.PID, err)
+		}
+		if risk != "" {
+			refused = append(refused, fmt.Sprintf("renew_signal %s not sent: %s; give the application a handler and run it as the container's init, or remove renew_signal", name, risk))
+			continue
 		}
 		if err := c.proc.Signal(sig); err != nil {
 			c.r.log.Warn("renew_signal", "container", c.rec.ID, "signal", name, "error", err)
 			continue
 		}
 		c.r.log.Debug("sent renew_signal", "container", c.rec.ID, "pid", c.proc.PID, "signal", name)
+	}
+	msg := strings.Join(refused, "; ")
+	c.mu.Lock()
+	changed := msg != c.view.signalErr
+	c.view.signalErr = msg
+	c.mu.Unlock()
+	if changed && msg != "" {
+		c.r.log.Warn("container files rotated without their reload signal", "container", c.rec.ID, "error", msg)
 	}
 }
 
