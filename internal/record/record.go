@@ -6,6 +6,7 @@
 //	records/<container-id>.json        this package's records, root only
 //	containers/<container-id>/<n>/     delivery n's files (see package files)
 //	locks/<container-id>.lock          the container's lock (lock.go)
+//	fail-open/<container-id>.json      a fail-open start's trace (failopen.go)
 //
 // A record is written last, by rename, after the files are in place and
 // mounted; its appearance is the refresher's signal that the container is
@@ -223,5 +224,5 @@ func (s Store) remove(id string) error {
 	if err := os.RemoveAll(s.ContainerDir(id)); err != nil {
 		return fmt.Errorf("record %s: %w", id, err)
 	}
-	return nil
+	return s.RemoveFailOpen(id)
 }

@@ -51,6 +51,8 @@ type Refresher struct {
 	// OnWrite, when set, is called after each delivery is rewritten
 	// (benchmarks and tests measure with it).
 	OnWrite func(id string, delivery int)
+	// OnAudit, when set, is called after each audit (tests wait with it).
+	OnAudit func()
 	// Metrics are the refresher's counters; its gauges read Report.
 	Metrics *metrics.Metrics
 	// Version is reported in Report.
@@ -60,6 +62,11 @@ type Refresher struct {
 	live     atomic.Pointer[config.Config]
 	reloaded chan struct{}
 	scanned  atomic.Bool
+
+	// audit is the last audit of the node's containers (audit.go);
+	// auditReloaded tells the audit loop its interval may have changed.
+	audit         atomic.Pointer[status.Audit]
+	auditReloaded chan struct{}
 
 	// writeSlots bounds how many containers render and write at once: a
 	// bundle change or an agent restart rotates every container together,
@@ -89,6 +96,7 @@ func New(cfg config.Config, log *slog.Logger) *Refresher {
 		writeSlots: make(chan struct{}, 2*runtime.GOMAXPROCS(0)),
 		reloaded:   make(chan struct{}, 1),
 	}
+	r.auditReloaded = make(chan struct{}, 1)
 	r.live.Store(&cfg)
 	r.Metrics = metrics.New(r.Report)
 	return r
@@ -147,6 +155,11 @@ func (r *Refresher) Run(ctx context.Context, ready func()) error {
 	if ready != nil {
 		ready()
 	}
+	r.wg.Add(1)
+	go func() {
+		defer r.wg.Done()
+		r.runAudits(ctx)
+	}()
 
 	rescan := time.NewTicker(r.settings().RescanInterval)
 	defer rescan.Stop()
@@ -154,6 +167,10 @@ func (r *Refresher) Run(ctx context.Context, ready func()) error {
 		select {
 		case <-r.reloaded:
 			rescan.Reset(r.settings().RescanInterval)
+			select {
+			case r.auditReloaded <- struct{}{}:
+			default:
+			}
 			r.agent(ctx, r.live.Load().AgentAdminSocket)
 		case <-ctx.Done():
 			r.log.Info("stopping", "containers", r.Count())
@@ -217,6 +234,7 @@ func (r *Refresher) scan(ctx context.Context) {
 	for _, id := range gone {
 		r.forget(id, "record removed (poststop)")
 	}
+	r.pruneFailOpen()
 	orphans, err := r.store.Orphans()
 	if err != nil {
 		r.log.Error("scanning state directory", "error", err)
@@ -417,6 +435,9 @@ func (r *Refresher) Report() status.Report {
 	r.mu.Unlock()
 
 	rep := status.Report{Version: r.Version, Scanned: r.scanned.Load()}
+	if a := r.audit.Load(); a != nil {
+		rep.Audit = *a
+	}
 	for _, a := range agents {
 		rep.Agents = append(rep.Agents, status.Agent{Socket: a.socket, Reachable: a.reachable()})
 	}
