@@ -17,6 +17,7 @@ func (r *Refresher) runAudits(ctx context.Context) {
 	a := audit.New(r.store, func() config.Audit { return r.settings().Audit }, r.log)
 	t := time.NewTimer(0)
 	defer t.Stop()
+	last := [4]int{-1}
 	for {
 		select {
 		case <-ctx.Done():
@@ -32,6 +33,13 @@ func (r *Refresher) runAudits(ctx context.Context) {
 		case <-t.C:
 			rep := a.Run(ctx)
 			r.audit.Store(&rep)
+			// One line when the counts change: an operator (and a test)
+			// sees that audits run and what they found, without a line
+			// every interval.
+			if now := [4]int{rep.Checked, len(rep.Unserved), len(rep.Unmatched), int(rep.FailOpen)}; now != last {
+				last = now
+				r.log.Info("audit", "checked", rep.Checked, "unserved", len(rep.Unserved), "unmatched_annotations", len(rep.Unmatched), "fail_open_starts", rep.FailOpen)
+			}
 			if r.OnAudit != nil {
 				r.OnAudit()
 			}

@@ -21,12 +21,17 @@ import (
 )
 
 // podmanNode is a private Podman store whose containers get the hook
-// through a rendered hooks directory.
+// through a rendered hooks directory, named the way a node names it: in
+// containers.conf (hooks_dir), which every Podman process reads. The
+// --hooks-dir flag would not do: Podman's restart policy restarts a
+// container through `podman container cleanup`, which conmon runs without
+// that flag, so the restarted container runs without the hook (as the
+// audit then reports; see TestAuditPodman).
 type podmanNode struct {
-	e        *env
-	global   []string
-	hooksDir string
-	rootfs   string
+	e      *env
+	global []string
+	env    []string
+	rootfs string
 }
 
 func (e *env) podmanNode(t *testing.T, hooksDir string) *podmanNode {
@@ -34,10 +39,13 @@ func (e *env) podmanNode(t *testing.T, hooksDir string) *podmanNode {
 	store := podmanStore(t)
 	rootfs := filepath.Join(shortTempDir(t), "rootfs")
 	makeBusyboxRootfs(t, rootfs)
-	return &podmanNode{e: e, hooksDir: hooksDir, rootfs: rootfs, global: []string{
+	conf := filepath.Join(shortTempDir(t), "containers.conf")
+	if err := os.WriteFile(conf, []byte(fmt.Sprintf("[engine]\nhooks_dir = [%q]\n", hooksDir)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return &podmanNode{e: e, rootfs: rootfs, env: append(os.Environ(), "CONTAINERS_CONF="+conf), global: []string{
 		"--root", filepath.Join(store, "root"), "--runroot", filepath.Join(store, "runroot"),
 		"--runtime", "runc", "--cgroup-manager", "cgroupfs", "--events-backend", "file",
-		"--hooks-dir", hooksDir,
 	}}
 }
 
@@ -47,14 +55,19 @@ func (p *podmanNode) run(t *testing.T, name, script string, args ...string) {
 	full := append(append([]string{}, p.global...), "run", "-d", "--name", name, "--network", "none",
 		"--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024")
 	full = append(append(full, args...), "--rootfs", p.rootfs, "/bin/sh", "-c", script)
-	if out, err := exec.Command("podman", full...).CombinedOutput(); err != nil {
+	cmd := exec.Command("podman", full...)
+	cmd.Env = p.env
+	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("podman run: %v\n%s", err, out)
 	}
 	t.Cleanup(func() { p.cmd("rm", "-f", "-t", "0", name) })
+	ourContainer(p.id(t, name))
 }
 
 func (p *podmanNode) cmd(args ...string) (string, error) {
-	out, err := exec.Command("podman", append(append([]string{}, p.global...), args...)...).CombinedOutput()
+	cmd := exec.Command("podman", append(append([]string{}, p.global...), args...)...)
+	cmd.Env = p.env
+	out, err := cmd.CombinedOutput()
 	return strings.TrimSpace(string(out)), err
 }
 
