@@ -27,6 +27,7 @@ func TestReadmeMetrics(t *testing.T) {
 			Version: "test", Scanned: true,
 			Agents:     []status.Agent{{Socket: "/run/admin.sock", Reachable: true}},
 			Containers: []status.Container{{ID: "c", NotBefore: now.Add(-time.Minute), NotAfter: now.Add(time.Minute)}},
+			Audit:      status.Audit{Time: now},
 		}
 	})
 	fams, err := m.Registry.Gather()
