@@ -91,7 +91,7 @@ func (a *Auditor) Run(ctx context.Context) status.Audit {
 	rep.Errors = errs
 
 	pods := map[string]pod{}
-	for _, s := range set.CRISockets {
+	for _, s := range expand(set.CRISockets) {
 		ps, err := criPods(ctx, s)
 		if err != nil {
 			rep.Errors = append(rep.Errors, err.Error())

@@ -111,6 +111,16 @@ func roots(patterns []string) []string {
 	return out
 }
 
+// expand expands the configured CRI sockets' patterns.
+func expand(patterns []string) []string {
+	var out []string
+	for _, p := range patterns {
+		matches, _ := filepath.Glob(p)
+		out = append(out, matches...)
+	}
+	return out
+}
+
 // listRoot lists the container directories of one runtime root.
 func listRoot(root string) ([]string, error) {
 	entries, err := os.ReadDir(root)

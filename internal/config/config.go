@@ -87,7 +87,8 @@ type Audit struct {
 	RuntimeRoots []string `yaml:"runtime_roots"`
 	// CRISockets are CRI runtime sockets asked for their pods' annotations
 	// (containerd keeps a pod's annotations out of its containers' specs
-	// unless spiffe-oci-nri copies them). Missing sockets are skipped.
+	// unless spiffe-oci-nri copies them). Missing sockets are skipped;
+	// shell patterns allowed.
 	CRISockets []string `yaml:"cri_sockets"`
 }
 
