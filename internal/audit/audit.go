@@ -21,7 +21,10 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
@@ -56,10 +59,18 @@ type Auditor struct {
 	Log      *slog.Logger
 
 	cache      map[string]cached        // container state dir -> what it said
+	records    map[string]cachedRecord  // container ID -> its record
 	logged     map[string]bool          // unserved instances and unmatched annotations already logged
 	unmatched  map[string]int           // pod/annotation -> audits in a row it matched nothing
 	failOpen   map[record.FailOpen]bool // traces counted
 	failOpened uint64
+}
+
+type cachedRecord struct {
+	mod  time.Time
+	size int64
+	ino  uint64
+	rec  record.Record
 }
 
 type cached struct {
@@ -72,7 +83,7 @@ type cached struct {
 // New returns an auditor of the containers whose deliveries store records.
 func New(store record.Store, settings func() config.Audit, log *slog.Logger) *Auditor {
 	return &Auditor{Store: store, Settings: settings, Log: log,
-		cache: map[string]cached{}, logged: map[string]bool{}, unmatched: map[string]int{}, failOpen: map[record.FailOpen]bool{}}
+		cache: map[string]cached{}, records: map[string]cachedRecord{}, logged: map[string]bool{}, unmatched: map[string]int{}, failOpen: map[record.FailOpen]bool{}}
 }
 
 // running is a container found running, with what the audit knows of it.
@@ -132,15 +143,23 @@ func (a *Auditor) Run(ctx context.Context) status.Audit {
 		if isSandbox || c.Created || c.PID <= 0 {
 			continue
 		}
-		if r.start, err = process.StartTime(c.PID); err != nil {
-			continue // stopped
-		}
-		if c.initStart != 0 && c.initStart != r.start {
-			continue // stopped, and its pid reused
+		// A stopped container keeps its runtime state until it is
+		// removed: its init must still be there.
+		if unix.Kill(c.PID, 0) == unix.ESRCH {
+			continue
 		}
 		live = append(live, r)
 	}
 
+	liveIDs := make(map[string]bool, len(live))
+	for _, r := range live {
+		liveIDs[r.ID] = true
+	}
+	for id := range a.records {
+		if !liveIDs[id] {
+			delete(a.records, id)
+		}
+	}
 	podLive := map[string]bool{}
 	for _, r := range live {
 		podLive[r.sandbox] = true
@@ -232,7 +251,19 @@ func (a *Auditor) check(r running, pods map[string]pod, traces []record.FailOpen
 	if !ok {
 		return nil, false
 	}
-	if rec, err := a.Store.Load(r.ID); err == nil && rec.PID == r.PID && rec.StartTime == r.start {
+	// runc records its init's start time: a record naming it serves the
+	// container. Otherwise (crun, or no such record) /proc tells the start
+	// time, and whether the pid is still the container's at all.
+	rec, recErr := a.record(r.ID)
+	if r.initStart != 0 && recErr == nil && rec.PID == r.PID && rec.StartTime == r.initStart {
+		return nil, true
+	}
+	start, err := process.StartTime(r.PID)
+	if err != nil || (r.initStart != 0 && r.initStart != start) {
+		return nil, false // stopped, its pid maybe reused
+	}
+	r.start = start
+	if recErr == nil && rec.PID == r.PID && rec.StartTime == start {
 		return nil, true
 	}
 	u := &status.Unserved{ID: r.ID, PID: r.PID, Pod: r.pod, Namespace: r.namespace, Name: r.name, Root: r.Root}
@@ -247,7 +278,7 @@ func (a *Auditor) check(r running, pods map[string]pod, traces []record.FailOpen
 	case viaPod:
 		u.Cause = status.CauseNRIPluginAbsent
 		u.Detail = fmt.Sprintf("its pod asks for an identity (%s) but the annotation never reached the container's spec, so containerd ran no hook: spiffe-oci-nri was not running when the container was created and no NRI validator held it; start the plugin, add %s to the pod, and recreate the pod", key, "required-plugins.noderesource.dev/pod: '[\"spiffe-oci-hook\"]'")
-	case hasHook(r.Hooks):
+	case r.HasHook:
 		u.Cause = status.CauseNoRecord
 		u.Detail = fmt.Sprintf("spiffe-oci-hook is in its spec but left no record for pid %d in %s: check that the hook's state_dir is the refresher's, and the hook's lines in syslog", r.PID, a.Store.Dir)
 	default:
@@ -255,6 +286,34 @@ func (a *Auditor) check(r running, pods map[string]pod, traces []record.FailOpen
 		u.Detail = "the runtime did not run spiffe-oci-hook: " + hookAdvice(r.Annotations)
 	}
 	return u, true
+}
+
+// record reads container id's record, again only when its file changed:
+// most audits find every record as they left it.
+func (a *Auditor) record(id string) (record.Record, error) {
+	st, err := os.Stat(a.Store.RecordPath(id))
+	if err != nil {
+		delete(a.records, id)
+		return record.Record{}, err
+	}
+	if c, ok := a.records[id]; ok && c.mod.Equal(st.ModTime()) && c.size == st.Size() && c.ino == inode(st) {
+		return c.rec, nil
+	}
+	rec, err := a.Store.Load(id)
+	if err != nil {
+		return rec, err
+	}
+	// Only what the check needs is kept.
+	rec = record.Record{ID: rec.ID, PID: rec.PID, StartTime: rec.StartTime}
+	a.records[id] = cachedRecord{mod: st.ModTime(), size: st.Size(), ino: inode(st), rec: rec}
+	return rec, nil
+}
+
+func inode(st os.FileInfo) uint64 {
+	if s, ok := st.Sys().(*syscall.Stat_t); ok {
+		return s.Ino
+	}
+	return 0
 }
 
 // hookAdvice says where the runtime that made a container looks for hooks.

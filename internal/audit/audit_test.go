@@ -33,15 +33,18 @@ import (
 // config.json, real processes standing in for containers, and a state
 // directory on tmpfs. The real runtimes are in test/e2e and test/cri.
 type node struct {
-	t     *testing.T
-	dir   string
-	root  string // runc --root
-	store record.Store
-	logs  bytes.Buffer
-	cri   []string
+	t testing.TB
+	// statePad pads each state.json's config (benchmarks: the size of
+	// runc's, which holds the whole libcontainer config).
+	statePad string
+	dir      string
+	root     string // runc --root
+	store    record.Store
+	logs     bytes.Buffer
+	cri      []string
 }
 
-func newNode(t *testing.T) *node {
+func newNode(t testing.TB) *node {
 	t.Helper()
 	if os.Getuid() != 0 {
 		t.Skip("needs root: the state directory is a tmpfs mount")
@@ -99,7 +102,7 @@ func (n *node) container(id string, ann map[string]string, hook bool, created bo
 	os.MkdirAll(sdir, 0o700)
 	writeJSON(n.t, filepath.Join(sdir, "state.json"), map[string]any{
 		"id": id, "init_process_pid": cmd.Process.Pid, "init_process_start": st,
-		"config": map[string]any{"labels": []string{"bundle=" + bundle}},
+		"config": map[string]any{"labels": []string{"bundle=" + bundle}, "mounts": n.statePad},
 	})
 	if created {
 		unix.Mkfifo(filepath.Join(sdir, "exec.fifo"), 0o600)
@@ -116,7 +119,7 @@ func (n *node) serve(c *ctr) {
 	}
 }
 
-func writeJSON(t *testing.T, p string, v any) {
+func writeJSON(t testing.TB, p string, v any) {
 	t.Helper()
 	data, _ := json.Marshal(v)
 	if err := os.WriteFile(p, data, 0o600); err != nil {

@@ -10,6 +10,8 @@ import (
 	"strings"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+
+	"github.com/noderesource/spiffe-oci-hook/internal/annotations"
 )
 
 // Container is one container as its OCI runtime's state tells it.
@@ -25,9 +27,10 @@ type Container struct {
 	// Created: the runtime created it and has not started it yet (its
 	// hooks may be running now).
 	Created bool
-	// Annotations and Hooks are its OCI spec's (the bundle's config.json).
+	// Annotations are those of its OCI spec (the bundle's config.json)
+	// that the audit reads; HasHook: spiffe-oci-hook is among its hooks.
 	Annotations map[string]string
-	Hooks       *specs.Hooks
+	HasHook     bool
 }
 
 // stateFile is what the audit reads of a runtime's per-container state:
@@ -91,8 +94,28 @@ func readState(root, dir string) (Container, error) {
 	if err := json.Unmarshal(data, &spec); err != nil {
 		return c, fmt.Errorf("%s/config.json: %w", c.Bundle, err)
 	}
-	c.Annotations, c.Hooks = spec.Annotations, spec.Hooks
+	c.Annotations, c.HasHook = keep(spec.Annotations), hasHook(spec.Hooks)
 	return c, nil
+}
+
+// kept are the annotations the audit reads besides the identity ones. A
+// CRI container's spec carries kilobytes of others (labels, the pod's
+// annotations as JSON); the audit keeps every container's between audits,
+// so it keeps only these.
+var kept = map[string]bool{
+	crioSandboxID: true, crioType: true, crioPodName: true, crioPodNS: true,
+	ctrdSandboxID: true, ctrdPodName: true, ctrdPodNS: true, podmanManager: true,
+	annotations.CRIOContainerName: true, annotations.ContainerdContainerName: true, annotations.ContainerdContainerType: true,
+}
+
+func keep(all map[string]string) map[string]string {
+	m := map[string]string{}
+	for k, v := range all {
+		if kept[k] || annotations.IsIdentityKey(k) {
+			m[k] = v
+		}
+	}
+	return m
 }
 
 // roots expands the configured runtime roots' patterns.
