@@ -20,8 +20,10 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -91,7 +93,9 @@ func TestBench(t *testing.T) {
 	}
 	res.Machine = machine(root)
 
-	if !t.Run("spire", func(t *testing.T) { benchSPIRE(t, b, res) }) {
+	// BENCH_SKIP_SPIRE=1 measures the refresher alone (no table is
+	// written then: BENCH_OUT must be "-").
+	if os.Getenv("BENCH_SKIP_SPIRE") == "" && !t.Run("spire", func(t *testing.T) { benchSPIRE(t, b, res) }) {
 		t.FailNow()
 	}
 	for _, n := range envInts("BENCH_SCALES", []int{100, 1000}) {
@@ -670,6 +674,7 @@ func benchRefresher(t *testing.T, b bins, n int, res *results) scaleResult {
 	progress("refresher at %d containers: all served after %s; settling, then %s idle", n, out.Startup.Round(time.Millisecond), res.Idle)
 	time.Sleep(3 * time.Second)
 	out.Mem = readMem(t, r.Process.Pid)
+	progress("refresher at %d containers: served: RSS %.1f MiB, peak so far %.1f MiB; %s", n, float64(out.Mem.RSS)/1024, float64(out.Mem.HWM)/1024, goMemory(filepath.Join(state, "refresher.sock")))
 	out.IdleCPU = idleCPU(t, r.Process.Pid, res.Idle)
 
 	var all []time.Duration
@@ -712,6 +717,7 @@ func benchRefresher(t *testing.T, b bins, n int, res *results) scaleResult {
 		out.RotationCPU = cpu / time.Duration(res.Rotations)
 	}
 	out.MemAfter = readMem(t, r.Process.Pid)
+	progress("refresher at %d containers: after rotations: peak %.1f MiB; %s", n, float64(out.MemAfter.HWM)/1024, goMemory(filepath.Join(state, "refresher.sock")))
 	if got := fake.SVIDStreams(); got != int64(n) {
 		t.Fatalf("%d SVID streams open at the end, want %d", got, n)
 	}
@@ -1018,3 +1024,32 @@ func envDuration(name string, def time.Duration) time.Duration {
 }
 
 var _ = runtime.Version
+
+// goMemory reads where the refresher's memory goes from its own metrics
+// (the Go runtime's collector), over its unix socket.
+func goMemory(socket string) string {
+	c := http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, "unix", socket)
+	}}}
+	resp, err := c.Get("http://refresher/metrics")
+	if err != nil {
+		return "metrics: " + err.Error()
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	var out []string
+	for _, line := range strings.Split(string(body), "\n") {
+		for _, name := range []string{"go_goroutines", "go_memstats_heap_inuse_bytes", "go_memstats_stack_inuse_bytes", "go_memstats_sys_bytes", "go_threads"} {
+			if v, ok := strings.CutPrefix(line, name+" "); ok {
+				f, _ := strconv.ParseFloat(v, 64)
+				if strings.HasSuffix(name, "_bytes") {
+					out = append(out, fmt.Sprintf("%s %.1f MiB", strings.TrimPrefix(strings.TrimSuffix(name, "_bytes"), "go_memstats_"), f/(1<<20)))
+				} else {
+					out = append(out, fmt.Sprintf("%s %.0f", strings.TrimPrefix(name, "go_"), f))
+				}
+			}
+		}
+	}
+	return strings.Join(out, ", ")
+}

@@ -203,3 +203,37 @@ func TestPodmanRestartKeepsIdentity(t *testing.T) {
 		t.Errorf("the refresher logged errors:\n%s", log)
 	}
 }
+
+// TestRenewSignalBehindInit: `podman run --init` makes catatonit the
+// container's init, which forwards every signal to the application. A
+// renew_signal of SIGHUP would reach a shell that has no handler for it
+// and end the container at the first rotation. The refresher rotates the
+// files, does not send the signal, and says why in the status command.
+func TestRenewSignalBehindInit(t *testing.T) {
+	e := startEnv(t)
+	const ttl = 30 * time.Second
+	e.spire.CreateEntry(t, rotatingID, []string{"unix:uid:0"}, ttl)
+	e.waitSynced()
+	r := e.startRefresher(t)
+	p := e.podmanNode(t, renderHooksDir(t, e.config))
+	// Podman 4.3 reads --annotation as CSV: quotes keep the commas.
+	p.run(t, "wrapped", "while :; do sleep 1; done", "--init",
+		`--annotation="`+annotation+`=[{cert_dir: /certs, renew_signal: SIGHUP}]"`)
+	id := p.id(t, "wrapped")
+	pid := p.pid(t, "wrapped")
+	e.servedAndRotating(t, id, pid, ttl)
+	time.Sleep(2 * time.Second)
+	if now := p.pid(t, "wrapped"); now != pid {
+		t.Fatalf("the container's init changed from %d to %d: the signal ended it", pid, now)
+	}
+	out, errOut, code := refresherCmd(t, "status", "--config", e.config)
+	if code != 0 {
+		t.Fatalf("status: exit %d: %s", code, errOut)
+	}
+	if line := grepLine(out, id); !strings.Contains(line, "renew_signal SIGHUP not sent") || !strings.Contains(line, "catatonit") {
+		t.Errorf("status row: %q", line)
+	}
+	if log := readFile(r.log); strings.Count(log, "without their reload signal") != 1 {
+		t.Errorf("want one log line about the signal not sent:\n%s", log)
+	}
+}
