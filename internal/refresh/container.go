@@ -97,7 +97,7 @@ func (c *container) run() (exited bool) {
 	defer c.cancel()
 
 	c.loadView()
-	exit, err := watchExit(ctx, c.proc)
+	exit, err := c.r.exits.watch(ctx, c.proc)
 	if err != nil {
 		c.r.log.Error("watching container process", "container", c.rec.ID, "error", err)
 		return false
@@ -487,41 +487,4 @@ func onDisk(dir string, fs []files.File) bool {
 		}
 	}
 	return true
-}
-
-// watchExit returns a channel closed when the process exits. The pidfd
-// becomes readable then; Go's netpoller waits on it, so a thousand
-// containers cost a thousand parked goroutines, not a thousand threads.
-func watchExit(ctx context.Context, p *process.Process) (<-chan struct{}, error) {
-	fd, err := unix.Dup(p.FD())
-	if err != nil {
-		return nil, fmt.Errorf("dup pidfd: %w", err)
-	}
-	if err := unix.SetNonblock(fd, true); err != nil {
-		unix.Close(fd)
-		return nil, fmt.Errorf("pidfd nonblock: %w", err)
-	}
-	f := os.NewFile(uintptr(fd), "pidfd")
-	rc, err := f.SyscallConn()
-	if err != nil {
-		f.Close()
-		return nil, err
-	}
-	exit := make(chan struct{})
-	// Closing the file wakes the waiting Read below; AfterFunc costs no
-	// goroutine while it waits.
-	context.AfterFunc(ctx, func() { f.Close() })
-	go func() {
-		var gone bool
-		// The check uses the watcher's own descriptor: the Process may be
-		// closed while this goroutine still runs.
-		err := rc.Read(func(fd uintptr) bool {
-			gone = errors.Is(unix.PidfdSendSignal(int(fd), 0, nil, 0), unix.ESRCH)
-			return gone
-		})
-		if err == nil && gone {
-			close(exit)
-		}
-	}()
-	return exit, nil
 }
