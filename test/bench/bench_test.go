@@ -113,7 +113,10 @@ func TestBench(t *testing.T) {
 		out = filepath.Join(root, "BENCHMARKS.md")
 	}
 	if out != "-" {
-		if err := os.WriteFile(out, []byte(res.document(table)), 0o644); err != nil {
+		// The other parts' marked sections (<!-- begin NAME --> …
+		// <!-- end NAME -->) are kept: this part rewrites only its own.
+		old, _ := os.ReadFile(out)
+		if err := os.WriteFile(out, []byte(res.document(table)+markedSections(string(old))), 0o644); err != nil {
 			t.Fatal(err)
 		}
 		progress("wrote %s", out)
@@ -1052,4 +1055,28 @@ func goMemory(socket string) string {
 		}
 	}
 	return strings.Join(out, ", ")
+}
+
+// markedSections returns every <!-- begin NAME --> … <!-- end NAME -->
+// block of doc, in order, each preceded by a blank line.
+func markedSections(doc string) string {
+	var out strings.Builder
+	for {
+		i := strings.Index(doc, "<!-- begin ")
+		if i < 0 {
+			return out.String()
+		}
+		nameEnd := strings.Index(doc[i:], " -->")
+		if nameEnd < 0 {
+			return out.String()
+		}
+		name := doc[i+len("<!-- begin ") : i+nameEnd]
+		end := "<!-- end " + name + " -->\n"
+		j := strings.Index(doc[i:], end)
+		if j < 0 {
+			return out.String()
+		}
+		out.WriteString("\n" + doc[i:i+j+len(end)])
+		doc = doc[i+j+len(end):]
+	}
 }
