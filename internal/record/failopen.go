@@ -8,6 +8,8 @@ import (
 	"os"
 	"path/filepath"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // FailOpen is the trace the hook leaves when it lets a container start
@@ -28,10 +30,20 @@ func (s Store) FailOpenDir() string { return filepath.Join(s.Dir, "fail-open") }
 
 func (s Store) failOpenPath(id string) string { return filepath.Join(s.FailOpenDir(), id+".json") }
 
-// SaveFailOpen writes f's trace.
+// SaveFailOpen writes f's trace. It creates no state directory: without
+// one, no refresher ever ran on this node to read it (the refresher
+// creates it when it starts), and the hook must not leave one on a
+// persistent disk either.
 func (s Store) SaveFailOpen(f FailOpen) error {
-	if err := s.Init(); err != nil {
-		return err
+	var st unix.Statfs_t
+	if err := unix.Statfs(s.Dir, &st); err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil
+		}
+		return fmt.Errorf("fail-open trace: %w", err)
+	}
+	if st.Type != unix.TMPFS_MAGIC && st.Type != unix.RAMFS_MAGIC {
+		return fmt.Errorf("fail-open trace: state directory %s is not on tmpfs", s.Dir)
 	}
 	if err := os.MkdirAll(s.FailOpenDir(), 0o700); err != nil {
 		return fmt.Errorf("fail-open trace: %w", err)

@@ -221,6 +221,11 @@ func TestRenewSignalBehindInit(t *testing.T) {
 		`--annotation="`+annotation+`=[{cert_dir: /certs, renew_signal: SIGHUP}]"`)
 	id := p.id(t, "wrapped")
 	pid := p.pid(t, "wrapped")
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("refresher log:\n%s", readFile(r.log))
+		}
+	})
 	e.servedAndRotating(t, id, pid, ttl)
 	time.Sleep(2 * time.Second)
 	if now := p.pid(t, "wrapped"); now != pid {
