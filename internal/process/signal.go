@@ -13,9 +13,11 @@ import (
 )
 
 // Forwarders are the init wrappers known to pass every signal they get on
-// to their child: tini (docker run --init, Kubernetes images), catatonit
-// (podman run --init), dumb-init. Signalling one is signalling its child.
-var Forwarders = []string{"tini", "tini-static", "docker-init", "catatonit", "dumb-init"}
+// to their child, by the name the kernel gives their process: tini (and
+// docker run --init, which runs it as docker-init), catatonit (podman run
+// --init bind-mounts it as /run/podman-init), dumb-init. Signalling one is
+// signalling its child.
+var Forwarders = []string{"tini", "tini-static", "docker-init", "catatonit", "podman-init", "dumb-init"}
 
 // disposition is what a process does with one signal.
 type disposition struct {

@@ -235,7 +235,7 @@ func TestRenewSignalBehindInit(t *testing.T) {
 	if code != 0 {
 		t.Fatalf("status: exit %d: %s", code, errOut)
 	}
-	if line := grepLine(out, id); !strings.Contains(line, "renew_signal SIGHUP not sent") || !strings.Contains(line, "catatonit") {
+	if line := grepLine(out, id); !strings.Contains(line, "renew_signal SIGHUP not sent") || !strings.Contains(line, "podman-init") {
 		t.Errorf("status row: %q", line)
 	}
 	if log := readFile(r.log); strings.Count(log, "without their reload signal") != 1 {
