@@ -97,7 +97,7 @@ func (c *container) run() (exited bool) {
 	defer c.cancel()
 
 	c.loadView()
-	exit, err := c.r.exits.watch(ctx, c.proc)
+	exit, err := watchExit(ctx, c.proc)
 	if err != nil {
 		c.r.log.Error("watching container process", "container", c.rec.ID, "error", err)
 		return false

@@ -79,9 +79,6 @@ type Refresher struct {
 	// notice back until a new instance under the same ID is recorded.
 	holdExit func(id string)
 
-	// exits watches the served containers' processes (exits.go).
-	exits *exits
-
 	mu         sync.Mutex
 	containers map[string]*container
 	agents     map[string]*agentConn
@@ -144,17 +141,10 @@ func (r *Refresher) Run(ctx context.Context, ready func()) error {
 		return fmt.Errorf("watching %s: %w", r.store.RecordsDir(), err)
 	}
 
-	exits, err := newExits()
-	if err != nil {
-		return err
-	}
-	r.exits = exits
-	go exits.run()
 	ctx, cancel := context.WithCancel(ctx)
 	defer func() {
 		cancel()
 		r.wg.Wait()
-		exits.stop()
 	}()
 	// The node's agent is followed even with no container to serve, so
 	// that /readyz and spiffe_oci_agent_up tell whether it answers.
