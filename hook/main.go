@@ -95,6 +95,7 @@ func run(args []string, stdin io.Reader, stderr io.Writer) int {
 	}
 	if req != nil && h.Config.FailurePolicy == config.FailOpen {
 		log.warn(fmt.Sprintf("container %s: %v; starting it WITHOUT an identity (failure_policy: fail-open)", state.ID, err))
+		h.FailOpen(state, err)
 		return 0
 	}
 	log.warn(fmt.Sprintf("container %s: %v", state.ID, err))

@@ -7,6 +7,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/noderesource/spiffe-oci-hook/internal/record"
 )
 
 // criAnnotations are what containerd's CRI puts into a pod container's
@@ -54,9 +56,20 @@ func TestDroppedPodAnnotation(t *testing.T) {
 	}
 	t.Logf("fail-closed: %s", out)
 
-	code, out = runHook(t, criAnnotations, "--config", writeConfig(t, "failure_policy: fail-open\n"))
+	// The fail-open start leaves a trace for the refresher's audit in the
+	// state directory (tmpfs: /dev/shm is one everywhere).
+	state, err := os.MkdirTemp("/dev/shm", "hook-test-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(state) })
+	code, out = runHook(t, criAnnotations, "--config", writeConfig(t, "failure_policy: fail-open\nstate_dir: "+state+"\n"))
 	if code != 0 || strings.Count(out, "\n") != 1 || !strings.Contains(out, "WITHOUT an identity") || !strings.Contains(out, "pod_annotations") {
 		t.Errorf("fail-open: exit %d, output:\n%s", code, out)
+	}
+	traces, err := record.Store{Dir: state}.FailOpens()
+	if err != nil || len(traces) != 1 || traces[0].ID != "ctr1" || traces[0].PID != os.Getpid() || !strings.Contains(traces[0].Error, "pod_annotations") {
+		t.Errorf("fail-open traces = %+v, %v; want ctr1's, with its pid and error", traces, err)
 	}
 }
 

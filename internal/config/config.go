@@ -82,7 +82,29 @@ type Refresher struct {
 	// MetricsAddress, when set, also serves /metrics, /healthz and /readyz
 	// (not /status, which names containers) on this TCP address.
 	MetricsAddress string `yaml:"metrics_address"`
+	// Audit is the audit of running containers (package audit).
+	Audit Audit `yaml:"audit"`
 }
+
+// Audit configures the refresher's audit: every running container on the
+// node that asked for an identity is checked against the deliveries made.
+type Audit struct {
+	// Interval between audits (the first runs at start). At most
+	// MaxAuditInterval, so that an unserved container is reported soon.
+	Interval time.Duration `yaml:"interval"`
+	// RuntimeRoots are the OCI runtimes' state directories (runc's and
+	// crun's --root), shell patterns allowed: CRI-O, Podman and plain runc
+	// use /run/runc or /run/crun, containerd /run/containerd/runc/<namespace>.
+	RuntimeRoots []string `yaml:"runtime_roots"`
+	// CRISockets are CRI runtime sockets asked for their pods' annotations
+	// (containerd keeps a pod's annotations out of its containers' specs
+	// unless spiffe-oci-nri copies them). Missing sockets are skipped;
+	// shell patterns allowed.
+	CRISockets []string `yaml:"cri_sockets"`
+}
+
+// MaxAuditInterval bounds refresher.audit.interval.
+const MaxAuditInterval = 5 * time.Minute
 
 // Log levels.
 const (
@@ -135,6 +157,11 @@ func Default() Config {
 			BackoffMax:     30 * time.Second,
 			RescanInterval: 30 * time.Second,
 			LogLevel:       LogInfo,
+			Audit: Audit{
+				Interval:     30 * time.Second,
+				RuntimeRoots: []string{"/run/runc", "/run/crun", "/run/containerd/runc/*"},
+				CRISockets:   []string{"/run/containerd/containerd.sock"},
+			},
 		},
 	}
 }
@@ -173,6 +200,17 @@ func (c Config) Validate() error {
 	}
 	if r.MetricsSocket != "" && !filepath.IsAbs(r.MetricsSocket) {
 		return fmt.Errorf("refresher metrics_socket %q must be an absolute path", r.MetricsSocket)
+	}
+	if a := r.Audit.Interval; a <= 0 || a > MaxAuditInterval {
+		return fmt.Errorf("refresher audit.interval %s must be positive and at most %s", a, MaxAuditInterval)
+	}
+	for _, p := range append(slices.Clone(r.Audit.RuntimeRoots), r.Audit.CRISockets...) {
+		if !filepath.IsAbs(p) {
+			return fmt.Errorf("refresher audit: %q must be an absolute path", p)
+		}
+		if _, err := filepath.Match(p, p); err != nil {
+			return fmt.Errorf("refresher audit: %q: %w", p, err)
+		}
 	}
 	if a := r.MetricsAddress; a != "" {
 		if _, _, err := net.SplitHostPort(a); err != nil {
@@ -235,6 +273,15 @@ func (f *Flags) BindRefresher() {
 	f.fs.StringVar(&f.set.Refresher.LogLevel, "log-level", d.Refresher.LogLevel, "info, or debug to log every rotation")
 	f.fs.StringVar(&f.set.Refresher.MetricsSocket, "metrics-socket", "", "unix socket for /metrics, /healthz, /readyz and /status (default <state_dir>/refresher.sock)")
 	f.fs.StringVar(&f.set.Refresher.MetricsAddress, "metrics-address", "", "also serve /metrics, /healthz and /readyz on this TCP host:port")
+	f.fs.DurationVar(&f.set.Refresher.Audit.Interval, "audit-interval", d.Refresher.Audit.Interval, "interval of the audit of running containers")
+	f.fs.Func("runtime-roots", "comma-separated OCI runtime state directories (patterns) the audit reads", func(v string) error {
+		f.set.Refresher.Audit.RuntimeRoots = strings.Split(v, ",")
+		return nil
+	})
+	f.fs.Func("cri-sockets", "comma-separated CRI sockets the audit asks for pod annotations", func(v string) error {
+		f.set.Refresher.Audit.CRISockets = strings.Split(v, ",")
+		return nil
+	})
 }
 
 // Path is the configuration file Load reads.
@@ -297,6 +344,15 @@ func (f *Flags) Load() (Config, error) {
 	}
 	if explicit["metrics-address"] {
 		c.Refresher.MetricsAddress = f.set.Refresher.MetricsAddress
+	}
+	if explicit["audit-interval"] {
+		c.Refresher.Audit.Interval = f.set.Refresher.Audit.Interval
+	}
+	if explicit["runtime-roots"] {
+		c.Refresher.Audit.RuntimeRoots = f.set.Refresher.Audit.RuntimeRoots
+	}
+	if explicit["cri-sockets"] {
+		c.Refresher.Audit.CRISockets = f.set.Refresher.Audit.CRISockets
 	}
 	if err := c.Validate(); err != nil {
 		return Config{}, fmt.Errorf("config %s: %w", f.path, err)

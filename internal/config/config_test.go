@@ -37,6 +37,10 @@ refresher:
   log_level: debug
   metrics_socket: /run/m.sock
   metrics_address: 127.0.0.1:9464
+  audit:
+    interval: 15s
+    runtime_roots: [/run/runc, /run/containerd/runc/*]
+    cri_sockets: []
 `))
 	if err != nil {
 		t.Fatal(err)
@@ -56,6 +60,7 @@ refresher:
 			LogLevel:       LogDebug,
 			MetricsSocket:  "/run/m.sock",
 			MetricsAddress: "127.0.0.1:9464",
+			Audit:          Audit{Interval: 15 * time.Second, RuntimeRoots: []string{"/run/runc", "/run/containerd/runc/*"}, CRISockets: []string{}},
 		},
 	}
 	if !reflect.DeepEqual(c, want) {
@@ -138,6 +143,10 @@ func TestValidate(t *testing.T) {
 		{"zero rescan", func(c *Config) { c.Refresher.RescanInterval = 0 }, "rescan_interval 0s must be positive"},
 		{"log level", func(c *Config) { c.Refresher.LogLevel = "trace" }, `log_level "trace"`},
 		{"relative metrics socket", func(c *Config) { c.Refresher.MetricsSocket = "m.sock" }, `metrics_socket "m.sock"`},
+		{"zero audit interval", func(c *Config) { c.Refresher.Audit.Interval = 0 }, "audit.interval 0s must be positive"},
+		{"audit interval too long", func(c *Config) { c.Refresher.Audit.Interval = time.Hour }, "at most 5m0s"},
+		{"relative runtime root", func(c *Config) { c.Refresher.Audit.RuntimeRoots = []string{"run/runc"} }, `"run/runc" must be an absolute path`},
+		{"bad runtime root pattern", func(c *Config) { c.Refresher.Audit.RuntimeRoots = []string{"/run/[x"} }, `"/run/[x"`},
 		{"metrics address without port", func(c *Config) { c.Refresher.MetricsAddress = "localhost" }, `metrics_address "localhost"`},
 	}
 	for _, tt := range tests {
@@ -224,7 +233,7 @@ refresher:
 		FailurePolicy:       FailOpen,
 		RequireRefresher:    true,
 		RefresherGrace:      45 * time.Second,
-		Refresher:           Refresher{BackoffMin: 2 * time.Second, BackoffMax: 20 * time.Second, RescanInterval: 5 * time.Minute, LogLevel: LogInfo},
+		Refresher:           Refresher{BackoffMin: 2 * time.Second, BackoffMax: 20 * time.Second, RescanInterval: 5 * time.Minute, LogLevel: LogInfo, Audit: Default().Refresher.Audit},
 	}
 
 	// No flag set: the file's values, not the flags' defaults.
@@ -272,6 +281,9 @@ refresher:
 		"--log-level", "debug",
 		"--metrics-socket", "/flag/m.sock",
 		"--metrics-address", ":9464",
+		"--audit-interval", "10s",
+		"--runtime-roots", "/flag/runc,/flag/crun/*",
+		"--cri-sockets", "/flag/cri.sock",
 	)
 	if err != nil {
 		t.Fatal(err)
@@ -283,7 +295,8 @@ refresher:
 		Timeout:             time.Second,
 		FailurePolicy:       FailClosed,
 		RefresherGrace:      3 * time.Second,
-		Refresher:           Refresher{BackoffMin: time.Second, BackoffMax: 9 * time.Second, RescanInterval: time.Minute, LogLevel: LogDebug, MetricsSocket: "/flag/m.sock", MetricsAddress: ":9464"},
+		Refresher: Refresher{BackoffMin: time.Second, BackoffMax: 9 * time.Second, RescanInterval: time.Minute, LogLevel: LogDebug, MetricsSocket: "/flag/m.sock", MetricsAddress: ":9464",
+			Audit: Audit{Interval: 10 * time.Second, RuntimeRoots: []string{"/flag/runc", "/flag/crun/*"}, CRISockets: []string{"/flag/cri.sock"}}},
 	}
 	if !reflect.DeepEqual(c, want) {
 		t.Fatalf("Load() = %+v, want %+v", c, want)

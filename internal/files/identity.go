@@ -6,6 +6,7 @@ import (
 	"os"
 	"slices"
 	"strings"
+	"sync"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -57,7 +58,7 @@ func Identity(n Names, svid *x509svid.SVID, bundles *x509bundle.Set, federatesWi
 	if !ok {
 		return nil, fmt.Errorf("files: the agent sent no bundle for trust domain %s of SVID %s", ownTD, svid.ID)
 	}
-	ownPEM, err := own.Marshal()
+	ownPEM, err := bundlePEM(own)
 	if err != nil {
 		return nil, fmt.Errorf("files: encoding bundle of %s: %w", ownTD, err)
 	}
@@ -76,7 +77,7 @@ func Identity(n Names, svid *x509svid.SVID, bundles *x509bundle.Set, federatesWi
 	})
 	fedPEM := make([][]byte, len(feds))
 	for i, b := range feds {
-		if fedPEM[i], err = b.Marshal(); err != nil {
+		if fedPEM[i], err = bundlePEM(b); err != nil {
 			return nil, fmt.Errorf("files: encoding bundle of %s: %w", b.TrustDomain(), err)
 		}
 	}
@@ -102,6 +103,45 @@ func Identity(n Names, svid *x509svid.SVID, bundles *x509bundle.Set, federatesWi
 		}
 	}
 	return out, nil
+}
+
+// pemCache holds the PEM of the trust bundles encoded last. Every
+// container of an agent is written from the same bundle set, and
+// encoding each bundle once per container per write was about a quarter
+// of a rotation's allocations at 1,000 containers. The key is the
+// bundle's pointer: the agent client builds a new bundle for every
+// update and nothing changes one afterwards. A few entries cover the
+// own trust domain and its federated ones across one agent update.
+var pemCache struct {
+	sync.Mutex
+	next    int
+	entries [16]struct {
+		b   *x509bundle.Bundle
+		pem []byte
+	}
+}
+
+// bundlePEM returns b's X.509 authorities as PEM, shared: callers must
+// not change the slice.
+func bundlePEM(b *x509bundle.Bundle) ([]byte, error) {
+	pemCache.Lock()
+	for _, e := range pemCache.entries {
+		if e.b == b {
+			pemCache.Unlock()
+			return e.pem, nil
+		}
+	}
+	pemCache.Unlock()
+	data, err := b.Marshal()
+	if err != nil {
+		return nil, err
+	}
+	pemCache.Lock()
+	e := &pemCache.entries[pemCache.next]
+	e.b, e.pem = b, data
+	pemCache.next = (pemCache.next + 1) % len(pemCache.entries)
+	pemCache.Unlock()
+	return data, nil
 }
 
 // Redact returns fs plus an empty file for every trust bundle file (name

@@ -335,3 +335,27 @@ func TestIdentityCredentialBundle(t *testing.T) {
 		t.Fatalf("credential bundle alone: %d files, %v", len(fs), err)
 	}
 }
+
+// TestBundlePEMCache: a bundle is encoded once and its PEM shared between
+// deliveries; a new bundle (the agent's next update) is encoded anew.
+func TestBundlePEMCache(t *testing.T) {
+	ca := newCA(t, "example.org")
+	b := ca.bundle()
+	want, err := b.Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	first, err := bundlePEM(b)
+	if err != nil || !bytes.Equal(first, want) {
+		t.Fatalf("bundlePEM = %q, %v; want Marshal's %q", first, err, want)
+	}
+	again, _ := bundlePEM(b)
+	if &again[0] != &first[0] {
+		t.Error("the same bundle was encoded again")
+	}
+	other := newCA(t, "example.org").bundle()
+	o, _ := bundlePEM(other)
+	if bytes.Equal(o, first) {
+		t.Error("another bundle got the first one's PEM")
+	}
+}

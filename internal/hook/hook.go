@@ -211,9 +211,17 @@ func (h *Hook) Create(ctx context.Context, req *Request) (err error) {
 	if err := store.Init(); err != nil {
 		return err
 	}
+	// The refresher may be cleaning up after an earlier instance under
+	// this ID (podman restart): hold the container's lock from the first
+	// file to the record, so it never removes what this delivery writes.
+	lock, err := store.Lock(id)
+	if err != nil {
+		return err
+	}
+	defer lock.Unlock()
 	defer func() {
 		if err != nil {
-			if rmErr := store.Remove(id); rmErr != nil {
+			if rmErr := store.RemoveLocked(id); rmErr != nil {
 				err = fmt.Errorf("%w (and cleaning up: %v)", err, rmErr)
 			}
 		}
@@ -340,4 +348,18 @@ func jwtFiles(d annotations.Delivery, id spiffeid.ID, federatesWith []spiffeid.T
 // Poststop forgets container id: its record and files.
 func (h *Hook) Poststop(id string) error {
 	return record.Store{Dir: h.Config.StateDir}.Remove(id)
+}
+
+// FailOpen leaves the trace of a container let start without its identity
+// (failure_policy: fail-open) in the state directory, where the
+// refresher's audit counts and reports it: the runtime drops a successful
+// hook's output. Poststop removes it with the rest of the container's state.
+func (h *Hook) FailOpen(state *specs.State, cause error) {
+	f := record.FailOpen{ID: state.ID, PID: state.Pid, Error: cause.Error(), Time: time.Now().UTC()}
+	if state.Pid > 0 {
+		f.StartTime, _ = process.StartTime(state.Pid)
+	}
+	if err := (record.Store{Dir: h.Config.StateDir}).SaveFailOpen(f); err != nil && h.Warn != nil {
+		h.Warn(fmt.Sprintf("container %s: recording the fail-open start for the refresher's audit: %v", state.ID, err))
+	}
 }

@@ -122,6 +122,16 @@ var (
 		"NotAfter of the delivered SVID that expires first, Unix time; absent while none is known.", nil, nil)
 	descRatio = prometheus.NewDesc(namespace+"_svid_lowest_remaining_lifetime_ratio",
 		"Smallest (NotAfter - now) / (NotAfter - NotBefore) over delivered SVIDs; the agent renews at about 0.5. Absent while none is known.", nil, nil)
+	descUnserved = prometheus.NewDesc(namespace+"_unserved_containers",
+		"Running containers that asked for an identity and have none, by likely cause, at the last audit (see the status command).", []string{"cause"}, nil)
+	descUnmatched = prometheus.NewDesc(namespace+"_unmatched_container_annotations",
+		"Named annotations (container.<name>) that match no container of their pod, at the last audit.", nil, nil)
+	descFailOpen = prometheus.NewDesc(namespace+"_fail_open_starts_total",
+		"Containers seen started without their identity under failure_policy: fail-open.", nil, nil)
+	descChecked = prometheus.NewDesc(namespace+"_audit_checked_containers",
+		"Running containers that asked for an identity, found in the runtimes' state at the last audit.", nil, nil)
+	descAuditTime = prometheus.NewDesc(namespace+"_audit_last_run_timestamp_seconds",
+		"When the last audit of the node's containers ran, Unix time; absent before the first.", nil, nil)
 	descBuild = prometheus.NewDesc(namespace+"_build_info",
 		"The refresher's version, as a label; always 1.", []string{"version"}, nil)
 )
@@ -132,7 +142,7 @@ type stateCollector struct {
 }
 
 func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descContainers, descErrored, descStreams, descAgentUp, descReady, descExpiry, descRatio, descBuild} {
+	for _, d := range []*prometheus.Desc{descContainers, descErrored, descStreams, descAgentUp, descReady, descExpiry, descRatio, descBuild, descUnserved, descUnmatched, descFailOpen, descChecked, descAuditTime} {
 		ch <- d
 	}
 }
@@ -178,6 +188,20 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 		gauge(descRatio, ratio)
 	}
 	gauge(descBuild, 1, r.Version)
+
+	byCause := map[string]int{}
+	for _, u := range r.Audit.Unserved {
+		byCause[u.Cause]++
+	}
+	for _, c := range status.Causes {
+		gauge(descUnserved, float64(byCause[c]), c)
+	}
+	gauge(descUnmatched, float64(len(r.Audit.Unmatched)))
+	ch <- prometheus.MustNewConstMetric(descFailOpen, prometheus.CounterValue, float64(r.Audit.FailOpen))
+	gauge(descChecked, float64(r.Audit.Checked))
+	if !r.Audit.Time.IsZero() {
+		gauge(descAuditTime, float64(r.Audit.Time.Unix()))
+	}
 }
 
 func boolValue(b bool) float64 {

@@ -5,6 +5,8 @@
 //
 //	records/<container-id>.json        this package's records, root only
 //	containers/<container-id>/<n>/     delivery n's files (see package files)
+//	locks/<container-id>.lock          the container's lock (lock.go)
+//	fail-open/<container-id>.json      a fail-open start's trace (failopen.go)
 //
 // A record is written last, by rename, after the files are in place and
 // mounted; its appearance is the refresher's signal that the container is
@@ -99,7 +101,7 @@ func (s Store) Init() error {
 	if st.Type != unix.TMPFS_MAGIC && st.Type != unix.RAMFS_MAGIC {
 		return fmt.Errorf("state directory %s is not on tmpfs: keys must never reach persistent disk; set state_dir to a path under /run", s.Dir)
 	}
-	for _, d := range []string{s.RecordsDir(), filepath.Join(s.Dir, "containers")} {
+	for _, d := range []string{s.RecordsDir(), filepath.Join(s.Dir, "containers"), s.LocksDir()} {
 		if err := os.MkdirAll(d, 0o700); err != nil {
 			return fmt.Errorf("state directory: %w", err)
 		}
@@ -199,8 +201,20 @@ func (s Store) Orphans() ([]string, error) {
 }
 
 // Remove deletes container id's record first (so the refresher stops
-// caring) and then its files.
+// caring) and then its files, under the container's lock.
 func (s Store) Remove(id string) error {
+	if err := ocistate.ValidateID(id); err != nil {
+		return fmt.Errorf("record: %w", err)
+	}
+	l, err := s.Lock(id)
+	if err != nil {
+		return err
+	}
+	defer l.Unlock()
+	return s.RemoveLocked(id)
+}
+
+func (s Store) remove(id string) error {
 	if err := ocistate.ValidateID(id); err != nil {
 		return fmt.Errorf("record: %w", err)
 	}
@@ -210,5 +224,5 @@ func (s Store) Remove(id string) error {
 	if err := os.RemoveAll(s.ContainerDir(id)); err != nil {
 		return fmt.Errorf("record %s: %w", id, err)
 	}
-	return nil
+	return s.RemoveFailOpen(id)
 }

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"slices"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -261,17 +262,9 @@ func (c *container) writeOffStack(ctx context.Context) bool {
 	return <-done
 }
 
-// onWritePass, when set (tests), is called after each pass of write with
-// the SVIDs it worked from: a test that checks what a pass did not do
-// waits for the pass.
-var onWritePass func(id string, svids *agent.X509SVIDs)
-
 // write renders and writes every delivery whose content changed. It
 // returns false if any delivery could not be written, so run retries.
 func (c *container) write(ctx context.Context) (ok bool) {
-	if onWritePass != nil {
-		defer onWritePass(c.rec.ID, c.svids)
-	}
 	bundles, err := c.agent.Bundles(ctx)
 	if err != nil {
 		return true // stopping
@@ -324,7 +317,10 @@ func (c *container) write(ctx context.Context) (ok bool) {
 			c.noteDelivered(i, svid.ID.String(), svid.Certificates[0], false)
 			continue
 		}
-		if err := c.writer.Write(dir, fs, c.rec.Owner); err != nil {
+		if err := c.writeLocked(dir, fs); err != nil {
+			if errors.Is(err, errInstanceGone) {
+				return true // the exit watcher forgets it
+			}
 			if _, statErr := os.Stat(c.r.store.RecordPath(c.rec.ID)); errors.Is(statErr, os.ErrNotExist) {
 				return true // poststop removed the container meanwhile
 			}
@@ -356,22 +352,73 @@ func (c *container) write(ctx context.Context) (ok bool) {
 	return ok
 }
 
+// errInstanceGone: the container's process exited before its files were
+// written; its ID may already name a new instance.
+var errInstanceGone = errors.New("container process exited")
+
+// writeLocked writes one delivery's files under the container's lock, and
+// only while its process lives: once it exited, a new instance under the
+// same ID (podman restart) may be writing the same directory, and an old
+// instance's rotation must not overwrite the new one's files.
+func (c *container) writeLocked(dir string, fs []files.File) error {
+	l, err := c.r.store.Lock(c.rec.ID)
+	if err != nil {
+		return err
+	}
+	defer l.Unlock()
+	if err := c.proc.Alive(); err != nil {
+		return errInstanceGone
+	}
+	return c.writer.Write(dir, fs, c.rec.Owner)
+}
+
+// sameInstance reports whether rec names the instance c serves.
+func (c *container) sameInstance(rec record.Record) bool {
+	return c.rec.PID == rec.PID && c.rec.StartTime == rec.StartTime
+}
+
 // signal sends each renew_signal to the container's init process, through
 // the pidfd that pins it: never to another process, whatever its number.
-// A container's init ignores a signal it has no handler for when it comes
-// from outside its pid namespace, so an application that does not reload
-// is not stopped either.
+// The kernel drops a signal that a PID namespace's init has no handler
+// for, but a process that is not its namespace's init (shared process
+// namespace, host PID) dies of it, and so does an application behind an
+// init wrapper that forwards it (tini, catatonit). Such a signal is not
+// sent: the rotation stays, the reload does not happen, and the container
+// reports why (process.SignalRisk).
 func (c *container) signal(names []string) {
+	if len(names) == 0 {
+		return // nothing rewritten: the last verdict stands
+	}
+	var refused []string
 	for _, name := range names {
 		sig := unix.SignalNum(name)
 		if sig == 0 {
 			continue // the parser allows only names unix knows
+		}
+		risk, err := process.SignalRisk(c.proc.PID, sig)
+		if err == nil && c.proc.Alive() != nil {
+			return // exited: whatever was read belongs to no one now
+		}
+		if err != nil {
+			risk = fmt.Sprintf("cannot tell whether %s would kill pid %d: %v", name, c.proc.PID, err)
+		}
+		if risk != "" {
+			refused = append(refused, fmt.Sprintf("renew_signal %s not sent: %s; give the application a handler and run it as the container's init, or remove renew_signal", name, risk))
+			continue
 		}
 		if err := c.proc.Signal(sig); err != nil {
 			c.r.log.Warn("renew_signal", "container", c.rec.ID, "signal", name, "error", err)
 			continue
 		}
 		c.r.log.Debug("sent renew_signal", "container", c.rec.ID, "pid", c.proc.PID, "signal", name)
+	}
+	msg := strings.Join(refused, "; ")
+	c.mu.Lock()
+	changed := msg != c.view.signalErr
+	c.view.signalErr = msg
+	c.mu.Unlock()
+	if changed && msg != "" {
+		c.r.log.Warn("container files rotated without their reload signal", "container", c.rec.ID, "error", msg)
 	}
 }
 
@@ -440,109 +487,4 @@ func onDisk(dir string, fs []files.File) bool {
 		}
 	}
 	return true
-}
-
-// watchExit returns a channel closed when the process has exited and been
-// reaped. Go's netpoller waits on the pidfd, so a thousand containers cost
-// a thousand parked goroutines, not a thousand threads.
-//
-// The pidfd becomes readable when the process exits and turns into a
-// zombie, before its parent (conmon, a shim, runc) reaps it. Only from
-// Linux 6.9 does the kernel wake pidfd pollers a second time, at the reap
-// (Oleg Nesterov's "pidfd_poll: report POLLHUP when pid_task() == NULL",
-// which added the wake-up to __change_pid). On the 5.14 of RHEL 9, the
-// 5.15 of Ubuntu 22.04 and the 6.1 of Debian 12 the exit is the only
-// wake-up: a watcher that saw a zombie and waited for the next edge would
-// never wake, and the container would be served forever. So once the
-// pidfd is readable the watcher stops relying on the poller and checks for
-// the reap on a short backoff instead (watchReap), on every kernel.
-func watchExit(ctx context.Context, p *process.Process) (<-chan struct{}, error) {
-	fd, err := unix.Dup(p.FD())
-	if err != nil {
-		return nil, fmt.Errorf("dup pidfd: %w", err)
-	}
-	if err := unix.SetNonblock(fd, true); err != nil {
-		unix.Close(fd)
-		return nil, fmt.Errorf("pidfd nonblock: %w", err)
-	}
-	f := os.NewFile(uintptr(fd), "pidfd")
-	rc, err := f.SyscallConn()
-	if err != nil {
-		f.Close()
-		return nil, err
-	}
-	exit := make(chan struct{})
-	// Closing the file wakes the waiting Read below (or ends watchReap);
-	// AfterFunc costs no goroutine while it waits.
-	context.AfterFunc(ctx, func() { f.Close() })
-	go func() {
-		var gone, zombie bool
-		// The checks use the watcher's own descriptor: the Process may be
-		// closed while this goroutine still runs.
-		err := rc.Read(func(fd uintptr) bool {
-			gone = reaped(int(fd))
-			zombie = !gone && readable(int(fd))
-			return gone || zombie
-		})
-		if err == nil && zombie {
-			if onZombie != nil {
-				onZombie(p.PID)
-			}
-			gone = watchReap(ctx, rc)
-		}
-		if err == nil && gone {
-			close(exit)
-		}
-	}()
-	return exit, nil
-}
-
-// reaped reports whether the pidfd's process is gone for good: signal 0
-// reaches a zombie, and fails with ESRCH only once it was reaped.
-func reaped(pidfd int) bool {
-	return errors.Is(unix.PidfdSendSignal(pidfd, 0, nil, 0), unix.ESRCH)
-}
-
-// readable reports whether the pidfd polls readable: the process exited
-// (it may still be a zombie).
-func readable(pidfd int) bool {
-	fds := []unix.PollFd{{Fd: int32(pidfd), Events: unix.POLLIN}}
-	n, err := unix.Poll(fds, 0)
-	return err == nil && n > 0 && fds[0].Revents&(unix.POLLIN|unix.POLLHUP) != 0
-}
-
-// Reap backoff: a zombie is normally reaped within milliseconds of its
-// exit; a parent that is slow to reap costs a check a second at most.
-var (
-	reapPollMin = 5 * time.Millisecond
-	reapPollMax = time.Second
-	// onZombie, when set (tests), is called with the pid when a watcher
-	// saw the process exited but not yet reaped, and falls back to
-	// watchReap.
-	onZombie func(pid int)
-)
-
-// watchReap waits for an exited process to be reaped, checking on a
-// backoff, without the netpoller (see watchExit). It returns true once the
-// process is reaped, false when ctx ends (which also closes the pidfd).
-func watchReap(ctx context.Context, rc syscall.RawConn) bool {
-	delay := reapPollMin
-	t := time.NewTimer(delay)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return false
-		case <-t.C:
-		}
-		var gone bool
-		if err := rc.Control(func(fd uintptr) { gone = reaped(int(fd)) }); err != nil {
-			return false // the file was closed: ctx ended
-		}
-		if gone {
-			return true
-		}
-		delay = min(2*delay, reapPollMax)
-		t.Reset(delay)
-	}
 }

@@ -51,6 +51,8 @@ type Refresher struct {
 	// OnWrite, when set, is called after each delivery is rewritten
 	// (benchmarks and tests measure with it).
 	OnWrite func(id string, delivery int)
+	// OnAudit, when set, is called after each audit (tests wait with it).
+	OnAudit func()
 	// Metrics are the refresher's counters; its gauges read Report.
 	Metrics *metrics.Metrics
 	// Version is reported in Report.
@@ -64,11 +66,21 @@ type Refresher struct {
 	reloaded chan struct{}
 	scanned  atomic.Bool
 
+	// audit is the last audit of the node's containers (audit.go);
+	// auditReloaded tells the audit loop its interval may have changed.
+	audit         atomic.Pointer[status.Audit]
+	auditReloaded chan struct{}
+
 	// writeSlots bounds how many containers render and write at once: a
 	// bundle change or an agent restart rotates every container together,
 	// and with a thousand of them unbounded work only raises peak memory
 	// on a node with a few cores.
 	writeSlots chan struct{}
+
+	// holdExit, when set (tests), runs after a container's process
+	// exited and before the refresher acts on it: it can hold the exit
+	// notice back until a new instance under the same ID is recorded.
+	holdExit func(id string)
 
 	mu         sync.Mutex
 	containers map[string]*container
@@ -87,6 +99,7 @@ func New(cfg config.Config, log *slog.Logger) *Refresher {
 		writeSlots: make(chan struct{}, 2*runtime.GOMAXPROCS(0)),
 		reloaded:   make(chan struct{}, 1),
 	}
+	r.auditReloaded = make(chan struct{}, 1)
 	r.live.Store(&cfg)
 	r.Metrics = metrics.New(r.Report)
 	return r
@@ -160,6 +173,11 @@ func (r *Refresher) Run(ctx context.Context, ready func()) error {
 	if ready != nil {
 		ready()
 	}
+	r.wg.Add(1)
+	go func() {
+		defer r.wg.Done()
+		r.runAudits(ctx)
+	}()
 
 	rescan := time.NewTicker(r.settings().RescanInterval)
 	defer rescan.Stop()
@@ -170,6 +188,10 @@ func (r *Refresher) Run(ctx context.Context, ready func()) error {
 		case <-r.reloaded:
 			rescan.Reset(r.settings().RescanInterval)
 			beat.Reset(r.live.Load().HeartbeatInterval())
+			select {
+			case r.auditReloaded <- struct{}{}:
+			default:
+			}
 			r.agent(ctx, r.live.Load().AgentAdminSocket)
 		case <-beat.C:
 			r.heartbeat()
@@ -190,7 +212,7 @@ func (r *Refresher) Run(ctx context.Context, ready func()) error {
 			}
 			if ev.Has(fsnotify.Remove) || ev.Has(fsnotify.Rename) {
 				if _, err := os.Lstat(r.store.RecordPath(id)); errors.Is(err, os.ErrNotExist) {
-					r.forget(id, "record removed (poststop)", false)
+					r.forget(id, "record removed (poststop)")
 				}
 			}
 		case err, ok := <-watcher.Errors:
@@ -241,8 +263,9 @@ func (r *Refresher) scan(ctx context.Context) {
 	}
 	r.mu.Unlock()
 	for _, id := range gone {
-		r.forget(id, "record removed (poststop)", false)
+		r.forget(id, "record removed (poststop)")
 	}
+	r.pruneFailOpen()
 	orphans, err := r.store.Orphans()
 	if err != nil {
 		r.log.Error("scanning state directory", "error", err)
@@ -253,24 +276,28 @@ func (r *Refresher) scan(ctx context.Context) {
 		if err != nil || time.Since(st.ModTime()) < orphanAge {
 			continue
 		}
-		if err := os.RemoveAll(r.store.ContainerDir(id)); err != nil {
+		// The directory may be an old instance's that a hook is
+		// delivering to again under the same ID: RemoveOrphan checks for
+		// a record under the container's lock.
+		removed, err := r.store.RemoveOrphan(id)
+		if err != nil {
 			r.log.Error("removing orphaned container directory", "container", id, "error", err)
 			continue
 		}
-		r.log.Info("removed orphaned container directory", "container", id)
+		if removed {
+			r.log.Info("removed orphaned container directory", "container", id)
+		}
 	}
 }
 
-// add starts serving container id unless it is served already. A container
-// whose process is gone (it exited while the refresher was down, or its pid
-// now names another process) has its state removed.
+// add starts serving container id's recorded instance unless it is served
+// already. A record naming another instance than the one served (the ID
+// was reused: podman restart, --restart=always) replaces it: the old
+// instance is stopped without touching the state, which is the new
+// instance's now. A recorded instance whose process is gone (it exited
+// while the refresher was down, or its pid now names another process) has
+// its state removed.
 func (r *Refresher) add(ctx context.Context, id string) {
-	r.mu.Lock()
-	_, served := r.containers[id]
-	r.mu.Unlock()
-	if served {
-		return
-	}
 	rec, err := r.store.Load(id)
 	if err != nil {
 		if !errors.Is(err, os.ErrNotExist) {
@@ -278,14 +305,23 @@ func (r *Refresher) add(ctx context.Context, id string) {
 		}
 		return
 	}
+	r.mu.Lock()
+	old, served := r.containers[id]
+	r.mu.Unlock()
+	if served && old.sameInstance(rec) {
+		return
+	}
 	proc, err := process.OpenRecorded(rec.PID, rec.StartTime)
 	if err != nil {
 		if errors.Is(err, process.ErrGone) {
-			r.remove(id, "process exited while the refresher was away")
+			r.removeInstance(rec, "process exited while the refresher was away")
 			return
 		}
 		r.log.Error("pinning container process", "container", id, "pid", rec.PID, "error", err)
 		return
+	}
+	if served {
+		r.forgetInstance(old, "its ID now names a new instance (container restarted)")
 	}
 	a := r.agent(ctx, rec.AgentSocket)
 	if wantsJWTBundles(rec) {
@@ -307,14 +343,18 @@ func (r *Refresher) add(ctx context.Context, id string) {
 	go func() {
 		defer r.wg.Done()
 		if exited := c.run(); exited {
-			r.forget(id, "container process exited", true)
+			if r.holdExit != nil {
+				r.holdExit(id)
+			}
+			r.forgetInstance(c, "container process exited")
+			r.removeInstance(c.rec, "container process exited")
 		}
 	}()
 }
 
-// forget stops serving container id; with removeState it also deletes the
-// container's record and files (poststop has done so already otherwise).
-func (r *Refresher) forget(id, why string, removeState bool) {
+// forget stops serving container id, whichever instance is served: its
+// record is gone (poststop removed it with the files).
+func (r *Refresher) forget(id, why string) {
 	r.mu.Lock()
 	c, ok := r.containers[id]
 	delete(r.containers, id)
@@ -323,17 +363,36 @@ func (r *Refresher) forget(id, why string, removeState bool) {
 		c.stop()
 		r.log.Info("forgot container", "container", id, "reason", why)
 	}
-	if removeState {
-		r.remove(id, why)
+}
+
+// forgetInstance stops serving c if it is still the instance served under
+// its ID; a newer instance under the same ID stays served.
+func (r *Refresher) forgetInstance(c *container, why string) {
+	r.mu.Lock()
+	cur, ok := r.containers[c.rec.ID]
+	if ok && cur == c {
+		delete(r.containers, c.rec.ID)
+	}
+	r.mu.Unlock()
+	if ok && cur == c {
+		c.stop()
+		r.log.Info("forgot container", "container", c.rec.ID, "pid", c.rec.PID, "reason", why)
 	}
 }
 
-func (r *Refresher) remove(id, why string) {
-	if err := r.store.Remove(id); err != nil {
-		r.log.Error("removing container state", "container", id, "error", err)
+// removeInstance deletes the state of the instance rec names, unless the
+// ID's record names another instance by now (record.RemoveInstance).
+func (r *Refresher) removeInstance(rec record.Record, why string) {
+	removed, err := r.store.RemoveInstance(rec.ID, rec.PID, rec.StartTime)
+	if err != nil {
+		r.log.Error("removing container state", "container", rec.ID, "error", err)
 		return
 	}
-	r.log.Info("removed container state", "container", id, "reason", why)
+	if !removed {
+		r.log.Info("kept container state: its ID names a new instance", "container", rec.ID, "exited_pid", rec.PID)
+		return
+	}
+	r.log.Info("removed container state", "container", rec.ID, "pid", rec.PID, "reason", why)
 }
 
 // agent returns the connection to socket, creating it on first use.
@@ -407,6 +466,9 @@ func (r *Refresher) Report() status.Report {
 	r.mu.Unlock()
 
 	rep := status.Report{Version: r.Version, Scanned: r.scanned.Load()}
+	if a := r.audit.Load(); a != nil {
+		rep.Audit = *a
+	}
 	for _, a := range agents {
 		rep.Agents = append(rep.Agents, status.Agent{Socket: a.socket, Reachable: a.reachable()})
 	}

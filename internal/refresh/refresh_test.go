@@ -105,7 +105,13 @@ func (n *node) deliverAs(pid int, waitStreams bool) string {
 // deliverDelivery is deliverAs for one delivery of the caller's choosing.
 func (n *node) deliverDelivery(pid int, waitStreams bool, ad annotations.Delivery) string {
 	n.t.Helper()
-	id := fmt.Sprintf("c%d", pid)
+	return n.deliverInstance(fmt.Sprintf("c%d", pid), pid, waitStreams, ad)
+}
+
+// deliverInstance is deliverDelivery under a container ID of the caller's
+// choosing, which may name an earlier instance (a restarted container).
+func (n *node) deliverInstance(id string, pid int, waitStreams bool, ad annotations.Delivery) string {
+	n.t.Helper()
 	proc, err := process.Open(pid)
 	if err != nil {
 		n.t.Fatal(err)
@@ -153,9 +159,12 @@ func (n *node) workloadProcess() *exec.Cmd {
 }
 
 // start runs a refresher until the returned stop is called.
-func (n *node) start() (*Refresher, func()) {
+func (n *node) start(configure ...func(*Refresher)) (*Refresher, func()) {
 	n.t.Helper()
 	r := New(n.cfg, slog.New(slog.NewTextHandler(n.logs, &slog.HandlerOptions{Level: slog.LevelInfo})))
+	for _, f := range configure {
+		f(r)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	ready := make(chan struct{})
 	done := make(chan error, 1)

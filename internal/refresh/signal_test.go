@@ -74,3 +74,36 @@ func TestRenewSignal(t *testing.T) {
 		t.Errorf("the container without renew_signal got signals: %q", got)
 	}
 }
+
+// TestRenewSignalNotSentWhenItWouldKill: a process that is not its PID
+// namespace's init and has no handler (shareProcessNamespace, host PID)
+// would die of SIGHUP. The refresher rotates its files, does not send the
+// signal, and says why once, in the log and in the container's status.
+func TestRenewSignalNotSentWhenItWouldKill(t *testing.T) {
+	n := newNode(t)
+	p := n.workloadProcess() // sleep: no handler, not a namespace's init
+	id := n.deliver(p.Process.Pid)
+	n.setRenewSignal(id, "SIGHUP")
+	r, _ := n.start()
+	eventually(t, 5*time.Second, "served", func() bool { return r.Count() == 1 })
+	exited := make(chan struct{})
+	go func() { p.Process.Wait(); close(exited) }()
+
+	for range 2 {
+		before := n.cert(id)
+		n.agent.Rotate()
+		eventually(t, 5*time.Second, "certificate rotated", func() bool { return !bytes.Equal(n.cert(id), before) })
+	}
+	select {
+	case <-exited:
+		t.Fatal("the renew_signal killed the container's process")
+	case <-time.After(500 * time.Millisecond):
+	}
+	eventually(t, 5*time.Second, "status says why", func() bool {
+		rep := r.Report()
+		return len(rep.Containers) == 1 && strings.Contains(rep.Containers[0].Error, "renew_signal SIGHUP not sent")
+	})
+	if c := strings.Count(n.logs.String(), "without their reload signal"); c != 1 {
+		t.Errorf("logged %d times, want once:\n%s", c, n.logs.String())
+	}
+}

@@ -15,6 +15,7 @@ type view struct {
 	streamOpen bool
 	streamErr  string
 	writeErr   string
+	signalErr  string // renew_signal refused (container.signal)
 	// Per delivery: the SPIFFE ID and validity of the SVID on disk.
 	ids       []string
 	notBefore []time.Time
@@ -80,7 +81,7 @@ func (c *container) status() status.Container {
 		}
 	}
 	var errs []string
-	for _, e := range []string{v.streamErr, v.writeErr} {
+	for _, e := range []string{v.streamErr, v.writeErr, v.signalErr} {
 		if e != "" {
 			errs = append(errs, e)
 		}

@@ -38,6 +38,7 @@ func Show(ctx context.Context, w io.Writer, store record.Store, socket string) (
 			agents = append(agents, fmt.Sprintf("agent %s %s", a.Socket, s))
 		}
 		fmt.Fprintf(w, "refresher: running %s, %s; serving %d containers; %s\n", rep.Version, state, len(rep.Containers), strings.Join(agents, "; "))
+		fmt.Fprintln(w, auditSummary(rep.Audit))
 	} else {
 		fmt.Fprintf(w, "refresher: NOT RUNNING (%v): no file is being rotated; what follows is read from %s\n", repErr, store.Dir)
 	}
@@ -63,7 +64,38 @@ func Show(ctx context.Context, w io.Writer, store record.Store, socket string) (
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", id, orDash(strings.Join(c.SPIFFEIDs, ",")), stamp(c.NotAfter), stamp(c.LastRotation), orDash(oneLine(c.Error)))
 	}
+	if running {
+		auditRows(tw, rep.Audit)
+	}
 	return running, tw.Flush()
+}
+
+// auditSummary is the status line about the last audit.
+func auditSummary(a Audit) string {
+	if a.Time.IsZero() {
+		return "audit: not run yet"
+	}
+	s := fmt.Sprintf("audit: %s: %d running containers asked for an identity, %d WITHOUT one; %d annotations name no container; %d fail-open starts",
+		stamp(a.Time), a.Checked, len(a.Unserved), len(a.Unmatched), a.FailOpen)
+	if len(a.Errors) > 0 {
+		s += "; could not read: " + strings.Join(a.Errors, "; ")
+	}
+	return s
+}
+
+// auditRows adds a row for each container the last audit found running
+// without its identity, and for each annotation that names no container.
+func auditRows(w io.Writer, a Audit) {
+	for _, u := range a.Unserved {
+		where := ""
+		if u.Pod != "" {
+			where = fmt.Sprintf(" (pod %s/%s, container %s)", u.Namespace, u.Pod, u.Name)
+		}
+		fmt.Fprintf(w, "%s\t-\t-\t-\tNO IDENTITY%s: %s: %s\n", u.ID, where, u.Cause, oneLine(u.Detail))
+	}
+	for _, u := range a.Unmatched {
+		fmt.Fprintf(w, "pod %s/%s\t-\t-\t-\tannotation %s names no container of the pod (containers: %s)\n", u.Namespace, u.Pod, u.Annotation, strings.Join(u.Containers, ","))
+	}
 }
 
 func stamp(t time.Time) string {

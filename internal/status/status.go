@@ -35,6 +35,8 @@ type Report struct {
 	// a container's record names.
 	Agents     []Agent     `json:"agents"`
 	Containers []Container `json:"containers"`
+	// Audit is the last audit of the node's running containers.
+	Audit Audit `json:"audit"`
 }
 
 // Agent is one agent admin socket.

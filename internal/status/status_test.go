@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/noderesource/spiffe-oci-hook/internal/record"
 )
@@ -42,5 +43,28 @@ func TestShowDown(t *testing.T) {
 	lines := strings.Split(strings.TrimSpace(out.String()), "\n")
 	if len(lines) != 2 || !strings.HasPrefix(lines[0], "refresher: NOT RUNNING (") || !strings.Contains(lines[0], "refresher.sock") || !strings.HasPrefix(lines[1], "CONTAINER") {
 		t.Errorf("output:\n%s", out.String())
+	}
+}
+
+// TestAuditRows: the last audit's summary line, and one row per container
+// without its identity and per annotation naming no container.
+func TestAuditRows(t *testing.T) {
+	if got := auditSummary(Audit{}); got != "audit: not run yet" {
+		t.Errorf("before the first audit: %q", got)
+	}
+	a := Audit{
+		Time: time.Date(2026, 12, 5, 3, 0, 0, 0, time.UTC), Checked: 3, FailOpen: 1,
+		Unserved:  []Unserved{{ID: "abc", Pod: "web", Namespace: "shop", Name: "app", Cause: CauseHookNotConfigured, Detail: "the runtime did not\nrun it"}},
+		Unmatched: []Unmatched{{Pod: "web", Namespace: "shop", Annotation: "identity.noderesource.dev/container.ap", Containers: []string{"app", "side"}}},
+	}
+	if got, want := auditSummary(a), "audit: 2026-12-05T03:00:00Z: 3 running containers asked for an identity, 1 WITHOUT one; 1 annotations name no container; 1 fail-open starts"; got != want {
+		t.Errorf("summary %q, want %q", got, want)
+	}
+	var out bytes.Buffer
+	auditRows(&out, a)
+	want := "abc\t-\t-\t-\tNO IDENTITY (pod shop/web, container app): hook_not_configured: the runtime did not run it\n" +
+		"pod shop/web\t-\t-\t-\tannotation identity.noderesource.dev/container.ap names no container of the pod (containers: app,side)\n"
+	if out.String() != want {
+		t.Errorf("rows:\n%q\nwant\n%q", out.String(), want)
 	}
 }

@@ -124,6 +124,7 @@ func benchRefresher(t *testing.T, b bins, n int, res *results) scaleResult {
 	progress("refresher at %d containers: all served after %s; settling, then %s idle", n, out.Startup.Round(time.Millisecond), res.Idle)
 	time.Sleep(3 * time.Second)
 	out.Mem = readMem(t, r.Process.Pid)
+	progress("refresher at %d containers: served: RSS %.1f MiB, peak so far %.1f MiB; %s", n, float64(out.Mem.RSS)/1024, float64(out.Mem.HWM)/1024, goMemory(filepath.Join(state, "refresher.sock")))
 	out.IdleCPU = idleCPU(t, r.Process.Pid, res.Idle)
 
 	var all []time.Duration
@@ -166,6 +167,7 @@ func benchRefresher(t *testing.T, b bins, n int, res *results) scaleResult {
 		out.RotationCPU = cpu / time.Duration(res.Rotations)
 	}
 	out.MemAfter = readMem(t, r.Process.Pid)
+	progress("refresher at %d containers: after rotations: peak %.1f MiB; %s", n, float64(out.MemAfter.HWM)/1024, goMemory(filepath.Join(state, "refresher.sock")))
 	if got := fake.SVIDStreams(); got != int64(n) {
 		t.Fatalf("%d SVID streams open at the end, want %d", got, n)
 	}

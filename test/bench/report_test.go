@@ -10,6 +10,7 @@ import (
 	"runtime"
 	"slices"
 	"strings"
+	"testing"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -318,4 +319,16 @@ func (r *results) table() string {
 			ms(p99), r.Rotations, s.N, ms(worst), verdict(p99 <= targetRotateP99, ms(p99-targetRotateP99)))
 	}
 	return b.String()
+}
+
+// TestMarkedSections: the runc part keeps the other parts' sections.
+func TestMarkedSections(t *testing.T) {
+	doc := "# Benchmarks\nold runc part\n<!-- begin node -->\n## Node\nx\n<!-- end node -->\n\n<!-- begin audit -->\n## Audit\n<!-- end audit -->\n"
+	want := "\n<!-- begin node -->\n## Node\nx\n<!-- end node -->\n\n<!-- begin audit -->\n## Audit\n<!-- end audit -->\n"
+	if got := markedSections(doc); got != want {
+		t.Errorf("markedSections = %q, want %q", got, want)
+	}
+	if got := markedSections("no sections\n<!-- begin broken -->\n"); got != "" {
+		t.Errorf("unterminated section kept: %q", got)
+	}
 }

@@ -18,6 +18,7 @@ const requiredPlugins = "required-plugins.noderesource.dev/pod"
 func containerdOnly(t *testing.T, c *containerd) {
 	t.Run("shim sockets stay under the test's root", func(t *testing.T) { shimSockets(t, c) })
 	t.Run("SIGTERM stops the plugin; the validator holds pods until it is back", func(t *testing.T) { pluginDown(t, c) })
+	t.Run("audit: plugin stopped and no validator", func(t *testing.T) { pluginAbsent(t, c) })
 	t.Run("containerd restart: the plugin registers again", func(t *testing.T) { containerdRestart(t, c) })
 }
 

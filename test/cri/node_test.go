@@ -44,6 +44,9 @@ type node struct {
 	refresher *exec.Cmd
 	refLog    string
 	entries   map[string]bool
+	// expected are the containers a test makes run without their
+	// identity on purpose (checkAudit).
+	expected sync.Map
 }
 
 // newNode starts SPIRE (k8s attestor with pod-level selectors, as at
@@ -79,7 +82,10 @@ func newNode(t *testing.T, dir string) *node {
 	sysconf := filepath.Join(dir, "etc")
 	n.config = filepath.Join(sysconf, "spiffe-oci-hook", "config.yaml")
 	os.MkdirAll(filepath.Dir(n.config), 0o755)
-	cfg := fmt.Sprintf("agent_admin_socket: %s\nstate_dir: %s\ntimeout: 10s\n", n.spire.AdminSocket, n.stateDir)
+	// The refresher audits the runtime roots and CRI sockets of this
+	// package's runtimes (CRI-O's runtime_root, containerd's runc Root per
+	// namespace), every second.
+	cfg := fmt.Sprintf("agent_admin_socket: %s\nstate_dir: %s\ntimeout: 10s\n%s", n.spire.AdminSocket, n.stateDir, auditConfig)
 	if err := os.WriteFile(n.config, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -129,6 +135,7 @@ func (n *node) startRefresher(t *testing.T, bin string) {
 	t.Cleanup(func() {
 		cmd.Process.Signal(unix.SIGTERM)
 		cmd.Wait()
+		n.checkAudit(t)
 		if t.Failed() {
 			t.Logf("refresher log:\n%s", tail(n.refLog, 40))
 		}

@@ -16,6 +16,7 @@ func TestCRIO(t *testing.T) {
 	n := newNode(t, tempDir(t, "cri-node-"))
 	r := startCRIO(t, n)
 	scenarios(t, r)
+	t.Run("audit: CRI-O reads no directory with the hook's JSON", func(t *testing.T) { hooksDirMissing(t, r) })
 }
 
 // TestContainerd runs the scenarios under containerd with spiffe-oci-nri,
@@ -41,6 +42,7 @@ func scenarios(t *testing.T, r *runtime) {
 	t.Run("pod removal leaves no state and no mount", func(t *testing.T) { podRemoval(t, r) })
 	t.Run("agent down: the hook's line and no container", func(t *testing.T) { agentDown(t, r) })
 	t.Run("hostile annotations are refused with their line", func(t *testing.T) { hostileAnnotation(t, r) })
+	t.Run("audit: a typo'd container name is reported", func(t *testing.T) { typoName(t, r) })
 	t.Run("rotation: the refresher rotates a running container's files", func(t *testing.T) {
 		if rot == nil {
 			t.Fatal("the rotation watcher did not start")

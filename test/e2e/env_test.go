@@ -84,6 +84,9 @@ type env struct {
 	dir      string
 	stateDir string
 	config   string
+	// expected are containers the test makes run without their identity
+	// (checkAudit).
+	expected sync.Map
 }
 
 // newEnv starts SPIRE with the hook as an authorized delegate and registers
@@ -252,6 +255,7 @@ func newBundle(t *testing.T, args []string) *bundle {
 	g.SetHostname("e2e")
 	// No network namespace setup is needed for these tests.
 	id := fmt.Sprintf("e2e-%d", time.Now().UnixNano())
+	ourContainer(id)
 	return &bundle{Generator: &g, dir: dir, rootfs: rootfs, id: id}
 }
 

@@ -92,8 +92,9 @@ func TestPodman(t *testing.T) {
 
 	// Without the annotation: no files, and the hook never ran (it would
 	// have created the state directory's records folder).
-	os.RemoveAll(filepath.Join(e.stateDir, "records"))
-	os.RemoveAll(filepath.Join(e.stateDir, "containers"))
+	for _, d := range []string{"records", "containers", "locks"} {
+		os.RemoveAll(filepath.Join(e.stateDir, d))
+	}
 	out, err = podman(t, store, hooksDir, rootfs, "test -e /certs/svid.pem && echo HAS-FILES || echo NO-FILES")
 	if err != nil {
 		t.Fatalf("podman run: %v\n%s", err, out)

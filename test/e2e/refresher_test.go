@@ -51,7 +51,11 @@ func (e *env) startRefresherWith(t *testing.T, config string) *refresher {
 		t.Fatal(err)
 	}
 	defer logf.Close()
-	cmd := exec.Command(refresherBin, "--config", config, "--backoff-min", "200ms", "--backoff-max", "2s", "--rescan-interval", "2s")
+	// The audit reads the runtime roots these tests use: runc's and crun's
+	// under each bundle, and /run/runc, Podman's. No CRI here.
+	cmd := exec.Command(refresherBin, "--config", config, "--backoff-min", "200ms", "--backoff-max", "2s", "--rescan-interval", "2s",
+		"--audit-interval", auditInterval.String(), "--runtime-roots", "/tmp/e2e-*/runc-root,/tmp/e2e-*/crun-root,/run/runc",
+		"--cri-sockets", filepath.Join(e.dir, "no-cri.sock"))
 	cmd.Env = append(os.Environ(), "NOTIFY_SOCKET="+notify)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if err := cmd.Start(); err != nil {
@@ -59,6 +63,7 @@ func (e *env) startRefresherWith(t *testing.T, config string) *refresher {
 	}
 	r := &refresher{cmd: cmd, log: log}
 	t.Cleanup(func() { r.cmd.Process.Kill(); r.cmd.Wait() })
+	t.Cleanup(func() { e.checkAudit(t, log) })
 	conn.SetReadDeadline(time.Now().Add(20 * time.Second))
 	buf := make([]byte, 256)
 	n, _, err := conn.ReadFromUnix(buf)

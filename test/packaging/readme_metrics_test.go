@@ -17,8 +17,9 @@ import (
 
 var metricName = regexp.MustCompile(`spiffe_oci_[a-z_]+`)
 
-// TestReadmeMetrics: docs/operations.md's metric table lists exactly the metrics
-// the refresher exposes, and its example alerts use only those.
+// TestReadmeMetrics: the metric tables of the README and docs/ list
+// exactly the metrics the refresher exposes, and their example alerts use
+// only those.
 func TestReadmeMetrics(t *testing.T) {
 	now := time.Now()
 	m := metrics.New(func() status.Report {
@@ -26,6 +27,7 @@ func TestReadmeMetrics(t *testing.T) {
 			Version: "test", Scanned: true,
 			Agents:     []status.Agent{{Socket: "/run/admin.sock", Reachable: true}},
 			Containers: []status.Container{{ID: "c", NotBefore: now.Add(-time.Minute), NotAfter: now.Add(time.Minute)}},
+			Audit:      status.Audit{Time: now},
 		}
 	})
 	fams, err := m.Registry.Gather()
@@ -40,61 +42,71 @@ func TestReadmeMetrics(t *testing.T) {
 	}
 	slices.Sort(exposed)
 
-	data, err := os.ReadFile(filepath.Join(pkgRoot(t), "docs", "operations.md"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	// The metrics are documented in the README and in docs/ (the audit's
+	// in docs/audit.md); each file's PrometheusRule blocks are checked.
+	docs, _ := filepath.Glob(filepath.Join(pkgRoot(t), "docs", "*.md"))
 	var documented []string
-	var rules string
-	inRules := false
-	for _, line := range strings.Split(string(data), "\n") {
-		if strings.HasPrefix(line, "| `spiffe_oci_") {
-			documented = append(documented, metricName.FindString(line))
+	var rules []string
+	for _, p := range append([]string{filepath.Join(pkgRoot(t), "README.md")}, docs...) {
+		data, err := os.ReadFile(p)
+		if err != nil {
+			t.Fatal(err)
 		}
-		switch {
-		case line == "kind: PrometheusRule":
-			inRules = true
-		case inRules && line == "```":
-			inRules = false
-		}
-		if inRules {
-			rules += line + "\n"
+		inRules := false
+		for _, line := range strings.Split(string(data), "\n") {
+			if strings.HasPrefix(line, "| `spiffe_oci_") {
+				documented = append(documented, metricName.FindString(line))
+			}
+			switch {
+			case line == "kind: PrometheusRule":
+				inRules = true
+				rules = append(rules, "")
+			case inRules && line == "```":
+				inRules = false
+			}
+			if inRules {
+				rules[len(rules)-1] += line + "\n"
+			}
 		}
 	}
 	slices.Sort(documented)
 	if !slices.Equal(exposed, documented) {
-		t.Errorf("docs/operations.md documents metrics %q; the refresher exposes %q", documented, exposed)
+		t.Errorf("README documents metrics %q; the refresher exposes %q", documented, exposed)
 	}
 
-	var rule struct {
-		Spec struct {
-			Groups []struct {
-				Rules []struct {
-					Alert string `yaml:"alert"`
-					Expr  string `yaml:"expr"`
-				} `yaml:"rules"`
-			} `yaml:"groups"`
-		} `yaml:"spec"`
-	}
-	if err := yaml.Unmarshal([]byte(rules), &rule); err != nil {
-		t.Fatalf("docs/operations.md PrometheusRule: %v", err)
-	}
 	n := 0
-	for _, g := range rule.Spec.Groups {
-		for _, r := range g.Rules {
-			n++
-			names := metricName.FindAllString(r.Expr, -1)
-			if len(names) == 0 {
-				t.Errorf("alert %s: expr %q uses no spiffe_oci_ metric", r.Alert, r.Expr)
-			}
-			for _, name := range names {
-				if !slices.Contains(exposed, name) {
-					t.Errorf("alert %s: expr uses %s, which the refresher does not expose", r.Alert, name)
+	var alerts []string
+	for _, block := range rules {
+		var rule struct {
+			Spec struct {
+				Groups []struct {
+					Rules []struct {
+						Alert string `yaml:"alert"`
+						Expr  string `yaml:"expr"`
+					} `yaml:"rules"`
+				} `yaml:"groups"`
+			} `yaml:"spec"`
+		}
+		if err := yaml.Unmarshal([]byte(block), &rule); err != nil {
+			t.Fatalf("PrometheusRule: %v\n%s", err, block)
+		}
+		for _, g := range rule.Spec.Groups {
+			for _, r := range g.Rules {
+				n++
+				alerts = append(alerts, r.Alert)
+				names := metricName.FindAllString(r.Expr, -1)
+				if len(names) == 0 {
+					t.Errorf("alert %s: expr %q uses no spiffe_oci_ metric", r.Alert, r.Expr)
+				}
+				for _, name := range names {
+					if !slices.Contains(exposed, name) {
+						t.Errorf("alert %s: expr uses %s, which the refresher does not expose", r.Alert, name)
+					}
 				}
 			}
 		}
 	}
-	if n < 2 {
-		t.Errorf("docs/operations.md PrometheusRule has %d alerts, want the expiry and the agent alerts", n)
+	if n < 3 {
+		t.Errorf("the docs' PrometheusRules have %d alerts (%q), want the expiry, the agent and the unserved-container alerts", n, alerts)
 	}
 }
