@@ -262,9 +262,17 @@ func (c *container) writeOffStack(ctx context.Context) bool {
 	return <-done
 }
 
+// onWritePass, when set (tests), is called after each pass of write with
+// the SVIDs it worked from: a test that checks what a pass did not do
+// waits for the pass.
+var onWritePass func(id string, svids *agent.X509SVIDs)
+
 // write renders and writes every delivery whose content changed. It
 // returns false if any delivery could not be written, so run retries.
 func (c *container) write(ctx context.Context) (ok bool) {
+	if onWritePass != nil {
+		defer onWritePass(c.rec.ID, c.svids)
+	}
 	bundles, err := c.agent.Bundles(ctx)
 	if err != nil {
 		return true // stopping
