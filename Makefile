@@ -44,7 +44,9 @@ endif
 DOCS := $(wildcard README.md)
 LICENSES := LICENSE
 
-# Where the test harness keeps the pinned SPIRE binaries.
+# Where the test harness keeps the pinned SPIRE binaries: 1.13.3 (and
+# spiffe-helper) in SPIRE_BIN_DIR, 1.15.3 (the primary line of the
+# end-to-end tests) in SPIRE_BIN_DIR/spire-1.15.
 SPIRE_BIN_DIR ?= $(CURDIR)/bin/test
 
 # Where the CRI tests (test/cri) find the pinned CRI-O, containerd and crictl.
@@ -106,6 +108,7 @@ test-deps:
 
 spire:
 	test/spire/build.sh $(SPIRE_BIN_DIR)
+	test/spire115/build.sh $(SPIRE_BIN_DIR)/spire-1.15
 
 # The pinned crictl, CRI-O (with pinns) and containerd for test/cri, one
 # after the other and after SPIRE (2 cores: about 5 minutes the first time,

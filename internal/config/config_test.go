@@ -23,7 +23,10 @@ func TestDefaultValid(t *testing.T) {
 
 func TestParse(t *testing.T) {
 	c, err := Parse([]byte(`
+agent_api: broker
 agent_admin_socket: /run/agent/admin.sock
+broker_socket: /run/agent/broker.sock
+workload_api_socket: /run/agent/api.sock
 allowed_agent_sockets: [/run/other/admin.sock, /run/third.sock]
 state_dir: /dev/shm/hook
 timeout: 3s
@@ -40,7 +43,10 @@ refresher:
 		t.Fatal(err)
 	}
 	want := Config{
+		AgentAPI:            APIBroker,
 		AgentAdminSocket:    "/run/agent/admin.sock",
+		BrokerSocket:        "/run/agent/broker.sock",
+		WorkloadAPISocket:   "/run/agent/api.sock",
 		AllowedAgentSockets: []string{"/run/other/admin.sock", "/run/third.sock"},
 		StateDir:            "/dev/shm/hook",
 		Timeout:             3 * time.Second,
@@ -123,6 +129,9 @@ func TestValidate(t *testing.T) {
 	}{
 		{"relative agent socket", func(c *Config) { c.AgentAdminSocket = "admin.sock" }, `agent_admin_socket "admin.sock" must be an absolute path`},
 		{"empty agent socket", func(c *Config) { c.AgentAdminSocket = "" }, "agent_admin_socket"},
+		{"unknown agent api", func(c *Config) { c.AgentAPI = "brokered" }, `agent_api "brokered" must be "delegated" or "broker"`},
+		{"relative broker socket", func(c *Config) { c.BrokerSocket = "broker.sock" }, `broker_socket "broker.sock" must be an absolute path`},
+		{"relative workload socket", func(c *Config) { c.WorkloadAPISocket = "api.sock" }, `workload_api_socket "api.sock" must be an absolute path`},
 		{"relative allowed socket", func(c *Config) { c.AllowedAgentSockets = []string{"/ok.sock", "rel.sock"} }, `allowed_agent_sockets entry "rel.sock"`},
 		{"relative state dir", func(c *Config) { c.StateDir = "run/hook" }, `state_dir "run/hook" must be an absolute path`},
 		{"zero timeout", func(c *Config) { c.Timeout = 0 }, "timeout 0s must be positive"},
@@ -173,6 +182,13 @@ func TestAgentSocketAllowed(t *testing.T) {
 			t.Errorf("AgentSocketAllowed(%q) = %v, want %v", socket, got, want)
 		}
 	}
+	// With the Broker API the node's socket is broker_socket; the admin
+	// socket is no longer one a container may name.
+	c.AgentAPI = APIBroker
+	if c.NodeAgentSocket() != c.BrokerSocket || !c.AgentSocketAllowed(c.BrokerSocket) || c.AgentSocketAllowed(c.AgentAdminSocket) {
+		t.Errorf("agent_api broker: node socket %q, broker socket allowed %v, admin socket allowed %v",
+			c.NodeAgentSocket(), c.AgentSocketAllowed(c.BrokerSocket), c.AgentSocketAllowed(c.AgentAdminSocket))
+	}
 }
 
 func writeFile(t *testing.T, content string) string {
@@ -211,7 +227,10 @@ refresher:
   rescan_interval: 5m
 `)
 	fileCfg := Config{
+		AgentAPI:            APIDelegated,
 		AgentAdminSocket:    "/file/admin.sock",
+		BrokerSocket:        Default().BrokerSocket,
+		WorkloadAPISocket:   Default().WorkloadAPISocket,
 		AllowedAgentSockets: []string{"/file/other.sock"},
 		StateDir:            "/file/state",
 		Timeout:             4 * time.Second,
@@ -252,7 +271,10 @@ refresher:
 
 	// Every flag set.
 	c, err = load(t, true, "--config", p,
+		"--agent-api", "broker",
 		"--agent-admin-socket", "/flag/admin.sock",
+		"--broker-socket", "/flag/broker.sock",
+		"--workload-api-socket", "/flag/api.sock",
 		"--state-dir", "/flag/state",
 		"--timeout", "1s",
 		"--failure-policy", FailClosed,
@@ -267,7 +289,10 @@ refresher:
 		t.Fatal(err)
 	}
 	want = Config{
+		AgentAPI:            APIBroker,
 		AgentAdminSocket:    "/flag/admin.sock",
+		BrokerSocket:        "/flag/broker.sock",
+		WorkloadAPISocket:   "/flag/api.sock",
 		AllowedAgentSockets: []string{"/file/other.sock"},
 		StateDir:            "/flag/state",
 		Timeout:             time.Second,
@@ -365,9 +390,8 @@ func FuzzParse(f *testing.F) {
 		}
 		// Validate must not panic, whatever was parsed.
 		_ = c.Validate()
-		_ = c.AgentSocketAllowed(c.AgentAdminSocket)
-		if !c.AgentSocketAllowed(c.AgentAdminSocket) {
-			t.Fatalf("the configured agent socket %q is not allowed", c.AgentAdminSocket)
+		if !c.AgentSocketAllowed(c.NodeAgentSocket()) {
+			t.Fatalf("the configured agent socket %q is not allowed", c.NodeAgentSocket())
 		}
 	})
 }
@@ -396,6 +420,8 @@ func TestRestartOnly(t *testing.T) {
 		{"state_dir", func(c *Config) { c.StateDir = "/run/elsewhere" }},
 		{"refresher.metrics_socket", func(c *Config) { c.Refresher.MetricsSocket = "/run/m.sock" }},
 		{"refresher.metrics_address", func(c *Config) { c.Refresher.MetricsAddress = ":9464" }},
+		{"agent_api", func(c *Config) { c.AgentAPI = APIBroker }},
+		{"workload_api_socket", func(c *Config) { c.WorkloadAPISocket = "/run/other/api.sock" }},
 	} {
 		next := cur
 		tc.mutate(&next)

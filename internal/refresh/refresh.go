@@ -26,6 +26,7 @@ import (
 
 	"github.com/fsnotify/fsnotify"
 
+	"github.com/noderesource/spiffe-oci-hook/internal/brokersvid"
 	"github.com/noderesource/spiffe-oci-hook/internal/config"
 	"github.com/noderesource/spiffe-oci-hook/internal/files"
 	"github.com/noderesource/spiffe-oci-hook/internal/metrics"
@@ -67,6 +68,9 @@ type Refresher struct {
 	// on a node with a few cores.
 	writeSlots chan struct{}
 
+	// brokerID is the broker SVID (agent_api broker; followBrokerSVID).
+	brokerID *brokersvid.Holder
+
 	mu         sync.Mutex
 	containers map[string]*container
 	agents     map[string]*agentConn
@@ -83,6 +87,7 @@ func New(cfg config.Config, log *slog.Logger) *Refresher {
 		agents:     map[string]*agentConn{},
 		writeSlots: make(chan struct{}, 2*runtime.GOMAXPROCS(0)),
 		reloaded:   make(chan struct{}, 1),
+		brokerID:   &brokersvid.Holder{},
 	}
 	r.live.Store(&cfg)
 	r.Metrics = metrics.New(r.Report)
@@ -133,9 +138,16 @@ func (r *Refresher) Run(ctx context.Context, ready func()) error {
 		cancel()
 		r.wg.Wait()
 	}()
+	if r.cfg.AgentAPI == config.APIBroker {
+		r.wg.Add(1)
+		go func() {
+			defer r.wg.Done()
+			r.followBrokerSVID(ctx)
+		}()
+	}
 	// The node's agent is followed even with no container to serve, so
 	// that /readyz and spiffe_oci_agent_up tell whether it answers.
-	r.agent(ctx, r.live.Load().AgentAdminSocket)
+	r.agent(ctx, r.live.Load().NodeAgentSocket())
 	r.scan(ctx)
 	r.scanned.Store(true)
 	r.log.Info("ready", "state_dir", r.cfg.StateDir, "containers", r.Count())
@@ -149,7 +161,7 @@ func (r *Refresher) Run(ctx context.Context, ready func()) error {
 		select {
 		case <-r.reloaded:
 			rescan.Reset(r.settings().RescanInterval)
-			r.agent(ctx, r.live.Load().AgentAdminSocket)
+			r.agent(ctx, r.live.Load().NodeAgentSocket())
 		case <-ctx.Done():
 			r.log.Info("stopping", "containers", r.Count())
 			return nil
@@ -311,7 +323,7 @@ func (r *Refresher) agent(ctx context.Context, socket string) *agentConn {
 	defer r.mu.Unlock()
 	a, ok := r.agents[socket]
 	if !ok {
-		a = newAgentConn(ctx, socket, r.settings, r.log)
+		a = newAgentConn(ctx, socket, r.settings, r.dial, r.log)
 		r.agents[socket] = a
 		r.wg.Add(1)
 		go func() {
@@ -359,7 +371,7 @@ func (r *Refresher) broadcastBundles(a *agentConn) {
 // Report returns what the refresher serves now: the agents in use (the
 // node's, and those containers' records name) and every served container.
 func (r *Refresher) Report() status.Report {
-	node := r.live.Load().AgentAdminSocket
+	node := r.live.Load().NodeAgentSocket()
 	r.mu.Lock()
 	cs := make([]*container, 0, len(r.containers))
 	used := map[*agentConn]bool{}
