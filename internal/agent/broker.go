@@ -2,11 +2,14 @@ package agent
 
 import (
 	"context"
+	"crypto/tls"
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"strings"
+	"time"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	brokerv1 "github.com/spiffe/go-spiffe/v2/exp/proto/spiffe/broker"
@@ -75,7 +78,7 @@ func NewBroker(socket string, id BrokerIdentity, opts ...grpc.DialOption) (*Clie
 	return &Client{
 		socket:           socket,
 		conn:             conn,
-		api:              &broker{socket: socket, id: id, api: brokerv1.NewAPIClient(conn)},
+		api:              &broker{socket: socket, id: id, tls: tlsConf, api: brokerv1.NewAPIClient(conn)},
 		bundlesInUpdates: true,
 	}, nil
 }
@@ -85,6 +88,7 @@ func NewBroker(socket string, id BrokerIdentity, opts ...grpc.DialOption) (*Clie
 type broker struct {
 	socket string
 	id     x509svid.Source
+	tls    *tls.Config
 	api    brokerv1.APIClient
 }
 
@@ -231,7 +235,7 @@ func (b *broker) explain(err error, pid int) error {
 		if _, statErr := os.Stat(socket); statErr != nil {
 			return fmt.Errorf("agent broker socket %s is missing: start the SPIRE agent with experimental { broker { socket_path = %q } } (%w)", socket, socket, ErrUnavailable)
 		}
-		if isTLSRefusal(msg) {
+		if isTLSRefusal(msg) || b.refusedByTLS() {
 			return fmt.Errorf("agent %s refused this broker's X.509-SVID%s (%s): add that SPIFFE ID to the agent's experimental.broker.brokers[].id (%w)", socket, b.brokerID(), msg, ErrNotAuthorized)
 		}
 		if strings.Contains(msg, "x509svid:") || strings.Contains(msg, "unexpected ID") {
@@ -257,10 +261,32 @@ func (b *broker) brokerID() string {
 	return " " + svid.ID.String()
 }
 
+// refusedByTLS tells, on the failure path only, whether the agent turns
+// this broker's SVID down: with TLS 1.3 the server checks the client's
+// certificate after the client has finished its handshake, so gRPC may
+// only see the closed connection ("broken pipe"). A handshake of its own
+// and one read get the server's alert.
+func (b *broker) refusedByTLS() bool {
+	conn, err := net.DialTimeout("unix", b.socket, time.Second)
+	if err != nil {
+		return false
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(time.Second))
+	conf := b.tls.Clone()
+	conf.NextProtos = []string{"h2"}
+	c := tls.Client(conn, conf)
+	if err := c.Handshake(); err != nil {
+		return isTLSRefusal(err.Error())
+	}
+	_, err = c.Read(make([]byte, 1))
+	return err != nil && isTLSRefusal(err.Error())
+}
+
 // isTLSRefusal: the agent's TLS server turned the broker's certificate
 // down (with TLS 1.3 the client learns it on its first read).
 func isTLSRefusal(msg string) bool {
-	for _, s := range []string{"remote error: tls: bad certificate", "certificate required", "remote error: tls: unknown certificate", "remote error: tls: handshake failure"} {
+	for _, s := range []string{"remote error: tls: bad certificate", "certificate required", "remote error: tls: unknown certificate", "remote error: tls: handshake failure", "remote error: tls: access denied"} {
 		if strings.Contains(msg, s) {
 			return true
 		}
