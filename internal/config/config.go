@@ -20,6 +20,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"gopkg.in/yaml.v3"
 )
 
@@ -56,6 +57,10 @@ type Config struct {
 	// WorkloadAPISocket is the agent's Workload API socket, from which the
 	// refresher fetches its own X.509-SVID, the broker SVID (APIBroker).
 	WorkloadAPISocket string `yaml:"workload_api_socket"`
+	// BrokerSPIFFEID picks, among the refresher's own SVIDs from the
+	// Workload API, the one to present to the Broker API (one listed in
+	// the agent's brokers). Empty: the Workload API's default SVID.
+	BrokerSPIFFEID string `yaml:"broker_spiffe_id"`
 	// AllowedAgentSockets lists further agent sockets (admin or broker,
 	// as agent_api says) that a container's spire_agent_address may name.
 	// The node's own (NodeAgentSocket) is always allowed.
@@ -114,6 +119,7 @@ func RestartOnly(cur, next Config) error {
 		{"state_dir", cur.StateDir, next.StateDir},
 		{"agent_api", cur.AgentAPI, next.AgentAPI},
 		{"workload_api_socket", cur.WorkloadAPISocket, next.WorkloadAPISocket},
+		{"broker_spiffe_id", cur.BrokerSPIFFEID, next.BrokerSPIFFEID},
 		{"refresher.metrics_socket", cur.StatusSocket(), next.StatusSocket()},
 		{"refresher.metrics_address", cur.Refresher.MetricsAddress, next.Refresher.MetricsAddress},
 	} {
@@ -156,6 +162,11 @@ func (c Config) Validate() error {
 	}
 	if !filepath.IsAbs(c.WorkloadAPISocket) {
 		return fmt.Errorf("workload_api_socket %q must be an absolute path", c.WorkloadAPISocket)
+	}
+	if c.BrokerSPIFFEID != "" {
+		if _, err := spiffeid.FromString(c.BrokerSPIFFEID); err != nil {
+			return fmt.Errorf("broker_spiffe_id %q: %w", c.BrokerSPIFFEID, err)
+		}
 	}
 	for _, s := range c.AllowedAgentSockets {
 		if !filepath.IsAbs(s) {
@@ -236,6 +247,7 @@ func Bind(fs *flag.FlagSet) *Flags {
 	fs.StringVar(&f.set.AgentAdminSocket, "agent-admin-socket", d.AgentAdminSocket, "SPIRE agent admin socket (Delegated Identity API)")
 	fs.StringVar(&f.set.BrokerSocket, "broker-socket", d.BrokerSocket, "SPIRE agent SPIFFE Broker API socket (agent_api broker)")
 	fs.StringVar(&f.set.WorkloadAPISocket, "workload-api-socket", d.WorkloadAPISocket, "SPIRE agent Workload API socket, source of the broker SVID (agent_api broker)")
+	fs.StringVar(&f.set.BrokerSPIFFEID, "broker-spiffe-id", "", "which of the refresher's own SVIDs is the broker identity (default: the Workload API's default SVID)")
 	fs.StringVar(&f.set.StateDir, "state-dir", d.StateDir, "state directory on tmpfs for per-container files and records")
 	fs.DurationVar(&f.set.Timeout, "timeout", d.Timeout, "bound on the whole exchange with the agent")
 	fs.Func("allowed-agent-sockets", "comma-separated further admin sockets an annotation's spire_agent_address may name", func(v string) error {
@@ -290,6 +302,9 @@ func (f *Flags) Load() (Config, error) {
 	}
 	if explicit["workload-api-socket"] {
 		c.WorkloadAPISocket = f.set.WorkloadAPISocket
+	}
+	if explicit["broker-spiffe-id"] {
+		c.BrokerSPIFFEID = f.set.BrokerSPIFFEID
 	}
 	if explicit["state-dir"] {
 		c.StateDir = f.set.StateDir

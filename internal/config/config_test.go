@@ -27,6 +27,7 @@ agent_api: broker
 agent_admin_socket: /run/agent/admin.sock
 broker_socket: /run/agent/broker.sock
 workload_api_socket: /run/agent/api.sock
+broker_spiffe_id: spiffe://example.org/node/refresher
 allowed_agent_sockets: [/run/other/admin.sock, /run/third.sock]
 state_dir: /dev/shm/hook
 timeout: 3s
@@ -47,6 +48,7 @@ refresher:
 		AgentAdminSocket:    "/run/agent/admin.sock",
 		BrokerSocket:        "/run/agent/broker.sock",
 		WorkloadAPISocket:   "/run/agent/api.sock",
+		BrokerSPIFFEID:      "spiffe://example.org/node/refresher",
 		AllowedAgentSockets: []string{"/run/other/admin.sock", "/run/third.sock"},
 		StateDir:            "/dev/shm/hook",
 		Timeout:             3 * time.Second,
@@ -132,6 +134,7 @@ func TestValidate(t *testing.T) {
 		{"unknown agent api", func(c *Config) { c.AgentAPI = "brokered" }, `agent_api "brokered" must be "delegated" or "broker"`},
 		{"relative broker socket", func(c *Config) { c.BrokerSocket = "broker.sock" }, `broker_socket "broker.sock" must be an absolute path`},
 		{"relative workload socket", func(c *Config) { c.WorkloadAPISocket = "api.sock" }, `workload_api_socket "api.sock" must be an absolute path`},
+		{"broker id not a SPIFFE ID", func(c *Config) { c.BrokerSPIFFEID = "https://example.org/x" }, `broker_spiffe_id "https://example.org/x"`},
 		{"relative allowed socket", func(c *Config) { c.AllowedAgentSockets = []string{"/ok.sock", "rel.sock"} }, `allowed_agent_sockets entry "rel.sock"`},
 		{"relative state dir", func(c *Config) { c.StateDir = "run/hook" }, `state_dir "run/hook" must be an absolute path`},
 		{"zero timeout", func(c *Config) { c.Timeout = 0 }, "timeout 0s must be positive"},
@@ -422,6 +425,7 @@ func TestRestartOnly(t *testing.T) {
 		{"refresher.metrics_address", func(c *Config) { c.Refresher.MetricsAddress = ":9464" }},
 		{"agent_api", func(c *Config) { c.AgentAPI = APIBroker }},
 		{"workload_api_socket", func(c *Config) { c.WorkloadAPISocket = "/run/other/api.sock" }},
+		{"broker_spiffe_id", func(c *Config) { c.BrokerSPIFFEID = "spiffe://example.org/b" }},
 	} {
 		next := cur
 		tc.mutate(&next)

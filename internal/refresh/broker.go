@@ -44,6 +44,18 @@ type brokerWatcher struct {
 
 func (w *brokerWatcher) OnX509ContextUpdate(c *workloadapi.X509Context) {
 	svid := c.DefaultSVID()
+	if want := w.r.cfg.BrokerSPIFFEID; want != "" {
+		svid = nil
+		for _, s := range c.SVIDs {
+			if s.ID.String() == want {
+				svid = s
+			}
+		}
+		if svid == nil {
+			w.OnX509ContextWatchError(fmt.Errorf("none of this process's SVIDs is broker_spiffe_id %s", want))
+			return
+		}
+	}
 	if svid == nil {
 		w.OnX509ContextWatchError(fmt.Errorf("the agent returned no X.509-SVID for this process"))
 		return

@@ -56,6 +56,19 @@ type Options struct {
 	// 127.0.0.1:<free port> with the https_spiffe profile (see
 	// BundleEndpointURL and Federate).
 	BundleEndpoint bool
+	// Version is the SPIRE line: V115 (the default, the primary line of
+	// the tests) or V113 (the compatibility line).
+	Version string
+	// Broker serves the SPIFFE Broker API (experimental.broker, SPIRE
+	// 1.15.2+) at s.BrokerSocket, for the harness and Brokers.
+	Broker bool
+	// Brokers are SPIFFE IDs the broker endpoint admits, in addition to
+	// the harness's own ID (always added with Broker).
+	Brokers []string
+	// NoAdminSocket leaves admin_socket_path out of the agent's
+	// configuration: no Delegated Identity API at all. Needs Broker; the
+	// harness then waits for SVIDs through the Broker API.
+	NoAdminSocket bool
 }
 
 // SPIRE is a running SPIRE server + agent pair.
@@ -63,7 +76,9 @@ type SPIRE struct {
 	Dir            string // temp dir holding configs, data, sockets and logs
 	ServerSocket   string // spire-server API socket (for the CLI -socketPath)
 	WorkloadSocket string // agent Workload API socket
-	AdminSocket    string // agent admin socket (Delegated Identity API)
+	AdminSocket    string // agent admin socket (Delegated Identity API); "" with NoAdminSocket
+	BrokerSocket   string // agent SPIFFE Broker API socket; "" without Broker
+	Version        string // the SPIRE version running (V113 or V115)
 	TrustDomain    string
 	AgentID        string // spiffe://<td>/spire/agent/join_token/<token>; parent of CreateEntry entries
 	HarnessID      string // spiffe://<td>/spiretest/harness, the test process's identity
@@ -142,15 +157,31 @@ func modulePath(gomod []byte) string {
 	return ""
 }
 
-// Binaries returns the paths of spire-server and spire-agent, building them
-// with test/spire/build.sh when needed (see the package comment).
+// Binaries returns the paths of spire-server and spire-agent of the
+// primary line (V115), building them when needed (see the package comment).
 func Binaries(t testing.TB) (server, agent string) {
+	t.Helper()
+	return VersionBinaries(t, V115)
+}
+
+// VersionBinaries is Binaries for the SPIRE line version: V113 from
+// test/spire into SPIRE_BIN_DIR, V115 from test/spire115 into
+// SPIRE_BIN_DIR/spire-1.15.
+func VersionBinaries(t testing.TB, version string) (server, agent string) {
 	t.Helper()
 	root := RepoRoot(t)
 	dir := os.Getenv("SPIRE_BIN_DIR")
 	override := dir != ""
 	if !override {
 		dir = filepath.Join(root, "bin", "test")
+	}
+	module := "spire"
+	switch version {
+	case V113:
+	case V115:
+		dir, module = filepath.Join(dir, "spire-1.15"), "spire115"
+	default:
+		t.Fatalf("spiretest: unknown SPIRE version %q (want %s or %s)", version, V113, V115)
 	}
 	binMu.Lock()
 	defer binMu.Unlock()
@@ -159,7 +190,7 @@ func Binaries(t testing.TB) (server, agent string) {
 	}
 	server, agent = filepath.Join(dir, "spire-server"), filepath.Join(dir, "spire-agent")
 	if !override || !isExecutable(server) || !isExecutable(agent) {
-		script := filepath.Join(root, "test", "spire", "build.sh")
+		script := filepath.Join(root, "test", module, "build.sh")
 		t.Logf("spiretest: running %s %s (first build takes minutes)", script, dir)
 		start := time.Now()
 		cmd := exec.Command(script, dir)
@@ -188,7 +219,16 @@ func isExecutable(p string) bool {
 // Start starts a SPIRE server and agent; see the package comment.
 func Start(t testing.TB, opts Options) *SPIRE {
 	t.Helper()
-	serverBin, agentBin := Binaries(t)
+	if opts.Version == "" {
+		opts.Version = V115
+	}
+	if (opts.Broker || opts.NoAdminSocket) && opts.Version == V113 {
+		t.Fatalf("spiretest: SPIRE %s serves no Broker API (1.15.2+)", opts.Version)
+	}
+	if opts.NoAdminSocket && !opts.Broker {
+		t.Fatal("spiretest: NoAdminSocket needs Broker: the harness must reach the agent somehow")
+	}
+	serverBin, agentBin := VersionBinaries(t, opts.Version)
 
 	td := opts.TrustDomain
 	if td == "" {
@@ -207,6 +247,7 @@ func Start(t testing.TB, opts Options) *SPIRE {
 		ServerSocket:   filepath.Join(dir, "server", "api.sock"),
 		WorkloadSocket: filepath.Join(dir, "workload", "api.sock"),
 		AdminSocket:    filepath.Join(dir, "admin", "admin.sock"),
+		Version:        opts.Version,
 		TrustDomain:    td,
 		HarnessID:      "spiffe://" + td + HarnessPath,
 		ServerLog:      filepath.Join(dir, "server.log"),
@@ -215,12 +256,19 @@ func Start(t testing.TB, opts Options) *SPIRE {
 		agentBin:       agentBin,
 		agentConf:      filepath.Join(dir, "agent.conf"),
 	}
-	for _, d := range []string{"server", "workload", "admin", "agent-data"} {
+	if opts.NoAdminSocket {
+		s.AdminSocket = ""
+	}
+	if opts.Broker {
+		// Not in the Workload API socket's directory: SPIRE refuses that.
+		s.BrokerSocket = filepath.Join(dir, "broker", "broker.sock")
+	}
+	for _, d := range []string{"server", "workload", "admin", "broker", "agent-data"} {
 		if err := os.MkdirAll(filepath.Join(dir, d), 0o755); err != nil {
 			t.Fatalf("spiretest: %v", err)
 		}
 	}
-	if len(s.AdminSocket) > 100 || len(s.WorkloadSocket) > 100 {
+	if len(s.AdminSocket) > 100 || len(s.WorkloadSocket) > 100 || len(s.BrokerSocket) > 100 {
 		t.Fatalf("spiretest: socket path too long: %s", s.AdminSocket)
 	}
 	t.Cleanup(func() { s.cleanup(t) })
@@ -311,20 +359,24 @@ plugins {
 	for _, d := range delegates {
 		dl = append(dl, strconv.Quote(d))
 	}
+	admin := ""
+	if s.AdminSocket != "" {
+		admin = fmt.Sprintf("admin_socket_path = %q\n    authorized_delegates = [%s]", s.AdminSocket, strings.Join(dl, ", "))
+	}
 	writeFile(t, s.agentConf, fmt.Sprintf(`agent {
     data_dir = %q
     log_level = "DEBUG"
     server_address = "127.0.0.1"
     server_port = "%d"
     socket_path = %q
-    admin_socket_path = %q
+    %s
     trust_domain = %q
     insecure_bootstrap = true
     join_token = %q
-    authorized_delegates = [%s]
     experimental {
         # Poll the server for entries every second (default 5s).
         sync_interval = "1s"
+%s
     }
 }
 
@@ -344,8 +396,8 @@ plugins {
     }
 %s
 }
-`, filepath.Join(dir, "agent-data"), port, s.WorkloadSocket, s.AdminSocket, td, tok.Value,
-		strings.Join(dl, ", "), filepath.Join(dir, "agent-data"), opts.ExtraAgentPlugins))
+`, filepath.Join(dir, "agent-data"), port, s.WorkloadSocket, admin, td, tok.Value,
+		s.brokerConfig(opts), filepath.Join(dir, "agent-data"), opts.ExtraAgentPlugins))
 
 	s.StartAgent(t)
 	return s
@@ -425,6 +477,10 @@ func (s *SPIRE) StartAgent(t testing.TB) {
 	}
 	s.agent = s.spawn(t, "agent", s.agentBin, s.AgentLog, "run", "-config", s.agentConf)
 	s.mu.Unlock()
+	if s.AdminSocket == "" {
+		// The Broker API needs the harness's own SVID first.
+		s.harnessBroker(t, true)
+	}
 	s.WaitForSVID(t, os.Getpid(), s.HarnessID, startTimeout)
 }
 
@@ -609,8 +665,14 @@ func (s *SPIRE) WaitForSVID(t testing.TB, pid int, spiffeID string, timeout time
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
-	client, closeConn := s.DelegatedClient(t)
-	defer closeConn()
+	subscribe := s.brokerSubscribeOnce(t)
+	if subscribe == nil {
+		client, closeConn := s.DelegatedClient(t)
+		defer closeConn()
+		subscribe = func(ctx context.Context, pid int, spiffeID string) (*x509svid.SVID, string, error) {
+			return subscribeOnce(ctx, client, pid, spiffeID)
+		}
+	}
 
 	var last string
 	for attempt := 0; ; attempt++ {
@@ -621,7 +683,7 @@ func (s *SPIRE) WaitForSVID(t testing.TB, pid int, spiffeID string, timeout time
 			s.dumpLogs(t)
 			t.Fatalf("spiretest: WaitForSVID(%d, %s): agent is not running (%v)", pid, spiffeID, agentErr(agent))
 		}
-		svid, desc, err := subscribeOnce(ctx, client, pid, spiffeID)
+		svid, desc, err := subscribe(ctx, pid, spiffeID)
 		if svid != nil {
 			return svid
 		}

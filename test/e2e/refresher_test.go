@@ -36,6 +36,12 @@ func (e *env) startRefresher(t *testing.T) *refresher {
 // startRefresherWith is startRefresher with another node configuration.
 func (e *env) startRefresherWith(t *testing.T, config string) *refresher {
 	t.Helper()
+	return e.startRefresherBin(t, refresherBin, config)
+}
+
+// startRefresherBin is startRefresherWith for a copy of the refresher at bin.
+func (e *env) startRefresherBin(t *testing.T, bin, config string) *refresher {
+	t.Helper()
 	notify := filepath.Join(e.dir, fmt.Sprintf("notify-%d.sock", time.Now().UnixNano()))
 	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: notify, Net: "unixgram"})
 	if err != nil {
@@ -48,7 +54,7 @@ func (e *env) startRefresherWith(t *testing.T, config string) *refresher {
 		t.Fatal(err)
 	}
 	defer logf.Close()
-	cmd := exec.Command(refresherBin, "--config", config, "--backoff-min", "200ms", "--backoff-max", "2s", "--rescan-interval", "2s")
+	cmd := exec.Command(bin, "--config", config, "--backoff-min", "200ms", "--backoff-max", "2s", "--rescan-interval", "2s")
 	cmd.Env = append(os.Environ(), "NOTIFY_SOCKET="+notify)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if err := cmd.Start(); err != nil {
