@@ -18,6 +18,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/noderesource/spiffe-oci-hook/internal/config"
 	"github.com/noderesource/spiffe-oci-hook/internal/spiretest"
 )
 
@@ -44,6 +45,7 @@ type node struct {
 	refresher *exec.Cmd
 	refLog    string
 	entries   map[string]bool
+	api       string // the node's agent_api
 }
 
 // newNode starts SPIRE (k8s attestor with pod-level selectors, as at
@@ -51,7 +53,16 @@ type node struct {
 // refresher under dir with make install, and starts the refresher.
 func newNode(t *testing.T, dir string) *node {
 	t.Helper()
-	n := &node{dir: dir, kubelet: startKubelet(t), entries: map[string]bool{}}
+	return newNodeAPI(t, dir, config.APIDelegated)
+}
+
+// newNodeAPI is newNode with the hook and the refresher speaking api. With
+// the Broker API the agent has no admin socket at all; its broker endpoint
+// and its k8s attestor admit the refresher (and the harness, which waits
+// for entries through it).
+func newNodeAPI(t *testing.T, dir, api string) *node {
+	t.Helper()
+	n := &node{dir: dir, kubelet: startKubelet(t), entries: map[string]bool{}, api: api}
 	n.prefix = filepath.Join(dir, "usr")
 	n.stateDir = filepath.Join(dir, "state")
 	if err := os.MkdirAll(n.stateDir, 0o700); err != nil {
@@ -62,17 +73,31 @@ func newNode(t *testing.T, dir string) *node {
 	}
 	t.Cleanup(func() { unix.Unmount(n.stateDir, unix.MNT_DETACH) })
 
-	n.spire = spiretest.Start(t, spiretest.Options{
+	opts := spiretest.Options{
 		TrustDomain:         trustDomain,
 		AuthorizedDelegates: []string{hookID, refresherID},
-		ExtraAgentPlugins: fmt.Sprintf(`    WorkloadAttestor "k8s" {
+	}
+	k8sBroker := ""
+	if api == config.APIBroker {
+		opts.Broker, opts.NoAdminSocket, opts.Brokers = true, true, []string{refresherID}
+		// SPIRE 1.15's k8s attestor answers Broker API references only
+		// for brokers it lists itself.
+		k8sBroker = fmt.Sprintf(`
+            experimental {
+                broker {
+                    access_policy = "permissive"
+                    brokers = [{ id = %q }, { id = %q }]
+                }
+            }`, refresherID, "spiffe://"+trustDomain+spiretest.HarnessPath)
+	}
+	opts.ExtraAgentPlugins = fmt.Sprintf(`    WorkloadAttestor "k8s" {
         plugin_data {
             kubelet_read_only_port = %d
             disable_container_selectors = true
-            node_name = "node"
+            node_name = "node"%s
         }
-    }`, n.kubelet.port),
-	})
+    }`, n.kubelet.port, k8sBroker)
+	n.spire = spiretest.Start(t, opts)
 
 	// The node configuration goes where make install's SYSCONFDIR puts it
 	// before install runs: install keeps an existing one, as an admin's.
@@ -80,6 +105,10 @@ func newNode(t *testing.T, dir string) *node {
 	n.config = filepath.Join(sysconf, "spiffe-oci-hook", "config.yaml")
 	os.MkdirAll(filepath.Dir(n.config), 0o755)
 	cfg := fmt.Sprintf("agent_admin_socket: %s\nstate_dir: %s\ntimeout: 10s\n", n.spire.AdminSocket, n.stateDir)
+	if api == config.APIBroker {
+		cfg = fmt.Sprintf("agent_api: broker\nbroker_socket: %s\nworkload_api_socket: %s\nbroker_spiffe_id: %s\nstate_dir: %s\ntimeout: 10s\n",
+			n.spire.BrokerSocket, n.spire.WorkloadSocket, refresherID, n.stateDir)
+	}
 	if err := os.WriteFile(n.config, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
 	}
