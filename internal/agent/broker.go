@@ -235,6 +235,11 @@ func (b *broker) explain(err error, pid int) error {
 		if _, statErr := os.Stat(socket); statErr != nil {
 			return fmt.Errorf("agent broker socket %s is missing: start the SPIRE agent with experimental { broker { socket_path = %q } } (%w)", socket, socket, ErrUnavailable)
 		}
+		if strings.Contains(msg, "no broker SVID") {
+			// This side has no SVID to present (the refresher's comes
+			// from the Workload API and may not have arrived yet).
+			return fmt.Errorf("agent %s: this broker has no X.509-SVID to present (%s) (%w)", socket, msg, ErrUnavailable)
+		}
 		if isTLSRefusal(msg) || b.refusedByTLS() {
 			return fmt.Errorf("agent %s refused this broker's X.509-SVID%s (%s): add that SPIFFE ID to the agent's experimental.broker.brokers[].id (%w)", socket, b.brokerID(), msg, ErrNotAuthorized)
 		}
