@@ -83,6 +83,6 @@ func (w *brokerWatcher) OnX509ContextWatchError(err error) {
 		return
 	}
 	w.failed = true
-	w.r.log.Warn("broker SVID: the agent's Workload API did not give this process an SVID; register an entry for spiffe-oci-refresher (unix:uid:0, unix:path:<its binary>) and list its SPIFFE ID in the agent's experimental.broker.brokers; retrying",
+	w.r.log.Warn("broker SVID: no SVID for this process from the agent's Workload API (is the agent up? is spiffe-oci-refresher registered with unix:uid:0 and unix:path:<its binary>, and that SPIFFE ID in the agent's experimental.broker brokers?); the current one stays in use until it expires; retrying",
 		"workload_api_socket", w.socket, "error", err)
 }
