@@ -105,8 +105,11 @@ func Load(dir string, now time.Time) (*Identity, error) {
 // Workload API update. It is an agent.BrokerIdentity; before the first
 // update it has none, and a TLS handshake fails (the streams retry).
 type Holder struct {
-	mu  sync.RWMutex
-	cur *Identity
+	mu     sync.RWMutex
+	cur    *Identity
+	once   sync.Once // makes ready
+	closed sync.Once // closes it, at the first Set
+	ready  chan struct{}
 }
 
 // Set replaces the current identity.
@@ -114,6 +117,15 @@ func (h *Holder) Set(id *Identity) {
 	h.mu.Lock()
 	h.cur = id
 	h.mu.Unlock()
+	h.closed.Do(func() { close(h.readyCh()) })
+}
+
+// Ready returns a channel closed once the holder has an identity.
+func (h *Holder) Ready() <-chan struct{} { return h.readyCh() }
+
+func (h *Holder) readyCh() chan struct{} {
+	h.once.Do(func() { h.ready = make(chan struct{}) })
+	return h.ready
 }
 
 // Get returns the current identity, nil before the first.

@@ -328,6 +328,15 @@ func (r *Refresher) agent(ctx context.Context, socket string) *agentConn {
 		r.wg.Add(1)
 		go func() {
 			defer r.wg.Done()
+			if r.cfg.AgentAPI == config.APIBroker {
+				// Without the broker SVID every call fails at the TLS
+				// handshake: that is not the agent being unreachable.
+				select {
+				case <-r.brokerID.Ready():
+				case <-ctx.Done():
+					return
+				}
+			}
 			a.run(ctx, r.broadcastBundles)
 		}()
 	}
