@@ -3,9 +3,7 @@ package spiretest
 import (
 	"bufio"
 	"bytes"
-	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -18,14 +16,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
-	delegatedidentityv1 "github.com/spiffe/spire-api-sdk/proto/spire/api/agent/delegatedidentity/v1"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
-	"google.golang.org/grpc/status"
 )
 
 const (
@@ -552,204 +543,6 @@ func tail(path string, n int) string {
 		lines = lines[len(lines)-n:]
 	}
 	return strings.Join(lines, "\n")
-}
-
-// ServerCLI runs `spire-server ARGS...` and returns its stdout; it fails
-// the test on error. Pass -socketPath s.ServerSocket yourself.
-func (s *SPIRE) ServerCLI(t testing.TB, args ...string) []byte {
-	t.Helper()
-	cmd := exec.Command(s.serverBin, args...)
-	var stdout, stderr bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	if err := cmd.Run(); err != nil {
-		t.Fatalf("spiretest: spire-server %s: %v\nstdout: %s\nstderr: %s", strings.Join(args, " "), err, stdout.Bytes(), stderr.Bytes())
-	}
-	return stdout.Bytes()
-}
-
-// CreateEntry registers spiffeID for selectors ("type:value", e.g.
-// "unix:uid:0"), parented to the agent, and returns the entry ID. x509TTL 0
-// uses the server default.
-func (s *SPIRE) CreateEntry(t testing.TB, spiffeID string, selectors []string, x509TTL time.Duration) string {
-	t.Helper()
-	return s.CreateFederatedEntry(t, spiffeID, selectors, x509TTL)
-}
-
-// CreateFederatedEntry is CreateEntry for an entry that federates with the
-// trust domains federatesWith (names, e.g. "partner.test"): its SVIDs'
-// holders get those domains' bundles too.
-func (s *SPIRE) CreateFederatedEntry(t testing.TB, spiffeID string, selectors []string, x509TTL time.Duration, federatesWith ...string) string {
-	t.Helper()
-	var extra []string
-	for _, td := range federatesWith {
-		extra = append(extra, "-federatesWith", "spiffe://"+td)
-	}
-	if x509TTL > 0 {
-		extra = append(extra, "-x509SVIDTTL", strconv.Itoa(int(x509TTL/time.Second)))
-	}
-	return s.CreateEntryArgs(t, spiffeID, selectors, extra...)
-}
-
-// CreateEntryArgs is CreateEntry with further `spire-server entry create`
-// flags (e.g. "-jwtSVIDTTL", "120"); it returns the entry ID.
-func (s *SPIRE) CreateEntryArgs(t testing.TB, spiffeID string, selectors []string, extra ...string) string {
-	t.Helper()
-	args := []string{"entry", "create", "-socketPath", s.ServerSocket,
-		"-parentID", s.AgentID, "-spiffeID", spiffeID, "-output", "json"}
-	for _, sel := range selectors {
-		args = append(args, "-selector", sel)
-	}
-	out := s.ServerCLI(t, append(args, extra...)...)
-	var resp struct {
-		Results []struct {
-			Status struct {
-				Code    int    `json:"code"`
-				Message string `json:"message"`
-			} `json:"status"`
-			Entry struct {
-				ID string `json:"id"`
-			} `json:"entry"`
-		} `json:"results"`
-	}
-	if err := json.Unmarshal(out, &resp); err != nil {
-		t.Fatalf("spiretest: parsing entry create output %q: %v", out, err)
-	}
-	if len(resp.Results) != 1 || resp.Results[0].Status.Code != 0 || resp.Results[0].Entry.ID == "" {
-		t.Fatalf("spiretest: entry create failed: %s", out)
-	}
-	return resp.Results[0].Entry.ID
-}
-
-// DeleteEntry deletes a registration entry.
-func (s *SPIRE) DeleteEntry(t testing.TB, entryID string) {
-	t.Helper()
-	s.ServerCLI(t, "entry", "delete", "-socketPath", s.ServerSocket, "-entryID", entryID)
-}
-
-// BundlePEM returns the server's X.509 trust bundle (CA certificates) as PEM.
-func (s *SPIRE) BundlePEM(t testing.TB) []byte {
-	t.Helper()
-	return s.ServerCLI(t, "bundle", "show", "-socketPath", s.ServerSocket, "-format", "pem")
-}
-
-// TrustBundle returns the server's X.509 trust bundle.
-func (s *SPIRE) TrustBundle(t testing.TB) *x509bundle.Bundle {
-	t.Helper()
-	td := spiffeid.RequireTrustDomainFromString(s.TrustDomain)
-	b, err := x509bundle.Parse(td, s.BundlePEM(t))
-	if err != nil {
-		t.Fatalf("spiretest: parsing bundle: %v", err)
-	}
-	return b
-}
-
-// DelegatedClient dials the agent's admin socket. The returned func closes
-// the connection (it is also closed by t.Cleanup). The caller is the test
-// process, authorized as s.HarnessID.
-func (s *SPIRE) DelegatedClient(t testing.TB) (delegatedidentityv1.DelegatedIdentityClient, func()) {
-	t.Helper()
-	conn, err := grpc.NewClient("unix://"+s.AdminSocket, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatalf("spiretest: dialing admin socket: %v", err)
-	}
-	var once sync.Once
-	closeFn := func() { once.Do(func() { _ = conn.Close() }) }
-	t.Cleanup(closeFn)
-	return delegatedidentityv1.NewDelegatedIdentityClient(conn), closeFn
-}
-
-// WaitForSVID blocks until the agent's Delegated Identity API hands out an
-// X.509 SVID with spiffeID for pid, and returns it. It fails the test after
-// timeout, reporting the last error or the IDs that were offered.
-func (s *SPIRE) WaitForSVID(t testing.TB, pid int, spiffeID string, timeout time.Duration) *x509svid.SVID {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), timeout)
-	defer cancel()
-	subscribe := s.brokerSubscribeOnce(t)
-	if subscribe == nil {
-		client, closeConn := s.DelegatedClient(t)
-		defer closeConn()
-		subscribe = func(ctx context.Context, pid int, spiffeID string) (*x509svid.SVID, string, error) {
-			return subscribeOnce(ctx, client, pid, spiffeID)
-		}
-	}
-
-	var last string
-	for attempt := 0; ; attempt++ {
-		s.mu.Lock()
-		agent := s.agent
-		s.mu.Unlock()
-		if agent == nil || agent.exited() {
-			s.dumpLogs(t)
-			t.Fatalf("spiretest: WaitForSVID(%d, %s): agent is not running (%v)", pid, spiffeID, agentErr(agent))
-		}
-		svid, desc, err := subscribe(ctx, pid, spiffeID)
-		if svid != nil {
-			return svid
-		}
-		if err != nil {
-			last = err.Error()
-		} else {
-			last = desc
-		}
-		if ctx.Err() != nil {
-			s.dumpLogs(t)
-			t.Fatalf("spiretest: WaitForSVID(pid %d, %s): not issued within %s; last: %s", pid, spiffeID, timeout, last)
-		}
-		// Back off briefly before re-subscribing after an error (the usual
-		// one is PermissionDenied until the harness entry reaches the agent).
-		select {
-		case <-ctx.Done():
-		case <-time.After(200 * time.Millisecond):
-		}
-	}
-}
-
-func agentErr(p *proc) error {
-	if p == nil {
-		return errors.New("never started")
-	}
-	return p.err
-}
-
-// subscribeOnce runs one SubscribeToX509SVIDs stream for up to a few
-// seconds, returning the wanted SVID, or a description of what was seen.
-func subscribeOnce(ctx context.Context, client delegatedidentityv1.DelegatedIdentityClient, pid int, spiffeID string) (*x509svid.SVID, string, error) {
-	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	defer cancel()
-	stream, err := client.SubscribeToX509SVIDs(ctx, &delegatedidentityv1.SubscribeToX509SVIDsRequest{Pid: int32(pid)})
-	if err != nil {
-		return nil, "", err
-	}
-	desc := "no reply"
-	for {
-		resp, err := stream.Recv()
-		if err != nil {
-			if status.Code(err) == codes.DeadlineExceeded || errors.Is(err, context.DeadlineExceeded) {
-				return nil, desc, nil
-			}
-			return nil, desc, err
-		}
-		var ids []string
-		for _, sv := range resp.GetX509Svids() {
-			id := sv.GetX509Svid().GetId()
-			got := "spiffe://" + id.GetTrustDomain() + id.GetPath()
-			ids = append(ids, got)
-			if got != spiffeID {
-				continue
-			}
-			var raw []byte
-			for _, c := range sv.GetX509Svid().GetCertChain() {
-				raw = append(raw, c...)
-			}
-			svid, err := x509svid.ParseRaw(raw, sv.GetX509SvidKey())
-			if err != nil {
-				return nil, "", fmt.Errorf("parsing SVID %s: %w", got, err)
-			}
-			return svid, "", nil
-		}
-		desc = fmt.Sprintf("reply with %d SVIDs %v", len(ids), ids)
-	}
 }
 
 func freePort(t testing.TB) int {
