@@ -18,6 +18,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/noderesource/spiffe-oci-hook/internal/brokersvid"
 	"github.com/noderesource/spiffe-oci-hook/internal/config"
 	"github.com/noderesource/spiffe-oci-hook/internal/spiretest"
 )
@@ -128,6 +129,21 @@ func newNodeAPI(t *testing.T, dir, api string) *node {
 	n.spire.CreateEntry(t, hookID, []string{"unix:uid:0", "unix:path:" + n.hookBin}, time.Hour)
 	n.spire.CreateEntry(t, refresherID, []string{"unix:uid:0", "unix:path:" + refresherBin}, time.Hour)
 	n.startRefresher(t, refresherBin)
+	if api == config.APIBroker {
+		// The hook presents the broker SVID the refresher writes once the
+		// Workload API has given it one; until then it refuses containers.
+		deadline := time.Now().Add(30 * time.Second)
+		for {
+			id, err := brokersvid.Load(brokersvid.Dir(n.stateDir), time.Now())
+			if err == nil && id.SVID.ID.String() == refresherID {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("no broker SVID for %s after 30 s (%v); refresher log:\n%s", refresherID, err, tail(n.refLog, 40))
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
 	return n
 }
 
