@@ -46,7 +46,9 @@ DOCS := $(wildcard README.md)
 DOC_PAGES := $(wildcard docs/*.md)
 LICENSES := LICENSE
 
-# Where the test harness keeps the pinned SPIRE binaries.
+# Where the test harness keeps the pinned SPIRE binaries: 1.13.3 (and
+# spiffe-helper) in SPIRE_BIN_DIR, 1.15.3 (the primary line of the
+# end-to-end tests) in SPIRE_BIN_DIR/spire-1.15.
 SPIRE_BIN_DIR ?= $(CURDIR)/bin/test
 
 # Where the CRI tests (test/cri) find the pinned CRI-O, containerd and crictl.
@@ -147,6 +149,7 @@ test-deps:
 
 spire:
 	test/spire/build.sh $(SPIRE_BIN_DIR)
+	test/spire115/build.sh $(SPIRE_BIN_DIR)/spire-1.15
 
 # The pinned crictl, CRI-O (with pinns) and containerd for test/cri, one
 # after the other and after SPIRE (2 cores: about 5 minutes the first time,
@@ -173,12 +176,14 @@ demo: test-deps spire build
 # fake agent; about 3 minutes, rewrites the whole file), hookfloor (what
 # skipping the bundle RPC or a smaller exec floor would save the hook; about
 # a minute), podstart (pod start
-# under CRI-O and containerd per pattern; about 5 minutes) and node (a full
-# node of 110 pods under CRI-O with the real agent; about 9 minutes). The
-# last two replace only their own sections. BENCH_ROUNDS, BENCH_SCALES,
+# under CRI-O and containerd per pattern; about 5 minutes), node (a full
+# node of 110 pods under CRI-O with the real agent; about 9 minutes) and
+# broker (the hook with the Delegated Identity API against the SPIFFE
+# Broker API, on SPIRE 1.15.3; about 3 minutes). The last three replace
+# only their own sections. BENCH_ROUNDS, BENCH_SCALES,
 # BENCH_IDLE, BENCH_ROTATIONS, BENCH_POD_ROUNDS, BENCH_RUNTIMES,
 # BENCH_NODE_PODS, BENCH_NODE_TTL and BENCH_NODE_ROTATIONS tune them.
-BENCH_PARTS ?= runc hookfloor podstart node
+BENCH_PARTS ?= runc hookfloor podstart node broker
 bench: spire cri-tools build
 	@set -e; tmp=$$(mktemp -d /tmp/bench-bin.XXXXXX); trap 'rm -rf "$$tmp"' EXIT; \
 	ulimit -n $$(ulimit -Hn); \
@@ -188,6 +193,7 @@ bench: spire cri-tools build
 	hookfloor) $(GO) test -c -o "$$tmp/cri.test" ./test/cri; (cd test/cri && "$$tmp/cri.test" -test.run '^TestBenchHookFloor$$' -test.timeout 20m -test.v) ;; \
 	podstart) $(GO) test -c -o "$$tmp/cri.test" ./test/cri; (cd test/cri && "$$tmp/cri.test" -test.run '^TestBenchPodStart$$' -test.timeout 30m -test.v) ;; \
 	node) $(GO) test -c -o "$$tmp/cri.test" ./test/cri; (cd test/cri && "$$tmp/cri.test" -test.run '^TestBenchNode$$' -test.timeout 60m -test.v) ;; \
+	broker) $(GO) test -c -o "$$tmp/bench.test" ./test/bench; "$$tmp/bench.test" -test.run '^TestBenchBrokerAPI$$' -test.timeout 20m ;; \
 	*) echo "BENCH_PARTS: unknown part $$part" >&2; exit 2 ;; \
 	esac; done
 

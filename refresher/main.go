@@ -116,7 +116,7 @@ func run(args []string, stderr io.Writer) int {
 	srvDone := make(chan struct{})
 	go func() { srv.Serve(srvCtx); close(srvDone) }()
 	defer func() { srvStop(); <-srvDone }()
-	log.Info("starting", "version", version, "agent_admin_socket", cfg.AgentAdminSocket, "state_dir", cfg.StateDir, "metrics", addrs(srv))
+	log.Info("starting", "version", version, "agent_api", cfg.AgentAPI, "agent_socket", cfg.NodeAgentSocket(), "state_dir", cfg.StateDir, "metrics", addrs(srv))
 
 	// SIGHUP: reread the node configuration. A bad one is refused and the
 	// one in force stays; streams and files are never touched.
@@ -134,7 +134,7 @@ func run(args []string, stderr io.Writer) int {
 				continue
 			}
 			setLevel(next)
-			log.Info("configuration reloaded", "config", flags.Path(), "log_level", level.Level().String(), "agent_admin_socket", next.AgentAdminSocket)
+			log.Info("configuration reloaded", "config", flags.Path(), "log_level", level.Level().String(), "agent_socket", next.NodeAgentSocket())
 		}
 	}()
 

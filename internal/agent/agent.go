@@ -1,52 +1,102 @@
-// Package agent is the one client of the SPIRE agent's Delegated Identity
-// API (the admin socket) used by both the hook and the refresher.
+// Package agent is the one client of the SPIRE agent used by both the hook
+// and the refresher. It speaks either of the agent's two APIs that hand out
+// another process's identity, chosen by the node configuration:
 //
-// It turns the API's protobuf messages into go-spiffe values, so that
-// everything downstream handles certificates and keys that were parsed and
-// checked (leaf is an SVID, key matches, chain is well formed).
+//   - the Delegated Identity API (SPIRE's own, on the admin socket; the
+//     agent authorizes the caller by attesting its pid), and
+//   - the SPIFFE Broker API (the standard, SPIRE's experimental.broker
+//     endpoint from 1.15.2; the agent authorizes the caller by mutual TLS
+//     with the broker's own X.509-SVID).
+//
+// Both sit behind one Client (and the unexported api interface): callers
+// ask for a pid's SVIDs, bundles and JWT-SVIDs the same way, and get
+// go-spiffe values that were parsed and checked (leaf is an SVID, key
+// matches, chain is well formed), whichever API answered.
 package agent
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
-	"os"
 	"strings"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
-	delegatedidentityv1 "github.com/spiffe/spire-api-sdk/proto/spire/api/agent/delegatedidentity/v1"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
-	"google.golang.org/grpc/status"
 )
 
-// ErrNoIdentity means the agent answered but no registration entry matched the pid.
+// ErrNoIdentity means the agent answered but no registration entry matched
+// the pid (the Broker API's WORKLOAD_NOT_ENTITLED).
 var ErrNoIdentity = errors.New("no registration entry matches the container's process")
 
-// Client talks to one agent admin socket.
+// Errors callers may want to tell apart.
+var (
+	ErrUnavailable   = errors.New("agent unavailable")
+	ErrNotAuthorized = errors.New("caller is not an authorized delegate")
+	// ErrAttestationFailed: the agent could not attest the pid (its process
+	// is gone, or a workload attestor failed). SPIRE answers it with
+	// Unavailable "workload attestation failed" from 1.15.2, and the Broker
+	// API with WORKLOAD_NOT_FOUND. Worth a retry while the process lives.
+	ErrAttestationFailed = errors.New("the agent could not attest the container's process")
+	// ErrReferenceInvalid: the Broker API refused the workload reference
+	// (WORKLOAD_REFERENCE_INVALID): a bug here or a type the agent does
+	// not allow, never the container's doing.
+	ErrReferenceInvalid = errors.New("the agent refused the workload reference")
+)
+
+// api is one of the agent's two APIs, as the Client uses it. Each call
+// returns the answer as it came (raw DER, raw tokens); Client parses and
+// checks it the same way for both.
+type api interface {
+	// subscribeX509SVIDs opens the pid's SVID stream.
+	subscribeX509SVIDs(ctx context.Context, pid int) (func() (*rawX509, error), error)
+	// subscribeX509Bundles opens a stream of every trust domain's X.509
+	// bundle; pid is the workload the Broker API asks it for.
+	subscribeX509Bundles(ctx context.Context, pid int) (func() (map[string][]byte, error), error)
+	// fetchJWTSVIDs asks for the pid's JWT-SVIDs for audience.
+	fetchJWTSVIDs(ctx context.Context, pid int, audience []string) ([]rawJWT, error)
+	// subscribeJWTBundles opens a stream of every trust domain's JWKS.
+	subscribeJWTBundles(ctx context.Context, pid int) (func() (map[string][]byte, error), error)
+	// explain turns an error of a call about pid (0: none) into one that
+	// says what the operator should do, wrapping the errors above.
+	explain(err error, pid int) error
+}
+
+// rawX509 is one SVID update as the API sent it.
+type rawX509 struct {
+	svids []rawSVID
+	// federatesWith names foreign trust domains (SPIFFE IDs or names).
+	federatesWith []string
+	// bundles, when not nil, are the bundles the update itself carries
+	// (Broker API): keyed by trust domain, raw DER.
+	bundles map[string][]byte
+}
+
+type rawSVID struct {
+	chain []byte // DER, leaf first
+	key   []byte // PKCS#8 DER
+	hint  string
+}
+
+// rawJWT is one JWT-SVID as the API sent it.
+type rawJWT struct {
+	id       string // SPIFFE ID
+	token    string
+	issuedAt int64 // unix seconds; 0 if the API does not say
+}
+
+// Client talks to one agent socket through one of its APIs.
 type Client struct {
 	socket string
 	conn   *grpc.ClientConn
-	api    delegatedidentityv1.DelegatedIdentityClient
+	api    api
+	// bundlesInUpdates: the API's SVID updates carry the bundles the
+	// workload trusts (Broker API), so FetchX509 needs no bundle stream.
+	bundlesInUpdates bool
 }
 
-// New returns a client for the admin socket at path. It does not connect
-// until the first call. opts add to the defaults (the refresher bounds
-// gRPC's reconnect backoff with them).
-func New(socket string, opts ...grpc.DialOption) (*Client, error) {
-	opts = append([]grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials())}, opts...)
-	conn, err := grpc.NewClient("unix:"+socket, opts...)
-	if err != nil {
-		return nil, fmt.Errorf("agent %s: %w", socket, err)
-	}
-	return &Client{socket: socket, conn: conn, api: delegatedidentityv1.NewDelegatedIdentityClient(conn)}, nil
-}
-
-// Socket returns the admin socket path.
+// Socket returns the agent socket path.
 func (c *Client) Socket() string { return c.socket }
 
 // Close closes the connection and every stream on it.
@@ -59,53 +109,68 @@ type X509SVIDs struct {
 	// FederatesWith names the foreign trust domains whose bundles the
 	// SVIDs' holder should trust.
 	FederatesWith []spiffeid.TrustDomain
+	// Bundles, when not nil, are the bundles that came with this update
+	// (Broker API: the SVIDs' own trust domain and the federated ones, for
+	// this workload only). Nil: use the agent's bundle stream.
+	Bundles *x509bundle.Set
 }
 
 // SVIDStream receives X.509 SVID updates for one pid.
 type SVIDStream struct {
-	pid    int
-	socket string
-	stream grpc.ServerStreamingClient[delegatedidentityv1.SubscribeToX509SVIDsResponse]
+	pid  int
+	c    *Client
+	recv func() (*rawX509, error)
 }
 
 // SubscribeX509SVIDs opens a stream of X.509 SVIDs for the process pid.
 // The agent attests pid once, when the stream opens; keeping pid's process
 // the same one (pidfd) and closing the stream are the caller's job.
 func (c *Client) SubscribeX509SVIDs(ctx context.Context, pid int) (*SVIDStream, error) {
-	s, err := c.api.SubscribeToX509SVIDs(ctx, &delegatedidentityv1.SubscribeToX509SVIDsRequest{Pid: int32(pid)})
+	recv, err := c.api.subscribeX509SVIDs(ctx, pid)
 	if err != nil {
-		return nil, c.explain(err)
+		return nil, c.api.explain(err, pid)
 	}
-	return &SVIDStream{pid: pid, socket: c.socket, stream: s}, nil
+	return &SVIDStream{pid: pid, c: c, recv: recv}, nil
 }
 
 // Recv waits for the next update. An update with no SVID is ErrNoIdentity.
 func (s *SVIDStream) Recv() (*X509SVIDs, error) {
-	resp, err := s.stream.Recv()
+	raw, err := s.recv()
 	if err != nil {
-		return nil, explain(s.socket, err)
+		return nil, s.c.api.explain(err, s.pid)
 	}
-	if len(resp.X509Svids) == 0 {
-		return nil, fmt.Errorf("agent %s: pid %d: %w", s.socket, s.pid, ErrNoIdentity)
+	return s.c.parseX509(raw, s.pid)
+}
+
+func (c *Client) parseX509(raw *rawX509, pid int) (*X509SVIDs, error) {
+	if len(raw.svids) == 0 {
+		return nil, fmt.Errorf("agent %s: pid %d: %w", c.socket, pid, ErrNoIdentity)
 	}
 	out := &X509SVIDs{}
-	for i, sv := range resp.X509Svids {
-		if sv.X509Svid == nil {
-			return nil, fmt.Errorf("agent %s: SVID %d for pid %d is empty", s.socket, i, s.pid)
+	for i, sv := range raw.svids {
+		if len(sv.chain) == 0 {
+			return nil, fmt.Errorf("agent %s: SVID %d for pid %d is empty", c.socket, i, pid)
 		}
-		svid, err := x509svid.ParseRaw(bytes.Join(sv.X509Svid.CertChain, nil), sv.X509SvidKey)
+		svid, err := x509svid.ParseRaw(sv.chain, sv.key)
 		if err != nil {
-			return nil, fmt.Errorf("agent %s: SVID %d for pid %d: %w", s.socket, i, s.pid, err)
+			return nil, fmt.Errorf("agent %s: SVID %d for pid %d: %w", c.socket, i, pid, err)
 		}
-		svid.Hint = sv.X509Svid.Hint
+		svid.Hint = sv.hint
 		out.SVIDs = append(out.SVIDs, svid)
 	}
-	for _, td := range resp.FederatesWith {
+	for _, td := range raw.federatesWith {
 		t, err := spiffeid.TrustDomainFromString(td)
 		if err != nil {
-			return nil, fmt.Errorf("agent %s: federated trust domain %q: %w", s.socket, td, err)
+			return nil, fmt.Errorf("agent %s: federated trust domain %q: %w", c.socket, td, err)
 		}
 		out.FederatesWith = append(out.FederatesWith, t)
+	}
+	if raw.bundles != nil {
+		set, err := c.parseBundles(raw.bundles)
+		if err != nil {
+			return nil, err
+		}
+		out.Bundles = set
 	}
 	return out, nil
 }
@@ -113,42 +178,54 @@ func (s *SVIDStream) Recv() (*X509SVIDs, error) {
 // BundleStream receives X.509 bundle updates: every trust domain the agent
 // knows, its own and federated ones.
 type BundleStream struct {
-	socket string
-	stream grpc.ServerStreamingClient[delegatedidentityv1.SubscribeToX509BundlesResponse]
+	c    *Client
+	recv func() (map[string][]byte, error)
 }
 
-// SubscribeX509Bundles opens the stream of X.509 bundles.
+// SubscribeX509Bundles opens the stream of X.509 bundles. The Broker API
+// asks for them on behalf of a workload: this process (the refresher, the
+// broker) is that workload; the agent's answer does not depend on it.
 func (c *Client) SubscribeX509Bundles(ctx context.Context) (*BundleStream, error) {
-	s, err := c.api.SubscribeToX509Bundles(ctx, &delegatedidentityv1.SubscribeToX509BundlesRequest{})
+	return c.subscribeX509Bundles(ctx, selfPID())
+}
+
+func (c *Client) subscribeX509Bundles(ctx context.Context, pid int) (*BundleStream, error) {
+	recv, err := c.api.subscribeX509Bundles(ctx, pid)
 	if err != nil {
-		return nil, c.explain(err)
+		return nil, c.api.explain(err, 0)
 	}
-	return &BundleStream{socket: c.socket, stream: s}, nil
+	return &BundleStream{c: c, recv: recv}, nil
 }
 
 // Recv waits for the next set of bundles.
 func (s *BundleStream) Recv() (*x509bundle.Set, error) {
-	resp, err := s.stream.Recv()
+	raw, err := s.recv()
 	if err != nil {
-		return nil, explain(s.socket, err)
+		return nil, s.c.api.explain(err, 0)
 	}
+	return s.c.parseBundles(raw)
+}
+
+func (c *Client) parseBundles(raw map[string][]byte) (*x509bundle.Set, error) {
 	set := x509bundle.NewSet()
-	for id, der := range resp.CaCertificates {
+	for id, der := range raw {
 		td, err := spiffeid.TrustDomainFromString(id)
 		if err != nil {
-			return nil, fmt.Errorf("agent %s: bundle trust domain %q: %w", s.socket, id, err)
+			return nil, fmt.Errorf("agent %s: bundle trust domain %q: %w", c.socket, id, err)
 		}
 		b, err := x509bundle.ParseRaw(td, der)
 		if err != nil {
-			return nil, fmt.Errorf("agent %s: bundle of %s: %w", s.socket, td, err)
+			return nil, fmt.Errorf("agent %s: bundle of %s: %w", c.socket, td, err)
 		}
 		set.Add(b)
 	}
 	return set, nil
 }
 
-// FetchX509 returns the first SVID update for pid and the first bundle set,
-// asking for both at once.
+// FetchX509 returns the first SVID update for pid and the bundles its
+// holder trusts. With the Delegated Identity API it asks for both at
+// once; the Broker API's update carries the bundles itself, so one call
+// (and one attestation) is all it takes.
 func (c *Client) FetchX509(ctx context.Context, pid int) (*X509SVIDs, *x509bundle.Set, error) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -158,16 +235,18 @@ func (c *Client) FetchX509(ctx context.Context, pid int) (*X509SVIDs, *x509bundl
 		err error
 	}
 	bundles := make(chan bundleResult, 1)
-	go func() {
-		s, err := c.SubscribeX509Bundles(ctx)
-		if err == nil {
-			var set *x509bundle.Set
-			set, err = s.Recv()
-			bundles <- bundleResult{set, err}
-			return
-		}
-		bundles <- bundleResult{nil, err}
-	}()
+	if !c.bundlesInUpdates {
+		go func() {
+			s, err := c.subscribeX509Bundles(ctx, pid)
+			if err == nil {
+				var set *x509bundle.Set
+				set, err = s.Recv()
+				bundles <- bundleResult{set, err}
+				return
+			}
+			bundles <- bundleResult{nil, err}
+		}()
+	}
 
 	s, err := c.SubscribeX509SVIDs(ctx, pid)
 	if err != nil {
@@ -177,48 +256,18 @@ func (c *Client) FetchX509(ctx context.Context, pid int) (*X509SVIDs, *x509bundl
 	if err != nil {
 		return nil, nil, err
 	}
+	if c.bundlesInUpdates {
+		if svids.Bundles == nil {
+			return nil, nil, fmt.Errorf("agent %s: the SVID update for pid %d carries no bundle", c.socket, pid)
+		}
+		return svids, svids.Bundles, nil
+	}
 	b := <-bundles
 	if b.err != nil {
 		return nil, nil, b.err
 	}
 	return svids, b.set, nil
 }
-
-func (c *Client) explain(err error) error { return explain(c.socket, err) }
-
-// explain turns a gRPC error into one that says what the operator should
-// look at. The agent reports most failures on the first Recv, not on open.
-func explain(socket string, err error) error {
-	if errors.Is(err, context.DeadlineExceeded) {
-		return fmt.Errorf("agent %s did not answer in time: %w", socket, err)
-	}
-	st, ok := status.FromError(err)
-	if !ok {
-		return fmt.Errorf("agent %s: %w", socket, err)
-	}
-	switch st.Code() {
-	case codes.Unavailable:
-		if _, statErr := os.Stat(socket); statErr != nil {
-			return fmt.Errorf("agent admin socket %s is missing: start the SPIRE agent with admin_socket_path = %q (%w)", socket, socket, ErrUnavailable)
-		}
-		return fmt.Errorf("agent admin socket %s does not answer: is the SPIRE agent running? (%s) (%w)", socket, oneLine(st.Message()), ErrUnavailable)
-	case codes.PermissionDenied, codes.Unauthenticated:
-		exe, _ := os.Executable()
-		return fmt.Errorf("agent %s refused this caller (%s): add its SPIFFE ID to the agent's authorized_delegates and register it with selectors unix:uid:%d and unix:path:%s (%w)",
-			socket, oneLine(st.Message()), os.Getuid(), exe, ErrNotAuthorized)
-	case codes.DeadlineExceeded:
-		return fmt.Errorf("agent %s did not answer in time: %w", socket, context.DeadlineExceeded)
-	case codes.Canceled:
-		return fmt.Errorf("agent %s: %w", socket, context.Canceled)
-	}
-	return fmt.Errorf("agent %s: %s: %s", socket, st.Code(), oneLine(st.Message()))
-}
-
-// Errors callers may want to tell apart.
-var (
-	ErrUnavailable   = errors.New("agent unavailable")
-	ErrNotAuthorized = errors.New("caller is not an authorized delegate")
-)
 
 // Select picks the SVID a delivery asked for: the first by default, or the
 // one whose SPIFFE ID is want. It never returns an SVID the agent did not.

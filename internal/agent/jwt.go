@@ -11,10 +11,6 @@ import (
 	"github.com/spiffe/go-spiffe/v2/bundle/jwtbundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/jwtsvid"
-	delegatedidentityv1 "github.com/spiffe/spire-api-sdk/proto/spire/api/agent/delegatedidentity/v1"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/status"
 )
 
 // JWTSVID is one JWT-SVID the agent issued for a process.
@@ -36,32 +32,23 @@ func (s *JWTSVID) Lifetime() time.Duration { return s.Expiry.Sub(s.IssuedAt) }
 // agent attests pid when asked: the caller must check afterwards that its
 // pinned process is still alive before using the answer.
 func (c *Client) FetchJWTSVIDs(ctx context.Context, pid int, audience []string) ([]*JWTSVID, error) {
-	resp, err := c.api.FetchJWTSVIDs(ctx, &delegatedidentityv1.FetchJWTSVIDsRequest{Pid: int32(pid), Audience: audience})
+	raw, err := c.api.fetchJWTSVIDs(ctx, pid, audience)
 	if err != nil {
-		// The agent answers a pid no entry matches with PermissionDenied,
-		// which would otherwise read as this caller not being authorized.
-		if st, ok := status.FromError(err); ok && st.Code() == codes.PermissionDenied && strings.Contains(st.Message(), "no identity issued") {
-			return nil, fmt.Errorf("agent %s: pid %d: %w", c.socket, pid, ErrNoIdentity)
-		}
-		return nil, c.explain(err)
+		return nil, c.api.explain(err, pid)
 	}
-	if len(resp.Svids) == 0 {
+	if len(raw) == 0 {
 		return nil, fmt.Errorf("agent %s: pid %d: %w", c.socket, pid, ErrNoIdentity)
 	}
-	out := make([]*JWTSVID, 0, len(resp.Svids))
-	for i, sv := range resp.Svids {
-		if sv == nil || sv.Id == nil {
+	out := make([]*JWTSVID, 0, len(raw))
+	for i, sv := range raw {
+		if sv.id == "" {
 			return nil, fmt.Errorf("agent %s: JWT-SVID %d for pid %d is empty", c.socket, i, pid)
 		}
-		td, err := spiffeid.TrustDomainFromString(sv.Id.TrustDomain)
+		id, err := spiffeid.FromString(sv.id)
 		if err != nil {
 			return nil, fmt.Errorf("agent %s: JWT-SVID %d for pid %d: %w", c.socket, i, pid, err)
 		}
-		id, err := spiffeid.FromPath(td, sv.Id.Path)
-		if err != nil {
-			return nil, fmt.Errorf("agent %s: JWT-SVID %d for pid %d: %w", c.socket, i, pid, err)
-		}
-		parsed, err := jwtsvid.ParseInsecure(sv.Token, audience)
+		parsed, err := jwtsvid.ParseInsecure(sv.token, audience)
 		if err != nil {
 			return nil, fmt.Errorf("agent %s: JWT-SVID %d for pid %d: %w", c.socket, i, pid, err)
 		}
@@ -73,13 +60,19 @@ func (c *Client) FetchJWTSVIDs(ctx context.Context, pid int, audience []string) 
 				return nil, fmt.Errorf("agent %s: JWT-SVID %d for pid %d: token lacks audience %q", c.socket, i, pid, a)
 			}
 		}
-		issued := time.Unix(sv.IssuedAt, 0)
-		if sv.IssuedAt == 0 || !issued.Before(parsed.Expiry) {
+		issued := time.Unix(sv.issuedAt, 0)
+		if sv.issuedAt == 0 {
+			// The Broker API does not say; the token's iat does.
+			if iat, ok := parsed.Claims["iat"].(float64); ok {
+				issued = time.Unix(int64(iat), 0)
+			}
+		}
+		if issued.Unix() == 0 || !issued.Before(parsed.Expiry) {
 			// The lifetime drives renewal; without a sane issue time,
 			// count it from now.
 			issued = time.Now()
 		}
-		out = append(out, &JWTSVID{ID: id, Token: sv.Token, IssuedAt: issued, Expiry: parsed.Expiry})
+		out = append(out, &JWTSVID{ID: id, Token: sv.token, IssuedAt: issued, Expiry: parsed.Expiry})
 	}
 	return out, nil
 }
@@ -106,34 +99,39 @@ type JWTBundles map[spiffeid.TrustDomain][]byte
 // JWTBundleStream receives JWT bundle updates: every trust domain the
 // agent knows.
 type JWTBundleStream struct {
-	socket string
-	stream grpc.ServerStreamingClient[delegatedidentityv1.SubscribeToJWTBundlesResponse]
+	c    *Client
+	recv func() (map[string][]byte, error)
 }
 
-// SubscribeJWTBundles opens the stream of JWT bundles.
+// SubscribeJWTBundles opens the stream of JWT bundles. As with
+// SubscribeX509Bundles, the Broker API asks on behalf of this process.
 func (c *Client) SubscribeJWTBundles(ctx context.Context) (*JWTBundleStream, error) {
-	s, err := c.api.SubscribeToJWTBundles(ctx, &delegatedidentityv1.SubscribeToJWTBundlesRequest{})
+	return c.subscribeJWTBundles(ctx, selfPID())
+}
+
+func (c *Client) subscribeJWTBundles(ctx context.Context, pid int) (*JWTBundleStream, error) {
+	recv, err := c.api.subscribeJWTBundles(ctx, pid)
 	if err != nil {
-		return nil, c.explain(err)
+		return nil, c.api.explain(err, 0)
 	}
-	return &JWTBundleStream{socket: c.socket, stream: s}, nil
+	return &JWTBundleStream{c: c, recv: recv}, nil
 }
 
 // Recv waits for the next set of JWT bundles.
 func (s *JWTBundleStream) Recv() (JWTBundles, error) {
-	resp, err := s.stream.Recv()
+	raw, err := s.recv()
 	if err != nil {
-		return nil, explain(s.socket, err)
+		return nil, s.c.api.explain(err, 0)
 	}
-	out := make(JWTBundles, len(resp.Bundles))
-	for id, jwks := range resp.Bundles {
+	out := make(JWTBundles, len(raw))
+	for id, jwks := range raw {
 		// Keyed by the trust domain's SPIFFE ID (spiffe://example.org).
 		td, err := spiffeid.TrustDomainFromString(id)
 		if err != nil {
-			return nil, fmt.Errorf("agent %s: JWT bundle trust domain %q: %w", s.socket, id, err)
+			return nil, fmt.Errorf("agent %s: JWT bundle trust domain %q: %w", s.c.socket, id, err)
 		}
 		if _, err := jwtbundle.Parse(td, jwks); err != nil {
-			return nil, fmt.Errorf("agent %s: JWT bundle of %s: %w", s.socket, td, err)
+			return nil, fmt.Errorf("agent %s: JWT bundle of %s: %w", s.c.socket, td, err)
 		}
 		out[td] = jwks
 	}
@@ -200,7 +198,9 @@ func (c *Client) FetchJWT(ctx context.Context, pid int, req JWTRequest) (*JWT, e
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			s, err := c.SubscribeJWTBundles(ctx)
+			// Asked on behalf of the container itself (the Broker API
+			// scopes bundles to the workload referenced).
+			s, err := c.subscribeJWTBundles(ctx, pid)
 			if err == nil {
 				out.Bundles, err = s.Recv()
 			}

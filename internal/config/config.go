@@ -20,6 +20,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"gopkg.in/yaml.v3"
 )
 
@@ -34,13 +35,35 @@ const (
 	FailOpen = "fail-open"
 )
 
+// Agent APIs (agent_api).
+const (
+	// APIDelegated is SPIRE's Delegated Identity API on the admin socket.
+	APIDelegated = "delegated"
+	// APIBroker is the SPIFFE Broker API (SPIRE 1.15.2+, experimental.broker).
+	APIBroker = "broker"
+)
+
 // Config is the node configuration.
 type Config struct {
+	// AgentAPI is the agent API the hook and the refresher speak:
+	// APIDelegated (the default) or APIBroker.
+	AgentAPI string `yaml:"agent_api"`
 	// AgentAdminSocket is the SPIRE agent's admin socket (admin_socket_path),
 	// which serves the Delegated Identity API.
 	AgentAdminSocket string `yaml:"agent_admin_socket"`
-	// AllowedAgentSockets lists further admin sockets that a container's
-	// spire_agent_address may name. AgentAdminSocket is always allowed.
+	// BrokerSocket is the agent's SPIFFE Broker API socket
+	// (experimental.broker.socket_path), used with APIBroker.
+	BrokerSocket string `yaml:"broker_socket"`
+	// WorkloadAPISocket is the agent's Workload API socket, from which the
+	// refresher fetches its own X.509-SVID, the broker SVID (APIBroker).
+	WorkloadAPISocket string `yaml:"workload_api_socket"`
+	// BrokerSPIFFEID picks, among the refresher's own SVIDs from the
+	// Workload API, the one to present to the Broker API (one listed in
+	// the agent's brokers). Empty: the Workload API's default SVID.
+	BrokerSPIFFEID string `yaml:"broker_spiffe_id"`
+	// AllowedAgentSockets lists further agent sockets (admin or broker,
+	// as agent_api says) that a container's spire_agent_address may name.
+	// The node's own (NodeAgentSocket) is always allowed.
 	AllowedAgentSockets []string `yaml:"allowed_agent_sockets"`
 	// StateDir holds the per-container files and records. It must be on
 	// tmpfs: keys never touch persistent disk.
@@ -134,6 +157,9 @@ func (c Config) StatusSocket() string {
 func RestartOnly(cur, next Config) error {
 	for _, s := range []struct{ key, a, b string }{
 		{"state_dir", cur.StateDir, next.StateDir},
+		{"agent_api", cur.AgentAPI, next.AgentAPI},
+		{"workload_api_socket", cur.WorkloadAPISocket, next.WorkloadAPISocket},
+		{"broker_spiffe_id", cur.BrokerSPIFFEID, next.BrokerSPIFFEID},
 		{"refresher.metrics_socket", cur.StatusSocket(), next.StatusSocket()},
 		{"refresher.metrics_address", cur.Refresher.MetricsAddress, next.Refresher.MetricsAddress},
 	} {
@@ -147,11 +173,14 @@ func RestartOnly(cur, next Config) error {
 // Default returns the configuration used when no file and no flag says otherwise.
 func Default() Config {
 	return Config{
-		AgentAdminSocket: "/run/spire/agent/admin/admin.sock",
-		StateDir:         "/run/spiffe-oci-hook",
-		Timeout:          10 * time.Second,
-		FailurePolicy:    FailClosed,
-		RefresherGrace:   2 * time.Minute,
+		AgentAPI:          APIDelegated,
+		AgentAdminSocket:  "/run/spire/agent/admin/admin.sock",
+		BrokerSocket:      "/run/spire/agent/broker/broker.sock",
+		WorkloadAPISocket: "/run/spire/agent/public/api.sock",
+		StateDir:          "/run/spiffe-oci-hook",
+		Timeout:           10 * time.Second,
+		FailurePolicy:     FailClosed,
+		RefresherGrace:    2 * time.Minute,
 		Refresher: Refresher{
 			BackoffMin:     500 * time.Millisecond,
 			BackoffMax:     30 * time.Second,
@@ -168,8 +197,22 @@ func Default() Config {
 
 // Validate checks that a configuration is usable.
 func (c Config) Validate() error {
+	if c.AgentAPI != APIDelegated && c.AgentAPI != APIBroker {
+		return fmt.Errorf("agent_api %q must be %q or %q", c.AgentAPI, APIDelegated, APIBroker)
+	}
 	if !filepath.IsAbs(c.AgentAdminSocket) {
 		return fmt.Errorf("agent_admin_socket %q must be an absolute path", c.AgentAdminSocket)
+	}
+	if !filepath.IsAbs(c.BrokerSocket) {
+		return fmt.Errorf("broker_socket %q must be an absolute path", c.BrokerSocket)
+	}
+	if !filepath.IsAbs(c.WorkloadAPISocket) {
+		return fmt.Errorf("workload_api_socket %q must be an absolute path", c.WorkloadAPISocket)
+	}
+	if c.BrokerSPIFFEID != "" {
+		if _, err := spiffeid.FromString(c.BrokerSPIFFEID); err != nil {
+			return fmt.Errorf("broker_spiffe_id %q: %w", c.BrokerSPIFFEID, err)
+		}
 	}
 	for _, s := range c.AllowedAgentSockets {
 		if !filepath.IsAbs(s) {
@@ -220,10 +263,19 @@ func (c Config) Validate() error {
 	return nil
 }
 
+// NodeAgentSocket is the agent socket of the API in use: broker_socket
+// with agent_api broker, agent_admin_socket otherwise.
+func (c Config) NodeAgentSocket() string {
+	if c.AgentAPI == APIBroker {
+		return c.BrokerSocket
+	}
+	return c.AgentAdminSocket
+}
+
 // AgentSocketAllowed reports whether socket is one the node allows a
 // container's annotation to name.
 func (c Config) AgentSocketAllowed(socket string) bool {
-	return socket == c.AgentAdminSocket || slices.Contains(c.AllowedAgentSockets, socket)
+	return socket == c.NodeAgentSocket() || slices.Contains(c.AllowedAgentSockets, socket)
 }
 
 // Parse reads a configuration file's content on top of the defaults.
@@ -251,7 +303,11 @@ func Bind(fs *flag.FlagSet) *Flags {
 	f := &Flags{fs: fs}
 	d := Default()
 	fs.StringVar(&f.path, "config", DefaultPath, "node configuration file (YAML); a missing default file means defaults")
+	fs.StringVar(&f.set.AgentAPI, "agent-api", d.AgentAPI, "agent API: delegated (Delegated Identity API) or broker (SPIFFE Broker API)")
 	fs.StringVar(&f.set.AgentAdminSocket, "agent-admin-socket", d.AgentAdminSocket, "SPIRE agent admin socket (Delegated Identity API)")
+	fs.StringVar(&f.set.BrokerSocket, "broker-socket", d.BrokerSocket, "SPIRE agent SPIFFE Broker API socket (agent_api broker)")
+	fs.StringVar(&f.set.WorkloadAPISocket, "workload-api-socket", d.WorkloadAPISocket, "SPIRE agent Workload API socket, source of the broker SVID (agent_api broker)")
+	fs.StringVar(&f.set.BrokerSPIFFEID, "broker-spiffe-id", "", "which of the refresher's own SVIDs is the broker identity (default: the Workload API's default SVID)")
 	fs.StringVar(&f.set.StateDir, "state-dir", d.StateDir, "state directory on tmpfs for per-container files and records")
 	fs.DurationVar(&f.set.Timeout, "timeout", d.Timeout, "bound on the whole exchange with the agent")
 	fs.Func("allowed-agent-sockets", "comma-separated further admin sockets an annotation's spire_agent_address may name", func(v string) error {
@@ -306,8 +362,20 @@ func (f *Flags) Load() (Config, error) {
 		return Config{}, fmt.Errorf("config: %w", err)
 	}
 
+	if explicit["agent-api"] {
+		c.AgentAPI = f.set.AgentAPI
+	}
 	if explicit["agent-admin-socket"] {
 		c.AgentAdminSocket = f.set.AgentAdminSocket
+	}
+	if explicit["broker-socket"] {
+		c.BrokerSocket = f.set.BrokerSocket
+	}
+	if explicit["workload-api-socket"] {
+		c.WorkloadAPISocket = f.set.WorkloadAPISocket
+	}
+	if explicit["broker-spiffe-id"] {
+		c.BrokerSPIFFEID = f.set.BrokerSPIFFEID
 	}
 	if explicit["state-dir"] {
 		c.StateDir = f.set.StateDir

@@ -23,7 +23,11 @@ func TestDefaultValid(t *testing.T) {
 
 func TestParse(t *testing.T) {
 	c, err := Parse([]byte(`
+agent_api: broker
 agent_admin_socket: /run/agent/admin.sock
+broker_socket: /run/agent/broker.sock
+workload_api_socket: /run/agent/api.sock
+broker_spiffe_id: spiffe://example.org/node/refresher
 allowed_agent_sockets: [/run/other/admin.sock, /run/third.sock]
 state_dir: /dev/shm/hook
 timeout: 3s
@@ -46,7 +50,11 @@ refresher:
 		t.Fatal(err)
 	}
 	want := Config{
+		AgentAPI:            APIBroker,
 		AgentAdminSocket:    "/run/agent/admin.sock",
+		BrokerSocket:        "/run/agent/broker.sock",
+		WorkloadAPISocket:   "/run/agent/api.sock",
+		BrokerSPIFFEID:      "spiffe://example.org/node/refresher",
 		AllowedAgentSockets: []string{"/run/other/admin.sock", "/run/third.sock"},
 		StateDir:            "/dev/shm/hook",
 		Timeout:             3 * time.Second,
@@ -132,6 +140,10 @@ func TestValidate(t *testing.T) {
 	}{
 		{"relative agent socket", func(c *Config) { c.AgentAdminSocket = "admin.sock" }, `agent_admin_socket "admin.sock" must be an absolute path`},
 		{"empty agent socket", func(c *Config) { c.AgentAdminSocket = "" }, "agent_admin_socket"},
+		{"unknown agent api", func(c *Config) { c.AgentAPI = "brokered" }, `agent_api "brokered" must be "delegated" or "broker"`},
+		{"relative broker socket", func(c *Config) { c.BrokerSocket = "broker.sock" }, `broker_socket "broker.sock" must be an absolute path`},
+		{"relative workload socket", func(c *Config) { c.WorkloadAPISocket = "api.sock" }, `workload_api_socket "api.sock" must be an absolute path`},
+		{"broker id not a SPIFFE ID", func(c *Config) { c.BrokerSPIFFEID = "https://example.org/x" }, `broker_spiffe_id "https://example.org/x"`},
 		{"relative allowed socket", func(c *Config) { c.AllowedAgentSockets = []string{"/ok.sock", "rel.sock"} }, `allowed_agent_sockets entry "rel.sock"`},
 		{"relative state dir", func(c *Config) { c.StateDir = "run/hook" }, `state_dir "run/hook" must be an absolute path`},
 		{"zero timeout", func(c *Config) { c.Timeout = 0 }, "timeout 0s must be positive"},
@@ -186,6 +198,13 @@ func TestAgentSocketAllowed(t *testing.T) {
 			t.Errorf("AgentSocketAllowed(%q) = %v, want %v", socket, got, want)
 		}
 	}
+	// With the Broker API the node's socket is broker_socket; the admin
+	// socket is no longer one a container may name.
+	c.AgentAPI = APIBroker
+	if c.NodeAgentSocket() != c.BrokerSocket || !c.AgentSocketAllowed(c.BrokerSocket) || c.AgentSocketAllowed(c.AgentAdminSocket) {
+		t.Errorf("agent_api broker: node socket %q, broker socket allowed %v, admin socket allowed %v",
+			c.NodeAgentSocket(), c.AgentSocketAllowed(c.BrokerSocket), c.AgentSocketAllowed(c.AgentAdminSocket))
+	}
 }
 
 func writeFile(t *testing.T, content string) string {
@@ -226,7 +245,10 @@ refresher:
   rescan_interval: 5m
 `)
 	fileCfg := Config{
+		AgentAPI:            APIDelegated,
 		AgentAdminSocket:    "/file/admin.sock",
+		BrokerSocket:        Default().BrokerSocket,
+		WorkloadAPISocket:   Default().WorkloadAPISocket,
 		AllowedAgentSockets: []string{"/file/other.sock"},
 		StateDir:            "/file/state",
 		Timeout:             4 * time.Second,
@@ -269,7 +291,10 @@ refresher:
 
 	// Every flag set.
 	c, err = load(t, true, "--config", p,
+		"--agent-api", "broker",
 		"--agent-admin-socket", "/flag/admin.sock",
+		"--broker-socket", "/flag/broker.sock",
+		"--workload-api-socket", "/flag/api.sock",
 		"--state-dir", "/flag/state",
 		"--timeout", "1s",
 		"--failure-policy", FailClosed,
@@ -289,7 +314,10 @@ refresher:
 		t.Fatal(err)
 	}
 	want = Config{
+		AgentAPI:            APIBroker,
 		AgentAdminSocket:    "/flag/admin.sock",
+		BrokerSocket:        "/flag/broker.sock",
+		WorkloadAPISocket:   "/flag/api.sock",
 		AllowedAgentSockets: []string{"/file/other.sock"},
 		StateDir:            "/flag/state",
 		Timeout:             time.Second,
@@ -389,9 +417,8 @@ func FuzzParse(f *testing.F) {
 		}
 		// Validate must not panic, whatever was parsed.
 		_ = c.Validate()
-		_ = c.AgentSocketAllowed(c.AgentAdminSocket)
-		if !c.AgentSocketAllowed(c.AgentAdminSocket) {
-			t.Fatalf("the configured agent socket %q is not allowed", c.AgentAdminSocket)
+		if !c.AgentSocketAllowed(c.NodeAgentSocket()) {
+			t.Fatalf("the configured agent socket %q is not allowed", c.NodeAgentSocket())
 		}
 	})
 }
@@ -420,6 +447,9 @@ func TestRestartOnly(t *testing.T) {
 		{"state_dir", func(c *Config) { c.StateDir = "/run/elsewhere" }},
 		{"refresher.metrics_socket", func(c *Config) { c.Refresher.MetricsSocket = "/run/m.sock" }},
 		{"refresher.metrics_address", func(c *Config) { c.Refresher.MetricsAddress = ":9464" }},
+		{"agent_api", func(c *Config) { c.AgentAPI = APIBroker }},
+		{"workload_api_socket", func(c *Config) { c.WorkloadAPISocket = "/run/other/api.sock" }},
+		{"broker_spiffe_id", func(c *Config) { c.BrokerSPIFFEID = "spiffe://example.org/b" }},
 	} {
 		next := cur
 		tc.mutate(&next)

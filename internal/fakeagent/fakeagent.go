@@ -45,6 +45,9 @@ type Agent struct {
 	TTL time.Duration
 	// Refuse, when set, is returned to every new stream (PermissionDenied, ...).
 	Refuse error
+	// RefuseSVIDs, when set, is returned to every new SVID stream only
+	// (a pid the agent cannot attest), while bundles still flow.
+	RefuseSVIDs error
 	// Hang makes new streams block without ever sending.
 	Hang bool
 	// federated maps foreign trust domains to their CA: the bundle stream
@@ -60,6 +63,7 @@ type Agent struct {
 	changed    chan struct{}
 
 	svidStreams   atomic.Int64
+	svidCalls     atomic.Int64
 	bundleStreams atomic.Int64
 
 	srv *grpc.Server
@@ -181,11 +185,20 @@ func (a *Agent) Rotate() {
 // SVIDStreams is the number of open SubscribeToX509SVIDs streams.
 func (a *Agent) SVIDStreams() int64 { return a.svidStreams.Load() }
 
+// SVIDCalls is the number of SVID streams ever opened.
+func (a *Agent) SVIDCalls() int64 { return a.svidCalls.Load() }
+
 // BundleStreams is the number of open SubscribeToX509Bundles streams.
 func (a *Agent) BundleStreams() int64 { return a.bundleStreams.Load() }
 
 // CA returns the trust domain's CA certificate.
 func (a *Agent) CA() *x509.Certificate { return a.caCert }
+
+func (a *Agent) refuseSVIDs() error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.RefuseSVIDs
+}
 
 func (a *Agent) wait(ctx context.Context) (refuse error, hang bool, changed chan struct{}) {
 	a.mu.Lock()
@@ -197,8 +210,12 @@ func (a *Agent) wait(ctx context.Context) (refuse error, hang bool, changed chan
 func (a *Agent) SubscribeToX509SVIDs(req *delegatedidentityv1.SubscribeToX509SVIDsRequest, stream delegatedidentityv1.DelegatedIdentity_SubscribeToX509SVIDsServer) error {
 	a.svidStreams.Add(1)
 	defer a.svidStreams.Add(-1)
+	a.svidCalls.Add(1)
 	refuse, hang, _ := a.wait(stream.Context())
 	if refuse != nil {
+		return refuse
+	}
+	if refuse := a.refuseSVIDs(); refuse != nil {
 		return refuse
 	}
 	if hang {

@@ -15,6 +15,7 @@ import (
 
 	"github.com/noderesource/spiffe-oci-hook/internal/agent"
 	"github.com/noderesource/spiffe-oci-hook/internal/annotations"
+	"github.com/noderesource/spiffe-oci-hook/internal/brokersvid"
 	"github.com/noderesource/spiffe-oci-hook/internal/config"
 	"github.com/noderesource/spiffe-oci-hook/internal/files"
 	"github.com/noderesource/spiffe-oci-hook/internal/mount"
@@ -121,7 +122,7 @@ func hasIdentityKey(ann map[string]string) bool {
 func (h *Hook) AgentSocket(req *Request) (string, error) {
 	socket := ""
 	for i, d := range req.Deliveries {
-		s := h.Config.AgentAdminSocket
+		s := h.Config.NodeAgentSocket()
 		if d.AgentAddress != "" {
 			if !h.Config.AgentSocketAllowed(d.AgentAddress) {
 				return "", fmt.Errorf("annotation %s: delivery %d: spire_agent_address %q is not allowed by the node configuration (allowed_agent_sockets); remove it to use the node's agent", req.Key, i, d.AgentAddress)
@@ -171,7 +172,7 @@ func (h *Hook) Create(ctx context.Context, req *Request) (err error) {
 
 	ctx, cancel := context.WithTimeout(ctx, h.Config.Timeout)
 	defer cancel()
-	client, err := agent.New(socket)
+	client, err := h.client(socket)
 	if err != nil {
 		return err
 	}
@@ -301,6 +302,20 @@ func (h *Hook) CheckRefresher(now time.Time) error {
 			last.UTC().Format(time.RFC3339), now.Sub(last).Round(time.Second), h.Config.RefresherGrace, refresherHint)
 	}
 	return nil
+}
+
+// client returns a client of the node's agent API on socket. With the
+// Broker API the hook presents the broker SVID the refresher keeps in the
+// state directory: a file read, no call to the agent.
+func (h *Hook) client(socket string) (*agent.Client, error) {
+	if h.Config.AgentAPI != config.APIBroker {
+		return agent.New(socket)
+	}
+	id, err := brokersvid.Load(brokersvid.Dir(h.Config.StateDir), time.Now())
+	if err != nil {
+		return nil, err
+	}
+	return agent.NewBroker(socket, id)
 }
 
 // fetchJWT starts fetching the JWT material the deliveries ask for and

@@ -39,7 +39,7 @@ type agentConn struct {
 	jwtOnce    sync.Once
 }
 
-func newAgentConn(ctx context.Context, socket string, settings func() config.Refresher, log *slog.Logger) *agentConn {
+func newAgentConn(ctx context.Context, socket string, settings func() config.Refresher, dial func(string, ...grpc.DialOption) (*agent.Client, error), log *slog.Logger) *agentConn {
 	cfg := settings()
 	a := &agentConn{
 		socket:    socket,
@@ -52,7 +52,7 @@ func newAgentConn(ctx context.Context, socket string, settings func() config.Ref
 	// gRPC reconnects on its own schedule; bound it by the same backoff,
 	// so that streams resume soon after the agent comes back. (Fixed for
 	// the connection's life: a reload changes only the retry delays.)
-	client, err := agent.New(socket, grpc.WithConnectParams(grpc.ConnectParams{
+	client, err := dial(socket, grpc.WithConnectParams(grpc.ConnectParams{
 		Backoff:           backoff.Config{BaseDelay: cfg.BackoffMin, Multiplier: 1.6, Jitter: 0.2, MaxDelay: cfg.BackoffMax},
 		MinConnectTimeout: 5 * time.Second,
 	}))
@@ -203,6 +203,10 @@ func errKind(err error) string {
 		return "not-authorized"
 	case errors.Is(err, agent.ErrNoIdentity):
 		return "no-identity"
+	case errors.Is(err, agent.ErrAttestationFailed):
+		// Logged once, retried with backoff: a failed attestation of a
+		// live process is the agent's trouble and may pass.
+		return "attestation-failed"
 	}
 	return err.Error()
 }

@@ -273,9 +273,14 @@ func (c *container) write(ctx context.Context) (ok bool) {
 	if onWritePass != nil {
 		defer onWritePass(c.rec.ID, c.svids)
 	}
-	bundles, err := c.agent.Bundles(ctx)
-	if err != nil {
-		return true // stopping
+	// The Broker API's updates carry the container's own bundles; the
+	// Delegated Identity API's come from the agent's one bundle stream.
+	bundles := c.svids.Bundles
+	if bundles == nil {
+		var err error
+		if bundles, err = c.agent.Bundles(ctx); err != nil {
+			return true // stopping
+		}
 	}
 	select {
 	case c.r.writeSlots <- struct{}{}:

@@ -21,6 +21,8 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"golang.org/x/sys/unix"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"github.com/noderesource/spiffe-oci-hook/internal/fakeagent"
 	"github.com/noderesource/spiffe-oci-hook/internal/files"
@@ -524,5 +526,38 @@ func TestFaultStateDirFullRetry(t *testing.T) {
 			t.Fatalf("%d of %d containers still hold the pre-rotation files %s after space was freed: a failed write is retried only on the agent's next update", pending, len(ids), wait)
 		}
 		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// TestFaultAttestationFailed: from SPIRE 1.15.2 the agent answers a pid
+// it could not attest with Unavailable "workload attestation failed". The
+// refresher logs that once for the container, not as the agent being
+// down, keeps the files, and retries with backoff until it succeeds.
+func TestFaultAttestationFailed(t *testing.T) {
+	n := newNode(t)
+	id := n.deliver(n.workloadProcess().Process.Pid)
+	before := n.validCert(id)
+	n.agent.Configure(func(a *fakeagent.Agent) {
+		a.RefuseSVIDs = status.Error(codes.Unavailable, "workload attestation failed")
+	})
+	calls := n.agent.SVIDCalls()
+	n.start()
+	eventually(t, 10*time.Second, "the stream retried", func() bool { return n.agent.SVIDCalls() >= calls+3 })
+	if !bytes.Equal(n.validCert(id), before) {
+		t.Fatal("files changed while the agent could not attest the pid")
+	}
+	n.agent.Configure(func(a *fakeagent.Agent) { a.RefuseSVIDs = nil })
+	eventually(t, 10*time.Second, "rotation after attestation works again", func() bool {
+		return !bytes.Equal(n.validCert(id), before)
+	})
+	logs := n.logs.String()
+	if c := strings.Count(logs, "could not attest pid"); c != 1 {
+		t.Errorf("attestation failure logged %d times, want once:\n%s", c, logs)
+	}
+	if strings.Contains(logs, "agent unreachable") {
+		t.Errorf("a failed attestation was logged as the agent being unreachable:\n%s", logs)
+	}
+	if c := strings.Count(logs, "container stream healthy again"); c != 1 {
+		t.Errorf("recovery logged %d times, want once:\n%s", c, logs)
 	}
 }

@@ -26,6 +26,7 @@ import (
 
 	"github.com/fsnotify/fsnotify"
 
+	"github.com/noderesource/spiffe-oci-hook/internal/brokersvid"
 	"github.com/noderesource/spiffe-oci-hook/internal/config"
 	"github.com/noderesource/spiffe-oci-hook/internal/files"
 	"github.com/noderesource/spiffe-oci-hook/internal/metrics"
@@ -81,6 +82,8 @@ type Refresher struct {
 	// exited and before the refresher acts on it: it can hold the exit
 	// notice back until a new instance under the same ID is recorded.
 	holdExit func(id string)
+	// brokerID is the broker SVID (agent_api broker; followBrokerSVID).
+	brokerID *brokersvid.Holder
 
 	mu         sync.Mutex
 	containers map[string]*container
@@ -98,6 +101,7 @@ func New(cfg config.Config, log *slog.Logger) *Refresher {
 		agents:     map[string]*agentConn{},
 		writeSlots: make(chan struct{}, 2*runtime.GOMAXPROCS(0)),
 		reloaded:   make(chan struct{}, 1),
+		brokerID:   &brokersvid.Holder{},
 	}
 	r.auditReloaded = make(chan struct{}, 1)
 	r.live.Store(&cfg)
@@ -160,9 +164,16 @@ func (r *Refresher) Run(ctx context.Context, ready func()) error {
 		cancel()
 		r.wg.Wait()
 	}()
+	if r.cfg.AgentAPI == config.APIBroker {
+		r.wg.Add(1)
+		go func() {
+			defer r.wg.Done()
+			r.followBrokerSVID(ctx)
+		}()
+	}
 	// The node's agent is followed even with no container to serve, so
 	// that /readyz and spiffe_oci_agent_up tell whether it answers.
-	r.agent(ctx, r.live.Load().AgentAdminSocket)
+	r.agent(ctx, r.live.Load().NodeAgentSocket())
 	r.scan(ctx)
 	r.scanned.Store(true)
 	r.log.Info("ready", "state_dir", r.cfg.StateDir, "containers", r.Count())
@@ -192,7 +203,7 @@ func (r *Refresher) Run(ctx context.Context, ready func()) error {
 			case r.auditReloaded <- struct{}{}:
 			default:
 			}
-			r.agent(ctx, r.live.Load().AgentAdminSocket)
+			r.agent(ctx, r.live.Load().NodeAgentSocket())
 		case <-beat.C:
 			r.heartbeat()
 		case <-ctx.Done():
@@ -401,11 +412,20 @@ func (r *Refresher) agent(ctx context.Context, socket string) *agentConn {
 	defer r.mu.Unlock()
 	a, ok := r.agents[socket]
 	if !ok {
-		a = newAgentConn(ctx, socket, r.settings, r.log)
+		a = newAgentConn(ctx, socket, r.settings, r.dial, r.log)
 		r.agents[socket] = a
 		r.wg.Add(1)
 		go func() {
 			defer r.wg.Done()
+			if r.cfg.AgentAPI == config.APIBroker {
+				// Without the broker SVID every call fails at the TLS
+				// handshake: that is not the agent being unreachable.
+				select {
+				case <-r.brokerID.Ready():
+				case <-ctx.Done():
+					return
+				}
+			}
 			a.run(ctx, r.broadcastBundles)
 		}()
 	}
@@ -449,7 +469,7 @@ func (r *Refresher) broadcastBundles(a *agentConn) {
 // Report returns what the refresher serves now: the agents in use (the
 // node's, and those containers' records name) and every served container.
 func (r *Refresher) Report() status.Report {
-	node := r.live.Load().AgentAdminSocket
+	node := r.live.Load().NodeAgentSocket()
 	r.mu.Lock()
 	cs := make([]*container, 0, len(r.containers))
 	used := map[*agentConn]bool{}

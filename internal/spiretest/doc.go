@@ -1,19 +1,31 @@
-// Package spiretest runs a real SPIRE server and agent (v1.13.3, built from
-// the pinned tools module in test/spire) for integration tests. Import it
-// only from _test.go files.
+// Package spiretest runs a real SPIRE server and agent for integration
+// tests: v1.15.3 (V115, the primary line, built from the pinned tools
+// module in test/spire115) or v1.13.3 (V113, Options.Version, the
+// compatibility line, from test/spire). Import it only from _test.go files.
 //
 // Binaries:
 //
-//	func Binaries(t testing.TB) (server, agent string)
+//	func Binaries(t testing.TB) (server, agent string)           // V115
+//	func VersionBinaries(t testing.TB, version string) (server, agent string)
+//	func HelperBinary(t testing.TB) string                        // spiffe-helper (test/spire)
 //
-// returns the paths of spire-server and spire-agent. Unless SPIRE_BIN_DIR is
-// set, they live in <repo>/bin/test/ (the repo root is found by walking up
-// from the working directory to the go.mod of github.com/noderesource/spiffe-oci-hook)
-// and are (re)built by test/spire/build.sh, which is a no-op when they are
-// newer than test/spire/go.mod. The first build takes several minutes; run
-// `test/spire/build.sh bin/test` beforehand or give `go test` a -timeout
-// larger than 10m. With SPIRE_BIN_DIR set, existing binaries there are used
-// as-is and missing ones are built into that directory.
+// return the paths of spire-server and spire-agent. Unless SPIRE_BIN_DIR is
+// set, V113's live in <repo>/bin/test/ and V115's in <repo>/bin/test/spire-1.15/
+// (the repo root is found by walking up from the working directory to the
+// go.mod of github.com/noderesource/spiffe-oci-hook) and are (re)built by
+// test/spire/build.sh or test/spire115/build.sh, which are no-ops when the
+// binaries are newer than their go.mod. The first build takes several
+// minutes (about 14 for 1.15.3 on two cores); run `make spire` beforehand
+// or give `go test` a -timeout larger than 20m. With SPIRE_BIN_DIR set,
+// existing binaries there (and in its spire-1.15/) are used as-is and
+// missing ones are built into that directory.
+//
+// The SPIFFE Broker API (V115 only): Options.Broker adds the agent's
+// experimental.broker endpoint at s.BrokerSocket, admitting the harness
+// (always) and Options.Brokers with PID references; Options.NoAdminSocket
+// leaves admin_socket_path out altogether, and the harness then waits for
+// SVIDs through the Broker API with its own SVID from the Workload API
+// (s.HarnessIdentity, which tests also use as a broker SVID).
 //
 // Running SPIRE:
 //

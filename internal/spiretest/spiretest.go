@@ -3,9 +3,7 @@ package spiretest
 import (
 	"bufio"
 	"bytes"
-	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -18,14 +16,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
-	delegatedidentityv1 "github.com/spiffe/spire-api-sdk/proto/spire/api/agent/delegatedidentity/v1"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
-	"google.golang.org/grpc/status"
 )
 
 const (
@@ -56,6 +47,19 @@ type Options struct {
 	// 127.0.0.1:<free port> with the https_spiffe profile (see
 	// BundleEndpointURL and Federate).
 	BundleEndpoint bool
+	// Version is the SPIRE line: V115 (the default, the primary line of
+	// the tests) or V113 (the compatibility line).
+	Version string
+	// Broker serves the SPIFFE Broker API (experimental.broker, SPIRE
+	// 1.15.2+) at s.BrokerSocket, for the harness and Brokers.
+	Broker bool
+	// Brokers are SPIFFE IDs the broker endpoint admits, in addition to
+	// the harness's own ID (always added with Broker).
+	Brokers []string
+	// NoAdminSocket leaves admin_socket_path out of the agent's
+	// configuration: no Delegated Identity API at all. Needs Broker; the
+	// harness then waits for SVIDs through the Broker API.
+	NoAdminSocket bool
 }
 
 // SPIRE is a running SPIRE server + agent pair.
@@ -63,7 +67,9 @@ type SPIRE struct {
 	Dir            string // temp dir holding configs, data, sockets and logs
 	ServerSocket   string // spire-server API socket (for the CLI -socketPath)
 	WorkloadSocket string // agent Workload API socket
-	AdminSocket    string // agent admin socket (Delegated Identity API)
+	AdminSocket    string // agent admin socket (Delegated Identity API); "" with NoAdminSocket
+	BrokerSocket   string // agent SPIFFE Broker API socket; "" without Broker
+	Version        string // the SPIRE version running (V113 or V115)
 	TrustDomain    string
 	AgentID        string // spiffe://<td>/spire/agent/join_token/<token>; parent of CreateEntry entries
 	HarnessID      string // spiffe://<td>/spiretest/harness, the test process's identity
@@ -142,15 +148,31 @@ func modulePath(gomod []byte) string {
 	return ""
 }
 
-// Binaries returns the paths of spire-server and spire-agent, building them
-// with test/spire/build.sh when needed (see the package comment).
+// Binaries returns the paths of spire-server and spire-agent of the
+// primary line (V115), building them when needed (see the package comment).
 func Binaries(t testing.TB) (server, agent string) {
+	t.Helper()
+	return VersionBinaries(t, V115)
+}
+
+// VersionBinaries is Binaries for the SPIRE line version: V113 from
+// test/spire into SPIRE_BIN_DIR, V115 from test/spire115 into
+// SPIRE_BIN_DIR/spire-1.15.
+func VersionBinaries(t testing.TB, version string) (server, agent string) {
 	t.Helper()
 	root := RepoRoot(t)
 	dir := os.Getenv("SPIRE_BIN_DIR")
 	override := dir != ""
 	if !override {
 		dir = filepath.Join(root, "bin", "test")
+	}
+	module := "spire"
+	switch version {
+	case V113:
+	case V115:
+		dir, module = filepath.Join(dir, "spire-1.15"), "spire115"
+	default:
+		t.Fatalf("spiretest: unknown SPIRE version %q (want %s or %s)", version, V113, V115)
 	}
 	binMu.Lock()
 	defer binMu.Unlock()
@@ -159,7 +181,7 @@ func Binaries(t testing.TB) (server, agent string) {
 	}
 	server, agent = filepath.Join(dir, "spire-server"), filepath.Join(dir, "spire-agent")
 	if !override || !isExecutable(server) || !isExecutable(agent) {
-		script := filepath.Join(root, "test", "spire", "build.sh")
+		script := filepath.Join(root, "test", module, "build.sh")
 		t.Logf("spiretest: running %s %s (first build takes minutes)", script, dir)
 		start := time.Now()
 		cmd := exec.Command(script, dir)
@@ -188,7 +210,16 @@ func isExecutable(p string) bool {
 // Start starts a SPIRE server and agent; see the package comment.
 func Start(t testing.TB, opts Options) *SPIRE {
 	t.Helper()
-	serverBin, agentBin := Binaries(t)
+	if opts.Version == "" {
+		opts.Version = V115
+	}
+	if (opts.Broker || opts.NoAdminSocket) && opts.Version == V113 {
+		t.Fatalf("spiretest: SPIRE %s serves no Broker API (1.15.2+)", opts.Version)
+	}
+	if opts.NoAdminSocket && !opts.Broker {
+		t.Fatal("spiretest: NoAdminSocket needs Broker: the harness must reach the agent somehow")
+	}
+	serverBin, agentBin := VersionBinaries(t, opts.Version)
 
 	td := opts.TrustDomain
 	if td == "" {
@@ -207,6 +238,7 @@ func Start(t testing.TB, opts Options) *SPIRE {
 		ServerSocket:   filepath.Join(dir, "server", "api.sock"),
 		WorkloadSocket: filepath.Join(dir, "workload", "api.sock"),
 		AdminSocket:    filepath.Join(dir, "admin", "admin.sock"),
+		Version:        opts.Version,
 		TrustDomain:    td,
 		HarnessID:      "spiffe://" + td + HarnessPath,
 		ServerLog:      filepath.Join(dir, "server.log"),
@@ -215,12 +247,19 @@ func Start(t testing.TB, opts Options) *SPIRE {
 		agentBin:       agentBin,
 		agentConf:      filepath.Join(dir, "agent.conf"),
 	}
-	for _, d := range []string{"server", "workload", "admin", "agent-data"} {
+	if opts.NoAdminSocket {
+		s.AdminSocket = ""
+	}
+	if opts.Broker {
+		// Not in the Workload API socket's directory: SPIRE refuses that.
+		s.BrokerSocket = filepath.Join(dir, "broker", "broker.sock")
+	}
+	for _, d := range []string{"server", "workload", "admin", "broker", "agent-data"} {
 		if err := os.MkdirAll(filepath.Join(dir, d), 0o755); err != nil {
 			t.Fatalf("spiretest: %v", err)
 		}
 	}
-	if len(s.AdminSocket) > 100 || len(s.WorkloadSocket) > 100 {
+	if len(s.AdminSocket) > 100 || len(s.WorkloadSocket) > 100 || len(s.BrokerSocket) > 100 {
 		t.Fatalf("spiretest: socket path too long: %s", s.AdminSocket)
 	}
 	t.Cleanup(func() { s.cleanup(t) })
@@ -311,20 +350,24 @@ plugins {
 	for _, d := range delegates {
 		dl = append(dl, strconv.Quote(d))
 	}
+	admin := ""
+	if s.AdminSocket != "" {
+		admin = fmt.Sprintf("admin_socket_path = %q\n    authorized_delegates = [%s]", s.AdminSocket, strings.Join(dl, ", "))
+	}
 	writeFile(t, s.agentConf, fmt.Sprintf(`agent {
     data_dir = %q
     log_level = "DEBUG"
     server_address = "127.0.0.1"
     server_port = "%d"
     socket_path = %q
-    admin_socket_path = %q
+    %s
     trust_domain = %q
     insecure_bootstrap = true
     join_token = %q
-    authorized_delegates = [%s]
     experimental {
         # Poll the server for entries every second (default 5s).
         sync_interval = "1s"
+%s
     }
 }
 
@@ -344,8 +387,8 @@ plugins {
     }
 %s
 }
-`, filepath.Join(dir, "agent-data"), port, s.WorkloadSocket, s.AdminSocket, td, tok.Value,
-		strings.Join(dl, ", "), filepath.Join(dir, "agent-data"), opts.ExtraAgentPlugins))
+`, filepath.Join(dir, "agent-data"), port, s.WorkloadSocket, admin, td, tok.Value,
+		s.brokerConfig(opts), filepath.Join(dir, "agent-data"), opts.ExtraAgentPlugins))
 
 	s.StartAgent(t)
 	return s
@@ -425,6 +468,10 @@ func (s *SPIRE) StartAgent(t testing.TB) {
 	}
 	s.agent = s.spawn(t, "agent", s.agentBin, s.AgentLog, "run", "-config", s.agentConf)
 	s.mu.Unlock()
+	if s.AdminSocket == "" {
+		// The Broker API needs the harness's own SVID first.
+		s.harnessBroker(t, true)
+	}
 	s.WaitForSVID(t, os.Getpid(), s.HarnessID, startTimeout)
 }
 
@@ -496,198 +543,6 @@ func tail(path string, n int) string {
 		lines = lines[len(lines)-n:]
 	}
 	return strings.Join(lines, "\n")
-}
-
-// ServerCLI runs `spire-server ARGS...` and returns its stdout; it fails
-// the test on error. Pass -socketPath s.ServerSocket yourself.
-func (s *SPIRE) ServerCLI(t testing.TB, args ...string) []byte {
-	t.Helper()
-	cmd := exec.Command(s.serverBin, args...)
-	var stdout, stderr bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	if err := cmd.Run(); err != nil {
-		t.Fatalf("spiretest: spire-server %s: %v\nstdout: %s\nstderr: %s", strings.Join(args, " "), err, stdout.Bytes(), stderr.Bytes())
-	}
-	return stdout.Bytes()
-}
-
-// CreateEntry registers spiffeID for selectors ("type:value", e.g.
-// "unix:uid:0"), parented to the agent, and returns the entry ID. x509TTL 0
-// uses the server default.
-func (s *SPIRE) CreateEntry(t testing.TB, spiffeID string, selectors []string, x509TTL time.Duration) string {
-	t.Helper()
-	return s.CreateFederatedEntry(t, spiffeID, selectors, x509TTL)
-}
-
-// CreateFederatedEntry is CreateEntry for an entry that federates with the
-// trust domains federatesWith (names, e.g. "partner.test"): its SVIDs'
-// holders get those domains' bundles too.
-func (s *SPIRE) CreateFederatedEntry(t testing.TB, spiffeID string, selectors []string, x509TTL time.Duration, federatesWith ...string) string {
-	t.Helper()
-	var extra []string
-	for _, td := range federatesWith {
-		extra = append(extra, "-federatesWith", "spiffe://"+td)
-	}
-	if x509TTL > 0 {
-		extra = append(extra, "-x509SVIDTTL", strconv.Itoa(int(x509TTL/time.Second)))
-	}
-	return s.CreateEntryArgs(t, spiffeID, selectors, extra...)
-}
-
-// CreateEntryArgs is CreateEntry with further `spire-server entry create`
-// flags (e.g. "-jwtSVIDTTL", "120"); it returns the entry ID.
-func (s *SPIRE) CreateEntryArgs(t testing.TB, spiffeID string, selectors []string, extra ...string) string {
-	t.Helper()
-	args := []string{"entry", "create", "-socketPath", s.ServerSocket,
-		"-parentID", s.AgentID, "-spiffeID", spiffeID, "-output", "json"}
-	for _, sel := range selectors {
-		args = append(args, "-selector", sel)
-	}
-	out := s.ServerCLI(t, append(args, extra...)...)
-	var resp struct {
-		Results []struct {
-			Status struct {
-				Code    int    `json:"code"`
-				Message string `json:"message"`
-			} `json:"status"`
-			Entry struct {
-				ID string `json:"id"`
-			} `json:"entry"`
-		} `json:"results"`
-	}
-	if err := json.Unmarshal(out, &resp); err != nil {
-		t.Fatalf("spiretest: parsing entry create output %q: %v", out, err)
-	}
-	if len(resp.Results) != 1 || resp.Results[0].Status.Code != 0 || resp.Results[0].Entry.ID == "" {
-		t.Fatalf("spiretest: entry create failed: %s", out)
-	}
-	return resp.Results[0].Entry.ID
-}
-
-// DeleteEntry deletes a registration entry.
-func (s *SPIRE) DeleteEntry(t testing.TB, entryID string) {
-	t.Helper()
-	s.ServerCLI(t, "entry", "delete", "-socketPath", s.ServerSocket, "-entryID", entryID)
-}
-
-// BundlePEM returns the server's X.509 trust bundle (CA certificates) as PEM.
-func (s *SPIRE) BundlePEM(t testing.TB) []byte {
-	t.Helper()
-	return s.ServerCLI(t, "bundle", "show", "-socketPath", s.ServerSocket, "-format", "pem")
-}
-
-// TrustBundle returns the server's X.509 trust bundle.
-func (s *SPIRE) TrustBundle(t testing.TB) *x509bundle.Bundle {
-	t.Helper()
-	td := spiffeid.RequireTrustDomainFromString(s.TrustDomain)
-	b, err := x509bundle.Parse(td, s.BundlePEM(t))
-	if err != nil {
-		t.Fatalf("spiretest: parsing bundle: %v", err)
-	}
-	return b
-}
-
-// DelegatedClient dials the agent's admin socket. The returned func closes
-// the connection (it is also closed by t.Cleanup). The caller is the test
-// process, authorized as s.HarnessID.
-func (s *SPIRE) DelegatedClient(t testing.TB) (delegatedidentityv1.DelegatedIdentityClient, func()) {
-	t.Helper()
-	conn, err := grpc.NewClient("unix://"+s.AdminSocket, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatalf("spiretest: dialing admin socket: %v", err)
-	}
-	var once sync.Once
-	closeFn := func() { once.Do(func() { _ = conn.Close() }) }
-	t.Cleanup(closeFn)
-	return delegatedidentityv1.NewDelegatedIdentityClient(conn), closeFn
-}
-
-// WaitForSVID blocks until the agent's Delegated Identity API hands out an
-// X.509 SVID with spiffeID for pid, and returns it. It fails the test after
-// timeout, reporting the last error or the IDs that were offered.
-func (s *SPIRE) WaitForSVID(t testing.TB, pid int, spiffeID string, timeout time.Duration) *x509svid.SVID {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), timeout)
-	defer cancel()
-	client, closeConn := s.DelegatedClient(t)
-	defer closeConn()
-
-	var last string
-	for attempt := 0; ; attempt++ {
-		s.mu.Lock()
-		agent := s.agent
-		s.mu.Unlock()
-		if agent == nil || agent.exited() {
-			s.dumpLogs(t)
-			t.Fatalf("spiretest: WaitForSVID(%d, %s): agent is not running (%v)", pid, spiffeID, agentErr(agent))
-		}
-		svid, desc, err := subscribeOnce(ctx, client, pid, spiffeID)
-		if svid != nil {
-			return svid
-		}
-		if err != nil {
-			last = err.Error()
-		} else {
-			last = desc
-		}
-		if ctx.Err() != nil {
-			s.dumpLogs(t)
-			t.Fatalf("spiretest: WaitForSVID(pid %d, %s): not issued within %s; last: %s", pid, spiffeID, timeout, last)
-		}
-		// Back off briefly before re-subscribing after an error (the usual
-		// one is PermissionDenied until the harness entry reaches the agent).
-		select {
-		case <-ctx.Done():
-		case <-time.After(200 * time.Millisecond):
-		}
-	}
-}
-
-func agentErr(p *proc) error {
-	if p == nil {
-		return errors.New("never started")
-	}
-	return p.err
-}
-
-// subscribeOnce runs one SubscribeToX509SVIDs stream for up to a few
-// seconds, returning the wanted SVID, or a description of what was seen.
-func subscribeOnce(ctx context.Context, client delegatedidentityv1.DelegatedIdentityClient, pid int, spiffeID string) (*x509svid.SVID, string, error) {
-	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	defer cancel()
-	stream, err := client.SubscribeToX509SVIDs(ctx, &delegatedidentityv1.SubscribeToX509SVIDsRequest{Pid: int32(pid)})
-	if err != nil {
-		return nil, "", err
-	}
-	desc := "no reply"
-	for {
-		resp, err := stream.Recv()
-		if err != nil {
-			if status.Code(err) == codes.DeadlineExceeded || errors.Is(err, context.DeadlineExceeded) {
-				return nil, desc, nil
-			}
-			return nil, desc, err
-		}
-		var ids []string
-		for _, sv := range resp.GetX509Svids() {
-			id := sv.GetX509Svid().GetId()
-			got := "spiffe://" + id.GetTrustDomain() + id.GetPath()
-			ids = append(ids, got)
-			if got != spiffeID {
-				continue
-			}
-			var raw []byte
-			for _, c := range sv.GetX509Svid().GetCertChain() {
-				raw = append(raw, c...)
-			}
-			svid, err := x509svid.ParseRaw(raw, sv.GetX509SvidKey())
-			if err != nil {
-				return nil, "", fmt.Errorf("parsing SVID %s: %w", got, err)
-			}
-			return svid, "", nil
-		}
-		desc = fmt.Sprintf("reply with %d SVIDs %v", len(ids), ids)
-	}
 }
 
 func freePort(t testing.TB) int {

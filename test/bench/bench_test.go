@@ -106,12 +106,7 @@ func progress(format string, args ...any) {
 
 func build(t *testing.T, root, work string) bins {
 	t.Helper()
-	_, agentBin := spiretest.Binaries(t)
-	helper := filepath.Join(filepath.Dir(agentBin), "spiffe-helper")
-	if _, err := os.Stat(helper); err != nil {
-		t.Fatalf("spiffe-helper is missing next to %s: run test/spire/build.sh (make spire)", agentBin)
-	}
-	helper, _ = filepath.EvalSymlinks(helper)
+	helper, _ := filepath.EvalSymlinks(spiretest.HelperBinary(t))
 	b := bins{
 		hook:      filepath.Join(work, "bin", "spiffe-oci-hook"),
 		refresher: filepath.Join(work, "bin", "spiffe-oci-refresher"),

@@ -20,7 +20,7 @@ func (r *results) document(table string) string {
 	fmt.Fprintf(&b, "| Go | %s (binaries built `CGO_ENABLED=0 go build -trimpath`, as the Makefile builds releases) |\n", m.Go)
 	fmt.Fprintf(&b, "| runc | %s |\n", m.Runc)
 	fmt.Fprintf(&b, "| Podman | %s (installed; not used by the benchmark, see below) |\n", m.Podman)
-	fmt.Fprintf(&b, "| SPIRE | server and agent %s (test/spire, built by test/spire/build.sh) |\n", m.SPIRE)
+	fmt.Fprintf(&b, "| SPIRE | server and agent %s (test/spire115, built by test/spire115/build.sh) |\n", m.SPIRE)
 	fmt.Fprintf(&b, "| spiffe-helper | %s |\n", m.Helper)
 	fmt.Fprintf(&b, "| runc init as SPIRE sees it | `unix:path:%s` |\n", m.RuncInitPath)
 	fmt.Fprintf(&b, "| Date | %s |\n", m.Date)

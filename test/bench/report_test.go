@@ -111,12 +111,17 @@ func machine(root string) machineInfo {
 	}
 	m.Runc = firstLine("runc", "--version")
 	m.Podman = firstLine("podman", "--version")
+	// The agent the benchmarks run: the primary line's module.
+	if data, err := os.ReadFile(filepath.Join(root, "test", "spire115", "go.mod")); err == nil {
+		for _, line := range strings.Split(string(data), "\n") {
+			if f := strings.Fields(line); len(f) >= 2 && f[0] == "github.com/spiffe/spire" {
+				m.SPIRE = f[1]
+			}
+		}
+	}
 	if data, err := os.ReadFile(filepath.Join(root, "test", "spire", "go.mod")); err == nil {
 		for _, line := range strings.Split(string(data), "\n") {
 			f := strings.Fields(line)
-			if len(f) >= 2 && f[0] == "github.com/spiffe/spire" {
-				m.SPIRE = f[1]
-			}
 			if len(f) >= 2 && f[0] == "github.com/spiffe/spiffe-helper" {
 				m.Helper = f[1]
 			}

@@ -76,8 +76,7 @@ func TestBenchHookFloor(t *testing.T) {
 	exe, _ := os.Readlink(fmt.Sprintf("/proc/%d/exe", sleep.Process.Pid))
 	n.spire.CreateEntry(t, "spiffe://example.org/floor/workload", []string{fmt.Sprintf("unix:uid:%d", uid), "unix:path:" + exe}, time.Hour)
 	// spiffe-helper one-shot on the host, with an entry for its binary.
-	server, _ := spiretest.Binaries(t)
-	helper := filepath.Join(filepath.Dir(server), "spiffe-helper")
+	helper := spiretest.HelperBinary(t)
 	n.spire.CreateEntry(t, "spiffe://example.org/floor/helper", []string{"unix:uid:0", "unix:path:" + helper}, time.Hour)
 	n.waitSynced(t)
 	certDir := filepath.Join(n.stateDir, "floor-helper")

@@ -18,6 +18,8 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/noderesource/spiffe-oci-hook/internal/brokersvid"
+	"github.com/noderesource/spiffe-oci-hook/internal/config"
 	"github.com/noderesource/spiffe-oci-hook/internal/spiretest"
 )
 
@@ -47,6 +49,7 @@ type node struct {
 	// expected are the containers a test makes run without their
 	// identity on purpose (checkAudit).
 	expected sync.Map
+	api      string // the node's agent_api
 }
 
 // newNode starts SPIRE (k8s attestor with pod-level selectors, as at
@@ -54,7 +57,16 @@ type node struct {
 // refresher under dir with make install, and starts the refresher.
 func newNode(t *testing.T, dir string) *node {
 	t.Helper()
-	n := &node{dir: dir, kubelet: startKubelet(t), entries: map[string]bool{}}
+	return newNodeAPI(t, dir, config.APIDelegated)
+}
+
+// newNodeAPI is newNode with the hook and the refresher speaking api. With
+// the Broker API the agent has no admin socket at all; its broker endpoint
+// and its k8s attestor admit the refresher (and the harness, which waits
+// for entries through it).
+func newNodeAPI(t *testing.T, dir, api string) *node {
+	t.Helper()
+	n := &node{dir: dir, kubelet: startKubelet(t), entries: map[string]bool{}, api: api}
 	n.prefix = filepath.Join(dir, "usr")
 	n.stateDir = filepath.Join(dir, "state")
 	if err := os.MkdirAll(n.stateDir, 0o700); err != nil {
@@ -65,17 +77,31 @@ func newNode(t *testing.T, dir string) *node {
 	}
 	t.Cleanup(func() { unix.Unmount(n.stateDir, unix.MNT_DETACH) })
 
-	n.spire = spiretest.Start(t, spiretest.Options{
+	opts := spiretest.Options{
 		TrustDomain:         trustDomain,
 		AuthorizedDelegates: []string{hookID, refresherID},
-		ExtraAgentPlugins: fmt.Sprintf(`    WorkloadAttestor "k8s" {
+	}
+	k8sBroker := ""
+	if api == config.APIBroker {
+		opts.Broker, opts.NoAdminSocket, opts.Brokers = true, true, []string{refresherID}
+		// SPIRE 1.15's k8s attestor answers Broker API references only
+		// for brokers it lists itself.
+		k8sBroker = fmt.Sprintf(`
+            experimental {
+                broker {
+                    access_policy = "permissive"
+                    brokers = [{ id = %q }, { id = %q }]
+                }
+            }`, refresherID, "spiffe://"+trustDomain+spiretest.HarnessPath)
+	}
+	opts.ExtraAgentPlugins = fmt.Sprintf(`    WorkloadAttestor "k8s" {
         plugin_data {
             kubelet_read_only_port = %d
             disable_container_selectors = true
-            node_name = "node"
+            node_name = "node"%s
         }
-    }`, n.kubelet.port),
-	})
+    }`, n.kubelet.port, k8sBroker)
+	n.spire = spiretest.Start(t, opts)
 
 	// The node configuration goes where make install's SYSCONFDIR puts it
 	// before install runs: install keeps an existing one, as an admin's.
@@ -86,6 +112,10 @@ func newNode(t *testing.T, dir string) *node {
 	// package's runtimes (CRI-O's runtime_root, containerd's runc Root per
 	// namespace), every second.
 	cfg := fmt.Sprintf("agent_admin_socket: %s\nstate_dir: %s\ntimeout: 10s\n%s", n.spire.AdminSocket, n.stateDir, auditConfig)
+	if api == config.APIBroker {
+		cfg = fmt.Sprintf("agent_api: broker\nbroker_socket: %s\nworkload_api_socket: %s\nbroker_spiffe_id: %s\nstate_dir: %s\ntimeout: 10s\n%s",
+			n.spire.BrokerSocket, n.spire.WorkloadSocket, refresherID, n.stateDir, auditConfig)
+	}
 	if err := os.WriteFile(n.config, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -106,6 +136,21 @@ func newNode(t *testing.T, dir string) *node {
 	n.spire.CreateEntry(t, hookID, []string{"unix:uid:0", "unix:path:" + n.hookBin}, time.Hour)
 	n.spire.CreateEntry(t, refresherID, []string{"unix:uid:0", "unix:path:" + refresherBin}, time.Hour)
 	n.startRefresher(t, refresherBin)
+	if api == config.APIBroker {
+		// The hook presents the broker SVID the refresher writes once the
+		// Workload API has given it one; until then it refuses containers.
+		deadline := time.Now().Add(30 * time.Second)
+		for {
+			id, err := brokersvid.Load(brokersvid.Dir(n.stateDir), time.Now())
+			if err == nil && id.SVID.ID.String() == refresherID {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("no broker SVID for %s after 30 s (%v); refresher log:\n%s", refresherID, err, tail(n.refLog, 40))
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
 	return n
 }
 
@@ -238,6 +283,9 @@ func (n *node) checkStateEmpty(t *testing.T) {
 			rel := strings.TrimPrefix(p, n.stateDir+"/")
 			if (fi.Mode().Type() == os.ModeSocket || rel == "refresher.alive") && !strings.Contains(rel, "/") {
 				return nil // the refresher's own status socket and heartbeat
+			}
+			if rel == "broker" && fi.IsDir() {
+				return filepath.SkipDir // the node's broker SVID (agent_api broker)
 			}
 			if !fi.IsDir() || strings.Contains(rel, "/") {
 				left = append(left, rel)

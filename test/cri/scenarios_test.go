@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+
+	"github.com/noderesource/spiffe-oci-hook/internal/config"
 )
 
 // TestCRIO runs the scenarios under CRI-O, on one CRI-O and one SPIRE.
@@ -225,7 +227,11 @@ func agentDown(t *testing.T, r *runtime) {
 	if err == nil {
 		t.Fatalf("the container started with the agent down")
 	}
-	if want := "agent admin socket " + r.node.spire.AdminSocket + " is missing"; !strings.Contains(err.Error(), want) {
+	want := "agent admin socket " + r.node.spire.AdminSocket + " is missing"
+	if r.node.api == config.APIBroker {
+		want = "agent broker socket " + r.node.spire.BrokerSocket + " is missing"
+	}
+	if !strings.Contains(err.Error(), want) {
 		t.Errorf("crictl's error lacks the hook's line %q:\n%v", want, err)
 	}
 	notRun(t, r, p, c)

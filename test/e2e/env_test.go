@@ -1,7 +1,9 @@
 // Package e2e runs spiffe-oci-hook under real runtimes (runc, Podman)
 // against a real SPIRE server and agent. It needs root, runc, podman and
 // busybox-static (test/deps.sh installs them) and the pinned SPIRE
-// binaries (test/spire/build.sh builds them).
+// binaries (test/spire115/build.sh and test/spire/build.sh build them):
+// SPIRE 1.15.3 is the primary line, 1.13.3 runs a compatibility subset
+// (compat_test.go), and broker_test.go runs the Broker API.
 package e2e
 
 import (
@@ -26,6 +28,9 @@ import (
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"golang.org/x/sys/unix"
 
+	"github.com/noderesource/spiffe-oci-hook/internal/brokersvid"
+	"github.com/noderesource/spiffe-oci-hook/internal/config"
+	"github.com/noderesource/spiffe-oci-hook/internal/files"
 	"github.com/noderesource/spiffe-oci-hook/internal/spiretest"
 )
 
@@ -110,15 +115,47 @@ func startEnvWith(t *testing.T, agentPlugins string) *env {
 	return startEnvOptions(t, spiretest.Options{ExtraAgentPlugins: agentPlugins})
 }
 
+// The SPIRE line and the agent API the tests of this package run
+// against: the primary line with the Delegated Identity API, unless a
+// test runs others under withSPIRE.
+var (
+	spireVersion = spiretest.V115
+	agentAPI     = config.APIDelegated
+)
+
+// withSPIRE runs the rest of t (and the envs it starts) against SPIRE
+// version with agent API api. With the Broker API the agent has no admin
+// socket at all, and the broker endpoint admits the refresher. Tests in
+// this package do not run in parallel, so a package variable is enough.
+func withSPIRE(t *testing.T, version, api string) {
+	oldV, oldA := spireVersion, agentAPI
+	spireVersion, agentAPI = version, api
+	t.Cleanup(func() { spireVersion, agentAPI = oldV, oldA })
+}
+
 // startEnvOptions is startEnv with SPIRE options; the trust domain and the
 // delegates are always this package's.
 func startEnvOptions(t *testing.T, opts spiretest.Options) *env {
 	requireRoot(t)
 	opts.TrustDomain, opts.AuthorizedDelegates = trustDomain, []string{hookID, refresherID}
+	opts.Version = spireVersion
+	if agentAPI == config.APIBroker {
+		opts.Broker, opts.NoAdminSocket = true, true
+		opts.Brokers = append(opts.Brokers, refresherID)
+	}
 	s := spiretest.Start(t, opts)
 	e := &env{t: t, spire: s, dir: shortTempDir(t)}
 	e.stateDir = filepath.Join(e.dir, "state")
 	mountTmpfs(t, e.stateDir)
+	if agentAPI == config.APIBroker {
+		// The refresher's part, for the tests that run the hook alone:
+		// a broker SVID in the state directory (the harness's own, which
+		// the agent admits). A refresher started later replaces it with
+		// its own.
+		if err := brokersvid.Write(files.Writer{}, brokersvid.Dir(e.stateDir), s.HarnessIdentity(t)); err != nil {
+			t.Fatal(err)
+		}
+	}
 	e.config = e.writeConfig("")
 	s.CreateEntry(t, hookID, []string{"unix:uid:0", "unix:path:" + hookBin}, time.Hour)
 	s.CreateEntry(t, refresherID, []string{"unix:uid:0", "unix:path:" + refresherBin}, time.Hour)
@@ -153,7 +190,13 @@ func (e *env) waitSynced() {
 func (e *env) writeConfig(extra string) string {
 	e.t.Helper()
 	path := filepath.Join(e.dir, fmt.Sprintf("config-%d.yaml", time.Now().UnixNano()))
-	content := fmt.Sprintf("agent_admin_socket: %s\nstate_dir: %s\ntimeout: 10s\n%s", e.spire.AdminSocket, e.stateDir, extra)
+	agent := fmt.Sprintf("agent_admin_socket: %s\n", e.spire.AdminSocket)
+	if agentAPI == config.APIBroker {
+		// Entries with unix:uid:0 alone match the refresher too: name
+		// the SVID that is the broker's.
+		agent = fmt.Sprintf("agent_api: broker\nbroker_socket: %s\nworkload_api_socket: %s\nbroker_spiffe_id: %s\n", e.spire.BrokerSocket, e.spire.WorkloadSocket, refresherID)
+	}
+	content := fmt.Sprintf("%sstate_dir: %s\ntimeout: 10s\n%s", agent, e.stateDir, extra)
 	if err := os.WriteFile(path, []byte(content), 0o600); err != nil {
 		e.t.Fatal(err)
 	}
@@ -374,10 +417,15 @@ func leafOf(t *testing.T, certPEM string) *x509.Certificate {
 	return c
 }
 
-// listState lists every path under the state directory.
+// listState lists every path under the state directory, less the broker
+// SVID's directory (agent_api broker): it is the node's, not a container's.
 func (e *env) listState() []string {
 	var paths []string
+	broker := brokersvid.Dir(e.stateDir)
 	filepath.Walk(e.stateDir, func(p string, _ os.FileInfo, _ error) error {
+		if p == broker {
+			return filepath.SkipDir
+		}
 		paths = append(paths, strings.TrimPrefix(p, e.stateDir))
 		return nil
 	})

@@ -39,6 +39,12 @@ func (e *env) startRefresher(t *testing.T) *refresher {
 // startRefresherWith is startRefresher with another node configuration.
 func (e *env) startRefresherWith(t *testing.T, config string) *refresher {
 	t.Helper()
+	return e.startRefresherBin(t, refresherBin, config)
+}
+
+// startRefresherBin is startRefresherWith for a copy of the refresher at bin.
+func (e *env) startRefresherBin(t *testing.T, bin, config string) *refresher {
+	t.Helper()
 	notify := filepath.Join(e.dir, fmt.Sprintf("notify-%d.sock", time.Now().UnixNano()))
 	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: notify, Net: "unixgram"})
 	if err != nil {
@@ -53,7 +59,7 @@ func (e *env) startRefresherWith(t *testing.T, config string) *refresher {
 	defer logf.Close()
 	// The audit reads the runtime roots these tests use: runc's and crun's
 	// under each bundle, and /run/runc, Podman's. No CRI here.
-	cmd := exec.Command(refresherBin, "--config", config, "--backoff-min", "200ms", "--backoff-max", "2s", "--rescan-interval", "2s",
+	cmd := exec.Command(bin, "--config", config, "--backoff-min", "200ms", "--backoff-max", "2s", "--rescan-interval", "2s",
 		"--audit-interval", auditInterval.String(), "--runtime-roots", "/tmp/e2e-*/runc-root,/tmp/e2e-*/crun-root,/run/runc",
 		"--cri-sockets", filepath.Join(e.dir, "no-cri.sock"))
 	cmd.Env = append(os.Environ(), "NOTIFY_SOCKET="+notify)

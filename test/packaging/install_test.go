@@ -233,7 +233,8 @@ func TestShippedConfig(t *testing.T) {
 		t.Fatalf("deploy/config.yaml: %v", err)
 	}
 	d := config.Default()
-	if cfg.AgentAdminSocket != d.AgentAdminSocket || cfg.StateDir != d.StateDir || cfg.Timeout != d.Timeout ||
+	if cfg.AgentAPI != d.AgentAPI || cfg.BrokerSocket != d.BrokerSocket || cfg.WorkloadAPISocket != d.WorkloadAPISocket || cfg.BrokerSPIFFEID != d.BrokerSPIFFEID ||
+		cfg.AgentAdminSocket != d.AgentAdminSocket || cfg.StateDir != d.StateDir || cfg.Timeout != d.Timeout ||
 		cfg.FailurePolicy != d.FailurePolicy || cfg.RequireRefresher != d.RequireRefresher || cfg.RefresherGrace != d.RefresherGrace ||
 		!reflect.DeepEqual(cfg.Refresher, d.Refresher) || len(cfg.AllowedAgentSockets) != 0 {
 		t.Errorf("deploy/config.yaml = %+v, want the defaults %+v", cfg, d)

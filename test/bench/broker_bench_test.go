@@ -1,0 +1,224 @@
+package bench
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	goruntime "runtime"
+	"strings"
+	"testing"
+	"time"
+
+	rspec "github.com/opencontainers/runtime-spec/specs-go"
+
+	"github.com/noderesource/spiffe-oci-hook/internal/brokersvid"
+	"github.com/noderesource/spiffe-oci-hook/internal/files"
+	"github.com/noderesource/spiffe-oci-hook/internal/record"
+	"github.com/noderesource/spiffe-oci-hook/internal/spiretest"
+)
+
+// apiResult is one agent API on one agent configuration.
+type apiResult struct {
+	agent, api   string
+	create       []time.Duration // runc run with the annotated, timed hook
+	hook         []time.Duration // the hook process's wall time
+	attestations float64         // agent attestations per delivery
+}
+
+// TestBenchBrokerAPI (make bench, BENCH_PARTS=broker) compares the hook
+// speaking the Delegated Identity API with the hook speaking the SPIFFE
+// Broker API, against one SPIRE 1.15.3 agent serving both, on both agent
+// configurations (A: executable hashing, B: none), with spiffe-helper
+// one-shot as the yardstick. It writes its own section of BENCHMARKS.md.
+func TestBenchBrokerAPI(t *testing.T) {
+	if os.Getenv("SPIFFE_OCI_BENCH") == "" {
+		t.Skip("benchmarks: run `make bench` (sets SPIFFE_OCI_BENCH=1)")
+	}
+	if os.Getuid() != 0 {
+		t.Skip("benchmarks: need root (runc, mounts, SPIRE's unix attestor)")
+	}
+	root := spiretest.RepoRoot(t)
+	work := tempDir(t, "bench-")
+	b := build(t, root, work)
+	rounds := envInt("BENCH_ROUNDS", 60)
+
+	progress("starting SPIRE %s with the admin socket and the broker endpoint", spiretest.V115)
+	s := spiretest.Start(t, spiretest.Options{TrustDomain: trustDomain, AuthorizedDelegates: []string{hookID}, Broker: true})
+	dir := tempDir(t, "bbr-")
+	stateDir := filepath.Join(dir, "state")
+	mountTmpfs(t, stateDir, "64m")
+	helperDir := filepath.Join(dir, "helper")
+	mountTmpfs(t, helperDir, "16m")
+	// The refresher's part: the broker SVID for the hook (the harness's
+	// own, which the broker endpoint admits).
+	if err := brokersvid.Write(files.Writer{}, brokersvid.Dir(stateDir), s.HarnessIdentity(t)); err != nil {
+		t.Fatal(err)
+	}
+	configs := map[string]string{
+		"delegated": fmt.Sprintf("agent_admin_socket: %s\nstate_dir: %s\ntimeout: 10s\n", s.AdminSocket, stateDir),
+		"broker":    fmt.Sprintf("agent_api: broker\nbroker_socket: %s\nstate_dir: %s\ntimeout: 10s\n", s.BrokerSocket, stateDir),
+	}
+	runcRoot := filepath.Join(dir, "runc")
+	initPath := runcInitPath(t, dir, runcRoot)
+	s.CreateEntry(t, hookID, []string{"unix:uid:0", "unix:path:" + b.hook}, time.Hour)
+	s.CreateEntry(t, workloadID, []string{"unix:uid:0", "unix:path:" + initPath}, time.Hour)
+	s.CreateEntry(t, helperID, []string{"unix:uid:0", "unix:path:" + b.helper}, time.Hour)
+	waitSynced(t, s)
+
+	apis := []string{"delegated", "broker"}
+	logs := map[string]string{}
+	bundles := map[string]string{"no hook": newBundle(t, dir, "nohook", nil, false)}
+	for _, api := range apis {
+		config := filepath.Join(dir, api+".yaml")
+		writeFile(t, config, configs[api])
+		logs[api] = filepath.Join(dir, "hook-"+api+".log")
+		bundles[api] = newBundle(t, dir, api, []rspec.Hook{{Path: b.wrap, Args: []string{"hookwrap", "time", logs[api], b.hook, "spiffe-oci-hook", "--config", config}}}, true)
+	}
+	oneshot := filepath.Join(helperDir, "oneshot")
+	os.MkdirAll(oneshot, 0o755)
+	helperConf := filepath.Join(dir, "helper.conf")
+	writeFile(t, helperConf, helperConfig(s.WorkloadSocket, oneshot, false))
+	store := record.Store{Dir: stateDir}
+
+	seq := 0
+	run := func(name string) (string, time.Duration) {
+		seq++
+		id := fmt.Sprintf("bbr-%d", seq)
+		d, stderr, err := runc(bundles[name], runcRoot, id)
+		if err != nil {
+			t.Fatalf("runc run (%s): %v\n%s", name, err, stderr)
+		}
+		return id, d
+	}
+	// attestations counts the agent's attestations (its debug lines for
+	// a pid, by the Delegated Identity API or a reference, by the Broker
+	// API) over n deliveries of api, run back to back.
+	attestations := func(api string, n int) float64 {
+		count := func() int {
+			data, _ := os.ReadFile(s.AgentLog)
+			return strings.Count(string(data), "PID attested to have selectors") + strings.Count(string(data), "Reference attested to have selectors")
+		}
+		before := count()
+		for range n {
+			run(api)
+		}
+		time.Sleep(500 * time.Millisecond) // the agent's log lines of the last run
+		return float64(count()-before) / float64(n)
+	}
+
+	var results []apiResult
+	var helper [][]time.Duration
+	var baseline [][]time.Duration
+	for i, ac := range []string{"A (executable hashing)", "B (workload_size_limit = -1)"} {
+		if i == 1 && !noHashing(t, s) {
+			break
+		}
+		progress("%s: %d interleaved rounds (+%d warm-up) of no hook, delegated, broker, spiffe-helper one-shot", ac, rounds, warmup)
+		res := map[string]*apiResult{}
+		for _, api := range apis {
+			res[api] = &apiResult{agent: ac, api: api, attestations: attestations(api, 10)}
+		}
+		var none, help []time.Duration
+		for round := -warmup; round < rounds; round++ {
+			for k := range 4 {
+				switch (k + round + warmup) % 4 {
+				case 0:
+					_, d := run("no hook")
+					if round >= 0 {
+						none = append(none, d)
+					}
+				case 1, 2:
+					api := apis[(k+round+warmup)%4-1]
+					id, d := run(api)
+					if round == 0 {
+						checkFiles(t, store.DeliveryDir(id, 0), workloadID)
+					}
+					if round >= 0 {
+						res[api].create = append(res[api].create, d)
+						res[api].hook = append(res[api].hook, hookTime(t, logs[api], id))
+					}
+				case 3:
+					d := runHelper(t, b.helper, "-config", helperConf)
+					if round >= 0 {
+						help = append(help, d)
+					}
+				}
+			}
+		}
+		for _, api := range apis {
+			results = append(results, *res[api])
+		}
+		baseline, helper = append(baseline, none), append(helper, help)
+	}
+	md := brokerReport(results, baseline, helper, rounds)
+	fmt.Print("\n" + md + "\n")
+	writeBenchSection(t, root, "broker-api", md)
+}
+
+// noHashing restarts the agent with workload_size_limit = -1, as the runc
+// part does; false if the agent's configuration is not as expected.
+func noHashing(t *testing.T, s *spiretest.SPIRE) bool {
+	conf := filepath.Join(s.Dir, "agent.conf")
+	data, err := os.ReadFile(conf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const key = "discover_workload_path = true"
+	if strings.Count(string(data), key) != 1 {
+		progress("agent.conf has no single %q; skipping configuration B", key)
+		return false
+	}
+	progress("restarting the agent with workload_size_limit = -1 (no executable hashing)")
+	s.StopAgent(t)
+	writeFile(t, conf, strings.Replace(string(data), key, key+"\n            workload_size_limit = -1", 1))
+	s.StartAgent(t)
+	waitSynced(t, s)
+	return true
+}
+
+func brokerReport(rs []apiResult, baseline, helper [][]time.Duration, rounds int) string {
+	var b strings.Builder
+	b.WriteString("## The Broker API against the Delegated Identity API\n\n")
+	fmt.Fprintf(&b, "Generated by `make bench BENCH_PARTS=broker` (test/bench, TestBenchBrokerAPI) on %s: one SPIRE %s agent serving both APIs (admin socket and experimental.broker), the hook run by runc at createRuntime under test/bench/hookwrap (which times the hook process from fork to reap), %d interleaved rounds after %d warm-up rounds per agent configuration, in each round `runc run` of busybox `/bin/true` without hook, with the hook speaking each API, and spiffe-helper one-shot. With the Broker API the hook presents the broker SVID from the state directory (written as the refresher writes it) over mutual TLS. Attestations are the agent's own debug lines (\"PID attested to have selectors\", \"Reference attested to have selectors\") over 10 deliveries run back to back.\n\n",
+		time.Now().UTC().Format("2006-01-02 15:04 UTC"), spiretest.V115, rounds, warmup)
+	b.WriteString("| Agent | API | runc run, median | hook-added create latency, median | hook wall time, median (p90) | spiffe-helper one-shot, median | hook / spiffe-helper | agent attestations per delivery |\n|---|---|---:|---:|---:|---:|---:|---:|\n")
+	for i, r := range rs {
+		cfg := i / 2
+		create, hook, help := median(r.create), median(r.hook), median(helper[cfg])
+		fmt.Fprintf(&b, "| %s | %s | %s | %s | %s (%s) | %s | %.2f | %.1f |\n", r.agent, r.api, ms(create), ms(create-median(baseline[cfg])),
+			ms(hook), ms(stat{Samples: r.hook}.P(0.9)), ms(help), float64(hook)/float64(help), r.attestations)
+	}
+	b.WriteString("\nMedians of each variant's own samples; the hook-added latency is the variant's median less the same round set's no-hook median.\n")
+	return b.String()
+}
+
+// writeBenchSection replaces (or appends) section name of BENCHMARKS.md,
+// between <!-- begin name --> and <!-- end name --> as test/cri does.
+func writeBenchSection(t *testing.T, root, name, md string) {
+	t.Helper()
+	path := os.Getenv("BENCH_OUT")
+	if path == "" {
+		path = filepath.Join(root, "BENCHMARKS.md")
+	}
+	if path == "-" {
+		return
+	}
+	begin, end := "<!-- begin "+name+" -->\n", "<!-- end "+name+" -->\n"
+	data, _ := os.ReadFile(path)
+	doc := string(data)
+	load, _ := os.ReadFile("/proc/loadavg")
+	md = strings.TrimRight(md, "\n") + fmt.Sprintf("\n\nLoad average (1, 5, 15 min) when this section was written: %s, on %d CPUs.\n", strings.Join(strings.Fields(string(load))[:3], ", "), goruntime.NumCPU())
+	block := begin + md + end
+	if i, j := strings.Index(doc, begin), strings.Index(doc, end); i >= 0 && j > i {
+		doc = doc[:i] + block + doc[j+len(end):]
+	} else {
+		if doc != "" && !strings.HasSuffix(doc, "\n\n") {
+			doc = strings.TrimRight(doc, "\n") + "\n\n"
+		}
+		doc += block
+	}
+	if err := os.WriteFile(path, []byte(doc), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	progress("wrote section %q of %s", name, path)
+}

@@ -1,0 +1,29 @@
+package e2e
+
+import (
+	"testing"
+
+	"github.com/noderesource/spiffe-oci-hook/internal/config"
+	"github.com/noderesource/spiffe-oci-hook/internal/spiretest"
+)
+
+// TestCompatSPIRE113: the compatibility subset on SPIRE 1.13.3, for an
+// operator still on that line: hook delivery, JWT-SVIDs, rotation and an
+// agent restart (TestRefresherLifecycle), with the Delegated Identity API
+// (1.13 has no Broker API). The rest of the package runs on 1.15.3 only:
+// running every suite on both lines would double the CI time.
+func TestCompatSPIRE113(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		test func(*testing.T)
+	}{
+		{"RuncDeliversSVID", TestRuncDeliversSVID},
+		{"JWTDelivery", TestJWTDelivery},
+		{"RefresherLifecycle", TestRefresherLifecycle},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			withSPIRE(t, spiretest.V113, config.APIDelegated)
+			tc.test(t)
+		})
+	}
+}
