@@ -10,6 +10,8 @@ import (
 
 	"github.com/containers/common/pkg/hooks"
 	"gopkg.in/yaml.v3"
+
+	"github.com/noderesource/spiffe-oci-hook/internal/status"
 )
 
 // TestCRIOStockHooks: CRI-O with its stock hooks configuration (no
@@ -70,10 +72,18 @@ func TestCRIOStockHooks(t *testing.T) {
 	installFile(t, filepath.Join(h.override, "spiffe-oci-hook.json"), js, 0o644)
 	time.Sleep(time.Second) // as long as the wait below: CRI-O had the same chance to see it
 	before := r.runPod(t, "before", "stock", unnamed)
-	c := before.mustRun(t, "app", 0, "ls /certs 2>&1; echo DONE")
+	c := before.mustRun(t, "app", 0, "ls /certs 2>&1; echo DONE; "+idle)
 	if out := c.waitLog(t, "DONE"); !strings.Contains(out, "No such file") {
 		t.Fatalf("with the JSON only in %s, the container saw /certs:\n%s", hooks.OverrideDir, out)
 	}
+	// The defect the default install had, as an operator sees it: the
+	// node's audit reports the container that started without its
+	// identity, and says the runtime never ran the hook.
+	n.expected.Store(c.id, true)
+	if u := n.waitUnserved(t, c.id); u.Cause != status.CauseHookNotConfigured {
+		t.Errorf("audit finding %+v, want cause %s", u, status.CauseHookNotConfigured)
+	}
+	c.stop(t)
 	before.remove()
 	if err := os.Remove(filepath.Join(h.override, "spiffe-oci-hook.json")); err != nil {
 		t.Fatal(err)
