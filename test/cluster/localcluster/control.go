@@ -35,7 +35,7 @@ func (c *Cluster) startControlPlane() error {
 		"--listen-peer-urls", fmt.Sprintf("http://127.0.0.1:%d", etcdPeerPort),
 		"--initial-advertise-peer-urls", fmt.Sprintf("http://127.0.0.1:%d", etcdPeerPort),
 		"--initial-cluster", fmt.Sprintf("local=http://127.0.0.1:%d", etcdPeerPort),
-		"--listen-metrics-urls", "", "--log-level", "warn"); err != nil {
+		"--log-level", "warn"); err != nil {
 		return err
 	}
 	pki := c.pki.path
@@ -67,7 +67,6 @@ func (c *Cluster) startControlPlane() error {
 		"--service-account-private-key-file", pki("sa.key"), "--root-ca-file", pki("ca.crt"),
 		"--use-service-account-credentials",
 		"--cluster-signing-cert-file", pki("ca.crt"), "--cluster-signing-key-file", pki("ca.key"),
-		"--controllers", "*,-nodeipam,-cloud-node-lifecycle,-service-lb-controller,-node-route-controller",
 		"--profiling=false", "--v", "1"); err != nil {
 		return err
 	}

@@ -57,7 +57,6 @@ func run(opts localcluster.Options) error {
 	if err := c.InstallHelm(); err != nil {
 		return fmt.Errorf("%w\n%v", err, c.Down())
 	}
-	kubectl := filepath.Join(opts.ToolDir, "kubectl")
 	env := fmt.Sprintf("export KUBECONFIG=%s\nexport PATH=%s:$PATH\n", c.Kubeconfig, opts.ToolDir)
 	if err := os.WriteFile(filepath.Join(opts.Dir, "env"), []byte(env), 0o644); err != nil {
 		return err
@@ -74,7 +73,6 @@ func run(opts localcluster.Options) error {
 		"",
 		"  logs: " + filepath.Join(opts.Dir, "logs") + "; stop and restore the host: make cluster-down",
 	}
-	_ = kubectl
 	os.WriteFile(filepath.Join(opts.Dir, "ready"), []byte(strings.Join(info, "\n")+"\n"), 0o644)
 	fmt.Println(strings.Join(info, "\n"))
 	// Until told to stop: collect the daemons' exited intermediates.
