@@ -150,7 +150,7 @@ func (h *hostState) restore(dir string) error {
 	// first, then the paths under them.
 	var newMounts []string
 	for m := range mountpoints() {
-		if !h.mounts[m] {
+		if !h.mounts[m] && ours(m, dir) {
 			newMounts = append(newMounts, m)
 		}
 	}
@@ -166,7 +166,7 @@ func (h *hostState) restore(dir string) error {
 		}
 	}
 	for l := range links() {
-		if !h.links[l] {
+		if !h.links[l] && l == cniBridge {
 			if out, err := exec.Command("ip", "link", "delete", l).CombinedOutput(); err != nil {
 				errs = append(errs, fmt.Errorf("ip link delete %s: %v: %s", l, err, out))
 			}
@@ -187,10 +187,12 @@ func (h *hostState) restore(dir string) error {
 			continue
 		}
 		for tc := range now {
-			if before[tc] {
+			table, chain, _ := strings.Cut(tc, ":")
+			// Only the kubelet's (KUBE-*) and CNI's: another program's
+			// new chains are its own (a leak check reports them).
+			if before[tc] || !(strings.HasPrefix(chain, "KUBE-") || strings.HasPrefix(chain, "CNI-")) {
 				continue
 			}
-			table, chain, _ := strings.Cut(tc, ":")
 			exec.Command(ipt, "-t", table, "-F", chain).Run()
 			if out, err := exec.Command(ipt, "-t", table, "-X", chain).CombinedOutput(); err != nil {
 				errs = append(errs, fmt.Errorf("%s -t %s -X %s: %v: %s", ipt, table, chain, err, out))
@@ -212,6 +214,21 @@ func (h *hostState) restore(dir string) error {
 	}
 	_ = dir
 	return errors.Join(errs...)
+}
+
+// mountPrefixes are where the cluster's mounts are: its directory, the
+// state tmpfs, pod network namespaces, the kubelet's default root, SPIRE's
+// and NRI's sockets. Down unmounts only there, so that a concurrent
+// program's mounts elsewhere are left alone.
+var mountPrefixes = []string{StateDir, "/run/netns", "/var/run/netns", "/var/lib/kubelet", "/run/spire", "/run/nri", "/var/run/nri"}
+
+func ours(m, dir string) bool {
+	for _, p := range append(mountPrefixes, dir) {
+		if m == p || strings.HasPrefix(m, p+"/") {
+			return true
+		}
+	}
+	return false
 }
 
 // removeCgroupTree removes a cgroup directory and its children, deepest

@@ -42,10 +42,35 @@ func (c *Cluster) deploySPIRE() error {
 	if err != nil {
 		return err
 	}
-	if _, err := c.KubectlStdin(m, "apply", "-f", "-"); err != nil {
+	// The agent's DaemonSet last, once the server has published the
+	// trust bundle: an agent started before would crash-loop (and back
+	// off) until the bundle appears in its ConfigMap volume.
+	var server, agent []string
+	for _, doc := range strings.Split(m, "\n---\n") {
+		if strings.Contains(doc, "\nkind: DaemonSet\n") {
+			agent = append(agent, doc)
+		} else {
+			server = append(server, doc)
+		}
+	}
+	if _, err := c.KubectlStdin(strings.Join(server, "\n---\n"), "apply", "-f", "-"); err != nil {
 		return err
 	}
 	if err := c.Rollout("spire", "statefulset/spire-server", 3*time.Minute); err != nil {
+		return err
+	}
+	deadline := time.Now().Add(time.Minute)
+	for {
+		out, err := c.Kubectl("-n", "spire", "get", "configmap", "spire-bundle", "-o", "jsonpath={.data.bundle\\.crt}")
+		if err == nil && strings.Contains(string(out), "BEGIN CERTIFICATE") {
+			break
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("the SPIRE server published no bundle in ConfigMap spire/spire-bundle: %v", err)
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	if _, err := c.KubectlStdin(strings.Join(agent, "\n---\n"), "apply", "-f", "-"); err != nil {
 		return err
 	}
 	if _, err := c.SPIREServer("entry", "create", "-node", "-spiffeID", NodeAliasID, "-selector", "k8s_psat:cluster:local"); err != nil {
