@@ -65,7 +65,6 @@ func (c *Cluster) startControlPlane() error {
 		"--kubeconfig", c.Kubeconfig, "--authentication-kubeconfig", c.Kubeconfig, "--authorization-kubeconfig", c.Kubeconfig,
 		"--secure-port", "0", "--leader-elect=false",
 		"--service-account-private-key-file", pki("sa.key"), "--root-ca-file", pki("ca.crt"),
-		"--use-service-account-credentials",
 		"--cluster-signing-cert-file", pki("ca.crt"), "--cluster-signing-key-file", pki("ca.key"),
 		"--profiling=false", "--v", "1"); err != nil {
 		return err
