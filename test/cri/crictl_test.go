@@ -24,6 +24,9 @@ type runtime struct {
 	dir    string // the runtime's own temp root
 	crictl string // crictl's config file (endpoints, timeout)
 	logs   string // pod log directories
+	// mountinfo lists the mounts of the runtime's mount namespace, where
+	// its containers' mounts are.
+	mountinfo string
 	// cgroupParents are the pod cgroups this runtime's pods used, removed
 	// (with /kubepods/besteffort and /kubepods) when the test ends, as the
 	// kubelet would remove them.
@@ -34,7 +37,7 @@ type runtime struct {
 // newRuntime writes crictl's configuration for endpoint.
 func newRuntime(t *testing.T, name string, n *node, dir, socket string) *runtime {
 	t.Helper()
-	r := &runtime{name: name, node: n, dir: dir, crictl: filepath.Join(dir, "crictl.yaml"), logs: filepath.Join(dir, "pods")}
+	r := &runtime{name: name, node: n, dir: dir, crictl: filepath.Join(dir, "crictl.yaml"), logs: filepath.Join(dir, "pods"), mountinfo: "/proc/self/mountinfo"}
 	cfg := fmt.Sprintf("runtime-endpoint: unix://%s\nimage-endpoint: unix://%s\ntimeout: 60\n", socket, socket)
 	if err := os.WriteFile(r.crictl, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)

@@ -9,19 +9,45 @@ import (
 	"testing"
 	"time"
 
+	"github.com/containers/common/pkg/hooks"
 	"golang.org/x/sys/unix"
-	"gopkg.in/yaml.v3"
 )
 
-// startCRIO starts CRI-O (test/crio) for node n with everything under a
-// temp dir: its own containers-storage (the busybox and pause images
-// imported there with podman), runc under cgroupfs, conmon in the pod's
-// cgroup, no CNI (host-network pods run), NRI off, and hooks_dir from the
-// OpenShift overlay's drop-in, rooted at the node's directory. The hook
-// JSON is there as make install put it (node.install). internal_wipe and
-// internal_repair are off and the version files live in the temp dir, so
-// that CRI-O never decides to wipe a store.
+// crioHosts is what CRI-O (and the conmon, runc and hooks under it) sees at
+// host paths a node install writes, in CRI-O's own mount namespace: each
+// field, when set, is a directory of the test bound over that host path, so
+// that CRI-O runs with its stock configuration and the host stays as it was.
+type crioHosts struct {
+	// hooksDir is bound at hooks.DefaultDir (/usr/share/containers/oci/hooks.d),
+	// the only directory stock CRI-O reads hooks from (hooks_dir unset).
+	hooksDir string
+	// override is bound at hooks.OverrideDir (/etc/containers/oci/hooks.d),
+	// which stock CRI-O does not read.
+	override string
+	// hookBin and config are bound at /opt/spiffe-oci-hook/bin and
+	// /etc/spiffe-oci-hook, where the DaemonSet installs the hook and the
+	// node config, for the hooks JSON exactly as the manifests ship it.
+	hookBin, config string
+}
+
+// startCRIO starts CRI-O with its stock hooks configuration (no hooks_dir),
+// the node's installed JSON being what it finds in its default hooks
+// directory.
 func startCRIO(t *testing.T, n *node) *runtime {
+	t.Helper()
+	return startCRIOWith(t, n, crioHosts{hooksDir: n.hooksDir})
+}
+
+// startCRIOWith starts CRI-O (test/crio) for node n with everything under
+// a temp dir: its own containers-storage (the busybox and pause images
+// imported there with podman), runc under cgroupfs, conmon in the pod's
+// cgroup, no CNI (host-network pods run), NRI off, and no hooks_dir: CRI-O's
+// default. CRI-O runs in a mount namespace of its own (unshare), where
+// /usr/share, /etc and /opt are overlays whose writes stay in the temp dir
+// and the directories of hosts are bound where a node install puts its
+// files. internal_wipe and internal_repair are off and the version files
+// live in the temp dir, so that CRI-O never decides to wipe a store.
+func startCRIOWith(t *testing.T, n *node, hosts crioHosts) *runtime {
 	t.Helper()
 	dir := tempDir(t, "cri-crio-")
 	root, runroot := filepath.Join(dir, "storage"), filepath.Join(dir, "runroot")
@@ -87,11 +113,7 @@ enable_nri = false
 	if err := os.WriteFile(confPath, []byte(conf), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	// The operator's drop-in: hooks_dir, exactly as the OpenShift overlay
-	// ships it, with its paths under the node's directory.
-	if err := os.WriteFile(filepath.Join(dir, "crio.conf.d", "99-spiffe-oci-hook.conf"), []byte(openshiftDropIn(t, n.dir)), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	// No drop-in: hooks_dir keeps CRI-O's default, hooks.DefaultDir.
 
 	hostPathsUntouched(t, "CRI-O")
 	log := filepath.Join(dir, "crio.log")
@@ -100,7 +122,8 @@ enable_nri = false
 		t.Fatal(err)
 	}
 	defer logf.Close()
-	cmd := exec.Command(filepath.Join(toolDir, "crio"), "--config", confPath, "--config-dir", filepath.Join(dir, "crio.conf.d"))
+	cmd := exec.Command("unshare", append([]string{"--mount", "--propagation", "private", "sh", "-euc", crioNamespaceScript(t, dir, hosts), "sh",
+		filepath.Join(toolDir, "crio")}, "--config", confPath, "--config-dir", filepath.Join(dir, "crio.conf.d"))...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -108,6 +131,8 @@ enable_nri = false
 	done := make(chan struct{})
 	go func() { cmd.Wait(); close(done) }()
 	r := newRuntime(t, "crio", n, dir, socket)
+	// Container mounts live in CRI-O's mount namespace.
+	r.mountinfo = fmt.Sprintf("/proc/%d/mountinfo", cmd.Process.Pid)
 	t.Cleanup(func() {
 		// Pods first (their poststop hooks), then CRI-O, then any conmon.
 		if out, err := r.run("rmp", "-fa"); err != nil {
@@ -145,24 +170,29 @@ func (r *runtime) waitReady(t *testing.T, done <-chan struct{}, log string) {
 	}
 }
 
-// openshiftDropIn returns the CRI-O drop-in of the OpenShift overlay
-// (deploy/kubernetes/overlays/openshift/crio-dropin.yaml) with every
-// absolute path in it placed under root.
-func openshiftDropIn(t *testing.T, root string) string {
+// crioNamespaceScript is the shell script that, in CRI-O's new mount
+// namespace (private: nothing propagates to the host), lays out hosts and
+// then execs CRI-O ("$@"). /usr/share, /etc and /opt become overlays with
+// their upper layers in dir, so that the mount points created for hosts
+// exist only there.
+func crioNamespaceScript(t *testing.T, dir string, hosts crioHosts) string {
 	t.Helper()
-	data, err := os.ReadFile(filepath.Join(repoRoot, "deploy", "kubernetes", "overlays", "openshift", "crio-dropin.yaml"))
-	if err != nil {
-		t.Fatal(err)
+	var b strings.Builder
+	for _, base := range []string{"/usr/share", "/etc", "/opt"} {
+		up := filepath.Join(dir, "ns", strings.ReplaceAll(strings.Trim(base, "/"), "/", "-"))
+		for _, d := range []string{"upper", "work"} {
+			if err := os.MkdirAll(filepath.Join(up, d), 0o755); err != nil {
+				t.Fatal(err)
+			}
+		}
+		fmt.Fprintf(&b, "mount -t overlay overlay -o lowerdir=%s,upperdir=%s/upper,workdir=%s/work %s\n", base, up, up, base)
 	}
-	var cm struct {
-		Data map[string]string `yaml:"data"`
+	for src, dst := range map[string]string{hosts.hooksDir: hooks.DefaultDir, hosts.override: hooks.OverrideDir, hosts.hookBin: "/opt/spiffe-oci-hook/bin", hosts.config: "/etc/spiffe-oci-hook"} {
+		if src == "" {
+			continue
+		}
+		fmt.Fprintf(&b, "mkdir -p %s\nmount --bind %s %s\n", dst, src, dst)
 	}
-	if err := yaml.Unmarshal(data, &cm); err != nil {
-		t.Fatal(err)
-	}
-	conf, ok := cm.Data["99-spiffe-oci-hook.conf"]
-	if !ok || !strings.Contains(conf, "hooks_dir") {
-		t.Fatalf("crio-dropin.yaml holds no 99-spiffe-oci-hook.conf with hooks_dir: %q", conf)
-	}
-	return rootPaths(conf, root)
+	b.WriteString("exec \"$@\"\n")
+	return b.String()
 }

@@ -83,8 +83,9 @@ func newNode(t *testing.T, dir string) *node {
 	if err := os.WriteFile(n.config, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	// Installed where the Kubernetes DaemonSet puts the files (the hook
-	// under /opt, the JSON in /etc/containers/oci/hooks.d), all under dir.
+	// Installed under dir, in the layout of the Kubernetes DaemonSet (the
+	// hook under /opt); CRI-O finds the JSON's directory at its default
+	// hooks directory (startCRIO).
 	// Install variables, not DESTDIR: the JSON then names the hook and its
 	// --config where they really are, and the runtime can run it.
 	n.hookBin = filepath.Join(dir, "opt", "spiffe-oci-hook", "bin", "spiffe-oci-hook")
@@ -293,8 +294,15 @@ func (k *kubelet) add(p *pod) {
 
 // hostMounts returns the host's mount points whose path or source names
 // one of words.
-func hostMounts(words ...string) []string {
-	f, err := os.Open("/proc/self/mountinfo")
+func hostMounts(words ...string) []string { return mountsIn("/proc/self/mountinfo", words...) }
+
+// mounts returns the mount points of the runtime's mount namespace whose
+// path or source names one of words.
+func (r *runtime) mounts(words ...string) []string { return mountsIn(r.mountinfo, words...) }
+
+// mountsIn returns the lines of a mountinfo file that name one of words.
+func mountsIn(mountinfo string, words ...string) []string {
+	f, err := os.Open(mountinfo)
 	if err != nil {
 		return nil
 	}
@@ -340,7 +348,8 @@ var hostDefaults = []string{
 	"/etc/crio", "/var/lib/crio", "/run/crio", "/var/log/crio",
 	"/etc/containerd", "/var/lib/containerd", "/run/containerd", "/opt/containerd",
 	"/run/nri", "/var/run/nri", "/opt/nri", "/etc/nri", "/etc/cdi", "/var/run/cdi",
-	"/etc/containers/oci/hooks.d",
+	"/etc/containers/oci/hooks.d", "/usr/share/containers/oci/hooks.d",
+	"/opt/spiffe-oci-hook", "/etc/spiffe-oci-hook",
 }
 
 // hostPathsUntouched fails the test if a runtime started now creates one

@@ -197,11 +197,11 @@ func podRemoval(t *testing.T, r *runtime) {
 		t.Fatal(err)
 	}
 	r.node.waitStateGone(t, "pod removed", a.id, b.id)
-	if m := hostMounts(a.id, b.id); len(m) > 0 {
-		t.Errorf("host mounts left after the pod's removal:\n%s", strings.Join(m, "\n"))
+	if m := r.mounts(a.id, b.id); len(m) > 0 {
+		t.Errorf("mounts left after the pod's removal:\n%s", strings.Join(m, "\n"))
 	}
-	if m := hostMounts(r.node.stateDir + "/"); len(m) > 0 {
-		t.Errorf("host mounts under the state directory:\n%s", strings.Join(m, "\n"))
+	if m := r.mounts(r.node.stateDir + "/"); len(m) > 0 {
+		t.Errorf("mounts under the state directory:\n%s", strings.Join(m, "\n"))
 	}
 }
 

@@ -219,7 +219,11 @@ func TestHelmMatchesKustomize(t *testing.T) {
 				}
 			}
 			// And the checks every kustomize flavour passes, on helm's output.
-			checkNodeDeployment(t, decodeManifests(t, "helm template", []byte(rendered)), true)
+			docs := decodeManifests(t, "helm template", []byte(rendered))
+			d := checkNodeDeployment(t, docs, true, flavourHooksDir[f.runtime])
+			if f.runtime == "crio" {
+				checkStockCRIO(t, d, docs)
+			}
 		})
 	}
 }

@@ -18,15 +18,37 @@ import (
 
 	"gopkg.in/yaml.v3"
 
+	"github.com/containers/common/pkg/hooks"
+
 	"github.com/noderesource/spiffe-oci-hook/internal/config"
 )
 
 const (
 	imageRef      = "ghcr.io/noderesource/spiffe-oci-hook:latest"
-	hostHooksDir  = "/etc/containers/oci/hooks.d"
 	crioDropInDir = "/etc/crio/crio.conf.d"
 	crioDropIn    = "99-spiffe-oci-hook.conf"
 )
+
+// Where each flavour puts the hooks JSON. Stock CRI-O reads hooks only from
+// containers/common's DefaultDir (CRI-O's hooks_dir default), so the base,
+// which ships no CRI-O drop-in, must write there. OpenShift's /usr is
+// read-only: its overlay writes OverrideDir and adds it to hooks_dir with a
+// drop-in. containerd reads no hooks.d; its overlay writes OverrideDir, which
+// is writable on every host and read by NRI's hook-injector.
+var flavourHooksDir = map[string]string{
+	"crio":           hooks.DefaultDir,
+	"openshift":      hooks.OverrideDir,
+	"containerd-nri": hooks.OverrideDir,
+}
+
+// wantHooksDir is the hooks directory a flavour's DaemonSet must write:
+// without kubectl the overlays' patches are not applied, so the base's.
+func wantHooksDir(runtime string, built bool) string {
+	if !built {
+		return flavourHooksDir["crio"]
+	}
+	return flavourHooksDir[runtime]
+}
 
 // manifest is the part of a Kubernetes object these tests read.
 type manifest struct {
@@ -80,9 +102,7 @@ type container struct {
 	Image           string   `yaml:"image"`
 	Command         []string `yaml:"command"`
 	Args            []string `yaml:"args"`
-	SecurityContext struct {
-		Privileged bool `yaml:"privileged"`
-	} `yaml:"securityContext"`
+	SecurityContext securityContext `yaml:"securityContext"`
 	VolumeMounts []struct {
 		Name      string `yaml:"name"`
 		MountPath string `yaml:"mountPath"`
@@ -90,6 +110,20 @@ type container struct {
 	} `yaml:"volumeMounts"`
 	LivenessProbe  *probe `yaml:"livenessProbe"`
 	ReadinessProbe *probe `yaml:"readinessProbe"`
+}
+
+type securityContext struct {
+	Privileged               *bool  `yaml:"privileged"`
+	RunAsUser                *int   `yaml:"runAsUser"`
+	AllowPrivilegeEscalation *bool  `yaml:"allowPrivilegeEscalation"`
+	ReadOnlyRootFilesystem   *bool  `yaml:"readOnlyRootFilesystem"`
+	Capabilities             struct {
+		Add  []string `yaml:"add"`
+		Drop []string `yaml:"drop"`
+	} `yaml:"capabilities"`
+	SELinuxOptions struct {
+		Type string `yaml:"type"`
+	} `yaml:"seLinuxOptions"`
 }
 
 type probe struct {
@@ -338,6 +372,9 @@ type nodeDeployment struct {
 	hooksJSON []byte // the hooks.d JSON the initContainer installs
 	volumes   map[string]volume
 	nri       *container // the containerd-nri overlay's plugin container
+	// The host's hooks directory the JSON goes to, and where the
+	// initContainer mounts it.
+	hooksDir, hooksMount string
 }
 
 // hostMount returns where c mounts the hostPath volume for hostDir ("" if
@@ -381,10 +418,10 @@ func (d nodeDeployment) scriptLine(words ...string) int {
 
 // checkNodeDeployment checks the objects every flavour deploys: the
 // privileged namespace, and a DaemonSet whose initContainer installs the
-// hook binary where its hooks.d JSON says, the JSON into
-// /etc/containers/oci/hooks.d after it, and the node config; and whose
-// container runs spiffe-oci-refresher with the host paths it needs.
-func checkNodeDeployment(t *testing.T, docs []manifest, built bool) nodeDeployment {
+// hook binary where its hooks.d JSON says, the JSON into hooksDir after it,
+// and the node config; and whose container runs spiffe-oci-refresher with
+// the host paths it needs.
+func checkNodeDeployment(t *testing.T, docs []manifest, built bool, hooksDir string) nodeDeployment {
 	t.Helper()
 	var d nodeDeployment
 	nss := only(docs, "Namespace")
@@ -425,7 +462,7 @@ func checkNodeDeployment(t *testing.T, docs []manifest, built bool) nodeDeployme
 		d.volumes[v.Name] = v
 	}
 	// The NRI plugin (containerd-nri overlay) needs only containerd's
-	// socket, so it is the one container that is not privileged.
+	// socket.
 	if i := slices.IndexFunc(d.pod.Containers, func(c container) bool { return c.Name == "nri" }); i >= 0 {
 		nri := d.pod.Containers[i]
 		d.nri = &nri
@@ -440,16 +477,15 @@ func checkNodeDeployment(t *testing.T, docs []manifest, built bool) nodeDeployme
 				t.Errorf("container %s mounts volume %q, which the pod does not have", c.Name, m.Name)
 			}
 		}
-		if !c.SecurityContext.Privileged {
-			t.Errorf("container %s is not privileged", c.Name)
-		}
 		if built && c.Image != imageRef {
 			t.Errorf("container %s: image %q, want %q", c.Name, c.Image, imageRef)
 		}
 	}
 
-	// The initContainer and the ConfigMap it installs from.
 	d.install = d.pod.InitContainers[0]
+	checkLeastPrivilege(t, d)
+
+	// The initContainer and the ConfigMap it installs from.
 	if len(d.install.Command) < 3 || d.install.Command[len(d.install.Command)-2] != "-c" {
 		t.Fatalf("initContainer command %q is not a shell script", d.install.Command)
 	}
@@ -481,10 +517,11 @@ func checkNodeDeployment(t *testing.T, docs []manifest, built bool) nodeDeployme
 	// The binary goes to the host directory hook.path names, the JSON to
 	// the hooks.d directory, in that order.
 	binMount := d.hostMount(d.install, path.Dir(hookPath))
-	jsonMount := d.hostMount(d.install, hostHooksDir)
+	jsonMount := d.hostMount(d.install, hooksDir)
 	if binMount == "" || jsonMount == "" {
-		t.Fatalf("initContainer does not mount the host's %s (%q) and %s (%q)", path.Dir(hookPath), binMount, hostHooksDir, jsonMount)
+		t.Fatalf("initContainer does not mount the host's %s (%q) and %s (%q)", path.Dir(hookPath), binMount, hooksDir, jsonMount)
 	}
+	d.hooksDir, d.hooksMount = hooksDir, jsonMount
 	binLine := d.scriptLine(binMount + "/" + path.Base(hookPath) + " ")
 	jsonLine := d.scriptLine(cmMount+"/spiffe-oci-hook.json", jsonMount+"/spiffe-oci-hook.json")
 	if binLine < 0 || jsonLine < 0 {
@@ -549,10 +586,85 @@ func checkNodeDeployment(t *testing.T, docs []manifest, built bool) nodeDeployme
 	return d
 }
 
-// TestKustomizeBase: the plain deployment (CRI-O with /etc/containers/oci/hooks.d).
+// checkLeastPrivilege: no container is privileged or may gain privileges,
+// none writes its own root file system, and each runs as root with only
+// the capabilities it needs: the refresher exactly those the systemd unit
+// bounds it to, the installer and the NRI plugin none (they write and
+// connect to root-owned host files only).
+func checkLeastPrivilege(t *testing.T, d nodeDeployment) {
+	t.Helper()
+	unit, err := os.ReadFile(filepath.Join(pkgRoot(t), "refresher", "spiffe-oci-refresher.service"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var refresherCaps []string
+	for _, c := range strings.Fields(strings.Join(unitDirectives(t, unit)["Service"]["CapabilityBoundingSet"], " ")) {
+		refresherCaps = append(refresherCaps, strings.TrimPrefix(c, "CAP_"))
+	}
+	cs := append(slices.Clone(d.pod.InitContainers), d.pod.Containers...)
+	if d.nri != nil {
+		cs = append(cs, *d.nri)
+	}
+	for _, c := range cs {
+		sc := c.SecurityContext
+		if sc.Privileged != nil && *sc.Privileged {
+			t.Errorf("container %s is privileged", c.Name)
+		}
+		if sc.RunAsUser == nil || *sc.RunAsUser != 0 {
+			t.Errorf("container %s: runAsUser %v, want 0 (it writes root-owned host files)", c.Name, sc.RunAsUser)
+		}
+		if sc.AllowPrivilegeEscalation == nil || *sc.AllowPrivilegeEscalation {
+			t.Errorf("container %s: allowPrivilegeEscalation is not false", c.Name)
+		}
+		if sc.ReadOnlyRootFilesystem == nil || !*sc.ReadOnlyRootFilesystem {
+			t.Errorf("container %s: readOnlyRootFilesystem is not true", c.Name)
+		}
+		if !slices.Equal(sc.Capabilities.Drop, []string{"ALL"}) {
+			t.Errorf("container %s drops capabilities %q, want [ALL]", c.Name, sc.Capabilities.Drop)
+		}
+		var want []string
+		if c.Name == "refresher" {
+			want = refresherCaps
+		}
+		if !slices.Equal(sorted(sc.Capabilities.Add), sorted(want)) {
+			t.Errorf("container %s adds capabilities %q, want %q", c.Name, sc.Capabilities.Add, want)
+		}
+	}
+	if len(refresherCaps) == 0 || !slices.Contains(refresherCaps, "KILL") {
+		t.Errorf("the unit's CapabilityBoundingSet %q lacks CAP_KILL", refresherCaps)
+	}
+}
+
+// TestKustomizeBase: the plain deployment works on stock CRI-O: the JSON
+// goes to the one directory CRI-O reads with its default configuration,
+// and nothing else is needed (no drop-in, no CRI-O restart).
 func TestKustomizeBase(t *testing.T) {
 	docs, built := buildKustomization(t, filepath.Join(pkgRoot(t), "deploy", "kubernetes", "base"))
-	checkNodeDeployment(t, docs, built)
+	checkStockCRIO(t, checkNodeDeployment(t, docs, built, wantHooksDir("crio", built)), docs)
+}
+
+// checkStockCRIO: a deployment meant for stock CRI-O writes the JSON into
+// hooks.DefaultDir, ships no CRI-O drop-in, and its installer refuses a
+// node where that directory is not writable, before writing anything,
+// with one line naming the directory and what to install instead.
+func checkStockCRIO(t *testing.T, d nodeDeployment, docs []manifest) {
+	t.Helper()
+	if d.hooksDir != hooks.DefaultDir {
+		t.Errorf("the JSON goes to %s; stock CRI-O reads only %s", d.hooksDir, hooks.DefaultDir)
+	}
+	for _, m := range only(docs, "ConfigMap") {
+		for k := range m.Data {
+			if strings.HasSuffix(k, ".conf") {
+				t.Errorf("ConfigMap %s ships %s: the stock-CRI-O flavour must work without a CRI-O drop-in", m.Metadata.Name, k)
+			}
+		}
+	}
+	check := d.scriptLine("touch", d.hooksMount+"/")
+	fail := d.scriptLine("echo", "$HOOKS_DIR", "openshift", ">&2")
+	first := d.scriptLine("put /")
+	if check < 0 || fail < 0 || check > first || fail > first {
+		t.Errorf("install script does not check that %s is writable, with one line naming it and the openshift overlay, before installing anything:\n%s", d.hooksMount, d.script)
+	}
 }
 
 // TestKustomizeContainerdNRI: the same DaemonSet, and the documented
@@ -560,7 +672,7 @@ func TestKustomizeBase(t *testing.T) {
 func TestKustomizeContainerdNRI(t *testing.T) {
 	dir := filepath.Join(pkgRoot(t), "deploy", "kubernetes", "overlays", "containerd-nri")
 	docs, built := buildKustomization(t, dir)
-	d := checkNodeDeployment(t, docs, built)
+	d := checkNodeDeployment(t, docs, built, wantHooksDir("containerd-nri", built))
 
 	// The plugin runs spiffe-oci-nri against the host's NRI socket and
 	// injects the hook at the path the initContainer installs it to.
@@ -611,7 +723,7 @@ func TestKustomizeContainerdNRI(t *testing.T) {
 			}
 		}
 	}
-	for _, s := range []string{`[plugins.'io.containerd.nri.v1.nri']`, `[plugins."io.containerd.nri.v1.nri"]`, "disable = false", hostHooksDir} {
+	for _, s := range []string{`[plugins.'io.containerd.nri.v1.nri']`, `[plugins."io.containerd.nri.v1.nri"]`, "disable = false", flavourHooksDir["containerd-nri"]} {
 		if !strings.Contains(string(readme), s) {
 			t.Errorf("README.md lacks %q", s)
 		}
@@ -646,8 +758,8 @@ func crioHooksDirs(t *testing.T, conf string) []string {
 func checkCrioDropIn(t *testing.T, what, conf string) {
 	t.Helper()
 	dirs := crioHooksDirs(t, conf)
-	if !slices.Contains(dirs, hostHooksDir) || !slices.Contains(dirs, "/usr/share/containers/oci/hooks.d") {
-		t.Errorf("%s: hooks_dir %q must hold %s (where the hook's JSON goes) and CRI-O's default /usr/share/containers/oci/hooks.d", what, dirs, hostHooksDir)
+	if want := flavourHooksDir["openshift"]; !slices.Contains(dirs, want) || !slices.Contains(dirs, hooks.DefaultDir) {
+		t.Errorf("%s: hooks_dir %q must hold %s (where the hook's JSON goes) and CRI-O's default %s", what, dirs, want, hooks.DefaultDir)
 	}
 }
 
@@ -657,7 +769,7 @@ func checkCrioDropIn(t *testing.T, what, conf string) {
 func TestKustomizeOpenShift(t *testing.T) {
 	dir := filepath.Join(pkgRoot(t), "deploy", "kubernetes", "overlays", "openshift")
 	docs, built := buildKustomization(t, dir)
-	d := checkNodeDeployment(t, docs, built)
+	d := checkNodeDeployment(t, docs, built, wantHooksDir("openshift", built))
 
 	rbs := only(docs, "RoleBinding")
 	ok := false
@@ -690,6 +802,13 @@ func TestKustomizeOpenShift(t *testing.T) {
 	if got := spec.Template.Metadata.Annotations["openshift.io/required-scc"]; got != "privileged" {
 		t.Errorf("pod annotation openshift.io/required-scc=%q, want privileged", got)
 	}
+	// Under SELinux, container_t may neither write host files nor reach
+	// the agent's socket: the pods that do run as spc_t.
+	for _, c := range append(slices.Clone(d.pod.InitContainers), d.pod.Containers...) {
+		if got := c.SecurityContext.SELinuxOptions.Type; got != "spc_t" {
+			t.Errorf("container %s: seLinuxOptions.type %q, want spc_t", c.Name, got)
+		}
+	}
 	src := d.configMapMount(d.install, crio.Metadata.Name)
 	dst := d.hostMount(d.install, crioDropInDir)
 	if src == "" || dst == "" {
@@ -698,7 +817,7 @@ func TestKustomizeOpenShift(t *testing.T) {
 	if d.scriptLine(src+"/*.conf") < 0 || d.scriptLine(dst+"/") < 0 {
 		t.Errorf("install script does not copy %s/*.conf into %s:\n%s", src, dst, d.script)
 	}
-	jsonLine := d.scriptLine(d.hostMount(d.install, hostHooksDir) + "/spiffe-oci-hook.json")
+	jsonLine := d.scriptLine(d.hooksMount + "/spiffe-oci-hook.json")
 	if l := d.scriptLine(dst + "/"); l > jsonLine {
 		t.Errorf("install script writes the CRI-O drop-in (line %d) after the hooks JSON (line %d)", l, jsonLine)
 	}
@@ -777,13 +896,13 @@ func TestMachineConfig(t *testing.T) {
 		}
 		files[f.Path] = decodeDataURL(t, f.Contents.Source)
 	}
-	jsonPath := hostHooksDir + "/spiffe-oci-hook.json"
+	jsonPath := flavourHooksDir["openshift"] + "/spiffe-oci-hook.json"
 	dropPath := crioDropInDir + "/" + crioDropIn
 	if len(files) != 2 || files[jsonPath] == nil || files[dropPath] == nil {
 		t.Fatalf("MachineConfig writes %d files, want %s and %s", len(files), jsonPath, dropPath)
 	}
 
-	base := checkNodeDeployment(t, resolveKustomization(t, filepath.Join(root, "deploy", "kubernetes", "base")), false)
+	base := checkNodeDeployment(t, resolveKustomization(t, filepath.Join(root, "deploy", "kubernetes", "base")), false, wantHooksDir("crio", false))
 	if !bytes.Equal(files[jsonPath], base.hooksJSON) {
 		t.Errorf("MachineConfig %s differs from the DaemonSet's ConfigMap:\n%s\nvs\n%s", jsonPath, files[jsonPath], base.hooksJSON)
 	}
@@ -825,7 +944,7 @@ func TestContainerfile(t *testing.T) {
 			}
 		}
 	}
-	d := checkNodeDeployment(t, resolveKustomization(t, filepath.Join(root, "deploy", "kubernetes", "base")), false)
+	d := checkNodeDeployment(t, resolveKustomization(t, filepath.Join(root, "deploy", "kubernetes", "base")), false, wantHooksDir("crio", false))
 	refresher := d.pod.Containers[0].Command[0]
 	if !inImage[refresher] {
 		t.Errorf("the refresher container runs %s, which the Containerfile does not put there (it copies %v)", refresher, inImage)
