@@ -167,6 +167,9 @@ func (c *Cluster) prepareHost() error {
 		return err
 	}
 	for _, e := range ents {
+		if e.Type()&os.ModeSymlink != 0 {
+			continue // cpu -> cpu,cpuacct
+		}
 		base := filepath.Join("/sys/fs/cgroup", e.Name())
 		if _, err := os.Stat(filepath.Join(base, "cgroup.procs")); err != nil {
 			continue

@@ -134,6 +134,9 @@ func cgroupDirs(root string) []string {
 	var dirs []string
 	ents, _ := os.ReadDir("/sys/fs/cgroup")
 	for _, e := range ents {
+		if e.Type()&os.ModeSymlink != 0 {
+			continue // cpu -> cpu,cpuacct
+		}
 		d := filepath.Join("/sys/fs/cgroup", e.Name(), root)
 		if fi, err := os.Lstat(d); err == nil && fi.IsDir() {
 			dirs = append(dirs, d)
