@@ -188,9 +188,13 @@ func (e *env) serial(t *testing.T, ns, pod string) string {
 	return certSerial(t, out)
 }
 
-// agentRestart: deleting the SPIRE agent's pod leaves the delivered files
-// valid; the refresher's pod turns NotReady, then Ready when the new
-// agent is up, and rotation resumes.
+// agentRestart: the SPIRE agent's pod goes away and comes back (a new
+// pod, as after a node's agent upgrade): the delivered files stay valid
+// meanwhile, the refresher's pod turns NotReady, then Ready once the new
+// agent serves, and rotation resumes. The pod is kept away (a nodeSelector
+// no node matches) until the refresher's readiness probe, every 10 s, has
+// seen it gone: a plain `kubectl delete pod` is back within seconds and
+// the probe may never notice.
 func agentRestart(t *testing.T, e *env) {
 	if e.rotatingNS == "" {
 		t.Skip("needs twoNamespaces")
@@ -198,24 +202,32 @@ func agentRestart(t *testing.T, e *env) {
 	ns := e.rotatingNS
 	pod := e.podNames(t, ns)[0]
 	before := e.serial(t, ns, pod)
-	if _, err := e.Kubectl("-n", "spire", "delete", "pod", "-l", "app=spire-agent", "--wait=false"); err != nil {
+	if _, err := e.Kubectl("-n", "spire", "patch", "daemonset", "spire-agent", "--type", "merge",
+		"-p", `{"spec":{"template":{"spec":{"nodeSelector":{"spiffe-oci-hook.test/agent":"away"}}}}}`); err != nil {
 		t.Fatal(err)
 	}
-	// NotReady: the readiness probe (every 10 s) finds the agent gone.
-	if err := e.waitReady(localcluster.ProjectNamespace, "app.kubernetes.io/name=spiffe-oci-hook", "False", 60*time.Second); err != nil {
+	gone := time.Now()
+	if err := e.waitReady(localcluster.ProjectNamespace, "app.kubernetes.io/name=spiffe-oci-hook", "False", 90*time.Second); err != nil {
 		t.Fatal(err)
 	}
+	t.Logf("refresher NotReady %.1fs after the agent's pod was removed", time.Since(gone).Seconds())
 	// The files stay while the agent is away, the certificate valid.
 	if got := e.serial(t, ns, pod); got != before {
 		t.Logf("rotated before the agent went away (serial %s -> %s)", before, got)
 		before = got
 	}
+	if _, err := e.Kubectl("-n", "spire", "patch", "daemonset", "spire-agent", "--type", "json",
+		"-p", `[{"op":"remove","path":"/spec/template/spec/nodeSelector"}]`); err != nil {
+		t.Fatal(err)
+	}
+	back := time.Now()
 	if err := e.Rollout("spire", "daemonset/spire-agent", 2*time.Minute); err != nil {
 		t.Fatal(err)
 	}
 	if err := e.waitReady(localcluster.ProjectNamespace, "app.kubernetes.io/name=spiffe-oci-hook", "True", 90*time.Second); err != nil {
 		t.Fatal(err)
 	}
+	t.Logf("refresher Ready %.1fs after the agent's pod came back", time.Since(back).Seconds())
 	// Rotation resumes: the 60 s SVID is replaced at half its life.
 	deadline := time.Now().Add(2 * time.Minute)
 	for {
