@@ -191,7 +191,7 @@ func (c *Cluster) prepareHost() error {
 // nodeIP is the address of the interface of the default route: the
 // kubelet's node IP cannot be loopback (pods reach the API server there).
 func nodeIP() (string, error) {
-	out, err := exec.Command("ip", "-4", "route", "get", "192.0.2.255").Output()
+	out, err := exec.Command("ip", "-4", "route", "get", "1.1.1.1").Output()
 	if err == nil {
 		f := strings.Fields(string(out))
 		for i := range f {
