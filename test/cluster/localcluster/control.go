@@ -53,7 +53,7 @@ func (c *Cluster) startControlPlane() error {
 		"--service-account-key-file", pki("sa.pub"), "--service-account-signing-key-file", pki("sa.key"),
 		"--service-cluster-ip-range", "10.96.0.0/16",
 		"--authorization-mode", "Node,RBAC",
-		"--allow-privileged", "true",
+		"--allow-privileged=true",
 		"--profiling=false", "--v", "1")
 	if err != nil {
 		return err
