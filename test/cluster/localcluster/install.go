@@ -1,8 +1,13 @@
 package localcluster
 
 import (
+	"os"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // ProjectNamespace is where both install paths put the DaemonSet.
@@ -36,10 +41,20 @@ func (c *Cluster) InstallHelm(extra ...string) error {
 	if _, err := c.Kubectl("label", "namespace", ProjectNamespace, "pod-security.kubernetes.io/enforce=privileged"); err != nil {
 		return err
 	}
-	args := append([]string{"install", "spiffe-oci-hook", c.HelmChart(), "--namespace", ProjectNamespace,
+	args := []string{"install", "spiffe-oci-hook", c.HelmChart(), "--namespace", ProjectNamespace,
 		"--set", "runtime=" + c.HelmFlavour(),
 		"--set", "image.repository=" + imageRepo(ProjectImage), "--set", "image.tag=" + imageTag(ProjectImage),
-		"--set", "image.pullPolicy=Never"}, extra...)
+		"--set", "image.pullPolicy=Never"}
+	if c.Runtime == "crio" && !hasCapSysResource() {
+		// A system-node-critical pod gets oom_score_adj -997 from the
+		// kubelet, which runc cannot set without CAP_SYS_RESOURCE ("failed
+		// to update /proc/self/oom_score_adj: Permission denied"); CRI-O
+		// has no restrict_oom_score_adj as containerd has. Only on such a
+		// host (this sandbox), the pods get no priority class.
+		c.logf("no CAP_SYS_RESOURCE here: installing with priorityClassName=\"\" (runc cannot lower oom_score_adj for a node-critical pod)")
+		args = append(args, "--set", "priorityClassName=")
+	}
+	args = append(args, extra...)
 	if _, err := c.Helm(args...); err != nil {
 		return err
 	}
@@ -54,6 +69,22 @@ func (c *Cluster) InstallKustomize(overlay string) error {
 		return err
 	}
 	return c.Rollout(ProjectNamespace, ProjectDaemonSet, 3*time.Minute)
+}
+
+// hasCapSysResource reports whether this process has CAP_SYS_RESOURCE,
+// which lowering a process's oom_score_adj needs.
+func hasCapSysResource() bool {
+	data, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		return false
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		if v, ok := strings.CutPrefix(line, "CapEff:"); ok {
+			caps, err := strconv.ParseUint(strings.TrimSpace(v), 16, 64)
+			return err == nil && caps&(1<<unix.CAP_SYS_RESOURCE) != 0
+		}
+	}
+	return false
 }
 
 func imageRepo(ref string) string {
