@@ -82,6 +82,14 @@ func runCluster(t *testing.T, runtime string, install func(*localcluster.Cluster
 	}
 	t.Cleanup(func() {
 		if t.Failed() {
+			for _, l := range [][]string{
+				{"-n", "spire", "logs", "daemonset/spire-agent", "--tail", "30"},
+				{"-n", localcluster.ProjectNamespace, "logs", localcluster.ProjectDaemonSet, "--all-containers", "--tail", "30"},
+				{"get", "pods", "-A", "-o", "wide"},
+			} {
+				out, _ := c.Kubectl(l...)
+				t.Logf("kubectl %s:\n%s", strings.Join(l, " "), out)
+			}
 			logs(t, dir)
 		}
 		stop := time.Now()
