@@ -41,6 +41,10 @@ const NodeName = "spiffe-node"
 // never touch persistent disk.
 const StateDir = "/run/spiffe-oci-hook"
 
+// AgentAdminDir is the SPIRE agent's admin socket directory on the host
+// (the manifests' hostPath, the chart's agent.adminSocket directory).
+const AgentAdminDir = "/run/spire/agent/admin"
+
 // Options say where things are.
 type Options struct {
 	// Runtime is "crio" or "containerd".
@@ -162,6 +166,22 @@ func (c *Cluster) prepareHost() error {
 		return fmt.Errorf("tmpfs on %s: %w", StateDir, err)
 	}
 	c.stateMount = true
+	// The refresher mounts the state directory and the agent's admin
+	// socket directory with HostToContainer propagation, which the
+	// runtimes refuse unless the host mount is shared; here / is private
+	// (on a systemd host it is shared). Each gets a shared mount of its
+	// own, undone by Down.
+	if err := os.MkdirAll(AgentAdminDir, 0o755); err != nil {
+		return err
+	}
+	if err := unix.Mount(AgentAdminDir, AgentAdminDir, "", unix.MS_BIND, ""); err != nil {
+		return fmt.Errorf("bind mount %s: %w", AgentAdminDir, err)
+	}
+	for _, d := range []string{StateDir, AgentAdminDir} {
+		if err := unix.Mount("", d, "", unix.MS_SHARED, ""); err != nil {
+			return fmt.Errorf("making %s a shared mount: %w", d, err)
+		}
+	}
 	ents, err := os.ReadDir("/sys/fs/cgroup")
 	if err != nil {
 		return err
