@@ -291,7 +291,7 @@ func (c *Cluster) Down() error {
 		if err := c.host.restore(c.Dir); err != nil {
 			errs = append(errs, err)
 		}
-		if left := c.host.leaks(); len(left) > 0 {
+		if left := c.host.leaks(c.Dir); len(left) > 0 {
 			errs = append(errs, fmt.Errorf("the cluster left on the host: %s", strings.Join(left, "; ")))
 		}
 	}

@@ -234,6 +234,17 @@ func ours(m, dir string) bool {
 	return false
 }
 
+// kubeRules keeps the rules that name a kubelet or CNI chain.
+func kubeRules(rules string) string {
+	var kept []string
+	for _, r := range strings.Split(rules, "\n") {
+		if strings.Contains(r, "KUBE-") || strings.Contains(r, "CNI-") || strings.Contains(r, cniBridge) {
+			kept = append(kept, r)
+		}
+	}
+	return strings.Join(kept, "\n")
+}
+
 // removeCgroupTree removes a cgroup directory and its children, deepest
 // first (cgroupfs directories go with rmdir, not unlink).
 func removeCgroupTree(d string) error {
@@ -254,7 +265,7 @@ func removeCgroupTree(d string) error {
 }
 
 // leaks compares the host with the snapshot: what is left is a leak.
-func (h *hostState) leaks() []string {
+func (h *hostState) leaks(dir string) []string {
 	var left []string
 	for s, v := range h.sysctls {
 		if cur, _ := os.ReadFile("/proc/sys/" + s); strings.TrimSpace(string(cur)) != v {
@@ -268,21 +279,21 @@ func (h *hostState) leaks() []string {
 			continue
 		}
 		for tc := range chains {
-			if !h.iptables[cmd][tc] {
+			if _, chain, _ := strings.Cut(tc, ":"); !h.iptables[cmd][tc] && (strings.HasPrefix(chain, "KUBE-") || strings.HasPrefix(chain, "CNI-")) {
 				left = append(left, fmt.Sprintf("%s: chain %s added", cmd, tc))
 			}
 		}
-		if rules != before {
-			left = append(left, fmt.Sprintf("%s: rules changed", cmd))
+		if kubeRules(rules) != kubeRules(before) {
+			left = append(left, fmt.Sprintf("%s: KUBE-/CNI- rules changed", cmd))
 		}
 	}
-	for l := range links() {
-		if !h.links[l] {
-			left = append(left, "network interface "+l)
-		}
+	if links()[cniBridge] && !h.links[cniBridge] {
+		left = append(left, "network interface "+cniBridge)
 	}
+	// Only where the cluster mounts: this machine is shared, and a
+	// concurrent unit test's mount elsewhere is not the cluster's leak.
 	for m := range mountpoints() {
-		if !h.mounts[m] {
+		if !h.mounts[m] && ours(m, dir) {
 			left = append(left, "mount "+m)
 		}
 	}
