@@ -50,6 +50,17 @@ type Config struct {
 	Timeout time.Duration `yaml:"timeout"`
 	// FailurePolicy is FailClosed or FailOpen.
 	FailurePolicy string `yaml:"failure_policy"`
+	// RequireRefresher makes the hook refuse a container that asked for an
+	// identity when no refresher has served the state directory within
+	// RefresherGrace: nothing would rotate that identity, which would expire
+	// in place. The Kubernetes DaemonSet sets it, because removing the
+	// DaemonSet leaves the hook installed on the node; a package install
+	// removes the hook with the refresher.
+	RequireRefresher bool `yaml:"require_refresher"`
+	// RefresherGrace is how long after a refresher's last heartbeat (or its
+	// stop) the hook still counts it as serving: a DaemonSet's rolling
+	// update or a systemd restart stays within it.
+	RefresherGrace time.Duration `yaml:"refresher_grace"`
 	// Refresher holds settings only the refresher reads.
 	Refresher Refresher `yaml:"refresher"`
 }
@@ -78,6 +89,13 @@ const (
 	LogInfo  = "info"
 	LogDebug = "debug"
 )
+
+// HeartbeatInterval is how often a refresher marks the state directory as
+// served: often enough that a live refresher is never older than
+// RefresherGrace, seldom enough to cost nothing.
+func (c Config) HeartbeatInterval() time.Duration {
+	return min(max(c.RefresherGrace/4, 100*time.Millisecond), 15*time.Second)
+}
 
 // StatusSocket is the refresher's unix socket: metrics_socket, or
 // refresher.sock in the state directory, which is root's only already.
@@ -111,6 +129,7 @@ func Default() Config {
 		StateDir:         "/run/spiffe-oci-hook",
 		Timeout:          10 * time.Second,
 		FailurePolicy:    FailClosed,
+		RefresherGrace:   2 * time.Minute,
 		Refresher: Refresher{
 			BackoffMin:     500 * time.Millisecond,
 			BackoffMax:     30 * time.Second,
@@ -138,6 +157,9 @@ func (c Config) Validate() error {
 	}
 	if c.FailurePolicy != FailClosed && c.FailurePolicy != FailOpen {
 		return fmt.Errorf("failure_policy %q must be %q or %q", c.FailurePolicy, FailClosed, FailOpen)
+	}
+	if c.RefresherGrace <= 0 {
+		return fmt.Errorf("refresher_grace %s must be positive", c.RefresherGrace)
 	}
 	r := c.Refresher
 	if r.BackoffMin <= 0 || r.BackoffMax < r.BackoffMin {
@@ -199,6 +221,8 @@ func Bind(fs *flag.FlagSet) *Flags {
 		return nil
 	})
 	fs.StringVar(&f.set.FailurePolicy, "failure-policy", d.FailurePolicy, "fail-closed (container does not start without identity) or fail-open")
+	fs.BoolVar(&f.set.RequireRefresher, "require-refresher", d.RequireRefresher, "refuse annotated containers when no refresher has served the node within refresher-grace")
+	fs.DurationVar(&f.set.RefresherGrace, "refresher-grace", d.RefresherGrace, "how long after a refresher's last heartbeat it still counts as serving")
 	return f
 }
 
@@ -249,6 +273,12 @@ func (f *Flags) Load() (Config, error) {
 	}
 	if explicit["failure-policy"] {
 		c.FailurePolicy = f.set.FailurePolicy
+	}
+	if explicit["require-refresher"] {
+		c.RequireRefresher = f.set.RequireRefresher
+	}
+	if explicit["refresher-grace"] {
+		c.RefresherGrace = f.set.RefresherGrace
 	}
 	if explicit["backoff-min"] {
 		c.Refresher.BackoffMin = f.set.Refresher.BackoffMin

@@ -28,6 +28,8 @@ allowed_agent_sockets: [/run/other/admin.sock, /run/third.sock]
 state_dir: /dev/shm/hook
 timeout: 3s
 failure_policy: fail-open
+require_refresher: true
+refresher_grace: 90s
 refresher:
   backoff_min: 250ms
   backoff_max: 1m
@@ -45,6 +47,8 @@ refresher:
 		StateDir:            "/dev/shm/hook",
 		Timeout:             3 * time.Second,
 		FailurePolicy:       FailOpen,
+		RequireRefresher:    true,
+		RefresherGrace:      90 * time.Second,
 		Refresher: Refresher{
 			BackoffMin:     250 * time.Millisecond,
 			BackoffMax:     time.Minute,
@@ -205,6 +209,8 @@ allowed_agent_sockets: [/file/other.sock]
 state_dir: /file/state
 timeout: 4s
 failure_policy: fail-open
+require_refresher: true
+refresher_grace: 45s
 refresher:
   backoff_min: 2s
   backoff_max: 20s
@@ -216,6 +222,8 @@ refresher:
 		StateDir:            "/file/state",
 		Timeout:             4 * time.Second,
 		FailurePolicy:       FailOpen,
+		RequireRefresher:    true,
+		RefresherGrace:      45 * time.Second,
 		Refresher:           Refresher{BackoffMin: 2 * time.Second, BackoffMax: 20 * time.Second, RescanInterval: 5 * time.Minute, LogLevel: LogInfo},
 	}
 
@@ -256,6 +264,8 @@ refresher:
 		"--state-dir", "/flag/state",
 		"--timeout", "1s",
 		"--failure-policy", FailClosed,
+		"--require-refresher=false",
+		"--refresher-grace", "3s",
 		"--backoff-min", "1s",
 		"--backoff-max", "9s",
 		"--rescan-interval", "1m",
@@ -272,6 +282,7 @@ refresher:
 		StateDir:            "/flag/state",
 		Timeout:             time.Second,
 		FailurePolicy:       FailClosed,
+		RefresherGrace:      3 * time.Second,
 		Refresher:           Refresher{BackoffMin: time.Second, BackoffMax: 9 * time.Second, RescanInterval: time.Minute, LogLevel: LogDebug, MetricsSocket: "/flag/m.sock", MetricsAddress: ":9464"},
 	}
 	if !reflect.DeepEqual(c, want) {
@@ -401,6 +412,38 @@ func TestRestartOnly(t *testing.T) {
 		tc.mutate(&next)
 		if err := RestartOnly(cur, next); err == nil || !strings.HasPrefix(err.Error(), tc.key+" cannot change") {
 			t.Errorf("%s changed: error = %v", tc.key, err)
+		}
+	}
+}
+
+// TestRefresherKeys: require_refresher and refresher_grace parse, their
+// flags win over the file, a non-positive grace is refused, and the
+// heartbeat stays well inside the grace.
+func TestRefresherKeys(t *testing.T) {
+	p := writeFile(t, "require_refresher: true\nrefresher_grace: 8s\n")
+	c, err := load(t, false, "--config", p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !c.RequireRefresher || c.RefresherGrace != 8*time.Second {
+		t.Errorf("file: require_refresher %v, refresher_grace %s", c.RequireRefresher, c.RefresherGrace)
+	}
+	if c, err = load(t, false, "--config", p, "--require-refresher=false", "--refresher-grace", "1m"); err != nil {
+		t.Fatal(err)
+	}
+	if c.RequireRefresher || c.RefresherGrace != time.Minute {
+		t.Errorf("flags: require_refresher %v, refresher_grace %s", c.RequireRefresher, c.RefresherGrace)
+	}
+	if d := Default(); d.RequireRefresher || d.RefresherGrace != 2*time.Minute {
+		t.Errorf("defaults: require_refresher %v, refresher_grace %s", d.RequireRefresher, d.RefresherGrace)
+	}
+	if _, err := load(t, false, "--config", writeFile(t, "refresher_grace: 0s\n")); err == nil || !strings.Contains(err.Error(), "refresher_grace") {
+		t.Errorf("refresher_grace 0s: %v", err)
+	}
+	for _, grace := range []time.Duration{time.Second, 8 * time.Second, 2 * time.Minute, time.Hour} {
+		c := Config{RefresherGrace: grace}
+		if i := c.HeartbeatInterval(); i <= 0 || i > grace/2 {
+			t.Errorf("grace %s: heartbeat every %s", grace, i)
 		}
 	}
 }

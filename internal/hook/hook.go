@@ -155,6 +155,9 @@ func (h *Hook) Create(ctx context.Context, req *Request) (err error) {
 	if rec, err := store.Load(id); err == nil && rec.PID == proc.PID && rec.StartTime == proc.StartTime {
 		return nil
 	}
+	if err := h.CheckRefresher(time.Now()); err != nil {
+		return err
+	}
 
 	ctx, cancel := context.WithTimeout(ctx, h.Config.Timeout)
 	defer cancel()
@@ -252,6 +255,34 @@ func (h *Hook) Create(ctx context.Context, req *Request) (err error) {
 		rec.Deliveries = append(rec.Deliveries, rd)
 	}
 	return store.Save(rec)
+}
+
+// refresherHint is what to do about a node no refresher serves.
+const refresherHint = "its identity would never be rotated and would expire in place; start spiffe-oci-refresher on this node " +
+	"(Kubernetes: the spiffe-oci-hook DaemonSet's pod; systemd: systemctl start spiffe-oci-refresher), " +
+	"or, if spiffe-oci-hook was uninstalled, remove its hooks JSON from this node (docs/install-lifecycle.md)"
+
+// CheckRefresher refuses, on a node whose configuration requires a
+// refresher (require_refresher), a container whose identity nothing would
+// rotate: no refresher has served the state directory within
+// refresher_grace before now. A refresher restarting (a DaemonSet's rolling
+// update, a systemd restart) stays within the grace; a refresher removed
+// with its DaemonSet does not.
+func (h *Hook) CheckRefresher(now time.Time) error {
+	if !h.Config.RequireRefresher {
+		return nil
+	}
+	last, err := record.Store{Dir: h.Config.StateDir}.LastHeartbeat()
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		return fmt.Errorf("no spiffe-oci-refresher has served this node yet (require_refresher: true): %s", refresherHint)
+	case err != nil:
+		return fmt.Errorf("reading the refresher's heartbeat: %w", err)
+	case now.Sub(last) > h.Config.RefresherGrace:
+		return fmt.Errorf("no spiffe-oci-refresher has served this node since %s (%s ago; refresher_grace %s): %s",
+			last.UTC().Format(time.RFC3339), now.Sub(last).Round(time.Second), h.Config.RefresherGrace, refresherHint)
+	}
+	return nil
 }
 
 // fetchJWT starts fetching the JWT material the deliveries ask for and

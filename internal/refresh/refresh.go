@@ -56,6 +56,9 @@ type Refresher struct {
 	// Version is reported in Report.
 	Version string
 
+	// beatFailed: the last heartbeat failed (and was logged). Run's
+	// goroutine only.
+	beatFailed bool
 	// live is the configuration in force: Reload replaces it.
 	live     atomic.Pointer[config.Config]
 	reloaded chan struct{}
@@ -91,6 +94,17 @@ func New(cfg config.Config, log *slog.Logger) *Refresher {
 
 // settings returns the refresher settings in force.
 func (r *Refresher) settings() config.Refresher { return r.live.Load().Refresher }
+
+// heartbeat marks the state directory as served now; a failure is logged
+// once until a heartbeat succeeds again (with require_refresher, the hook
+// then refuses containers once refresher_grace has passed).
+func (r *Refresher) heartbeat() {
+	err := r.store.Heartbeat(time.Now())
+	if err != nil && !r.beatFailed {
+		r.log.Error("heartbeat failed: with require_refresher, the hook will refuse new containers", "error", err)
+	}
+	r.beatFailed = err != nil
+}
 
 // Reload puts cfg in force without touching any stream or file: backoff
 // applies from the next retry, the rescan interval at once, and a new
@@ -139,18 +153,28 @@ func (r *Refresher) Run(ctx context.Context, ready func()) error {
 	r.scan(ctx)
 	r.scanned.Store(true)
 	r.log.Info("ready", "state_dir", r.cfg.StateDir, "containers", r.Count())
+	// From here on the node is served: the heartbeat tells the hook so
+	// (require_refresher). The last one is written at the stop, so that
+	// refresher_grace counts from then.
+	r.heartbeat()
 	if ready != nil {
 		ready()
 	}
 
 	rescan := time.NewTicker(r.settings().RescanInterval)
 	defer rescan.Stop()
+	beat := time.NewTicker(r.live.Load().HeartbeatInterval())
+	defer beat.Stop()
 	for {
 		select {
 		case <-r.reloaded:
 			rescan.Reset(r.settings().RescanInterval)
+			beat.Reset(r.live.Load().HeartbeatInterval())
 			r.agent(ctx, r.live.Load().AgentAdminSocket)
+		case <-beat.C:
+			r.heartbeat()
 		case <-ctx.Done():
+			r.heartbeat()
 			r.log.Info("stopping", "containers", r.Count())
 			return nil
 		case ev, ok := <-watcher.Events:

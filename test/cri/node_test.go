@@ -229,8 +229,8 @@ func (n *node) checkStateEmpty(t *testing.T) {
 				return nil
 			}
 			rel := strings.TrimPrefix(p, n.stateDir+"/")
-			if fi.Mode().Type() == os.ModeSocket && !strings.Contains(rel, "/") {
-				return nil // the refresher's own status socket
+			if (fi.Mode().Type() == os.ModeSocket || rel == "refresher.alive") && !strings.Contains(rel, "/") {
+				return nil // the refresher's own status socket and heartbeat
 			}
 			if !fi.IsDir() || strings.Contains(rel, "/") {
 				left = append(left, rel)

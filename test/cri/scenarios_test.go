@@ -193,6 +193,12 @@ func podRemoval(t *testing.T, r *runtime) {
 	if len(r.node.statePaths(a.id)) == 0 || len(r.node.statePaths(b.id)) == 0 {
 		t.Fatalf("no state for the running containers")
 	}
+	// The runtime's mount namespace shows the running pod's mounts (its
+	// sandbox's /dev/shm): the check after the removal looks in the right
+	// place.
+	if len(r.mounts(p.id)) == 0 {
+		t.Fatalf("%s shows no mount of running pod %s", r.mountinfo, p.id)
+	}
 	if err := p.remove(); err != nil {
 		t.Fatal(err)
 	}

@@ -411,12 +411,11 @@ func TestFailOpen(t *testing.T) {
 	}
 }
 
-// clean reports whether a state directory listing holds no container.
-// clean reports whether paths hold no container's state. A running
-// refresher's socket (refresher.sock) may be there too.
+// clean reports whether paths hold no container's state. A refresher's
+// socket (refresher.sock) and heartbeat (refresher.alive) may be there too.
 func clean(paths []string) bool {
 	for _, p := range paths {
-		if !slices.Contains(emptyState, p) && p != "/refresher.sock" {
+		if !slices.Contains(emptyState, p) && p != "/refresher.sock" && p != "/refresher.alive" {
 			return false
 		}
 	}

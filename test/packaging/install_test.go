@@ -234,7 +234,8 @@ func TestShippedConfig(t *testing.T) {
 	}
 	d := config.Default()
 	if cfg.AgentAdminSocket != d.AgentAdminSocket || cfg.StateDir != d.StateDir || cfg.Timeout != d.Timeout ||
-		cfg.FailurePolicy != d.FailurePolicy || cfg.Refresher != d.Refresher || len(cfg.AllowedAgentSockets) != 0 {
+		cfg.FailurePolicy != d.FailurePolicy || cfg.RequireRefresher != d.RequireRefresher || cfg.RefresherGrace != d.RefresherGrace ||
+		cfg.Refresher != d.Refresher || len(cfg.AllowedAgentSockets) != 0 {
 		t.Errorf("deploy/config.yaml = %+v, want the defaults %+v", cfg, d)
 	}
 	// Every key of the Config type appears, uncommented and documented (a

@@ -98,12 +98,16 @@ type podSpec struct {
 }
 
 type container struct {
-	Name            string   `yaml:"name"`
-	Image           string   `yaml:"image"`
-	Command         []string `yaml:"command"`
-	Args            []string `yaml:"args"`
+	Name    string   `yaml:"name"`
+	Image   string   `yaml:"image"`
+	Command []string `yaml:"command"`
+	Args    []string `yaml:"args"`
+	Env     []struct {
+		Name  string `yaml:"name"`
+		Value string `yaml:"value"`
+	} `yaml:"env"`
 	SecurityContext securityContext `yaml:"securityContext"`
-	VolumeMounts []struct {
+	VolumeMounts    []struct {
 		Name      string `yaml:"name"`
 		MountPath string `yaml:"mountPath"`
 		ReadOnly  bool   `yaml:"readOnly"`
@@ -113,10 +117,10 @@ type container struct {
 }
 
 type securityContext struct {
-	Privileged               *bool  `yaml:"privileged"`
-	RunAsUser                *int   `yaml:"runAsUser"`
-	AllowPrivilegeEscalation *bool  `yaml:"allowPrivilegeEscalation"`
-	ReadOnlyRootFilesystem   *bool  `yaml:"readOnlyRootFilesystem"`
+	Privileged               *bool `yaml:"privileged"`
+	RunAsUser                *int  `yaml:"runAsUser"`
+	AllowPrivilegeEscalation *bool `yaml:"allowPrivilegeEscalation"`
+	ReadOnlyRootFilesystem   *bool `yaml:"readOnlyRootFilesystem"`
 	Capabilities             struct {
 		Add  []string `yaml:"add"`
 		Drop []string `yaml:"drop"`
@@ -539,12 +543,15 @@ func checkNodeDeployment(t *testing.T, docs []manifest, built bool, hooksDir str
 		t.Fatal(err)
 	}
 	cfgData, ok := nodeCM.Data["config.yaml"]
-	if !ok || cfgData != string(shipped) {
-		t.Errorf("ConfigMap %s config.yaml is not deploy/config.yaml", nodeCM.Metadata.Name)
+	if !ok || cfgData != daemonSetConfig(t, shipped) {
+		t.Errorf("ConfigMap %s config.yaml is not deploy/config.yaml with require_refresher: true", nodeCM.Metadata.Name)
 	}
 	cfg, err := config.Parse([]byte(cfgData))
 	if err != nil {
 		t.Fatalf("ConfigMap config.yaml: %v", err)
+	}
+	if !cfg.RequireRefresher {
+		t.Errorf("ConfigMap %s: require_refresher is not true: once the DaemonSet is removed, the hook it leaves would hand out identities nothing rotates", nodeCM.Metadata.Name)
 	}
 	confDir := path.Dir(config.DefaultPath)
 	if m := d.hostMount(d.install, confDir); m == "" || d.scriptLine(cmMount+"/config.yaml", m+"/config.yaml") < 0 {
@@ -584,6 +591,17 @@ func checkNodeDeployment(t *testing.T, docs []manifest, built bool, hooksDir str
 		t.Errorf("the refresher's socket %s is not in the state directory the pod mounts", sock)
 	}
 	return d
+}
+
+// daemonSetConfig is the node config the DaemonSet installs: the shipped
+// file, which states the built-in defaults, with require_refresher: true.
+func daemonSetConfig(t *testing.T, shipped []byte) string {
+	t.Helper()
+	const off, on = "\nrequire_refresher: false\n", "\nrequire_refresher: true\n"
+	if strings.Count(string(shipped), off) != 1 {
+		t.Fatalf("deploy/config.yaml does not set %q once", strings.TrimSpace(off))
+	}
+	return strings.Replace(string(shipped), off, on, 1)
 }
 
 // checkLeastPrivilege: no container is privileged or may gain privileges,

@@ -47,6 +47,10 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end -}}
 {{- .Values.nodeConfig -}}
 {{- else -}}
-{{- regexReplaceAll "(?m)^agent_admin_socket: .*$" (.Files.Get "files/config.yaml") (printf "agent_admin_socket: %s" $sock) -}}
+{{- $cfg := regexReplaceAll "(?m)^agent_admin_socket: .*$" (.Files.Get "files/config.yaml") (printf "agent_admin_socket: %s" $sock) -}}
+{{- /* The DaemonSet requires its refresher: after helm uninstall the hook
+  left on a node refuses containers rather than hand out identities
+  nothing rotates (docs/install-lifecycle.md). */ -}}
+{{- regexReplaceAll "(?m)^require_refresher: .*$" $cfg "require_refresher: true" -}}
 {{- end -}}
 {{- end -}}
