@@ -45,7 +45,7 @@ var scenarios = []struct {
 // env is one runtime's cluster with the project installed.
 type env struct {
 	*localcluster.Cluster
-	// twoNS is set by twoNamespaces: a namespace whose pods rotate every
+	// rotatingNS is set by twoNamespaces: a namespace whose pods rotate every
 	// 30 s, for agentRestart.
 	rotatingNS string
 }

@@ -215,7 +215,6 @@ func (h *hostState) restore(dir string) error {
 			errs = append(errs, err)
 		}
 	}
-	_ = dir
 	return errors.Join(errs...)
 }
 
