@@ -136,7 +136,7 @@ CLUSTER_DIR ?= /tmp/spiffe-cluster
 cluster: test-deps spire cluster-tools build
 	@if [ -f $(CLUSTER_DIR)/launcher.pid ] && kill -0 $$(cat $(CLUSTER_DIR)/launcher.pid) 2>/dev/null; then \
 		echo "a cluster is already running (make cluster-down)" >&2; exit 1; fi
-	@mkdir -p $(CLUSTER_DIR)
+	@mkdir -p $(CLUSTER_DIR) && rm -f $(CLUSTER_DIR)/ready
 	@$(GO) build -o $(CLUSTER_DIR)/spiffe-cluster ./test/cluster/cmd/spiffe-cluster
 	@setsid $(CLUSTER_DIR)/spiffe-cluster -runtime $(RUNTIME) -dir $(CLUSTER_DIR) -repo $(CURDIR) \
 		-tools $(CRI_BIN_DIR) -spire-bin $(SPIRE_BIN_DIR) >$(CLUSTER_DIR)/launcher.log 2>&1 </dev/null & \
