@@ -76,7 +76,7 @@ endef
 # Why make test needs root, in one line.
 NEEDS_ROOT := needs root: its tests mount tmpfs state directories, run runc, Podman, CRI-O, containerd and a systemd node, and the SPIRE agent attests their processes by pid. Run it as root (sudo make test), or run make test-nonroot for the tests that work without root
 
-.PHONY: all build binary test test-as-root test-nonroot test-systemd test-deps test-fuzz test-unit test-integration spire cri-tools gotestsum demo bench install install.nobuild uninstall rpm clean
+.PHONY: all build binary test test-as-root test-nonroot test-systemd test-deps test-fuzz test-unit test-integration spire cri-tools cluster-tools cluster cluster-down gotestsum demo bench install install.nobuild uninstall rpm clean
 
 all: build
 
@@ -108,7 +108,7 @@ test:
 	@[ "$$(id -u)" = 0 ] || { echo "make test: $(NEEDS_ROOT)" >&2; exit 1; }
 	@$(MAKE) --no-print-directory test-as-root
 
-test-as-root: test-deps spire cri-tools gotestsum build test-fuzz
+test-as-root: test-deps spire cri-tools cluster-tools gotestsum build test-fuzz
 	$(GO) vet ./...
 	@unformatted=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$unformatted" ]; then echo "gofmt needed: $$unformatted"; exit 1; fi
 	$(call run_tests,SPIFFE_OCI_SYSTEMD=1 SPIRE_BIN_DIR=$(SPIRE_BIN_DIR),-p 1 -count=1 -timeout 30m ./...)
@@ -141,7 +141,7 @@ test-fuzz:
 test-unit:
 	$(GO) test -count=1 -short ./internal/...
 
-test-integration: test-deps spire cri-tools gotestsum build
+test-integration: test-deps spire cri-tools cluster-tools gotestsum build
 	$(call run_tests,SPIFFE_OCI_SYSTEMD=1 SPIRE_BIN_DIR=$(SPIRE_BIN_DIR),-p 1 -count=1 -timeout 30m ./test/...)
 
 test-deps:
@@ -162,6 +162,46 @@ cri-tools: test-deps spire
 # The pinned gotestsum that runs make test's go test (seconds once built).
 gotestsum:
 	test/gotestsum/build.sh $(CRI_BIN_DIR)
+
+# The pinned Kubernetes v1.34.4 (kube-apiserver, kube-controller-manager,
+# kube-scheduler, kubelet, kubectl), etcd v3.6.4 and CNI plugins v1.9.0 for
+# the one-node cluster (test/cluster, make cluster), after the CRI tools.
+# About 8 minutes the first time on 2 cores, seconds once built.
+cluster-tools: cri-tools
+	test/helm/build.sh $(CRI_BIN_DIR)
+	test/kubernetes/build.sh $(CRI_BIN_DIR)
+	test/cni/build.sh $(CRI_BIN_DIR)/cni
+
+# A one-node cluster on this host (docs/cluster.md): etcd, the API server,
+# the controller manager, the scheduler and a kubelet, CRI-O or containerd
+# (RUNTIME), SPIRE in the cluster (test/cluster/manifests/spire.yaml), and
+# spiffe-oci-hook installed with helm. It keeps running in the background
+# (test/cluster/cmd/spiffe-cluster under setsid) and prints KUBECONFIG, the
+# busybox image and the command that registers a workload. make
+# cluster-down stops it and restores the host. Needs root.
+RUNTIME ?= crio
+CLUSTER_DIR ?= /tmp/spiffe-cluster
+cluster: test-deps spire cluster-tools build
+	@if [ -f $(CLUSTER_DIR)/launcher.pid ] && kill -0 $$(cat $(CLUSTER_DIR)/launcher.pid) 2>/dev/null; then \
+		echo "a cluster is already running (make cluster-down)" >&2; exit 1; fi
+	@mkdir -p $(CLUSTER_DIR) && rm -f $(CLUSTER_DIR)/ready
+	@$(GO) build -o $(CLUSTER_DIR)/spiffe-cluster ./test/cluster/cmd/spiffe-cluster
+	@setsid $(CLUSTER_DIR)/spiffe-cluster -runtime $(RUNTIME) -dir $(CLUSTER_DIR) -repo $(CURDIR) \
+		-tools $(CRI_BIN_DIR) -spire-bin $(SPIRE_BIN_DIR) >$(CLUSTER_DIR)/launcher.log 2>&1 </dev/null & \
+	echo $$! >$(CLUSTER_DIR)/launcher.pid; \
+	echo "starting the cluster ($(RUNTIME)); progress in $(CLUSTER_DIR)/launcher.log"; \
+	while [ ! -f $(CLUSTER_DIR)/ready ]; do \
+		if ! kill -0 $$(cat $(CLUSTER_DIR)/launcher.pid) 2>/dev/null; then cat $(CLUSTER_DIR)/launcher.log; rm -f $(CLUSTER_DIR)/launcher.pid; exit 1; fi; \
+		sleep 1; done; \
+	cat $(CLUSTER_DIR)/ready
+
+cluster-down:
+	@if [ ! -f $(CLUSTER_DIR)/launcher.pid ]; then echo "no cluster is running ($(CLUSTER_DIR)/launcher.pid)"; exit 0; fi; \
+	pid=$$(cat $(CLUSTER_DIR)/launcher.pid); kill -TERM $$pid 2>/dev/null; \
+	while kill -0 $$pid 2>/dev/null; do sleep 1; done; \
+	tail -n 5 $(CLUSTER_DIR)/launcher.log; \
+	if grep -q '^cluster: stopped; host restored' $(CLUSTER_DIR)/launcher.log; then rm -rf $(CLUSTER_DIR); else \
+		echo "cluster-down: see $(CLUSTER_DIR)/launcher.log and $(CLUSTER_DIR)/logs" >&2; exit 1; fi
 
 # A pinned SPIRE in a temp dir with a 30 s TTL entry, the refresher, and an
 # annotated Podman container that prints its SPIFFE ID, its certificate's

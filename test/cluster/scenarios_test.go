@@ -1,0 +1,260 @@
+package cluster
+
+import (
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/noderesource/spiffe-oci-hook/test/cluster/localcluster"
+)
+
+// certDir is where the test pods ask for their identity.
+const certDir = "/var/run/secrets/spiffe"
+
+// printID is the test pods' command: first the SPIFFE ID, read from the
+// delivered certificate's URI SAN (busybox has no x509 tool: the DER is
+// walked with od and awk for a URI SAN, tag 0x86, holding "spiffe:"),
+// then the leaf certificate itself, then idle until stopped.
+const printID = `f=` + certDir + `/svid.pem
+leaf() { sed -n '1,/END CERTIFICATE/p' "$f"; }
+id=$(leaf | grep -v -- ----- | base64 -d | od -An -v -tu1 | awk '{for(i=1;i<=NF;i++)b[n++]=$i} END{for(i=0;i+9<n;i++) if(b[i]==134&&b[i+2]==115&&b[i+3]==112&&b[i+4]==105&&b[i+5]==102&&b[i+6]==102&&b[i+7]==101&&b[i+8]==58){s="";for(j=0;j<b[i+1];j++)s=s sprintf("%c",b[i+2+j]);print s;exit}}')
+echo "SPIFFE ID: $id"
+leaf
+trap 'exit 0' TERM
+sleep 3600 & wait
+`
+
+// podSpec is a pod template's metadata and spec (indented for a
+// Deployment's template or a Pod), asking for an identity for container
+// app. On containerd the pod also requires the NRI plugin (the overlay's
+// README recommends it): created while the plugin is away, it waits.
+func (e *env) podSpec(sa, indent string) string {
+	ann := fmt.Sprintf("identity.noderesource.dev/container.app: |\n  - cert_dir: %s\n", certDir)
+	if e.Runtime == "containerd" {
+		ann += `required-plugins.noderesource.dev/pod: '["spiffe-oci-hook"]'` + "\n"
+	}
+	spec := "metadata:\n  labels:\n    app: printid\n  annotations:\n" + indentLines(ann, "    ") +
+		"spec:\n  serviceAccountName: " + sa + "\n  terminationGracePeriodSeconds: 1\n" +
+		"  containers:\n  - name: app\n    image: " + localcluster.BusyboxImage + "\n    imagePullPolicy: Never\n" +
+		"    command: [/bin/sh, -c]\n    args:\n    - |\n" + indentLines(printID, "      ")
+	return indentLines(spec, indent)
+}
+
+func indentLines(s, indent string) string {
+	var b strings.Builder
+	for _, line := range strings.Split(strings.TrimRight(s, "\n"), "\n") {
+		b.WriteString(indent + line + "\n")
+	}
+	return b.String()
+}
+
+func (e *env) namespace(t *testing.T, ns string) {
+	t.Helper()
+	if _, err := e.Kubectl("create", "namespace", ns); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// register creates the entry for ns/sa with pod-level selectors, as the
+// copy-paste command of make cluster does.
+func (e *env) register(t *testing.T, ns, sa string, ttl time.Duration) string {
+	t.Helper()
+	id := fmt.Sprintf("spiffe://%s/ns/%s/sa/%s", localcluster.TrustDomain, ns, sa)
+	if _, err := e.CreateEntryTTL(id, ttl, "k8s:ns:"+ns, "k8s:sa:"+sa); err != nil {
+		t.Fatal(err)
+	}
+	return id
+}
+
+// podNames lists the pods of ns with label app=printid.
+func (e *env) podNames(t *testing.T, ns string) []string {
+	t.Helper()
+	out, err := e.Kubectl("-n", ns, "get", "pods", "-l", "app=printid", "-o", "jsonpath={.items[*].metadata.name}")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.Fields(string(out))
+}
+
+// podID waits for the pod's log to hold its SPIFFE ID and certificate.
+func (e *env) podID(t *testing.T, ns, pod string) string {
+	t.Helper()
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		out, err := e.Kubectl("-n", ns, "logs", pod)
+		if err == nil && strings.Contains(string(out), "END CERTIFICATE") {
+			return spiffeIDOf(t, string(out))
+		}
+		if time.Now().After(deadline) {
+			describe(t, e.Cluster, ns)
+			t.Fatalf("pod %s/%s printed no identity: %v\n%s", ns, pod, err, out)
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+}
+
+// twoNamespaces: a Deployment of 3 replicas in each of two namespaces;
+// every pod prints its SPIFFE ID first, and each namespace gets its own.
+func twoNamespaces(t *testing.T, e *env) {
+	ttls := map[string]time.Duration{"shop": time.Hour, "bank": time.Minute}
+	want := map[string]string{}
+	for _, ns := range []string{"shop", "bank"} {
+		e.namespace(t, ns)
+		want[ns] = e.register(t, ns, "default", ttls[ns])
+		deploy := fmt.Sprintf("apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: printid\n  namespace: %s\nspec:\n  replicas: 3\n  selector:\n    matchLabels:\n      app: printid\n  template:\n%s", ns, e.podSpec("default", "    "))
+		if _, err := e.KubectlStdin(deploy, "apply", "-f", "-"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	e.rotatingNS = "bank"
+	for _, ns := range []string{"shop", "bank"} {
+		if err := e.Rollout(ns, "deployment/printid", 3*time.Minute); err != nil {
+			describe(t, e.Cluster, ns)
+			t.Fatal(err)
+		}
+		pods := e.podNames(t, ns)
+		if len(pods) != 3 {
+			t.Fatalf("%s: %d pods, want 3: %v", ns, len(pods), pods)
+		}
+		for _, p := range pods {
+			if got := e.podID(t, ns, p); got != want[ns] {
+				t.Errorf("pod %s/%s printed %s, want %s", ns, p, got, want[ns])
+			}
+		}
+	}
+}
+
+// unregisteredWaits: a pod whose service account has no entry does not
+// run: kubectl describe shows the hook's one line; once the entry exists,
+// the kubelet's retry starts it with its identity.
+func unregisteredWaits(t *testing.T, e *env) {
+	const ns, sa = "late", "latecomer"
+	e.namespace(t, ns)
+	if _, err := e.Kubectl("-n", ns, "create", "serviceaccount", sa); err != nil {
+		t.Fatal(err)
+	}
+	pod := fmt.Sprintf("apiVersion: v1\nkind: Pod\n%s", strings.Replace(e.podSpec(sa, ""), "metadata:\n", "metadata:\n  name: waiting\n  namespace: "+ns+"\n", 1))
+	if _, err := e.KubectlStdin(pod, "apply", "-f", "-"); err != nil {
+		t.Fatal(err)
+	}
+	const line = "no registration entry matches the container's process"
+	deadline := time.Now().Add(90 * time.Second)
+	var out []byte
+	for {
+		var err error
+		out, err = e.Kubectl("-n", ns, "describe", "pod", "waiting")
+		if err == nil && strings.Contains(string(out), line) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("kubectl describe pod shows no hook line %q:\n%s", line, out)
+		}
+		time.Sleep(time.Second)
+	}
+	for _, l := range strings.Split(string(out), "\n") {
+		if strings.Contains(l, line) {
+			t.Logf("kubectl describe pod: %s", strings.TrimSpace(l))
+			break
+		}
+	}
+	// Nothing ran: the container never started, and its log is empty.
+	phase, _ := e.Kubectl("-n", ns, "get", "pod", "waiting", "-o", "jsonpath={.status.containerStatuses[0].state}")
+	if !strings.Contains(string(phase), "waiting") {
+		t.Fatalf("the pod without an entry is not waiting: %s", phase)
+	}
+	if logs, _ := e.Kubectl("-n", ns, "logs", "waiting"); strings.Contains(string(logs), "SPIFFE ID") {
+		t.Fatalf("the pod without an entry ran:\n%s", logs)
+	}
+	want := e.register(t, ns, sa, time.Hour)
+	registered := time.Now()
+	if _, err := e.Kubectl("-n", ns, "wait", "--for=condition=Ready", "pod/waiting", "--timeout=5m"); err != nil {
+		describe(t, e.Cluster, ns)
+		t.Fatal(err)
+	}
+	t.Logf("started %.1fs after its entry was registered (the kubelet's back-off)", time.Since(registered).Seconds())
+	if got := e.podID(t, ns, "waiting"); got != want {
+		t.Errorf("the pod printed %s, want %s", got, want)
+	}
+}
+
+// serial reads the serial number of the certificate in a pod's files.
+func (e *env) serial(t *testing.T, ns, pod string) string {
+	t.Helper()
+	out, err := e.Kubectl("-n", ns, "exec", pod, "--", "cat", certDir+"/svid.pem")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return certSerial(t, out)
+}
+
+// agentRestart: the SPIRE agent's pod goes away and comes back (a new
+// pod, as after a node's agent upgrade): the delivered files stay valid
+// meanwhile, the refresher's pod turns NotReady, then Ready once the new
+// agent serves, and rotation resumes. The pod is kept away (a nodeSelector
+// no node matches) until the refresher's readiness probe, every 10 s, has
+// seen it gone: a plain `kubectl delete pod` is back within seconds and
+// the probe may never notice.
+func agentRestart(t *testing.T, e *env) {
+	if e.rotatingNS == "" {
+		t.Skip("needs twoNamespaces")
+	}
+	ns := e.rotatingNS
+	pod := e.podNames(t, ns)[0]
+	before := e.serial(t, ns, pod)
+	if _, err := e.Kubectl("-n", "spire", "patch", "daemonset", "spire-agent", "--type", "merge",
+		"-p", `{"spec":{"template":{"spec":{"nodeSelector":{"spiffe-oci-hook.test/agent":"away"}}}}}`); err != nil {
+		t.Fatal(err)
+	}
+	gone := time.Now()
+	if err := e.waitReady(localcluster.ProjectNamespace, "app.kubernetes.io/name=spiffe-oci-hook", "False", 90*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("refresher NotReady %.1fs after the agent's pod was removed", time.Since(gone).Seconds())
+	// The files stay while the agent is away, the certificate valid.
+	if got := e.serial(t, ns, pod); got != before {
+		t.Logf("rotated before the agent went away (serial %s -> %s)", before, got)
+		before = got
+	}
+	if _, err := e.Kubectl("-n", "spire", "patch", "daemonset", "spire-agent", "--type", "json",
+		"-p", `[{"op":"remove","path":"/spec/template/spec/nodeSelector"}]`); err != nil {
+		t.Fatal(err)
+	}
+	back := time.Now()
+	if err := e.Rollout("spire", "daemonset/spire-agent", 2*time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.waitReady(localcluster.ProjectNamespace, "app.kubernetes.io/name=spiffe-oci-hook", "True", 90*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("refresher Ready %.1fs after the agent's pod came back", time.Since(back).Seconds())
+	// Rotation resumes: the 60 s SVID is replaced at half its life.
+	deadline := time.Now().Add(2 * time.Minute)
+	for {
+		after := e.serial(t, ns, pod)
+		if after != before {
+			t.Logf("rotated after the agent's restart (serial %s -> %s)", before, after)
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no rotation within 2 minutes of the agent's restart (serial %s)", before)
+		}
+		time.Sleep(2 * time.Second)
+	}
+}
+
+// waitReady waits for the Ready condition of the pods with label sel to
+// be want ("True" or "False").
+func (e *env) waitReady(ns, sel, want string, d time.Duration) error {
+	deadline := time.Now().Add(d)
+	for {
+		out, err := e.Kubectl("-n", ns, "get", "pods", "-l", sel, "-o", `jsonpath={.items[*].status.conditions[?(@.type=="Ready")].status}`)
+		if err == nil && strings.TrimSpace(string(out)) == want {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("pods %s/%s: Ready is %q after %s, want %s", ns, sel, out, d, want)
+		}
+		time.Sleep(time.Second)
+	}
+}
