@@ -45,6 +45,11 @@ const StateDir = "/run/spiffe-oci-hook"
 // (the manifests' hostPath, the chart's agent.adminSocket directory).
 const AgentAdminDir = "/run/spire/agent/admin"
 
+// RuntimeStateDirs are the runtimes' state directories the DaemonSet's
+// refresher mounts read-only, with HostToContainer propagation, for its
+// audit (deploy/kubernetes/base/daemonset.yaml, host-run-* volumes).
+var RuntimeStateDirs = []string{"/run/runc", "/run/crun", "/run/containers", "/run/containerd"}
+
 // Options say where things are.
 type Options struct {
 	// Runtime is "crio" or "containerd".
@@ -76,6 +81,9 @@ type Cluster struct {
 	runtimeProc *proc
 	kubeletProc *proc
 	stateMount  bool
+	// sharedBinds are the self-bind mounts prepareHost made shared for
+	// the refresher's HostToContainer mounts; Down undoes exactly these.
+	sharedBinds []string
 	// Timings of Up's steps, for reports.
 	Timings []Timing
 }
@@ -178,6 +186,23 @@ func (c *Cluster) prepareHost() error {
 		return fmt.Errorf("bind mount %s: %w", AgentAdminDir, err)
 	}
 	for _, d := range []string{StateDir, AgentAdminDir} {
+		if err := unix.Mount("", d, "", unix.MS_SHARED, ""); err != nil {
+			return fmt.Errorf("making %s a shared mount: %w", d, err)
+		}
+	}
+	// The audit reads the runtimes' state through HostToContainer mounts
+	// too (the DaemonSet's host-run-* volumes). A recursive self-bind keeps
+	// whatever is mounted below them (a running Podman container's shm)
+	// visible; Down detaches exactly these binds, never a mount another
+	// program makes there meanwhile.
+	for _, d := range RuntimeStateDirs {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			return err
+		}
+		if err := unix.Mount(d, d, "", unix.MS_BIND|unix.MS_REC, ""); err != nil {
+			return fmt.Errorf("bind mount %s: %w", d, err)
+		}
+		c.sharedBinds = append(c.sharedBinds, d)
 		if err := unix.Mount("", d, "", unix.MS_SHARED, ""); err != nil {
 			return fmt.Errorf("making %s a shared mount: %w", d, err)
 		}
@@ -287,6 +312,12 @@ func (c *Cluster) Down() error {
 	if left := c.killOrphans(); len(left) > 0 {
 		errs = append(errs, fmt.Errorf("processes outlived the cluster (killed): %q", left))
 	}
+	for i := len(c.sharedBinds) - 1; i >= 0; i-- {
+		if err := unix.Unmount(c.sharedBinds[i], unix.MNT_DETACH); err != nil {
+			errs = append(errs, fmt.Errorf("unmount %s: %w", c.sharedBinds[i], err))
+		}
+	}
+	c.sharedBinds = nil
 	if c.host != nil {
 		if err := c.host.restore(c.Dir); err != nil {
 			errs = append(errs, err)

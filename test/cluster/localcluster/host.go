@@ -37,6 +37,7 @@ var watchedPaths = []string{
 	"/etc/containerd", "/var/lib/containerd", "/run/containerd", "/opt/containerd",
 	"/run/nri", "/var/run/nri", "/opt/nri", "/etc/nri", "/etc/cdi", "/var/run/cdi",
 	"/opt/spiffe-oci-hook", "/etc/spiffe-oci-hook", "/run/spiffe-oci-hook", "/run/spire",
+	"/run/runc", "/run/crun", "/run/containers",
 	"/etc/containers/oci/hooks.d", "/usr/share/containers/oci/hooks.d",
 	"/etc/containers/oci/hooks.d/spiffe-oci-hook.json", "/usr/share/containers/oci/hooks.d/spiffe-oci-hook.json",
 }
