@@ -256,12 +256,15 @@ func uninstall(t *testing.T, e *env) {
 	// later (past the kubelet's first retries) still the same.
 	for i, pause := range []time.Duration{0, 15 * time.Second} {
 		time.Sleep(pause)
-		st, err := e.Kubectl("-n", ns, "get", "pod", "orphan", "-o", "jsonpath={.status.containerStatuses[0].state} {.status.containerStatuses[0].lastState}")
+		// The waiting message quotes the error ("error running hook"):
+		// look at the state's keys, not its text.
+		st, err := e.Kubectl("-n", ns, "get", "pod", "orphan", "-o", "jsonpath={.status.containerStatuses[0].state.waiting.reason}|"+
+			"{.status.containerStatuses[0].state.running}{.status.containerStatuses[0].state.terminated}{.status.containerStatuses[0].lastState.terminated}")
 		if err != nil {
 			t.Fatal(err)
 		}
-		if !strings.Contains(string(st), "waiting") || strings.Contains(string(st), "running") || strings.Contains(string(st), "terminated") {
-			t.Fatalf("check %d: the pod after the uninstall is not only waiting: %s", i, st)
+		if reason, ran, _ := strings.Cut(string(st), "|"); reason == "" || ran != "" {
+			t.Fatalf("check %d: the pod after the uninstall is not only waiting (waiting reason|running, terminated, last terminated): %s", i, st)
 		}
 		if logs, _ := e.Kubectl("-n", ns, "logs", "orphan"); strings.Contains(string(logs), "SPIFFE ID") {
 			t.Fatalf("the pod after the uninstall ran:\n%s", logs)
