@@ -19,20 +19,43 @@ import (
 
 // TestClusterCRIO: CRI-O with its stock hooks configuration, the project
 // installed with `helm install ... --set runtime=crio`.
+// The upgrade also sets refresher_grace to uninstallGrace (nodeConfig),
+// for the uninstall scenario.
 func TestClusterCRIO(t *testing.T) {
-	runCluster(t, "crio", func(c *localcluster.Cluster) error { return c.InstallHelm() })
+	runCluster(t, "crio", lifecycle{
+		install: func(c *localcluster.Cluster) error { return c.InstallHelm() },
+		upgrade: func(c *localcluster.Cluster) error {
+			cfg, err := shortGraceConfig(c)
+			if err != nil {
+				return err
+			}
+			return c.UpgradeHelm("--set-file", "nodeConfig="+cfg)
+		},
+		uninstall: func(c *localcluster.Cluster) error { return c.UninstallHelm() },
+	})
 }
 
 // TestClusterContainerd: containerd with NRI (the containerd-nri
 // overlay's toml), the project installed with `kubectl apply -k` of that
 // overlay, unmodified.
 func TestClusterContainerd(t *testing.T) {
-	runCluster(t, "containerd", func(c *localcluster.Cluster) error { return c.InstallKustomize("overlays/containerd-nri") })
+	const overlay = "overlays/containerd-nri"
+	runCluster(t, "containerd", lifecycle{
+		install:   func(c *localcluster.Cluster) error { return c.InstallKustomize(overlay) },
+		upgrade:   func(c *localcluster.Cluster) error { return c.UpgradeKustomize(overlay) },
+		uninstall: func(c *localcluster.Cluster) error { return c.UninstallKustomize(overlay) },
+	})
 }
 
-// scenarios run in order on one cluster per runtime. Upgrade and
-// uninstall (issue 16) go last, after agentRestart, once the chart's
-// behaviour for them is settled: each is a func(t, *env) like these.
+// lifecycle is how one runtime's test installs, upgrades (to
+// localcluster.UpgradeImage, not waiting for the rollout) and removes
+// the project.
+type lifecycle struct {
+	install, upgrade, uninstall func(*localcluster.Cluster) error
+}
+
+// scenarios run in order on one cluster per runtime; Uninstall removes
+// the project, so it goes last.
 var scenarios = []struct {
 	name string
 	run  func(t *testing.T, e *env)
@@ -40,17 +63,20 @@ var scenarios = []struct {
 	{"TwoNamespaces", twoNamespaces},
 	{"UnregisteredWaits", unregisteredWaits},
 	{"AgentRestart", agentRestart},
+	{"Upgrade", upgrade},
+	{"Uninstall", uninstall},
 }
 
 // env is one runtime's cluster with the project installed.
 type env struct {
 	*localcluster.Cluster
+	lifecycle
 	// rotatingNS is set by twoNamespaces: a namespace whose pods rotate every
 	// 30 s, for agentRestart.
 	rotatingNS string
 }
 
-func runCluster(t *testing.T, runtime string, install func(*localcluster.Cluster) error) {
+func runCluster(t *testing.T, runtime string, lc lifecycle) {
 	if testing.Short() {
 		t.Skip("cluster: skipped in -short mode")
 	}
@@ -101,12 +127,12 @@ func runCluster(t *testing.T, runtime string, install func(*localcluster.Cluster
 	})
 	t.Logf("cluster: up in %.1fs", time.Since(start).Seconds())
 	installStart := time.Now()
-	if err := install(c); err != nil {
+	if err := lc.install(c); err != nil {
 		describe(t, c, localcluster.ProjectNamespace)
 		t.Fatal(err)
 	}
 	t.Logf("cluster: spiffe-oci-hook DaemonSet Ready %.1fs after install", time.Since(installStart).Seconds())
-	e := &env{Cluster: c}
+	e := &env{Cluster: c, lifecycle: lc}
 	for _, s := range scenarios {
 		if !t.Run(s.name, func(t *testing.T) { s.run(t, e) }) {
 			break

@@ -29,7 +29,15 @@ const (
 	// image, so that `kubectl apply -k` of an unmodified overlay finds it
 	// (imagePullPolicy IfNotPresent) without a registry.
 	ReleaseImage = "ghcr.io/noderesource/spiffe-oci-hook:latest"
+	// UpgradeImage and UpgradeReleaseImage are the same layout built from
+	// binaries that report UpgradeVersion: the release a test upgrades to
+	// (Helm sets the tag, kustomize rewrites the release image's tag).
+	UpgradeImage        = "localhost/spiffe-oci-hook:upgrade"
+	UpgradeReleaseImage = "ghcr.io/noderesource/spiffe-oci-hook:upgrade"
 )
+
+// UpgradeVersion is the version UpgradeImage's binaries print.
+const UpgradeVersion = "v0.0.0-cluster-upgrade"
 
 // ProjectFiles is where the project image holds each binary: the
 // destinations of deploy/Containerfile's COPY lines (a test compares them).
@@ -170,25 +178,8 @@ func (c *Cluster) images() []image {
 			changes: []string{"ENV " + imagePath, `CMD ["/bin/sleep", "2147483647"]`},
 			fill:    func(r *rootfs) error { return r.busybox() },
 		},
-		{
-			names:   []string{ProjectImage, ReleaseImage},
-			changes: []string{"ENV " + imagePath, fmt.Sprintf(`ENTRYPOINT [%q]`, ProjectEntrypoint)},
-			fill: func(r *rootfs) error {
-				if err := r.busybox(); err != nil {
-					return err
-				}
-				for dst, src := range ProjectFiles {
-					mode := int64(0o755)
-					if strings.HasPrefix(dst, "/usr/share") {
-						mode = 0o644
-					}
-					if err := r.file(dst, filepath.Join(c.RepoRoot, src), mode); err != nil {
-						return fmt.Errorf("project image: %w (make build)", err)
-					}
-				}
-				return nil
-			},
-		},
+		c.projectImage(c.RepoRoot, ProjectImage, ReleaseImage),
+		c.projectImage(c.upgradeRoot(), UpgradeImage, UpgradeReleaseImage),
 		{
 			names:   []string{SPIREImage},
 			changes: []string{"ENV " + imagePath},
@@ -210,6 +201,53 @@ func (c *Cluster) images() []image {
 	}
 }
 
+// projectImage is deploy/Containerfile's layout with the binaries of
+// root/bin.
+func (c *Cluster) projectImage(root string, names ...string) image {
+	return image{
+		names:   names,
+		changes: []string{"ENV " + imagePath, fmt.Sprintf(`ENTRYPOINT [%q]`, ProjectEntrypoint)},
+		fill: func(r *rootfs) error {
+			if err := r.busybox(); err != nil {
+				return err
+			}
+			for dst, src := range ProjectFiles {
+				mode := int64(0o755)
+				if strings.HasPrefix(dst, "/usr/share") {
+					mode = 0o644
+				}
+				from := filepath.Join(root, src)
+				if src == "LICENSE" {
+					from = filepath.Join(c.RepoRoot, src)
+				}
+				if err := r.file(dst, from, mode); err != nil {
+					return fmt.Errorf("project image: %w (make build)", err)
+				}
+			}
+			return nil
+		},
+	}
+}
+
+// upgradeRoot is where buildUpgradeBinaries puts bin/.
+func (c *Cluster) upgradeRoot() string { return filepath.Join(c.Dir, "upgrade") }
+
+// buildUpgradeBinaries builds the project's binaries as the Makefile does
+// but stamped UpgradeVersion (a link from the build cache after make build).
+func (c *Cluster) buildUpgradeBinaries() error {
+	for _, b := range []string{"spiffe-oci-hook:./hook", "spiffe-oci-refresher:./refresher", "spiffe-oci-nri:./nri"} {
+		name, pkg, _ := strings.Cut(b, ":")
+		cmd := exec.Command("go", "build", "-trimpath", "-tags", "grpcnotrace",
+			"-ldflags", "-s -w -X main.version="+UpgradeVersion, "-o", filepath.Join(c.upgradeRoot(), "bin", name), pkg)
+		cmd.Dir = c.RepoRoot
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			return fmt.Errorf("go build %s (version %s): %v\n%s", pkg, UpgradeVersion, err, out)
+		}
+	}
+	return nil
+}
+
 // podman runs podman on the store at root (never the host's).
 func (c *Cluster) podman(root string, args ...string) error {
 	base := []string{"--root", root, "--runroot", root + "-run", "--storage-driver", "overlay",
@@ -224,6 +262,9 @@ func (c *Cluster) podman(root string, args ...string) error {
 // buildImages imports every image into the containers-storage at root.
 func (c *Cluster) buildImages(root string) error {
 	os.MkdirAll(filepath.Join(c.Dir, "podman-tmp"), 0o700)
+	if err := c.buildUpgradeBinaries(); err != nil {
+		return err
+	}
 	for _, img := range c.images() {
 		tarball := filepath.Join(c.Dir, "rootfs.tar")
 		f, err := os.Create(tarball)

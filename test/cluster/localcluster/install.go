@@ -96,3 +96,49 @@ func imageRepo(ref string) string {
 }
 
 func imageTag(ref string) string { return ref[len(imageRepo(ref))+1:] }
+
+// UpgradeHelm upgrades the release as docs/install-lifecycle.md says
+// (--reuse-values, a new image tag), extra values appended. It returns
+// once helm has applied the release, without waiting for the rollout.
+func (c *Cluster) UpgradeHelm(extra ...string) error {
+	args := append([]string{"upgrade", "spiffe-oci-hook", c.HelmChart(), "--namespace", ProjectNamespace,
+		"--reuse-values", "--set", "image.tag=" + imageTag(UpgradeImage)}, extra...)
+	_, err := c.Helm(args...)
+	return err
+}
+
+// UpgradeKustomize applies the overlay with the release image's tag
+// changed to UpgradeReleaseImage's, as a user's own kustomization would:
+// one in a temporary directory that names the repository's overlay as a
+// resource and sets images. It returns once kubectl has applied it.
+func (c *Cluster) UpgradeKustomize(overlay string) error {
+	dir, err := os.MkdirTemp(c.Dir, "upgrade-kustomization-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	rel, err := filepath.Rel(dir, filepath.Join(c.RepoRoot, "deploy", "kubernetes", overlay))
+	if err != nil {
+		return err
+	}
+	k := "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - " + rel +
+		"\nimages:\n  - name: " + imageRepo(UpgradeReleaseImage) + "\n    newTag: " + imageTag(UpgradeReleaseImage) + "\n"
+	if err := os.WriteFile(filepath.Join(dir, "kustomization.yaml"), []byte(k), 0o644); err != nil {
+		return err
+	}
+	_, err = c.Kubectl("apply", "-k", dir)
+	return err
+}
+
+// UninstallHelm runs helm uninstall.
+func (c *Cluster) UninstallHelm() error {
+	_, err := c.Helm("uninstall", "spiffe-oci-hook", "--namespace", ProjectNamespace)
+	return err
+}
+
+// UninstallKustomize deletes what the overlay applied, its namespace
+// included.
+func (c *Cluster) UninstallKustomize(overlay string) error {
+	_, err := c.Kubectl("delete", "-k", filepath.Join(c.RepoRoot, "deploy", "kubernetes", overlay))
+	return err
+}
