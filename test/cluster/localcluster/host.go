@@ -29,7 +29,7 @@ var sysctls = []string{
 // (device-plugins, /var/log/containers), by the runtimes' defaults, or by
 // what the cluster installs (the hook, its JSON and config, the state
 // directory, SPIRE's sockets, the NRI socket). What did not exist before
-// is removed.
+// is removed (a hostPath DirectoryOrCreate makes the parents too).
 var watchedPaths = []string{
 	"/var/lib/kubelet", "/var/log/pods", "/var/log/containers", "/etc/kubernetes",
 	"/usr/libexec/kubernetes", "/var/lib/cni", "/etc/cni", "/opt/cni", "/run/netns", "/var/run/netns",
@@ -38,6 +38,7 @@ var watchedPaths = []string{
 	"/run/nri", "/var/run/nri", "/opt/nri", "/etc/nri", "/etc/cdi", "/var/run/cdi",
 	"/opt/spiffe-oci-hook", "/etc/spiffe-oci-hook", "/run/spiffe-oci-hook", "/run/spire",
 	"/run/runc", "/run/crun", "/run/containers",
+	"/etc/containers/oci", "/usr/share/containers/oci",
 	"/etc/containers/oci/hooks.d", "/usr/share/containers/oci/hooks.d",
 	"/etc/containers/oci/hooks.d/spiffe-oci-hook.json", "/usr/share/containers/oci/hooks.d/spiffe-oci-hook.json",
 }
