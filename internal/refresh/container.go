@@ -10,30 +10,40 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/noderesource/spiffe-oci-hook/internal/agent"
+	"github.com/noderesource/spiffe-oci-hook/internal/annotations"
 	"github.com/noderesource/spiffe-oci-hook/internal/files"
 	"github.com/noderesource/spiffe-oci-hook/internal/process"
 	"github.com/noderesource/spiffe-oci-hook/internal/record"
 )
 
-// container is one served container.
+// container is one served container. One goroutine serves it: run, which
+// holds its SVID stream open and writes each update. Bundle changes, JWT
+// renewals and write retries run a write pass of their own; writeMu makes
+// the passes one at a time.
 type container struct {
 	r     *Refresher
 	rec   record.Record
 	proc  *process.Process
 	agent *agentConn
 
-	bundleCh chan struct{}
-	ctx      context.Context
-	cancel   context.CancelFunc
-	done     chan struct{}
+	ctx    context.Context
+	cancel context.CancelFunc
+	done   chan struct{}
+	// exited: the exit watcher saw the process exit and be reaped.
+	exited atomic.Bool
+	// queued: a bundle change's write pass is waiting (Refresher.rewrite).
+	queued atomic.Bool
 
-	// Owned by run's goroutine.
+	writeMu sync.Mutex
+	// Owned by whoever holds writeMu.
+	closed    bool // run ended: no more passes
 	svids     *agent.X509SVIDs
 	delivered []string // SPIFFE ID last written per delivery
 	written   [][]byte // content last written per delivery
@@ -44,6 +54,11 @@ type container struct {
 	// jwt is the latest answer to the container's JWT-SVID requests (nil
 	// until the first, or when it asked for none).
 	jwt *agent.JWT
+	// A write that failed (a full state directory, say) is retried with
+	// backoff: the agent sends the next SVID only at half its lifetime,
+	// by when the files on disk may have expired.
+	retry        *time.Timer
+	retryAttempt int
 
 	mu         sync.Mutex
 	lastErr    string // kind of the last logged error, "" when healthy
@@ -58,7 +73,6 @@ func newContainer(ctx context.Context, r *Refresher, rec record.Record, proc *pr
 		rec:       rec,
 		proc:      proc,
 		agent:     a,
-		bundleCh:  make(chan struct{}, 1),
 		ctx:       ctx,
 		cancel:    cancel,
 		done:      make(chan struct{}),
@@ -73,13 +87,6 @@ func newContainer(ctx context.Context, r *Refresher, rec record.Record, proc *pr
 		c.writer.Labeler = r.Labeler(rec.MountLabel)
 	}
 	return c
-}
-
-func (c *container) bundlesChanged() {
-	select {
-	case c.bundleCh <- struct{}{}:
-	default:
-	}
 }
 
 // stop ends run and waits for it.
@@ -97,64 +104,71 @@ func (c *container) run() (exited bool) {
 	defer c.cancel()
 
 	c.loadView()
-	exit, err := watchExit(ctx, c.proc)
-	if err != nil {
+	// The exit watcher ends the container's context, which ends its
+	// stream: no goroutine of the container's waits for the exit.
+	if err := onExit(ctx, c.proc, func() {
+		c.exited.Store(true)
+		c.cancel()
+	}); err != nil {
 		c.r.log.Error("watching container process", "container", c.rec.ID, "error", err)
 		return false
 	}
-	updates := make(chan *agent.X509SVIDs)
-	go c.stream(ctx, updates)
 	// JWT-SVIDs do not stream: a goroutine renews them, only for a
 	// container that asked for some.
-	jwts := make(chan *agent.JWT)
-	go c.renewJWT(ctx, jwts)
-	// A write that failed (a full state directory, say) is retried with
-	// backoff: the agent sends the next SVID only at half its lifetime,
-	// by when the files on disk may have expired.
-	retry := time.NewTimer(0)
-	if !retry.Stop() {
-		<-retry.C
+	var jwts sync.WaitGroup
+	if auds, _ := annotations.JWTRequests(recordDeliveries(c.rec)); len(auds) > 0 && c.agent.client != nil {
+		jwts.Go(func() { c.renewJWT(ctx, auds) })
 	}
-	defer retry.Stop()
-	attempt := 0
-	write := func() {
-		if c.writeOffStack(ctx) {
-			attempt = 0
-			retry.Stop()
-			return
-		}
-		retry.Reset(backoffDelay(c.r.settings(), attempt))
-		attempt++
+	c.stream(ctx)
+
+	// No pass may start, or still run, once run returns: the process's
+	// pidfd closes with it.
+	c.cancel()
+	jwts.Wait()
+	c.writeMu.Lock()
+	c.closed = true
+	if c.retry != nil {
+		c.retry.Stop()
 	}
-	for {
-		select {
-		case <-exit:
-			return true
-		case <-ctx.Done():
-			return false
-		case u := <-updates:
-			c.svids = u
-			write()
-		case j := <-jwts:
-			c.jwt = j
-			if c.svids != nil {
-				write()
-			}
-		case <-c.bundleCh:
-			if c.svids != nil {
-				write()
-			}
-		case <-retry.C:
-			write()
+	c.writeMu.Unlock()
+	return c.exited.Load()
+}
+
+// update runs one write pass after change (if any) under writeMu. A
+// failed write is retried with backoff, by a timer.
+func (c *container) update(change func()) {
+	c.writeMu.Lock()
+	defer c.writeMu.Unlock()
+	if c.closed || c.ctx.Err() != nil {
+		return
+	}
+	if change != nil {
+		change()
+	}
+	if c.svids == nil {
+		return // nothing to write before the first SVID
+	}
+	if c.writeOffStack(c.ctx) {
+		c.retryAttempt = 0
+		if c.retry != nil {
+			c.retry.Stop()
 		}
+		return
+	}
+	d := backoffDelay(c.r.settings(), c.retryAttempt)
+	c.retryAttempt++
+	if c.retry == nil {
+		c.retry = time.AfterFunc(d, func() { c.update(nil) })
+	} else {
+		c.retry.Reset(d)
 	}
 }
 
 // stream follows the container's SVIDs, reopening the stream with backoff.
-func (c *container) stream(ctx context.Context, updates chan<- *agent.X509SVIDs) {
+func (c *container) stream(ctx context.Context) {
 	attempt := 0
 	for ctx.Err() == nil {
-		err := c.follow(ctx, updates, func() { attempt = 0 })
+		err := c.follow(ctx, func() { attempt = 0 })
 		if ctx.Err() != nil {
 			return
 		}
@@ -166,8 +180,8 @@ func (c *container) stream(ctx context.Context, updates chan<- *agent.X509SVIDs)
 	}
 }
 
-// follow holds one SVID stream open and forwards its updates.
-func (c *container) follow(ctx context.Context, updates chan<- *agent.X509SVIDs, healthy func()) error {
+// follow holds one SVID stream open and writes its updates.
+func (c *container) follow(ctx context.Context, healthy func()) error {
 	if c.agent.client == nil {
 		return fmt.Errorf("agent %s: no client", c.agent.socket)
 	}
@@ -215,9 +229,8 @@ func (c *container) follow(ctx context.Context, updates chan<- *agent.X509SVIDs,
 		// streams still waiting, without waiting for the bundle stream.
 		c.agent.setUp(true, nil)
 		c.report(nil)
-		select {
-		case updates <- u:
-		case <-ctx.Done():
+		c.update(func() { c.svids = u })
+		if ctx.Err() != nil {
 			return ctx.Err()
 		}
 	}
@@ -253,9 +266,9 @@ func (c *container) report(err error) {
 // Rendering and writing a delivery (PEM, PKCS#8, the files) needs a deep
 // stack; run's goroutine lives as long as the container and would keep
 // that stack grown, a thousand containers a thousand times (stacks took
-// 25.7 MiB at 1,000 containers, 20.0 MiB without). The short-lived goroutine's stack
-// goes back to the runtime when it ends. run waits, so write still owns
-// the container's state as if run had called it.
+// 25.7 MiB at 1,000 containers, 20.0 MiB without). The short-lived
+// goroutine's stack goes back to the runtime when it ends. The caller
+// holds writeMu and waits, so write owns the container's state.
 func (c *container) writeOffStack(ctx context.Context) bool {
 	done := make(chan bool, 1)
 	go func() { done <- c.write(ctx) }()

@@ -43,9 +43,9 @@ type exits struct {
 }
 
 type waiter struct {
-	pid  int
-	ch   chan struct{}
-	done bool // ch closed, or the watch ended
+	pid    int
+	exited func() // called once, without x.mu held
+	done   bool   // exited called, or the watch ended
 }
 
 var (
@@ -57,6 +57,15 @@ var (
 // watchExit returns a channel closed when p has exited and been reaped. It
 // stops watching when ctx ends (the channel then stays open).
 func watchExit(ctx context.Context, p *process.Process) (<-chan struct{}, error) {
+	ch := make(chan struct{})
+	return ch, onExit(ctx, p, func() { close(ch) })
+}
+
+// onExit calls exited, on a goroutine of the watcher's, when p has exited
+// and been reaped; it stops watching when ctx ends (exited is then never
+// called). No goroutine waits per process: a container's own goroutine
+// is free to block in its SVID stream.
+func onExit(ctx context.Context, p *process.Process, exited func()) error {
 	sharedExitsOnce.Do(func() {
 		epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
 		if err != nil {
@@ -67,24 +76,24 @@ func watchExit(ctx context.Context, p *process.Process) (<-chan struct{}, error)
 		go sharedExits.run()
 	})
 	if sharedExitsErr != nil {
-		return nil, sharedExitsErr
+		return sharedExitsErr
 	}
-	return sharedExits.watch(ctx, p)
+	return sharedExits.watch(ctx, p, exited)
 }
 
-func (x *exits) watch(ctx context.Context, p *process.Process) (<-chan struct{}, error) {
+func (x *exits) watch(ctx context.Context, p *process.Process, exited func()) error {
 	fd, err := unix.FcntlInt(uintptr(p.FD()), unix.F_DUPFD_CLOEXEC, 0)
 	if err != nil {
-		return nil, fmt.Errorf("dup pidfd: %w", err)
+		return fmt.Errorf("dup pidfd: %w", err)
 	}
-	w := &waiter{pid: p.PID, ch: make(chan struct{})}
+	w := &waiter{pid: p.PID, exited: exited}
 	x.mu.Lock()
 	x.waiters[int32(fd)] = w
 	if err := unix.EpollCtl(x.epfd, unix.EPOLL_CTL_ADD, fd, &unix.EpollEvent{Events: unix.EPOLLIN, Fd: int32(fd)}); err != nil {
 		delete(x.waiters, int32(fd))
 		x.mu.Unlock()
 		unix.Close(fd)
-		return nil, fmt.Errorf("epoll_ctl pidfd: %w", err)
+		return fmt.Errorf("epoll_ctl pidfd: %w", err)
 	}
 	x.mu.Unlock()
 	context.AfterFunc(ctx, func() {
@@ -94,7 +103,7 @@ func (x *exits) watch(ctx context.Context, p *process.Process) (<-chan struct{},
 			x.drop(fd)
 		}
 	})
-	return w.ch, nil
+	return nil
 }
 
 // drop forgets fd; x.mu is held. A waiter whose zombie is being watched
@@ -120,6 +129,7 @@ func (x *exits) run() {
 		if err != nil {
 			return
 		}
+		var gone []*waiter
 		x.mu.Lock()
 		for _, ev := range events[:n] {
 			fd := int(ev.Fd)
@@ -130,7 +140,7 @@ func (x *exits) run() {
 			switch {
 			case reaped(fd):
 				x.drop(fd)
-				close(w.ch)
+				gone = append(gone, w)
 			case readable(fd):
 				// A zombie: out of the set, checked on a backoff.
 				unix.EpollCtl(x.epfd, unix.EPOLL_CTL_DEL, fd, nil)
@@ -141,6 +151,9 @@ func (x *exits) run() {
 			}
 		}
 		x.mu.Unlock()
+		for _, w := range gone {
+			w.exited()
+		}
 	}
 }
 
@@ -158,7 +171,7 @@ func (x *exits) watchReap(fd int, w *waiter) {
 		if reaped(fd) {
 			x.drop(fd)
 			x.mu.Unlock()
-			close(w.ch)
+			w.exited()
 			return
 		}
 		x.mu.Unlock()

@@ -44,14 +44,9 @@ func nextJWTRenewal(j *agent.JWT, now time.Time) time.Duration {
 	return max(wait, minJWTWait)
 }
 
-// renewJWT keeps the container's JWT-SVIDs fresh for as long as ctx
-// lasts, sending every answer to out. Nothing for a container that asked
-// for none.
-func (c *container) renewJWT(ctx context.Context, out chan<- *agent.JWT) {
-	auds, _ := annotations.JWTRequests(recordDeliveries(c.rec))
-	if len(auds) == 0 || c.agent.client == nil {
-		return
-	}
+// renewJWT keeps the container's JWT-SVIDs for auds fresh for as long as
+// ctx lasts, writing every answer.
+func (c *container) renewJWT(ctx context.Context, auds [][]string) {
 	attempt := 0
 	for {
 		j, err := c.agent.client.FetchJWT(ctx, c.proc.PID, agent.JWTRequest{Audiences: auds})
@@ -67,11 +62,7 @@ func (c *container) renewJWT(ctx context.Context, out chan<- *agent.JWT) {
 			}
 			c.reportJWT(nil)
 			attempt = 0
-			select {
-			case out <- j:
-			case <-ctx.Done():
-				return
-			}
+			c.update(func() { c.jwt = j })
 			if !sleep(ctx, nextJWTRenewal(j, time.Now()), nil) {
 				return
 			}

@@ -446,24 +446,51 @@ func (r *Refresher) followJWTBundles(ctx context.Context, a *agentConn) {
 // broadcastJWTBundles tells the containers of agent a that write JWT
 // bundles that they changed.
 func (r *Refresher) broadcastJWTBundles(a *agentConn) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	for _, c := range r.containers {
-		if c.agent == a && wantsJWTBundles(c.rec) {
-			c.bundlesChanged()
-		}
-	}
+	r.rewrite(func(c *container) bool { return c.agent == a && wantsJWTBundles(c.rec) })
 }
 
 // broadcastBundles tells every container of agent a that its bundles changed.
 func (r *Refresher) broadcastBundles(a *agentConn) {
+	r.rewrite(func(c *container) bool { return c.agent == a })
+}
+
+// rewrite runs a write pass for every served container that match
+// selects, in the background and a few at a time: a bundle change
+// reaches every container at once, and a goroutine each would cost a
+// thousand stacks at once. A container whose pass is still queued from
+// an earlier change is not queued again: its pass reads the newest
+// bundles.
+func (r *Refresher) rewrite(match func(*container) bool) {
+	var queue []*container
 	r.mu.Lock()
-	defer r.mu.Unlock()
 	for _, c := range r.containers {
-		if c.agent == a {
-			c.bundlesChanged()
+		if match(c) && !c.queued.Swap(true) {
+			queue = append(queue, c)
 		}
 	}
+	r.mu.Unlock()
+	if len(queue) == 0 {
+		return
+	}
+	work := make(chan *container)
+	workers := min(cap(r.writeSlots), len(queue))
+	r.wg.Add(workers + 1)
+	for range workers {
+		go func() {
+			defer r.wg.Done()
+			for c := range work {
+				c.queued.Store(false)
+				c.update(nil)
+			}
+		}()
+	}
+	go func() {
+		defer r.wg.Done()
+		for _, c := range queue {
+			work <- c
+		}
+		close(work)
+	}()
 }
 
 // Report returns what the refresher serves now: the agents in use (the

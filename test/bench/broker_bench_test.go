@@ -189,6 +189,31 @@ func brokerReport(rs []apiResult, baseline, helper [][]time.Duration, rounds int
 			ms(hook), ms(stat{Samples: r.hook}.P(0.9)), ms(help), float64(hook)/float64(help), r.attestations)
 	}
 	b.WriteString("\nMedians of each variant's own samples; the hook-added latency is the variant's median less the same round set's no-hook median.\n")
+	b.WriteString(brokerReading(rs))
+	return b.String()
+}
+
+// brokerReading says, from the numbers, whether the broker path's fewer
+// attestations show in the hook's wall time, per agent configuration
+// (rs holds delegated then broker for each).
+func brokerReading(rs []apiResult) string {
+	var b strings.Builder
+	b.WriteString("\n**What it shows.**")
+	for i := 0; i+1 < len(rs); i += 2 {
+		del, brk := rs[i], rs[i+1]
+		fewer := brk.attestations < del.attestations
+		delta := median(brk.hook) - median(del.hook)
+		fmt.Fprintf(&b, " %s: the broker path made %.1f attestations per delivery against %.1f", del.agent, brk.attestations, del.attestations)
+		switch {
+		case !fewer:
+			b.WriteString(", so it did not need fewer here;")
+		case delta < 0:
+			fmt.Fprintf(&b, ", and it shows: the hook's median wall time is %s shorter;", ms(-delta))
+		default:
+			fmt.Fprintf(&b, ", but it does not show in time: the hook's median wall time is %s longer, the mutual TLS handshake costing more than the attestations it saves when attesting is cheap;", ms(delta))
+		}
+	}
+	b.WriteString(" the delegated path attests the caller once per RPC (bundles and SVIDs) besides the container's pid, the broker path only the referenced pid, its caller being authenticated by its X.509-SVID.\n")
 	return b.String()
 }
 
