@@ -42,14 +42,14 @@ const exitNotRunning = 3
 func main() {
 	// A SIGHUP before the daemon's handler is installed must not kill it.
 	signal.Ignore(syscall.SIGHUP)
-	// The refresher holds about 50 KiB per container, and a rotation of
+	// The refresher holds about 30 KiB per container, and a rotation of
 	// every container at once allocates in a burst (each stream's new SVID
 	// parsed before its write slot frees): a quarter of the collector's
 	// default headroom keeps a busy node's daemon small. At 1,000
-	// containers (make bench, refresher part) the peak was 61.5 MiB at
-	// GOGC=50, 58.8 at 30 and 57.2-57.4 at 25, for about 100 ms more CPU
-	// per rotation of all of them (BENCHMARKS.md). GOGC in the environment
-	// wins.
+	// containers (make bench, refresher part, three goroutines per
+	// container then) the peak was 61.5 MiB at GOGC=50, 58.8 at 30 and
+	// 57.2-57.4 at 25, for about 100 ms more CPU per rotation of all of
+	// them (BENCHMARKS.md). GOGC in the environment wins.
 	if os.Getenv("GOGC") == "" {
 		debug.SetGCPercent(25)
 	}
