@@ -133,3 +133,9 @@ func TestExitOfZombieAtStart(t *testing.T) {
 		t.Fatal("the reap was never seen")
 	}
 }
+
+// watchExit returns a channel closed when onExit reports p gone.
+func watchExit(ctx context.Context, p *process.Process) (<-chan struct{}, error) {
+	ch := make(chan struct{})
+	return ch, onExit(ctx, p, func() { close(ch) })
+}

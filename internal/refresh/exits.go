@@ -54,13 +54,6 @@ var (
 	sharedExitsOnce sync.Once
 )
 
-// watchExit returns a channel closed when p has exited and been reaped. It
-// stops watching when ctx ends (the channel then stays open).
-func watchExit(ctx context.Context, p *process.Process) (<-chan struct{}, error) {
-	ch := make(chan struct{})
-	return ch, onExit(ctx, p, func() { close(ch) })
-}
-
 // onExit calls exited, on a goroutine of the watcher's, when p has exited
 // and been reaped; it stops watching when ctx ends (exited is then never
 // called). No goroutine waits per process: a container's own goroutine
