@@ -18,7 +18,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -27,99 +26,24 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/noderesource/spiffe-oci-hook/internal/spiretest"
+	"github.com/noderesource/spiffe-oci-hook/internal/subreaper"
 )
 
 func TestMain(m *testing.M) {
 	// conmon and containerd-shim-runc-v2 daemonize; without a subreaper
 	// they (and the containers under them) would be reparented to PID 1,
 	// which on this kind of machine does not reap.
-	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
-		fmt.Fprintf(os.Stderr, "cri: PR_SET_CHILD_SUBREAPER: %v\n", err)
+	if err := subreaper.Become(); err != nil {
+		fmt.Fprintf(os.Stderr, "cri: %v\n", err)
 		os.Exit(1)
 	}
 	code := m.Run()
-	if left := killOrphans(); len(left) > 0 && code == 0 {
+	if left := subreaper.KillOrphans(nil); len(left) > 0 && code == 0 {
 		// Every test stops what it started; an orphan here is a leak.
 		fmt.Fprintf(os.Stderr, "cri: processes outlived the tests (killed): %q\n", left)
 		code = 1
 	}
 	os.Exit(code)
-}
-
-// killOrphans kills and reaps every child process of the test binary that
-// is still there (daemonized shims and conmons, and their containers,
-// reparented to it) and returns their command lines.
-func killOrphans() []string {
-	var killed []string
-	for range 50 {
-		pids := children()
-		reap(0)
-		if len(pids) == 0 {
-			break
-		}
-		for _, pid := range pids {
-			if _, state := ppid(pid); state == 'Z' || state == 0 {
-				// Exited (a daemon's intermediate process, reparented
-				// here) and reaped: not a leak.
-				continue
-			}
-			cmdline, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
-			unix.Kill(pid, unix.SIGKILL)
-			killed = append(killed, fmt.Sprintf("%d %s", pid, strings.ReplaceAll(strings.TrimRight(string(cmdline), "\x00"), "\x00", " ")))
-		}
-		reap(2 * time.Second)
-	}
-	reap(0)
-	return killed
-}
-
-// children lists the pids whose parent is this process.
-func children() []int {
-	self := os.Getpid()
-	var pids []int
-	ents, _ := os.ReadDir("/proc")
-	for _, e := range ents {
-		var pid int
-		if _, err := fmt.Sscanf(e.Name(), "%d", &pid); err != nil {
-			continue
-		}
-		if pp, _ := ppid(pid); pp == self {
-			pids = append(pids, pid)
-		}
-	}
-	return pids
-}
-
-// ppid reads the state and the parent pid from /proc/pid/stat (the
-// fields after the parenthesized command name, which may hold spaces).
-func ppid(pid int) (int, byte) {
-	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return 0, 0
-	}
-	i := len(data) - 1
-	for i > 0 && data[i] != ')' {
-		i--
-	}
-	var state byte
-	var pp int
-	fmt.Sscanf(string(data[i+1:]), " %c %d", &state, &pp)
-	return pp, state
-}
-
-// reap collects exited children that no exec.Cmd waits for, for up to d.
-func reap(d time.Duration) {
-	deadline := time.Now().Add(d)
-	for {
-		var ws unix.WaitStatus
-		pid, err := unix.Wait4(-1, &ws, unix.WNOHANG, nil)
-		if err == unix.ECHILD || (pid <= 0 && time.Now().After(deadline)) {
-			return
-		}
-		if pid <= 0 {
-			time.Sleep(20 * time.Millisecond)
-		}
-	}
 }
 
 // Paths of the binaries under test and the tools, set by requireTools.

@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/noderesource/spiffe-oci-hook/internal/subreaper"
 )
 
 // proc is one daemon of the cluster, its output in logs/<name>.log.
@@ -81,89 +83,21 @@ func Tail(path string, n int) string {
 // BecomeSubreaper makes this process the reaper of every daemon's
 // orphans (conmon and the containerd shims daemonize; PID 1 here does
 // not reap), so that Down can find and stop them.
-func BecomeSubreaper() error {
-	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
-		return fmt.Errorf("PR_SET_CHILD_SUBREAPER: %w", err)
-	}
-	return nil
-}
+func BecomeSubreaper() error { return subreaper.Become() }
 
-// reapZombies collects exited children that no exec.Cmd waits for
-// (daemons' intermediate processes reparented here), leaving the tracked
-// daemons to their own Wait.
-func (c *Cluster) reapZombies() {
-	tracked := map[int]bool{}
+// tracked is the daemons' pids: their own Wait collects them.
+func (c *Cluster) tracked() map[int]bool {
+	pids := map[int]bool{}
 	for _, p := range c.procs {
-		tracked[p.cmd.Process.Pid] = true
-	}
-	for _, pid := range children() {
-		if _, state := stat(pid); state == 'Z' && !tracked[pid] {
-			var ws unix.WaitStatus
-			unix.Wait4(pid, &ws, unix.WNOHANG, nil)
-		}
-	}
-}
-
-// killOrphans kills and reaps every untracked child still there (shims,
-// conmons, containers reparented here) and returns their command lines.
-func (c *Cluster) killOrphans() []string {
-	var killed []string
-	for range 50 {
-		c.reapZombies()
-		var live []int
-		for _, pid := range children() {
-			if _, state := stat(pid); state != 'Z' && state != 0 {
-				live = append(live, pid)
-			}
-		}
-		if len(live) == 0 {
-			break
-		}
-		for _, pid := range live {
-			cmdline, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
-			unix.Kill(pid, unix.SIGKILL)
-			killed = append(killed, fmt.Sprintf("%d %s", pid, strings.ReplaceAll(strings.TrimRight(string(cmdline), "\x00"), "\x00", " ")))
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
-	c.reapZombies()
-	return killed
-}
-
-// children lists the pids whose parent is this process.
-func children() []int {
-	self := os.Getpid()
-	var pids []int
-	ents, _ := os.ReadDir("/proc")
-	for _, e := range ents {
-		var pid int
-		if _, err := fmt.Sscanf(e.Name(), "%d", &pid); err != nil {
-			continue
-		}
-		if pp, _ := stat(pid); pp == self {
-			pids = append(pids, pid)
-		}
+		pids[p.cmd.Process.Pid] = true
 	}
 	return pids
 }
 
-// stat reads the parent pid and state from /proc/pid/stat (after the
-// parenthesized command name, which may hold spaces).
-func stat(pid int) (int, byte) {
-	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return 0, 0
-	}
-	i := len(data) - 1
-	for i > 0 && data[i] != ')' {
-		i--
-	}
-	var state byte
-	var pp int
-	fmt.Sscanf(string(data[i+1:]), " %c %d", &state, &pp)
-	return pp, state
-}
+// killOrphans kills and reaps every untracked child still there (shims,
+// conmons, containers reparented here) and returns their command lines.
+func (c *Cluster) killOrphans() []string { return subreaper.KillOrphans(c.tracked()) }
 
 // Reap collects the daemons' exited intermediates (for a long-running
 // launcher).
-func (c *Cluster) Reap() { c.reapZombies() }
+func (c *Cluster) Reap() { subreaper.Reap(c.tracked()) }
