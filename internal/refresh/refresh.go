@@ -455,7 +455,7 @@ func (r *Refresher) broadcastBundles(a *agentConn) {
 }
 
 // rewrite runs a write pass for every served container that match
-// selects, in the background and a few at a time: a bundle change
+// accepts, in the background and a few at a time: a bundle change
 // reaches every container at once, and a goroutine each would cost a
 // thousand stacks at once. A container whose pass is still queued from
 // an earlier change is not queued again: its pass reads the newest
