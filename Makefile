@@ -108,7 +108,7 @@ test:
 	@[ "$$(id -u)" = 0 ] || { echo "make test: $(NEEDS_ROOT)" >&2; exit 1; }
 	@$(MAKE) --no-print-directory test-as-root
 
-test-as-root: test-deps spire cri-tools cluster-tools gotestsum build test-fuzz
+test-as-root: tools build test-fuzz
 	$(GO) vet ./...
 	@unformatted=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$unformatted" ]; then echo "gofmt needed: $$unformatted"; exit 1; fi
 	$(call run_tests,SPIFFE_OCI_SYSTEMD=1 SPIRE_BIN_DIR=$(SPIRE_BIN_DIR),-p 1 -count=1 -timeout 30m ./...)
@@ -141,36 +141,68 @@ test-fuzz:
 test-unit:
 	$(GO) test -count=1 -short ./internal/...
 
-test-integration: test-deps spire cri-tools cluster-tools gotestsum build
+test-integration: tools build
 	$(call run_tests,SPIFFE_OCI_SYSTEMD=1 SPIRE_BIN_DIR=$(SPIRE_BIN_DIR),-p 1 -count=1 -timeout 30m ./test/...)
 
 test-deps:
 	test/deps.sh
 
-spire:
+# The pinned third-party tools, one target a tools module, so that make
+# can build two modules at a time (TOOLS_JOBS): a Go link is
+# single-threaded and a cgo or download step leaves a core idle, so two
+# builds side by side keep both cores busy. Longest first. Each script
+# takes its own module's lock and skips what is up to date (seconds once
+# built).
+TOOLS_JOBS ?= 2
+SPIRE_TOOLS := tool-spire115 tool-spire
+CRI_TOOLS := tool-crio tool-containerd tool-crictl
+CLUSTER_TOOLS := tool-kubernetes tool-helm tool-spire-controller-manager tool-cni
+ALL_TOOLS := tool-kubernetes $(SPIRE_TOOLS) tool-crio tool-containerd tool-helm tool-spire-controller-manager tool-crictl tool-cni tool-gotestsum
+
+.PHONY: tools $(ALL_TOOLS)
+
+tool-spire:
 	test/spire/build.sh $(SPIRE_BIN_DIR)
+tool-spire115:
 	test/spire115/build.sh $(SPIRE_BIN_DIR)/spire-1.15
-
-# The pinned crictl, CRI-O (with pinns) and containerd for test/cri, one
-# after the other and after SPIRE (2 cores: about 5 minutes the first time,
-# seconds once built). Each script skips what is up to date.
-cri-tools: test-deps spire
+tool-crictl:
 	test/crictl/build.sh $(CRI_BIN_DIR)
+tool-crio:
 	test/crio/build.sh $(CRI_BIN_DIR)
+tool-containerd:
 	test/containerd/build.sh $(CRI_BIN_DIR)
-
-# The pinned gotestsum that runs make test's go test (seconds once built).
-gotestsum:
+tool-helm:
+	test/helm/build.sh $(CRI_BIN_DIR)
+tool-kubernetes:
+	test/kubernetes/build.sh $(CRI_BIN_DIR)
+tool-cni:
+	test/cni/build.sh $(CRI_BIN_DIR)/cni
+tool-spire-controller-manager:
+	test/spire-controller-manager/build.sh $(CRI_BIN_DIR)
+tool-gotestsum:
 	test/gotestsum/build.sh $(CRI_BIN_DIR)
 
+# Every tool make test needs, TOOLS_JOBS at a time, with the time it took.
+tools: test-deps
+	@start=$$(date +%s); $(MAKE) --no-print-directory -j$(TOOLS_JOBS) $(ALL_TOOLS) && \
+	echo "tools: built in $$(( $$(date +%s) - start )) s" | tee $(CRI_BIN_DIR)/.tools-time
+
+spire: test-deps
+	@$(MAKE) --no-print-directory -j$(TOOLS_JOBS) $(SPIRE_TOOLS)
+
+# The pinned crictl, CRI-O (with pinns) and containerd for test/cri.
+cri-tools: test-deps
+	@$(MAKE) --no-print-directory -j$(TOOLS_JOBS) $(CRI_TOOLS)
+
+# The pinned gotestsum that runs make test's go test (seconds once built).
+gotestsum: tool-gotestsum
+
 # The pinned Kubernetes v1.34.4 (kube-apiserver, kube-controller-manager,
-# kube-scheduler, kubelet, kubectl), etcd v3.6.4 and CNI plugins v1.9.0 for
-# the one-node cluster (test/cluster, make cluster), after the CRI tools.
-# About 8 minutes the first time on 2 cores, seconds once built.
-cluster-tools: cri-tools
-	test/helm/build.sh $(CRI_BIN_DIR)
-	test/kubernetes/build.sh $(CRI_BIN_DIR)
-	test/cni/build.sh $(CRI_BIN_DIR)/cni
+# kube-scheduler, kubelet, kubectl), etcd v3.6.4, CNI plugins v1.9.0,
+# spire-controller-manager v0.7.0 and helm for the one-node cluster (test/cluster, make cluster), with the CRI
+# tools.
+cluster-tools: test-deps
+	@$(MAKE) --no-print-directory -j$(TOOLS_JOBS) $(CLUSTER_TOOLS) $(CRI_TOOLS)
 
 # A one-node cluster on this host (docs/cluster.md): etcd, the API server,
 # the controller manager, the scheduler and a kubelet, CRI-O or containerd

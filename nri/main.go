@@ -34,7 +34,7 @@ func run(args []string, stderr io.Writer) int {
 	index := fs.String("plugin-index", "10", "NRI plugin index (order among plugins)")
 	hookPath := fs.String("hook-path", "/opt/spiffe-oci-hook/bin/spiffe-oci-hook", "spiffe-oci-hook binary on the node")
 	hookConfig := fs.String("hook-config", "", "node configuration file passed to the hook as --config (empty: the hook's default)")
-	timeout := fs.Int("hook-timeout", 15, "seconds the runtime gives the hook; above the hook's own timeout")
+	timeout := fs.Int("hook-timeout", 50, "seconds the runtime gives the hook; above the hook's own timeout (40s by default)")
 	if code, done := cli.Parse(fs, args, version); done {
 		return code
 	}

@@ -19,6 +19,8 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync/atomic"
+	"time"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -133,7 +135,8 @@ func (c *Client) SubscribeX509SVIDs(ctx context.Context, pid int) (*SVIDStream, 
 	return &SVIDStream{pid: pid, c: c, recv: recv}, nil
 }
 
-// Recv waits for the next update. An update with no SVID is ErrNoIdentity.
+// Recv waits for the next update. An update with no SVID is ErrNoIdentity:
+// no entry matches the pid yet, and the stream stays open.
 func (s *SVIDStream) Recv() (*X509SVIDs, error) {
 	raw, err := s.recv()
 	if err != nil {
@@ -222,11 +225,91 @@ func (c *Client) parseBundles(raw map[string][]byte) (*x509bundle.Set, error) {
 	return set, nil
 }
 
-// FetchX509 returns the first SVID update for pid and the bundles its
-// holder trusts. With the Delegated Identity API it asks for both at
-// once; the Broker API's update carries the bundles itself, so one call
-// (and one attestation) is all it takes.
-func (c *Client) FetchX509(ctx context.Context, pid int) (*X509SVIDs, *x509bundle.Set, error) {
+// Wait says how long FetchX509 waits for an identity that is on its way.
+//
+// A new workload's registration entry reaches the agent seconds after the
+// workload exists: spire-controller-manager writes a pod's entry once the
+// pod is scheduled, the server's entry cache reloads every 5 s and the
+// agent syncs every 5 s. Meanwhile the agent answers the pid with an update
+// that holds no SVID and keeps the stream open; the SVID follows on the
+// same stream once the entry syncs.
+type Wait struct {
+	// For bounds the wait, counted from the call: empty updates, and an
+	// agent that is unavailable (restarting) or could not attest the pid,
+	// are retried until then. Zero: the first answer decides.
+	For time.Duration
+	// Alive, when set, reports whether the pid's process still lives: an
+	// attestation that failed because it exited is not retried.
+	Alive func() error
+}
+
+// ErrWaited wraps the last error once a Wait has run out, so that the
+// message says how long the identity was waited for (Wait.For).
+type ErrWaited struct {
+	Waited time.Duration
+	Err    error
+}
+
+func (e *ErrWaited) Error() string {
+	if errors.Is(e.Err, ErrNoIdentity) {
+		return fmt.Sprintf("waited %s for a registration entry: %v", e.Waited.Round(100*time.Millisecond), e.Err)
+	}
+	return fmt.Sprintf("retried for %s: %v", e.Waited.Round(100*time.Millisecond), e.Err)
+}
+
+func (e *ErrWaited) Unwrap() error { return e.Err }
+
+// retryable reports whether err may clear up within a wait: no entry yet,
+// the agent restarting, or an attestation that failed while the process
+// lives (the kubelet may not list a new pod yet).
+func retryable(err error) bool {
+	return errors.Is(err, ErrNoIdentity) || errors.Is(err, ErrUnavailable) || errors.Is(err, ErrAttestationFailed)
+}
+
+// Backoff between attempts within a wait.
+const (
+	retryMin = 100 * time.Millisecond
+	retryMax = time.Second
+)
+
+// FetchX509 returns the first SVID update for pid that holds an SVID, and
+// the bundles its holder trusts. With the Delegated Identity API it asks
+// for both at once; the Broker API's update carries the bundles itself, so
+// one call (and one attestation) is all it takes. Within w.For it keeps
+// the stream open through empty updates, and opens it again after an
+// error that may clear up (see Wait); ctx bounds everything.
+func (c *Client) FetchX509(ctx context.Context, pid int, w Wait) (*X509SVIDs, *x509bundle.Set, error) {
+	deadline := time.Now().Add(w.For)
+	delay := retryMin
+	for {
+		svids, set, err := c.fetchX509(ctx, pid, deadline)
+		if err == nil || !retryable(err) || ctx.Err() != nil {
+			return svids, set, err
+		}
+		if errors.Is(err, ErrAttestationFailed) && w.Alive != nil && w.Alive() != nil {
+			return nil, nil, err
+		}
+		left := time.Until(deadline)
+		if left <= 0 {
+			if w.For > 0 {
+				err = &ErrWaited{Waited: w.For, Err: err}
+			}
+			return nil, nil, err
+		}
+		t := time.NewTimer(min(delay, left))
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil, nil, err
+		case <-t.C:
+		}
+		delay = min(2*delay, retryMax)
+	}
+}
+
+// fetchX509 is one attempt: it opens the streams and reads SVID updates
+// until one holds an SVID. Empty updates are read past until deadline.
+func (c *Client) fetchX509(ctx context.Context, pid int, deadline time.Time) (*X509SVIDs, *x509bundle.Set, error) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 
@@ -248,11 +331,44 @@ func (c *Client) FetchX509(ctx context.Context, pid int) (*X509SVIDs, *x509bundl
 		}()
 	}
 
-	s, err := c.SubscribeX509SVIDs(ctx, pid)
+	// The SVID stream has a context of its own, ended when the wait runs
+	// out after an empty update: the bundle stream's answer is not waited
+	// for then.
+	sctx, scancel := context.WithCancel(ctx)
+	defer scancel()
+	s, err := c.SubscribeX509SVIDs(sctx, pid)
 	if err != nil {
 		return nil, nil, err
 	}
-	svids, err := s.Recv()
+	var (
+		svids   *X509SVIDs
+		empty   error // the last empty update's error
+		expired atomic.Bool
+		timer   *time.Timer
+	)
+	defer func() {
+		if timer != nil {
+			timer.Stop()
+		}
+	}()
+	for {
+		svids, err = s.Recv()
+		if errors.Is(err, ErrNoIdentity) {
+			empty = err
+			if timer == nil {
+				left := time.Until(deadline)
+				if left <= 0 {
+					return nil, nil, err
+				}
+				timer = time.AfterFunc(left, func() { expired.Store(true); scancel() })
+			}
+			continue
+		}
+		if err != nil && expired.Load() {
+			return nil, nil, empty
+		}
+		break
+	}
 	if err != nil {
 		return nil, nil, err
 	}

@@ -66,7 +66,7 @@ func TestFetchX509(t *testing.T) {
 		a.Default = []spiffeid.ID{spiffeid.RequireFromString("spiffe://example.org/other")}
 	})
 
-	svids, bundles, err := c.FetchX509(ctx(t, 10*time.Second), 4242)
+	svids, bundles, err := c.FetchX509(ctx(t, 10*time.Second), 4242, Wait{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -91,7 +91,7 @@ func TestFetchX509(t *testing.T) {
 		}
 	}
 	// Another pid gets the default identity.
-	svids, _, err = c.FetchX509(ctx(t, 10*time.Second), 7)
+	svids, _, err = c.FetchX509(ctx(t, 10*time.Second), 7, Wait{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -124,7 +124,7 @@ func TestSubscribeRotates(t *testing.T) {
 
 func TestFetchX509NoIdentity(t *testing.T) {
 	_, c := start(t)
-	_, _, err := c.FetchX509(ctx(t, 10*time.Second), 4242)
+	_, _, err := c.FetchX509(ctx(t, 10*time.Second), 4242, Wait{})
 	if !errors.Is(err, ErrNoIdentity) {
 		t.Fatalf("error = %v, want ErrNoIdentity", err)
 	}
@@ -139,7 +139,7 @@ func TestFetchX509Refused(t *testing.T) {
 	a.Configure(func(a *fakeagent.Agent) {
 		a.Refuse = status.Error(codes.PermissionDenied, "caller is not\nauthorized")
 	})
-	_, _, err := c.FetchX509(ctx(t, 10*time.Second), 1)
+	_, _, err := c.FetchX509(ctx(t, 10*time.Second), 1, Wait{})
 	if !errors.Is(err, ErrNotAuthorized) {
 		t.Fatalf("error = %v, want ErrNotAuthorized", err)
 	}
@@ -154,12 +154,12 @@ func TestFetchX509Refused(t *testing.T) {
 	}
 
 	a.Configure(func(a *fakeagent.Agent) { a.Refuse = status.Error(codes.Unauthenticated, "who?") })
-	if _, _, err := c.FetchX509(ctx(t, 10*time.Second), 1); !errors.Is(err, ErrNotAuthorized) {
+	if _, _, err := c.FetchX509(ctx(t, 10*time.Second), 1, Wait{}); !errors.Is(err, ErrNotAuthorized) {
 		t.Fatalf("Unauthenticated: error = %v, want ErrNotAuthorized", err)
 	}
 
 	a.Configure(func(a *fakeagent.Agent) { a.Refuse = status.Error(codes.Internal, "boom") })
-	_, _, err = c.FetchX509(ctx(t, 10*time.Second), 1)
+	_, _, err = c.FetchX509(ctx(t, 10*time.Second), 1, Wait{})
 	if err == nil || errors.Is(err, ErrNotAuthorized) || errors.Is(err, ErrUnavailable) || !strings.Contains(err.Error(), "Internal: boom") {
 		t.Fatalf("Internal: error = %v", err)
 	}
@@ -172,7 +172,7 @@ func TestFetchX509MissingSocket(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	_, _, err = c.FetchX509(ctx(t, 10*time.Second), 1)
+	_, _, err = c.FetchX509(ctx(t, 10*time.Second), 1, Wait{})
 	if !errors.Is(err, ErrUnavailable) {
 		t.Fatalf("error = %v, want ErrUnavailable", err)
 	}
@@ -197,7 +197,7 @@ func TestFetchX509SocketNotServed(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	_, _, err = c.FetchX509(ctx(t, 10*time.Second), 1)
+	_, _, err = c.FetchX509(ctx(t, 10*time.Second), 1, Wait{})
 	if !errors.Is(err, ErrUnavailable) || !strings.Contains(err.Error(), "does not answer") {
 		t.Fatalf("error = %v, want ErrUnavailable 'does not answer'", err)
 	}
@@ -207,7 +207,7 @@ func TestFetchX509Hang(t *testing.T) {
 	a, c := start(t)
 	a.Configure(func(a *fakeagent.Agent) { a.Hang = true })
 	begin := time.Now()
-	_, _, err := c.FetchX509(ctx(t, 200*time.Millisecond), 1)
+	_, _, err := c.FetchX509(ctx(t, 200*time.Millisecond), 1, Wait{})
 	if err == nil || !strings.Contains(err.Error(), "did not answer in time") {
 		t.Fatalf("error = %v, want 'did not answer in time'", err)
 	}
@@ -230,7 +230,7 @@ func TestFetchX509Hang(t *testing.T) {
 func TestFetchX509ClosesStreams(t *testing.T) {
 	a, c := start(t)
 	a.Set(1, spiffeid.RequireFromString("spiffe://example.org/web"))
-	if _, _, err := c.FetchX509(ctx(t, 10*time.Second), 1); err != nil {
+	if _, _, err := c.FetchX509(ctx(t, 10*time.Second), 1, Wait{}); err != nil {
 		t.Fatal(err)
 	}
 	deadline := time.Now().Add(5 * time.Second)

@@ -67,7 +67,7 @@ func TestBrokerFetchX509(t *testing.T) {
 	if _, err := a.Federate("other.org"); err != nil {
 		t.Fatal(err)
 	}
-	u, bundles, err := c.FetchX509(ctx(t, 10*time.Second), 77)
+	u, bundles, err := c.FetchX509(ctx(t, 10*time.Second), 77, Wait{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -98,7 +98,7 @@ func TestBrokerNoIdentity(t *testing.T) {
 	_, b, c := startBroker(t, hookBroker, hookBroker)
 	for _, spec := range []bool{false, true} {
 		b.Spec = spec
-		_, _, err := c.FetchX509(ctx(t, 10*time.Second), 4242)
+		_, _, err := c.FetchX509(ctx(t, 10*time.Second), 4242, Wait{})
 		if !errors.Is(err, ErrNoIdentity) || !strings.Contains(err.Error(), "pid 4242") {
 			t.Fatalf("spec=%v: error = %v, want ErrNoIdentity naming the pid", spec, err)
 		}
@@ -131,7 +131,7 @@ func TestBrokerReasons(t *testing.T) {
 		{status.Error(codes.PermissionDenied, `broker "spiffe://example.org/node/broker" is not allowed to use reference type "x"`), ErrNotAuthorized, []string{pidReferenceType, "allowed_reference_types"}},
 	} {
 		a.Configure(func(a *fakeagent.Agent) { a.Refuse = tc.refuse })
-		_, _, err := c.FetchX509(ctx(t, 10*time.Second), 5)
+		_, _, err := c.FetchX509(ctx(t, 10*time.Second), 5, Wait{})
 		if !errors.Is(err, tc.is) {
 			t.Errorf("%v: error = %v, want %v", tc.refuse, err, tc.is)
 			continue
@@ -156,7 +156,7 @@ func TestBrokerNotListed(t *testing.T) {
 	other := spiffeid.RequireFromString("spiffe://example.org/someone-else")
 	a, _, c := startBroker(t, hookBroker, other)
 	a.Set(5, spiffeid.RequireFromString("spiffe://example.org/web"))
-	_, _, err := c.FetchX509(ctx(t, 10*time.Second), 5)
+	_, _, err := c.FetchX509(ctx(t, 10*time.Second), 5, Wait{})
 	if !errors.Is(err, ErrNotAuthorized) {
 		t.Fatalf("error = %v, want ErrNotAuthorized", err)
 	}
@@ -208,7 +208,7 @@ func TestBrokerMissingSocket(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	_, _, err = c.FetchX509(ctx(t, 10*time.Second), 1)
+	_, _, err = c.FetchX509(ctx(t, 10*time.Second), 1, Wait{})
 	if !errors.Is(err, ErrUnavailable) || !strings.Contains(err.Error(), "experimental { broker { socket_path") {
 		t.Fatalf("error = %v", err)
 	}
@@ -222,7 +222,7 @@ func TestFetchX509AttestationFailed(t *testing.T) {
 	a.Configure(func(a *fakeagent.Agent) {
 		a.Refuse = status.Error(codes.Unavailable, "workload attestation failed")
 	})
-	_, _, err := c.FetchX509(ctx(t, 10*time.Second), 31337)
+	_, _, err := c.FetchX509(ctx(t, 10*time.Second), 31337, Wait{})
 	if !errors.Is(err, ErrAttestationFailed) || errors.Is(err, ErrUnavailable) {
 		t.Fatalf("error = %v, want ErrAttestationFailed only", err)
 	}

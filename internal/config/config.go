@@ -71,6 +71,13 @@ type Config struct {
 	// Timeout bounds the hook's whole exchange with the agent. Keep it below
 	// the timeout in the hooks.d JSON so the hook, not the runtime, reports.
 	Timeout time.Duration `yaml:"timeout"`
+	// RegistrationWait is how long the hook waits, within Timeout, for an
+	// identity that is on its way: the agent answers a pid no entry matches
+	// yet with an empty update, and a new pod's entry (written by
+	// spire-controller-manager once the pod is scheduled) reaches the agent
+	// seconds later. Unavailable agents are retried within it too. Zero:
+	// the agent's first answer decides. The hook waits at most EntryWait.
+	RegistrationWait time.Duration `yaml:"registration_wait"`
 	// FailurePolicy is FailClosed or FailOpen.
 	FailurePolicy string `yaml:"failure_policy"`
 	// RequireRefresher makes the hook refuse a container that asked for an
@@ -178,7 +185,8 @@ func Default() Config {
 		BrokerSocket:      "/run/spire/agent/broker/broker.sock",
 		WorkloadAPISocket: "/run/spire/agent/public/api.sock",
 		StateDir:          "/run/spiffe-oci-hook",
-		Timeout:           10 * time.Second,
+		Timeout:           40 * time.Second,
+		RegistrationWait:  30 * time.Second,
 		FailurePolicy:     FailClosed,
 		RefresherGrace:    2 * time.Minute,
 		Refresher: Refresher{
@@ -193,6 +201,15 @@ func Default() Config {
 			},
 		},
 	}
+}
+
+// EntryWait is how long the hook waits for a registration entry:
+// RegistrationWait, kept inside Timeout with room for the rest of the
+// exchange (5 s, or half of a Timeout under 10 s). A file written for an
+// older version, with timeout 10s and no registration_wait, stays valid
+// and waits 5 s.
+func (c Config) EntryWait() time.Duration {
+	return min(c.RegistrationWait, c.Timeout-min(5*time.Second, c.Timeout/2))
 }
 
 // Validate checks that a configuration is usable.
@@ -224,6 +241,9 @@ func (c Config) Validate() error {
 	}
 	if c.Timeout <= 0 {
 		return fmt.Errorf("timeout %s must be positive", c.Timeout)
+	}
+	if c.RegistrationWait < 0 {
+		return fmt.Errorf("registration_wait %s must not be negative", c.RegistrationWait)
 	}
 	if c.FailurePolicy != FailClosed && c.FailurePolicy != FailOpen {
 		return fmt.Errorf("failure_policy %q must be %q or %q", c.FailurePolicy, FailClosed, FailOpen)
@@ -310,6 +330,7 @@ func Bind(fs *flag.FlagSet) *Flags {
 	fs.StringVar(&f.set.BrokerSPIFFEID, "broker-spiffe-id", "", "which of the refresher's own SVIDs is the broker identity (default: the Workload API's default SVID)")
 	fs.StringVar(&f.set.StateDir, "state-dir", d.StateDir, "state directory on tmpfs for per-container files and records")
 	fs.DurationVar(&f.set.Timeout, "timeout", d.Timeout, "bound on the whole exchange with the agent")
+	fs.DurationVar(&f.set.RegistrationWait, "registration-wait", d.RegistrationWait, "how long, within timeout, to wait for a registration entry on its way to the agent (0: the first answer decides)")
 	fs.Func("allowed-agent-sockets", "comma-separated further admin sockets an annotation's spire_agent_address may name", func(v string) error {
 		f.set.AllowedAgentSockets = strings.Split(v, ",")
 		return nil
@@ -385,6 +406,9 @@ func (f *Flags) Load() (Config, error) {
 	}
 	if explicit["timeout"] {
 		c.Timeout = f.set.Timeout
+	}
+	if explicit["registration-wait"] {
+		c.RegistrationWait = f.set.RegistrationWait
 	}
 	if explicit["failure-policy"] {
 		c.FailurePolicy = f.set.FailurePolicy

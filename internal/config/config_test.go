@@ -16,7 +16,7 @@ func TestDefaultValid(t *testing.T) {
 		t.Fatalf("Default().Validate() = %v", err)
 	}
 	d := Default()
-	if d.Timeout != 10*time.Second || d.FailurePolicy != FailClosed || d.AgentAdminSocket != "/run/spire/agent/admin/admin.sock" || d.StateDir != "/run/spiffe-oci-hook" {
+	if d.Timeout != 40*time.Second || d.RegistrationWait != 30*time.Second || d.EntryWait() != 30*time.Second || d.FailurePolicy != FailClosed || d.AgentAdminSocket != "/run/spire/agent/admin/admin.sock" || d.StateDir != "/run/spiffe-oci-hook" {
 		t.Fatalf("Default() = %+v", d)
 	}
 }
@@ -31,6 +31,7 @@ broker_spiffe_id: spiffe://example.org/node/refresher
 allowed_agent_sockets: [/run/other/admin.sock, /run/third.sock]
 state_dir: /dev/shm/hook
 timeout: 3s
+registration_wait: 2s
 failure_policy: fail-open
 require_refresher: true
 refresher_grace: 90s
@@ -58,6 +59,7 @@ refresher:
 		AllowedAgentSockets: []string{"/run/other/admin.sock", "/run/third.sock"},
 		StateDir:            "/dev/shm/hook",
 		Timeout:             3 * time.Second,
+		RegistrationWait:    2 * time.Second,
 		FailurePolicy:       FailOpen,
 		RequireRefresher:    true,
 		RefresherGrace:      90 * time.Second,
@@ -252,6 +254,7 @@ refresher:
 		AllowedAgentSockets: []string{"/file/other.sock"},
 		StateDir:            "/file/state",
 		Timeout:             4 * time.Second,
+		RegistrationWait:    Default().RegistrationWait,
 		FailurePolicy:       FailOpen,
 		RequireRefresher:    true,
 		RefresherGrace:      45 * time.Second,
@@ -297,6 +300,7 @@ refresher:
 		"--workload-api-socket", "/flag/api.sock",
 		"--state-dir", "/flag/state",
 		"--timeout", "1s",
+		"--registration-wait", "700ms",
 		"--failure-policy", FailClosed,
 		"--require-refresher=false",
 		"--refresher-grace", "3s",
@@ -321,6 +325,7 @@ refresher:
 		AllowedAgentSockets: []string{"/file/other.sock"},
 		StateDir:            "/flag/state",
 		Timeout:             time.Second,
+		RegistrationWait:    700 * time.Millisecond,
 		FailurePolicy:       FailClosed,
 		RefresherGrace:      3 * time.Second,
 		Refresher: Refresher{BackoffMin: time.Second, BackoffMax: 9 * time.Second, RescanInterval: time.Minute, LogLevel: LogDebug, MetricsSocket: "/flag/m.sock", MetricsAddress: ":9464",
@@ -352,7 +357,7 @@ func TestFlagsErrors(t *testing.T) {
 		t.Fatalf("invalid file value: error = %v", err)
 	}
 	// A flag can repair what the file got wrong.
-	if c, err := load(t, false, "--config", invalid, "--failure-policy", FailOpen); err != nil || c.FailurePolicy != FailOpen || c.Timeout != 10*time.Second {
+	if c, err := load(t, false, "--config", invalid, "--failure-policy", FailOpen); err != nil || c.FailurePolicy != FailOpen || c.Timeout != Default().Timeout {
 		t.Fatalf("flag over invalid file: %+v, %v", c, err)
 	}
 
@@ -488,5 +493,32 @@ func TestRefresherKeys(t *testing.T) {
 		if i := c.HeartbeatInterval(); i <= 0 || i > grace/2 {
 			t.Errorf("grace %s: heartbeat every %s", grace, i)
 		}
+	}
+}
+
+// TestEntryWait: the wait stays inside timeout with room for the rest of
+// the exchange, so a file written before registration_wait existed
+// (timeout 10s) stays valid.
+func TestEntryWait(t *testing.T) {
+	for _, c := range []struct{ timeout, wait, want time.Duration }{
+		{40 * time.Second, 30 * time.Second, 30 * time.Second},
+		{10 * time.Second, 30 * time.Second, 5 * time.Second},
+		{4 * time.Second, 30 * time.Second, 2 * time.Second},
+		{40 * time.Second, 0, 0},
+		{20 * time.Second, 15 * time.Second, 15 * time.Second},
+	} {
+		cfg := Default()
+		cfg.Timeout, cfg.RegistrationWait = c.timeout, c.wait
+		if err := cfg.Validate(); err != nil {
+			t.Fatalf("timeout %s, registration_wait %s: %v", c.timeout, c.wait, err)
+		}
+		if got := cfg.EntryWait(); got != c.want {
+			t.Errorf("timeout %s, registration_wait %s: EntryWait() = %s, want %s", c.timeout, c.wait, got, c.want)
+		}
+	}
+	cfg := Default()
+	cfg.RegistrationWait = -time.Second
+	if err := cfg.Validate(); err == nil || !strings.Contains(err.Error(), "registration_wait") {
+		t.Fatalf("negative registration_wait: %v", err)
 	}
 }

@@ -203,13 +203,69 @@ func TestAttestationFailedLine(t *testing.T) {
 	n.fake.Configure(func(a *fakeagent.Agent) {
 		a.RefuseSVIDs = status.Error(codes.Unavailable, "workload attestation failed")
 	})
+	// Retried within registration_wait while the process lives.
+	n.cfg.RegistrationWait = 300 * time.Millisecond
 	h := &Hook{Config: n.cfg}
 	err := h.Create(context.Background(), n.req)
 	if !errors.Is(err, agent.ErrAttestationFailed) || errors.Is(err, agent.ErrUnavailable) {
 		t.Fatalf("error = %v, want ErrAttestationFailed", err)
 	}
-	if msg := err.Error(); !strings.Contains(msg, "could not attest pid "+strconv.Itoa(n.req.State.Pid)) || strings.Contains(msg, "is the SPIRE agent running") {
+	if msg := err.Error(); !strings.Contains(msg, "could not attest pid "+strconv.Itoa(n.req.State.Pid)) || !strings.Contains(msg, "retried for") || strings.Contains(msg, "is the SPIRE agent running") {
 		t.Fatalf("line %q", msg)
+	}
+	n.nothingDelivered(t)
+}
+
+// TestCreateWaitsForEntry: a new pod's entry reaches the agent seconds
+// after its container exists. The hook keeps the stream open through the
+// agent's empty answer and delivers once the SVID follows, JWT-SVIDs
+// included, with either API.
+func TestCreateWaitsForEntry(t *testing.T) {
+	for _, api := range []string{config.APIDelegated, config.APIBroker} {
+		t.Run(api, func(t *testing.T) {
+			n := newFakeNode(t)
+			n.cfg.AgentAPI = api
+			n.writeBrokerSVID(t, time.Hour)
+			n.cfg.RegistrationWait = 10 * time.Second
+			pid := n.req.State.Pid
+			web := spiffeid.RequireFromString("spiffe://example.org/ns/new/sa/web")
+			n.fake.Set(pid) // no entry yet
+			go func() {
+				time.Sleep(500 * time.Millisecond)
+				n.fake.Set(pid, web)
+			}()
+			h := &Hook{Config: n.cfg}
+			if err := h.Create(context.Background(), n.req); err != nil {
+				t.Fatal(err)
+			}
+			rec, err := record.Store{Dir: n.cfg.StateDir}.Load("c1")
+			if err != nil || rec.Deliveries[0].Delivered != web.String() {
+				t.Fatalf("record %+v, %v: want %s delivered", rec, err, web)
+			}
+			token, err := os.ReadFile(filepath.Join(record.Store{Dir: n.cfg.StateDir}.DeliveryDir("c1", 0), "db.token"))
+			if err != nil || len(token) == 0 {
+				t.Fatalf("JWT-SVID not delivered after the wait: %v", err)
+			}
+		})
+	}
+}
+
+// TestCreateWaitRunsOut: a pid no entry ever matches is refused once
+// registration_wait has passed, with a line that says so, and nothing is
+// left behind.
+func TestCreateWaitRunsOut(t *testing.T) {
+	n := newFakeNode(t)
+	n.cfg.RegistrationWait = 400 * time.Millisecond
+	n.fake.Set(n.req.State.Pid)
+	h := &Hook{Config: n.cfg}
+	err := h.Create(context.Background(), n.req)
+	if !errors.Is(err, agent.ErrNoIdentity) {
+		t.Fatalf("error = %v, want ErrNoIdentity", err)
+	}
+	for _, want := range []string{"waited 400ms for a registration entry", "ClusterSPIFFEID", "pid " + strconv.Itoa(n.req.State.Pid)} {
+		if !strings.Contains(err.Error(), want) {
+			t.Fatalf("line %q lacks %q", err, want)
+		}
 	}
 	n.nothingDelivered(t)
 }

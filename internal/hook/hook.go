@@ -182,17 +182,24 @@ func (h *Hook) Create(ctx context.Context, req *Request) (err error) {
 	jwtCtx, jwtCancel := context.WithCancel(ctx)
 	defer jwtCancel()
 	jwtDone := h.fetchJWT(jwtCtx, client, proc.PID, req.Deliveries)
-	update, bundles, err := client.FetchX509(ctx, proc.PID)
+	// A new pod's entry may still be on its way to the agent: wait for it
+	// on the open stream, within registration_wait.
+	update, bundles, err := client.FetchX509(ctx, proc.PID, agent.Wait{For: h.Config.EntryWait(), Alive: proc.Alive})
 	if err != nil {
 		jwtCancel() // its answer would not be used
 	}
 	jwt, jwtErr := jwtDone()
+	if err == nil && jwtErr != nil && retryableJWT(jwtErr) {
+		// Asked while the entry was still on its way: now it is there.
+		jwt, jwtErr = h.fetchJWT(ctx, client, proc.PID, req.Deliveries)()
+	}
 	if err == nil && jwtErr != nil {
 		err = jwtErr
 	}
 	if err != nil {
 		if errors.Is(err, agent.ErrNoIdentity) {
-			return fmt.Errorf("%w: create a registration entry whose selectors match pid %d as the agent sees it at container creation", err, proc.PID)
+			return fmt.Errorf("%w: create a registration entry whose selectors match pid %d as the agent sees it at container creation (with spire-controller-manager, a ClusterSPIFFEID that selects this pod), or raise registration_wait if entries reach the agent later",
+				err, proc.PID)
 		}
 		if errors.Is(err, context.DeadlineExceeded) {
 			return fmt.Errorf("%w (timeout %s: raise timeout in the node configuration, or check the agent's health)", err, h.Config.Timeout)
@@ -338,6 +345,12 @@ func (h *Hook) fetchJWT(ctx context.Context, client *agent.Client, pid int, ds [
 		r := <-done
 		return r.jwt, r.err
 	}
+}
+
+// retryableJWT: the JWT request failed in a way the X.509 wait has since
+// seen clear up (no entry yet, the agent restarting).
+func retryableJWT(err error) bool {
+	return errors.Is(err, agent.ErrNoIdentity) || errors.Is(err, agent.ErrUnavailable) || errors.Is(err, agent.ErrAttestationFailed)
 }
 
 // jwtFiles renders a delivery's JWT files from the agent's answer.

@@ -20,7 +20,7 @@ import (
 	"github.com/noderesource/spiffe-oci-hook/internal/annotations"
 )
 
-var hook = &api.Hook{Path: "/opt/spiffe-oci-hook/bin/spiffe-oci-hook", Args: []string{"spiffe-oci-hook"}, Timeout: api.Int(15)}
+var hook = &api.Hook{Path: "/opt/spiffe-oci-hook/bin/spiffe-oci-hook", Args: []string{"spiffe-oci-hook"}, Timeout: api.Int(50)}
 
 // startRuntime starts NRI's runtime side (what containerd embeds) on a
 // socket in a fresh directory, with extra options (the default validator).

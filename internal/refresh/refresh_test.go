@@ -123,7 +123,7 @@ func (n *node) deliverInstance(id string, pid int, waitStreams bool, ad annotati
 	}
 	defer client.Close()
 	streams := n.agent.SVIDStreams()
-	update, bundles, err := client.FetchX509(context.Background(), pid)
+	update, bundles, err := client.FetchX509(context.Background(), pid, agent.Wait{})
 	if err != nil {
 		n.t.Fatal(err)
 	}

@@ -80,7 +80,7 @@ func benchRefresher(t *testing.T, b bins, n int, res *results) scaleResult {
 	if err != nil {
 		t.Fatal(err)
 	}
-	update, bundles, err := client.FetchX509(ctx, pids[0])
+	update, bundles, err := client.FetchX509(ctx, pids[0], agent.Wait{})
 	client.Close()
 	if err != nil {
 		t.Fatal(err)

@@ -12,8 +12,9 @@
 #                                 given go build flags, installed atomically
 #                                 (a temp file, then mv)
 #
-# The lock serializes concurrent test processes that build into the same
-# OUTDIR, so that they never race on a binary.
+# The lock is per module: concurrent test processes that build the same
+# module never race on a binary, while two different modules (make -j2
+# tools) build side by side; Go's links are single-threaded.
 
 tools_init() {
 	if [ $# -ne 1 ]; then
@@ -24,7 +25,7 @@ tools_init() {
 	mkdir -p "$1"
 	out="$(cd "$1" && pwd)"
 	export GOWORK=off
-	exec 9>"$out/.build.lock"
+	exec 9>"$out/.build.$(basename "$here").lock"
 	flock 9
 	cd "$here"
 }

@@ -131,7 +131,7 @@ func fetch(log, socket string, n int) {
 				u, err = s.Recv()
 			}
 		} else {
-			u, _, err = c.FetchX509(ctx, st.Pid)
+			u, _, err = c.FetchX509(ctx, st.Pid, agent.Wait{})
 		}
 		c.Close()
 		d := time.Since(start)
