@@ -65,10 +65,16 @@ func chartDir(t *testing.T) string {
 
 // helmTemplate renders the chart; it returns stderr and a non-nil error if
 // helm refused.
+// helmTemplate renders the chart with --set for each of sets, or -f for a
+// "-f=FILE" (a values file in the chart's directory).
 func helmTemplate(t *testing.T, sets ...string) (string, string, error) {
 	t.Helper()
 	args := []string{"template", releaseName, chartDir(t), "--namespace", releaseNamespace}
 	for _, s := range sets {
+		if f, ok := strings.CutPrefix(s, "-f="); ok {
+			args = append(args, "-f", filepath.Join(chartDir(t), f))
+			continue
+		}
 		args = append(args, "--set", s)
 	}
 	cmd := exec.Command(helm(t), args...)
