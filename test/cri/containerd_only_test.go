@@ -20,6 +20,7 @@ func containerdOnly(t *testing.T, c *containerd) {
 	t.Run("SIGTERM stops the plugin; the validator holds pods until it is back", func(t *testing.T) { pluginDown(t, c) })
 	t.Run("audit: plugin stopped and no validator", func(t *testing.T) { pluginAbsent(t, c) })
 	t.Run("containerd restart: the plugin registers again", func(t *testing.T) { containerdRestart(t, c) })
+	t.Run("reject_oci_hook_adjustment: an annotated pod is refused with containerd's line", func(t *testing.T) { hookRejected(t, c) })
 }
 
 // containerdRestart: containerd stops and starts again; spiffe-oci-nri
