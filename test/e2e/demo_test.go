@@ -47,7 +47,7 @@ func TestDemo(t *testing.T) {
 		t.Skip("the demo runs with `make demo`")
 	}
 	say := func(format string, args ...any) { fmt.Printf("demo: "+format+"\n", args...) }
-	say("starting a SPIRE server and agent (v1.13.3) on unix sockets in a temp dir")
+	say("starting a SPIRE server and agent (v%s) on unix sockets in a temp dir", spireVersion)
 	e := startEnv(t)
 	say("agent admin socket %s; authorized delegates: %s, %s", e.spire.AdminSocket, hookID, refresherID)
 	e.spire.CreateEntry(t, demoID, []string{"unix:uid:0"}, 30*time.Second)
