@@ -385,7 +385,7 @@ func TestLabeler(t *testing.T) {
 		// Symlinks are labelled under their temporary name and then renamed
 		// into place, so the label travels with them.
 		for _, name := range wantSymlinks {
-			if !got[filepath.Join(dir, "..tmp."+name)] && !got[filepath.Join(dir, name)] {
+			if !got[filepath.Join(dir, tmpName(name))] && !got[filepath.Join(dir, name)] {
 				t.Errorf("write %d: symlink %s was not labelled (labelled: %q)", write, name, labelled)
 			}
 		}
