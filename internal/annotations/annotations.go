@@ -338,8 +338,28 @@ func checkCertDir(p string) error {
 		return fmt.Errorf("cert_dir %q must be a clean path (no '.', '//' or trailing '/')", p)
 	case p == "/":
 		return errors.New("cert_dir must not be the container's root")
+	case onKernelFS(p):
+		return fmt.Errorf("cert_dir %q lies on a kernel filesystem that the runtime mounts (/dev, /proc, /sys): an identity there would hide the kernel's files; choose a cert_dir outside them", p)
 	}
 	return nil
+}
+
+// kernelDirs are where runtimes mount the kernel's filesystems (devtmpfs
+// or tmpfs with devpts, mqueue and shm below it, procfs, sysfs with
+// cgroupfs below it). Stacked there, the identity hides them: runc fails
+// later without the hook's line (/dev, /proc), or the container starts
+// with /sys or /dev/shm hidden. This catches a cert_dir as written;
+// internal/mount refuses the same directories when an image's symlink
+// leads there.
+var kernelDirs = []string{"/dev", "/proc", "/sys"}
+
+func onKernelFS(p string) bool {
+	for _, d := range kernelDirs {
+		if p == d || strings.HasPrefix(p, d+"/") {
+			return true
+		}
+	}
+	return false
 }
 
 func checkFileName(name string) error {

@@ -116,6 +116,21 @@ func TestParseDefaults(t *testing.T) {
 	}
 }
 
+// TestParseNextToKernelFilesystems: only /dev, /proc and /sys and what lies
+// under them are refused, not names that merely start the same, and a file
+// name of the full 255 bytes is taken (the writer can write it).
+func TestParseNextToKernelFilesystems(t *testing.T) {
+	for _, dir := range []string{"/devices", "/proc-certs", "/system", "/run/dev", "/var/sys", "/srv/proc"} {
+		if _, err := Parse(Key, "- cert_dir: "+dir+"\n"); err != nil {
+			t.Errorf("cert_dir %s: %v", dir, err)
+		}
+	}
+	name := strings.Repeat("n", 255)
+	if _, err := Parse(Key, "- cert_dir: /certs\n  svid_file_name: "+name+"\n"); err != nil {
+		t.Errorf("a 255-byte file name: %v", err)
+	}
+}
+
 func TestParseSeedExample(t *testing.T) {
 	ds, err := Parse(Key, seedExample)
 	if err != nil {
@@ -250,6 +265,16 @@ func parseErrorCases() []errCase {
 		{"cert_dir trailing slash", "- cert_dir: /a/\n", []string{"cert_dir \"/a/\"", "clean"}},
 		{"cert_dir root", "- cert_dir: /\n", []string{"cert_dir", "root"}},
 		{"cert_dir double root", "- cert_dir: //\n", []string{"cert_dir", "clean"}},
+		// Kernel filesystems: an identity stacked there hides what the
+		// runtime mounted (runc then fails on /dev/null or /proc/self/fd)
+		// or, for /sys and /dev/shm, silently.
+		{"cert_dir /dev", "- cert_dir: /dev\n", []string{"cert_dir \"/dev\"", "kernel filesystem"}},
+		{"cert_dir /dev/shm", "- cert_dir: /dev/shm\n", []string{"cert_dir \"/dev/shm\"", "kernel filesystem"}},
+		{"cert_dir /proc", "- cert_dir: /proc\n", []string{"cert_dir \"/proc\"", "kernel filesystem"}},
+		{"cert_dir /proc/sys", "- cert_dir: /proc/sys\n", []string{"cert_dir \"/proc/sys\"", "kernel filesystem"}},
+		{"cert_dir /sys", "- cert_dir: /sys\n", []string{"cert_dir \"/sys\"", "kernel filesystem"}},
+		{"cert_dir /sys/fs/cgroup", "- cert_dir: /sys/fs/cgroup\n", []string{"cert_dir \"/sys/fs/cgroup\"", "kernel filesystem"}},
+		{"cert_dir under /proc", "- cert_dir: /proc/1/root/certs\n", []string{"cert_dir \"/proc/1/root/certs\"", "kernel filesystem"}},
 		{"cert_dir too long", "- cert_dir: /" + strings.Repeat("a", 1024) + "\n", []string{"cert_dir is longer than 1024"}},
 		{"cert_dir newline", "- cert_dir: \"/a\\nb\"\n", []string{"cert_dir", "control, format or non-UTF-8 characters"}},
 		{"cert_dir escape", "- cert_dir: \"/a\\x1bb\"\n", []string{"cert_dir", "control, format or non-UTF-8 characters"}},

@@ -19,11 +19,15 @@
 package files
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io/fs"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
@@ -62,37 +66,44 @@ type Writer struct {
 
 // Write makes files the current generation in dir, creating dir when
 // missing. It keeps the previous generation and removes older ones.
+//
+// Every step works from a handle of dir or of the new generation (openat,
+// symlinkat, renameat, fchmod, O_NOFOLLOW), never from a path resolved
+// again: were a name inside dir swapped for a symlink or a FIFO, the
+// writer would not follow it out of dir or block on it.
 func (w Writer) Write(dir string, files []File, owner Owner) error {
-	if err := w.ensureDir(dir); err != nil {
-		return err
-	}
-	prev, _ := os.Readlink(filepath.Join(dir, DataLink))
-
-	gen, err := w.newGeneration(dir, files, owner)
+	d, err := w.openDir(dir)
 	if err != nil {
 		return err
 	}
-	if err := w.swap(dir, DataLink, gen); err != nil {
+	defer d.Close()
+	dfd := int(d.Fd())
+	prev, _ := readlinkat(dfd, DataLink)
+
+	gen, err := w.newGeneration(dfd, dir, files, owner)
+	if err != nil {
+		return err
+	}
+	if err := w.swap(dfd, dir, DataLink, gen); err != nil {
 		os.RemoveAll(filepath.Join(dir, gen))
 		return err
 	}
 	for _, f := range files {
-		link := filepath.Join(dir, f.Name)
 		want := filepath.Join(DataLink, f.Name)
-		if cur, err := os.Readlink(link); err == nil && cur == want {
+		if cur, err := readlinkat(dfd, f.Name); err == nil && cur == want {
 			continue
 		}
-		if err := w.swap(dir, f.Name, want); err != nil {
+		if err := w.swap(dfd, dir, f.Name, want); err != nil {
 			return err
 		}
 	}
 	// One listing serves both clean-ups: a refresher rewrites a thousand
 	// directories at once, each read is a syscall round and its garbage.
-	entries, err := os.ReadDir(dir)
+	entries, err := d.ReadDir(-1)
 	if err != nil {
 		return fmt.Errorf("files: %w", err)
 	}
-	if err := unlinkGone(dir, entries, files); err != nil {
+	if err := unlinkGone(dfd, dir, entries, files); err != nil {
 		return err
 	}
 	return prune(dir, entries, gen, prev)
@@ -102,7 +113,7 @@ func (w Writer) Write(dir string, files []File, owner Owner) error {
 // longer has (a trust domain no longer federated with). The generation
 // swap already removed their content for a reader that resolves "..data";
 // this takes away the dangling name.
-func unlinkGone(dir string, entries []fs.DirEntry, files []File) error {
+func unlinkGone(dfd int, dir string, entries []fs.DirEntry, files []File) error {
 	keep := make(map[string]bool, len(files))
 	for _, f := range files {
 		keep[f.Name] = true
@@ -112,58 +123,90 @@ func unlinkGone(dir string, entries []fs.DirEntry, files []File) error {
 		if e.Type()&fs.ModeSymlink == 0 || strings.HasPrefix(name, genPrefix) || keep[name] {
 			continue
 		}
-		if target, err := os.Readlink(filepath.Join(dir, name)); err != nil || target != filepath.Join(DataLink, name) {
+		if target, err := readlinkat(dfd, name); err != nil || target != filepath.Join(DataLink, name) {
 			continue
 		}
-		if err := os.Remove(filepath.Join(dir, name)); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			return fmt.Errorf("files: %w", err)
+		if err := unix.Unlinkat(dfd, name, 0); err != nil && !errors.Is(err, unix.ENOENT) {
+			return fmt.Errorf("files: removing %s: %w", filepath.Join(dir, name), err)
 		}
 	}
 	return nil
 }
 
-func (w Writer) ensureDir(dir string) error {
-	err := os.Mkdir(dir, 0o755)
-	switch {
-	case err == nil:
-		// Mkdir honours the umask; the mode must not depend on it.
-		if err := os.Chmod(dir, 0o755); err != nil {
-			return fmt.Errorf("files: %w", err)
-		}
-		return w.label(dir)
-	case errors.Is(err, fs.ErrExist):
-		return nil
-	default:
-		return fmt.Errorf("files: %w", err)
+// openDir opens dir, creating it when missing, and never through a
+// symlink at its last component.
+func (w Writer) openDir(dir string) (*os.File, error) {
+	err := unix.Mkdir(dir, 0o755)
+	created := err == nil
+	if err != nil && !errors.Is(err, unix.EEXIST) {
+		return nil, fmt.Errorf("files: creating %s: %w", dir, err)
 	}
+	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("files: opening %s: %w", dir, err)
+	}
+	d := os.NewFile(uintptr(fd), dir)
+	if created {
+		// Mkdir honours the umask; the mode must not depend on it.
+		if err := unix.Fchmod(fd, 0o755); err != nil {
+			d.Close()
+			return nil, fmt.Errorf("files: %w", err)
+		}
+		if err := w.label(dir); err != nil {
+			d.Close()
+			return nil, err
+		}
+	}
+	return d, nil
 }
 
-func (w Writer) newGeneration(dir string, files []File, owner Owner) (string, error) {
-	gen, err := os.MkdirTemp(dir, genPrefix+time.Now().UTC().Format("2006_01_02_15_04_05.000000000")+".")
-	if err != nil {
-		return "", fmt.Errorf("files: creating generation in %s: %w", dir, err)
+// newGeneration makes a generation directory in dfd (dir) holding files,
+// and returns its name.
+func (w Writer) newGeneration(dfd int, dir string, files []File, owner Owner) (string, error) {
+	stamp := genPrefix + time.Now().UTC().Format("2006_01_02_15_04_05.000000000") + "."
+	var gen string
+	for try := 0; ; try++ {
+		gen = stamp + strconv.FormatUint(uint64(rand.Uint32()), 10)
+		err := unix.Mkdirat(dfd, gen, 0o700)
+		if err == nil {
+			break
+		}
+		if !errors.Is(err, unix.EEXIST) || try == 100 {
+			return "", fmt.Errorf("files: creating generation in %s: %w", dir, err)
+		}
 	}
-	if err := os.Chmod(gen, 0o755); err != nil {
-		os.RemoveAll(gen)
+	path := filepath.Join(dir, gen)
+	gfd, err := unix.Openat(dfd, gen, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		os.RemoveAll(path)
+		return "", fmt.Errorf("files: opening %s: %w", path, err)
+	}
+	defer unix.Close(gfd)
+	if err := unix.Fchmod(gfd, 0o755); err != nil {
+		os.RemoveAll(path)
 		return "", fmt.Errorf("files: %w", err)
 	}
-	if err := w.label(gen); err != nil {
-		os.RemoveAll(gen)
+	if err := w.label(path); err != nil {
+		os.RemoveAll(path)
 		return "", err
 	}
 	for _, f := range files {
-		if err := w.writeFile(filepath.Join(gen, f.Name), f, owner); err != nil {
-			os.RemoveAll(gen)
+		if err := w.writeFile(gfd, path, f, owner); err != nil {
+			os.RemoveAll(path)
 			return "", err
 		}
 	}
-	return filepath.Base(gen), nil
+	return gen, nil
 }
 
-func (w Writer) writeFile(path string, f File, owner Owner) (err error) {
+// writeFile writes f in the generation gfd (gen, its path, names it in
+// messages and for the labeler).
+func (w Writer) writeFile(gfd int, gen string, f File, owner Owner) (err error) {
+	path := filepath.Join(gen, f.Name)
 	// O_EXCL|O_NOFOLLOW: the generation is new and ours alone; nothing may
-	// already stand at the name.
-	fd, err := unix.Open(path, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
+	// already stand at the name (with O_CREAT|O_EXCL a FIFO there is an
+	// error, never opened).
+	fd, err := unix.Openat(gfd, f.Name, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
 	if err != nil {
 		return fmt.Errorf("files: creating %s: %w", path, err)
 	}
@@ -186,22 +229,46 @@ func (w Writer) writeFile(path string, f File, owner Owner) (err error) {
 	return w.label(path)
 }
 
-// swap points dir/name at target with a rename, so the name is never missing.
-func (w Writer) swap(dir, name, target string) error {
-	tmp := filepath.Join(dir, genPrefix+"tmp."+name)
-	os.Remove(tmp)
-	if err := os.Symlink(target, tmp); err != nil {
-		return fmt.Errorf("files: %w", err)
+// tmpName is the temporary name under which swap makes the link for name:
+// of fixed length, so that every name of up to NAME_MAX bytes can be
+// swapped in, and starting with "..", which no chosen file name may.
+func tmpName(name string) string {
+	sum := sha256.Sum256([]byte(name))
+	return genPrefix + "tmp." + hex.EncodeToString(sum[:8])
+}
+
+// swap points name in dfd (dir) at target with a rename, so the name is
+// never missing.
+func (w Writer) swap(dfd int, dir, name, target string) error {
+	tmp := tmpName(name)
+	unix.Unlinkat(dfd, tmp, 0)
+	if err := unix.Symlinkat(target, dfd, tmp); err != nil {
+		return fmt.Errorf("files: linking %s: %w", filepath.Join(dir, name), err)
 	}
-	if err := w.label(tmp); err != nil {
-		os.Remove(tmp)
+	if err := w.label(filepath.Join(dir, tmp)); err != nil {
+		unix.Unlinkat(dfd, tmp, 0)
 		return err
 	}
-	if err := os.Rename(tmp, filepath.Join(dir, name)); err != nil {
-		os.Remove(tmp)
-		return fmt.Errorf("files: %w", err)
+	if err := unix.Renameat(dfd, tmp, dfd, name); err != nil {
+		unix.Unlinkat(dfd, tmp, 0)
+		return fmt.Errorf("files: renaming to %s: %w", filepath.Join(dir, name), err)
 	}
 	return nil
+}
+
+// readlinkat reads the symlink name in dfd.
+func readlinkat(dfd int, name string) (string, error) {
+	buf := make([]byte, 256)
+	for {
+		n, err := unix.Readlinkat(dfd, name, buf)
+		if err != nil {
+			return "", err
+		}
+		if n < len(buf) {
+			return string(buf[:n]), nil
+		}
+		buf = make([]byte, 2*len(buf))
+	}
 }
 
 func (w Writer) label(path string) error {

@@ -224,6 +224,25 @@ func TestWriteErrors(t *testing.T) {
 	}
 }
 
+// TestWriteLongestName: every name the annotation parser takes is
+// writable, the longest one (255 bytes, NAME_MAX) included, at the first
+// write and at a rewrite; nothing the writer names for itself outgrows it.
+func TestWriteLongestName(t *testing.T) {
+	requireRoot(t)
+	dir := filepath.Join(t.TempDir(), "certs")
+	name := strings.Repeat("n", 255)
+	for i := range 2 {
+		files := []File{{Name: name, Data: []byte(fmt.Sprint("cert ", i)), Mode: CertMode}}
+		if err := (Writer{}).Write(dir, files, testOwner); err != nil {
+			t.Fatalf("write %d of a 255-byte name: %v", i, err)
+		}
+		got, err := Read(dir, name)
+		if err != nil || string(got[name]) != fmt.Sprint("cert ", i) {
+			t.Fatalf("write %d: read back %q, %v", i, got[name], err)
+		}
+	}
+}
+
 func TestReadErrors(t *testing.T) {
 	dir := t.TempDir()
 	if _, err := Read(dir, "svid.pem"); err == nil || !errors.Is(err, os.ErrNotExist) {
@@ -366,7 +385,7 @@ func TestLabeler(t *testing.T) {
 		// Symlinks are labelled under their temporary name and then renamed
 		// into place, so the label travels with them.
 		for _, name := range wantSymlinks {
-			if !got[filepath.Join(dir, "..tmp."+name)] && !got[filepath.Join(dir, name)] {
+			if !got[filepath.Join(dir, tmpName(name))] && !got[filepath.Join(dir, name)] {
 				t.Errorf("write %d: symlink %s was not labelled (labelled: %q)", write, name, labelled)
 			}
 		}

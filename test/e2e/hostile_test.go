@@ -406,12 +406,12 @@ func TestHostileImages(t *testing.T) {
 		{
 			name: "cert_dir through /proc/1/root", certDir: "/proc/1/root/pwned",
 			plant:  func(t *testing.T, im image) {},
-			refuse: []string{"cert_dir /proc/1/root/pwned"},
+			refuse: []string{"cert_dir", "/proc/1/root/pwned", "kernel filesystem"},
 		},
 		{
 			name: "cert_dir through /proc/self/cwd", certDir: "/proc/self/cwd/pwned",
 			plant:  func(t *testing.T, im image) {},
-			refuse: []string{"cert_dir /proc/self/cwd/pwned"},
+			refuse: []string{"cert_dir", "/proc/self/cwd/pwned", "kernel filesystem"},
 		},
 	}
 	for _, c := range cases {
