@@ -44,7 +44,10 @@ func (c *Cluster) InstallHelm(extra ...string) error {
 	args := []string{"install", "spiffe-oci-hook", c.HelmChart(), "--namespace", ProjectNamespace,
 		"--set", "runtime=" + c.HelmFlavour(),
 		"--set", "image.repository=" + imageRepo(ProjectImage), "--set", "image.tag=" + imageTag(ProjectImage),
-		"--set", "image.pullPolicy=Never"}
+		"--set", "image.pullPolicy=Never",
+		// SPIRE's Helm chart puts the agent's admin socket here
+		// (sockets.admin.mountOnHost).
+		"--set", "agent.adminSocket=" + AgentAdminSocket}
 	if c.Runtime == "crio" && !hasCapSysResource() {
 		// A system-node-critical pod gets oom_score_adj -997 from the
 		// kubelet, which runc cannot set without CAP_SYS_RESOURCE ("failed
