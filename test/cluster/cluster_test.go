@@ -41,9 +41,9 @@ func TestClusterCRIO(t *testing.T) {
 func TestClusterContainerd(t *testing.T) {
 	const overlay = "overlays/containerd-nri"
 	runCluster(t, "containerd", lifecycle{
-		install:   func(c *localcluster.Cluster) error { return c.InstallKustomize(overlay) },
-		upgrade:   func(c *localcluster.Cluster) error { return c.UpgradeKustomize(overlay) },
-		uninstall: func(c *localcluster.Cluster) error { return c.UninstallKustomize(overlay) },
+		install:   func(c *localcluster.Cluster) error { return c.InstallKustomize(overlay, "broker") },
+		upgrade:   func(c *localcluster.Cluster) error { return c.UpgradeKustomize(overlay, "broker") },
+		uninstall: func(c *localcluster.Cluster) error { return c.UninstallKustomize() },
 	})
 }
 
