@@ -147,26 +147,26 @@ func (c *Cluster) deploySPIRE() error {
 	if err := c.Rollout("spire", "daemonset/spire-agent", 3*time.Minute); err != nil {
 		return err
 	}
-	for _, name := range []string{"spire-spire-node-alias", "spiffe-oci-hook"} {
-		if err := c.WaitStaticEntrySet(name, 2*time.Minute); err != nil {
+	for _, id := range []string{NodeAliasID, HookID} {
+		if err := c.WaitEntry(id, 2*time.Minute); err != nil {
 			return err
 		}
 	}
 	return nil
 }
 
-// WaitStaticEntrySet waits for spire-controller-manager to report a
-// ClusterStaticEntry's entry as set on the server.
-func (c *Cluster) WaitStaticEntrySet(name string, d time.Duration) error {
+// WaitEntry waits until the SPIRE server holds an entry for spiffeID
+// (which spire-controller-manager writes; read with entry show).
+func (c *Cluster) WaitEntry(spiffeID string, d time.Duration) error {
 	deadline := time.Now().Add(d)
 	for {
-		out, err := c.Kubectl("get", "clusterstaticentry", name, "-o", "jsonpath={.status.set}")
-		if err == nil && strings.TrimSpace(string(out)) == "true" {
+		out, err := c.SPIREServer("entry", "show", "-spiffeID", spiffeID)
+		if err == nil && strings.Contains(string(out), "Entry ID") {
 			return nil
 		}
 		if time.Now().After(deadline) {
 			logs, _ := c.Kubectl("-n", "spire", "logs", "spire-server-0", "-c", "spire-controller-manager", "--tail", "20")
-			return fmt.Errorf("ClusterStaticEntry %s not set on the server after %s (status.set %q, %v); spire-controller-manager:\n%s", name, d, out, err, logs)
+			return fmt.Errorf("no entry for %s on the SPIRE server after %s (%v: %s); spire-controller-manager:\n%s", spiffeID, d, err, out, logs)
 		}
 		time.Sleep(time.Second)
 	}
