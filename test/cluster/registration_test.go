@@ -35,8 +35,13 @@ const hostConfig = "/etc/spiffe-oci-hook/config.yaml"
 
 // setHostRegistrationWait rewrites registration_wait in the host's node
 // config and returns a function that puts the file back.
-func setHostRegistrationWait(t *testing.T, wait string) func() {
+func setHostRegistrationWait(t *testing.T, value string) func() {
 	t.Helper()
+	d, err := time.ParseDuration(value)
+	if err != nil {
+		t.Fatalf("%s=%q: %v", registrationWaitEnv, value, err)
+	}
+	wait := d.String()
 	before, err := os.ReadFile(hostConfig)
 	if err != nil {
 		t.Fatal(err)
