@@ -197,17 +197,20 @@ func (e *env) waitDescribe(t *testing.T, ns, pod, line string, d time.Duration) 
 	}
 }
 
-// neverRan checks that a pod's container only ever waited: never
-// running, never terminated, no log.
+// neverRan checks that a pod's container never ran its command: never
+// running, and any terminated state a StartError (containerd records
+// the container whose createRuntime hook failed as terminated with
+// reason StartError; its process never got past runc init), and no log.
 func (e *env) neverRan(t *testing.T, ns, pod string) {
 	t.Helper()
 	st, err := e.Kubectl("-n", ns, "get", "pod", pod, "-o", "jsonpath={.status.containerStatuses[0].state.waiting.reason}|"+
-		"{.status.containerStatuses[0].state.running}{.status.containerStatuses[0].state.terminated}{.status.containerStatuses[0].lastState.terminated}")
+		"{.status.containerStatuses[0].state.running}|{.status.containerStatuses[0].state.terminated.reason}|{.status.containerStatuses[0].lastState.terminated.reason}")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if reason, ran, _ := strings.Cut(string(st), "|"); reason == "" || ran != "" {
-		t.Fatalf("pod %s/%s is not only waiting (waiting reason|running, terminated, last terminated): %s", ns, pod, st)
+	f := strings.Split(string(st), "|")
+	if len(f) != 4 || f[1] != "" || (f[0] == "" && f[2] == "") || (f[2] != "" && f[2] != "StartError") || (f[3] != "" && f[3] != "StartError") {
+		t.Fatalf("pod %s/%s ran or is not held (waiting reason|running|terminated reason|last terminated reason): %s", ns, pod, st)
 	}
 	if logs, _ := e.Kubectl("-n", ns, "logs", pod); strings.Contains(string(logs), "SPIFFE ID") {
 		t.Fatalf("pod %s/%s ran:\n%s", ns, pod, logs)
