@@ -41,9 +41,9 @@ func TestClusterCRIO(t *testing.T) {
 func TestClusterContainerd(t *testing.T) {
 	const overlay = "overlays/containerd-nri"
 	runCluster(t, "containerd", lifecycle{
-		install:   func(c *localcluster.Cluster) error { return c.InstallKustomize(overlay) },
-		upgrade:   func(c *localcluster.Cluster) error { return c.UpgradeKustomize(overlay) },
-		uninstall: func(c *localcluster.Cluster) error { return c.UninstallKustomize(overlay) },
+		install:   func(c *localcluster.Cluster) error { return c.InstallKustomize(overlay, "broker") },
+		upgrade:   func(c *localcluster.Cluster) error { return c.UpgradeKustomize(overlay, "broker") },
+		uninstall: func(c *localcluster.Cluster) error { return c.UninstallKustomize() },
 	})
 }
 
@@ -61,7 +61,10 @@ var scenarios = []struct {
 	run  func(t *testing.T, e *env)
 }{
 	{"TwoNamespaces", twoNamespaces},
-	{"UnregisteredWaits", unregisteredWaits},
+	{"NewPodsFirstAttempt", newPodsFirstAttempt},
+	{"IgnoredNamespaceRefused", ignoredNamespaceRefused},
+	{"LateRegistration", lateRegistration},
+	{"PrintedExample", printedExample},
 	{"AgentRestart", agentRestart},
 	{"Upgrade", upgrade},
 	{"Uninstall", uninstall},
@@ -158,6 +161,7 @@ func buildTools(t *testing.T, root, toolDir, runtime string) {
 		{"test/helm/build.sh", toolDir},
 		{"test/kubernetes/build.sh", toolDir},
 		{"test/cni/build.sh", filepath.Join(toolDir, "cni")},
+		{"test/spire-controller-manager/build.sh", toolDir},
 	}
 	for _, s := range scripts {
 		if out, err := exec.Command(filepath.Join(root, s[0]), s[1]).CombinedOutput(); err != nil {

@@ -56,15 +56,30 @@ func (e *env) namespace(t *testing.T, ns string) {
 	}
 }
 
-// register creates the entry for ns/sa with pod-level selectors, as the
-// copy-paste command of make cluster does.
+// register applies a ClusterSPIFFEID for ns/sa (ttl 0: the server's
+// default) and returns the SPIFFE ID its pods get.
 func (e *env) register(t *testing.T, ns, sa string, ttl time.Duration) string {
 	t.Helper()
-	id := fmt.Sprintf("spiffe://%s/ns/%s/sa/%s", localcluster.TrustDomain, ns, sa)
-	if _, err := e.CreateEntryTTL(id, ttl, "k8s:ns:"+ns, "k8s:sa:"+sa); err != nil {
+	if _, err := e.KubectlStdin(localcluster.ClusterSPIFFEID(ns+"-"+sa, ns, sa, ttl), "apply", "-f", "-"); err != nil {
 		t.Fatal(err)
 	}
-	return id
+	return fmt.Sprintf("spiffe://%s/ns/%s/sa/%s", localcluster.TrustDomain, ns, sa)
+}
+
+// ownNamespace creates a namespace the default ClusterSPIFFEID leaves
+// out, and a service account in it: only a ClusterSPIFFEID of the test's
+// own registers its pods.
+func (e *env) ownNamespace(t *testing.T, ns, sa string) {
+	t.Helper()
+	e.namespace(t, ns)
+	if _, err := e.Kubectl("label", "namespace", ns, localcluster.NoDefaultIdentityLabel+"=false"); err != nil {
+		t.Fatal(err)
+	}
+	if sa != "default" {
+		if _, err := e.Kubectl("-n", ns, "create", "serviceaccount", sa); err != nil {
+			t.Fatal(err)
+		}
+	}
 }
 
 // podNames lists the pods of ns with label app=printid.
@@ -95,13 +110,19 @@ func (e *env) podID(t *testing.T, ns, pod string) string {
 }
 
 // twoNamespaces: a Deployment of 3 replicas in each of two namespaces;
-// every pod prints its SPIFFE ID first, and each namespace gets its own.
+// every pod prints its SPIFFE ID first, and each namespace gets its own:
+// shop's from the SPIRE chart's default ClusterSPIFFEID, bank's from a
+// ClusterSPIFFEID of its own with 60 s SVIDs (which takes precedence over
+// the default, a fallback).
 func twoNamespaces(t *testing.T, e *env) {
-	ttls := map[string]time.Duration{"shop": time.Hour, "bank": time.Minute}
 	want := map[string]string{}
 	for _, ns := range []string{"shop", "bank"} {
 		e.namespace(t, ns)
-		want[ns] = e.register(t, ns, "default", ttls[ns])
+		if ns == "bank" {
+			want[ns] = e.register(t, ns, "default", time.Minute)
+		} else {
+			want[ns] = fmt.Sprintf("spiffe://%s/ns/%s/sa/default", localcluster.TrustDomain, ns)
+		}
 		deploy := fmt.Sprintf("apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: printid\n  namespace: %s\nspec:\n  replicas: 3\n  selector:\n    matchLabels:\n      app: printid\n  template:\n%s", ns, e.podSpec("default", "    "))
 		if _, err := e.KubectlStdin(deploy, "apply", "-f", "-"); err != nil {
 			t.Fatal(err)
@@ -122,59 +143,6 @@ func twoNamespaces(t *testing.T, e *env) {
 				t.Errorf("pod %s/%s printed %s, want %s", ns, p, got, want[ns])
 			}
 		}
-	}
-}
-
-// unregisteredWaits: a pod whose service account has no entry does not
-// run: kubectl describe shows the hook's one line; once the entry exists,
-// the kubelet's retry starts it with its identity.
-func unregisteredWaits(t *testing.T, e *env) {
-	const ns, sa = "late", "latecomer"
-	e.namespace(t, ns)
-	if _, err := e.Kubectl("-n", ns, "create", "serviceaccount", sa); err != nil {
-		t.Fatal(err)
-	}
-	pod := fmt.Sprintf("apiVersion: v1\nkind: Pod\n%s", strings.Replace(e.podSpec(sa, ""), "metadata:\n", "metadata:\n  name: waiting\n  namespace: "+ns+"\n", 1))
-	if _, err := e.KubectlStdin(pod, "apply", "-f", "-"); err != nil {
-		t.Fatal(err)
-	}
-	const line = "no registration entry matches the container's process"
-	deadline := time.Now().Add(90 * time.Second)
-	var out []byte
-	for {
-		var err error
-		out, err = e.Kubectl("-n", ns, "describe", "pod", "waiting")
-		if err == nil && strings.Contains(string(out), line) {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("kubectl describe pod shows no hook line %q:\n%s", line, out)
-		}
-		time.Sleep(time.Second)
-	}
-	for _, l := range strings.Split(string(out), "\n") {
-		if strings.Contains(l, line) {
-			t.Logf("kubectl describe pod: %s", strings.TrimSpace(l))
-			break
-		}
-	}
-	// Nothing ran: the container never started, and its log is empty.
-	phase, _ := e.Kubectl("-n", ns, "get", "pod", "waiting", "-o", "jsonpath={.status.containerStatuses[0].state}")
-	if !strings.Contains(string(phase), "waiting") {
-		t.Fatalf("the pod without an entry is not waiting: %s", phase)
-	}
-	if logs, _ := e.Kubectl("-n", ns, "logs", "waiting"); strings.Contains(string(logs), "SPIFFE ID") {
-		t.Fatalf("the pod without an entry ran:\n%s", logs)
-	}
-	want := e.register(t, ns, sa, time.Hour)
-	registered := time.Now()
-	if _, err := e.Kubectl("-n", ns, "wait", "--for=condition=Ready", "pod/waiting", "--timeout=5m"); err != nil {
-		describe(t, e.Cluster, ns)
-		t.Fatal(err)
-	}
-	t.Logf("started %.1fs after its entry was registered (the kubelet's back-off)", time.Since(registered).Seconds())
-	if got := e.podID(t, ns, "waiting"); got != want {
-		t.Errorf("the pod printed %s, want %s", got, want)
 	}
 }
 

@@ -41,9 +41,10 @@ const NodeName = "spiffe-node"
 // never touch persistent disk.
 const StateDir = "/run/spiffe-oci-hook"
 
-// AgentAdminDir is the SPIRE agent's admin socket directory on the host
-// (the manifests' hostPath, the chart's agent.adminSocket directory).
-const AgentAdminDir = "/run/spire/agent/admin"
+// AgentHostDirs hold the SPIRE agent's sockets on the host (the
+// manifests' hostPaths, SPIRE's Helm chart's paths): the admin and broker
+// sockets' directories under AgentSocketsDir, and the Workload API's.
+var AgentHostDirs = []string{AgentSocketsDir, WorkloadAPIDir}
 
 // RuntimeStateDirs are the runtimes' state directories the DaemonSet's
 // refresher mounts read-only, with HostToContainer propagation, for its
@@ -59,9 +60,11 @@ type Options struct {
 	// RepoRoot is the project's checkout (deploy/, bin/).
 	RepoRoot string
 	// ToolDir holds the pinned binaries (bin/test: crio, containerd,
-	// crictl, ctr, kube-*, kubelet, kubectl, etcd, helm; cni/).
+	// crictl, ctr, kube-*, kubelet, kubectl, etcd, helm,
+	// spire-controller-manager; cni/).
 	ToolDir string
-	// SPIREBinDir holds spire-server and spire-agent.
+	// SPIREBinDir holds spire-server and spire-agent SPIRE 1.15.3
+	// (bin/test/spire-1.15); ToolDir holds spire-controller-manager.
 	SPIREBinDir string
 	// Log receives progress lines.
 	Log io.Writer
@@ -174,18 +177,20 @@ func (c *Cluster) prepareHost() error {
 		return fmt.Errorf("tmpfs on %s: %w", StateDir, err)
 	}
 	c.stateMount = true
-	// The refresher mounts the state directory and the agent's admin
-	// socket directory with HostToContainer propagation, which the
-	// runtimes refuse unless the host mount is shared; here / is private
-	// (on a systemd host it is shared). Each gets a shared mount of its
-	// own, undone by Down.
-	if err := os.MkdirAll(AgentAdminDir, 0o755); err != nil {
-		return err
+	// The refresher mounts the state directory and the agent's socket
+	// directories (admin or broker, and the Workload API's) with
+	// HostToContainer propagation, which the runtimes refuse unless the
+	// host mount is shared; here / is private (on a systemd host it is
+	// shared). Each gets a shared mount of its own, undone by Down.
+	for _, d := range AgentHostDirs {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			return err
+		}
+		if err := unix.Mount(d, d, "", unix.MS_BIND, ""); err != nil {
+			return fmt.Errorf("bind mount %s: %w", d, err)
+		}
 	}
-	if err := unix.Mount(AgentAdminDir, AgentAdminDir, "", unix.MS_BIND, ""); err != nil {
-		return fmt.Errorf("bind mount %s: %w", AgentAdminDir, err)
-	}
-	for _, d := range []string{StateDir, AgentAdminDir} {
+	for _, d := range append([]string{StateDir}, AgentHostDirs...) {
 		if err := unix.Mount("", d, "", unix.MS_SHARED, ""); err != nil {
 			return fmt.Errorf("making %s a shared mount: %w", d, err)
 		}

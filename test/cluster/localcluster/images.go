@@ -21,8 +21,10 @@ const (
 	// PauseImage is the runtimes' sandbox image: the same busybox, whose
 	// CMD sleeps.
 	PauseImage = "localhost/spiffe-oci-hook-test/pause:cluster"
-	// SPIREImage holds spire-server and spire-agent from test/spire.
-	SPIREImage = "localhost/spiffe-oci-hook-test/spire:1.13.3"
+	// SPIREImage holds spire-server and spire-agent 1.15.3 (test/spire115,
+	// the version SPIRE's Helm chart 0.30.0 ships) and
+	// spire-controller-manager v0.7.0 (test/spire-controller-manager).
+	SPIREImage = "localhost/spiffe-oci-hook-test/spire:" + SPIREVersion
 	// ProjectImage is deploy/Containerfile's layout, built from bin/.
 	ProjectImage = "localhost/spiffe-oci-hook:dev"
 	// ReleaseImage is the tag the kustomize overlays name: the same local
@@ -35,6 +37,10 @@ const (
 	UpgradeImage        = "localhost/spiffe-oci-hook:upgrade"
 	UpgradeReleaseImage = "ghcr.io/noderesource/spiffe-oci-hook:upgrade"
 )
+
+// SPIREVersion is the SPIRE the cluster runs: Options.SPIREBinDir's
+// binaries must report it.
+const SPIREVersion = "1.15.3"
 
 // UpgradeVersion is the version UpgradeImage's binaries print.
 const UpgradeVersion = "v0.0.0-cluster-upgrade"
@@ -187,6 +193,10 @@ func (c *Cluster) images() []image {
 				if err := r.busybox(); err != nil {
 					return err
 				}
+				out, err := exec.Command(spireBin("spire-server"), "--version").CombinedOutput()
+				if v := strings.TrimSpace(string(out)); err != nil || !strings.HasPrefix(v, SPIREVersion) {
+					return fmt.Errorf("SPIRE image: %s --version: %q, %v; want SPIRE %s (make spire: bin/test/spire-1.15)", spireBin("spire-server"), v, err, SPIREVersion)
+				}
 				for _, b := range []string{"spire-server", "spire-agent"} {
 					if err := r.file("/usr/bin/"+b, spireBin(b), 0o755); err != nil {
 						return fmt.Errorf("SPIRE image: %w (make spire)", err)
@@ -195,7 +205,11 @@ func (c *Cluster) images() []image {
 						return err
 					}
 				}
-				return nil
+				scm := filepath.Join(c.ToolDir, "spire-controller-manager")
+				if err := r.file("/usr/bin/spire-controller-manager", scm, 0o755); err != nil {
+					return fmt.Errorf("SPIRE image: %w (make cluster-tools)", err)
+				}
+				return r.sharedLibs(scm)
 			},
 		},
 	}

@@ -1,6 +1,7 @@
 package localcluster
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -44,7 +45,10 @@ func (c *Cluster) InstallHelm(extra ...string) error {
 	args := []string{"install", "spiffe-oci-hook", c.HelmChart(), "--namespace", ProjectNamespace,
 		"--set", "runtime=" + c.HelmFlavour(),
 		"--set", "image.repository=" + imageRepo(ProjectImage), "--set", "image.tag=" + imageTag(ProjectImage),
-		"--set", "image.pullPolicy=Never"}
+		"--set", "image.pullPolicy=Never",
+		// SPIRE's Helm chart puts the agent's admin socket here
+		// (sockets.admin.mountOnHost).
+		"--set", "agent.adminSocket=" + AgentAdminSocket}
 	if c.Runtime == "crio" && !hasCapSysResource() {
 		// A system-node-critical pod gets oom_score_adj -997 from the
 		// kubelet, which runc cannot set without CAP_SYS_RESOURCE ("failed
@@ -61,14 +65,86 @@ func (c *Cluster) InstallHelm(extra ...string) error {
 	return c.Rollout(ProjectNamespace, ProjectDaemonSet, 3*time.Minute)
 }
 
-// InstallKustomize applies an overlay of deploy/kubernetes unmodified
-// (its image is the release tag, which the local image also carries) and
-// waits for the DaemonSet's rollout.
-func (c *Cluster) InstallKustomize(overlay string) error {
-	if _, err := c.Kubectl("apply", "-k", filepath.Join(c.RepoRoot, "deploy", "kubernetes", overlay)); err != nil {
+// InstallKustomize applies an overlay of deploy/kubernetes (its image is
+// the release tag, which the local image also carries) through a
+// kustomization of the user's own that adapts it to SPIRE's Helm chart
+// socket paths for api ("delegated" or "broker"; SPIREChartKustomization),
+// and waits for the DaemonSet's rollout.
+func (c *Cluster) InstallKustomize(overlay, api string) error {
+	dir, err := c.SPIREChartKustomization("kustomize-install", overlay, api, "")
+	if err != nil {
+		return err
+	}
+	if _, err := c.Kubectl("apply", "-k", dir); err != nil {
 		return err
 	}
 	return c.Rollout(ProjectNamespace, ProjectDaemonSet, 3*time.Minute)
+}
+
+// SPIREChartKustomization writes c.Dir/name/kustomization.yaml, a user's
+// own kustomization that names an overlay of deploy/kubernetes as its
+// resource and points it at the SPIRE agent's sockets where SPIRE's Helm
+// chart puts them on the host: the node config's agent_admin_socket,
+// broker_socket and workload_api_socket (agent_api set to api), and the
+// refresher's host mounts of their directories. extra is appended
+// (images:, say). It returns the directory.
+func (c *Cluster) SPIREChartKustomization(name, overlay, api, extra string) (string, error) {
+	if api != "delegated" && api != "broker" {
+		return "", fmt.Errorf("agent API %q: want delegated or broker", api)
+	}
+	dir := filepath.Join(c.Dir, name)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return "", err
+	}
+	base, err := os.ReadFile(filepath.Join(c.RepoRoot, "deploy", "kubernetes", "base", "configmap.yaml"))
+	if err != nil {
+		return "", err
+	}
+	cm := string(base)
+	for _, r := range [][2]string{
+		{"    agent_api: delegated\n", "    agent_api: " + api + "\n"},
+		{"    agent_admin_socket: /run/spire/agent/admin/admin.sock\n", "    agent_admin_socket: " + AgentAdminSocket + "\n"},
+		{"    broker_socket: /run/spire/agent/broker/broker.sock\n", "    broker_socket: " + AgentBrokerSocket + "\n"},
+		{"    workload_api_socket: /run/spire/agent/public/api.sock\n", "    workload_api_socket: " + WorkloadAPISocket + "\n"},
+	} {
+		if !strings.Contains(cm, r[0]) {
+			return "", fmt.Errorf("deploy/kubernetes/base/configmap.yaml has no line %q", strings.TrimSpace(r[0]))
+		}
+		cm = strings.Replace(cm, r[0], r[1], 1)
+	}
+	cm = strings.Replace(cm, "metadata:\n  name: spiffe-oci-hook-node\n", "metadata:\n  name: spiffe-oci-hook-node\n  namespace: "+ProjectNamespace+"\n", 1)
+	// volumeMounts merge by mountPath: the base's admin mount goes, the
+	// chart's directories come.
+	mounts := map[string]string{"agent-admin": filepath.Dir(AgentAdminSocket)}
+	if api == "broker" {
+		mounts["agent-broker"] = filepath.Dir(AgentBrokerSocket)
+		mounts["agent-workload-api"] = WorkloadAPIDir
+	}
+	ds := "apiVersion: apps/v1\nkind: DaemonSet\nmetadata:\n  name: spiffe-oci-hook\n  namespace: " + ProjectNamespace +
+		"\nspec:\n  template:\n    spec:\n      containers:\n        - name: refresher\n          volumeMounts:\n" +
+		"            - mountPath: /run/spire/agent/admin\n              $patch: delete\n"
+	vols := "      volumes:\n"
+	for _, n := range []string{"agent-admin", "agent-broker", "agent-workload-api"} {
+		d, ok := mounts[n]
+		if !ok {
+			continue
+		}
+		ds += fmt.Sprintf("            - name: %s\n              mountPath: %s\n              mountPropagation: HostToContainer\n              readOnly: true\n", n, d)
+		vols += fmt.Sprintf("        - name: %s\n          hostPath:\n            path: %s\n            type: DirectoryOrCreate\n", n, d)
+	}
+	ds += vols
+	rel, err := filepath.Rel(dir, filepath.Join(c.RepoRoot, "deploy", "kubernetes", overlay))
+	if err != nil {
+		return "", err
+	}
+	k := "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - " + rel +
+		"\npatches:\n  - path: node-config.yaml\n  - path: daemonset-sockets.yaml\n" + extra
+	for f, data := range map[string]string{"kustomization.yaml": k, "node-config.yaml": cm, "daemonset-sockets.yaml": ds} {
+		if err := os.WriteFile(filepath.Join(dir, f), []byte(data), 0o644); err != nil {
+			return "", err
+		}
+	}
+	return dir, nil
 }
 
 // hasCapSysResource reports whether this process has CAP_SYS_RESOURCE,
@@ -107,23 +183,14 @@ func (c *Cluster) UpgradeHelm(extra ...string) error {
 	return err
 }
 
-// UpgradeKustomize applies the overlay with the release image's tag
-// changed to UpgradeReleaseImage's, as a user's own kustomization would:
-// one in a temporary directory that names the repository's overlay as a
-// resource and sets images. It returns once kubectl has applied it.
-func (c *Cluster) UpgradeKustomize(overlay string) error {
-	dir, err := os.MkdirTemp(c.Dir, "upgrade-kustomization-")
+// UpgradeKustomize applies the install's kustomization
+// (SPIREChartKustomization) with the release image's tag changed to
+// UpgradeReleaseImage's, as a user's own kustomization would (images:).
+// It returns once kubectl has applied it.
+func (c *Cluster) UpgradeKustomize(overlay, api string) error {
+	dir, err := c.SPIREChartKustomization("kustomize-upgrade", overlay, api,
+		"images:\n  - name: "+imageRepo(UpgradeReleaseImage)+"\n    newTag: "+imageTag(UpgradeReleaseImage)+"\n")
 	if err != nil {
-		return err
-	}
-	defer os.RemoveAll(dir)
-	rel, err := filepath.Rel(dir, filepath.Join(c.RepoRoot, "deploy", "kubernetes", overlay))
-	if err != nil {
-		return err
-	}
-	k := "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - " + rel +
-		"\nimages:\n  - name: " + imageRepo(UpgradeReleaseImage) + "\n    newTag: " + imageTag(UpgradeReleaseImage) + "\n"
-	if err := os.WriteFile(filepath.Join(dir, "kustomization.yaml"), []byte(k), 0o644); err != nil {
 		return err
 	}
 	_, err = c.Kubectl("apply", "-k", dir)
@@ -136,9 +203,9 @@ func (c *Cluster) UninstallHelm() error {
 	return err
 }
 
-// UninstallKustomize deletes what the overlay applied, its namespace
-// included.
-func (c *Cluster) UninstallKustomize(overlay string) error {
-	_, err := c.Kubectl("delete", "-k", filepath.Join(c.RepoRoot, "deploy", "kubernetes", overlay))
+// UninstallKustomize deletes what InstallKustomize applied, its
+// namespace included.
+func (c *Cluster) UninstallKustomize() error {
+	_, err := c.Kubectl("delete", "-k", filepath.Join(c.Dir, "kustomize-install"))
 	return err
 }

@@ -3,6 +3,7 @@ package localcluster
 import (
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"time"
@@ -11,14 +12,34 @@ import (
 // TrustDomain is the manifests' trust domain.
 const TrustDomain = "example.org"
 
-// NodeAliasID is the parent of every entry: a node alias matching the
-// cluster's k8s_psat agents, the usual way to register workloads of any
-// node.
-const NodeAliasID = "spiffe://" + TrustDomain + "/k8s-node/local"
+// ClusterName is the k8s_psat cluster name (the SPIRE chart's
+// clusterName): agents' SPIFFE IDs are
+// spiffe://example.org/spire/agent/k8s_psat/local/<node UID>.
+const ClusterName = "local"
+
+// NodeAliasID is the node alias matching the cluster's k8s_psat agents
+// (ClusterStaticEntry spire-spire-node-alias), the parent of the hook's
+// entry.
+const NodeAliasID = "spiffe://" + TrustDomain + "/k8s-node/" + ClusterName
+
+// ClassName is spire-controller-manager's className, the SPIRE chart's
+// default for release "spire" in namespace "spire". The controller also
+// honours objects without className (watchClassless).
+const ClassName = "spire-spire"
+
+// DefaultClusterSPIFFEID is the chart's default ClusterSPIFFEID
+// (spiffe://example.org/ns/<ns>/sa/<sa> for every pod outside the spire
+// namespace and the controller's ignoreNamespaces). A namespace labelled
+// NoDefaultIdentityLabel=false is left out of it.
+const DefaultClusterSPIFFEID = "spire-spire-default"
+
+// NoDefaultIdentityLabel, set to "false" on a namespace, keeps the
+// default ClusterSPIFFEID from selecting it.
+const NoDefaultIdentityLabel = "spiffe-oci-hook.test/default-identity"
 
 // The hook as the DaemonSet installs it on the host, and the refresher in
-// the project image: the agent authorizes them as delegates by these
-// paths (unix:path) and uid 0.
+// the project image: the agent authorizes them as delegates (and the
+// refresher as a broker) by these SPIFFE IDs.
 const (
 	HookPath      = "/opt/spiffe-oci-hook/bin/spiffe-oci-hook"
 	RefresherPath = "/usr/bin/spiffe-oci-refresher"
@@ -26,18 +47,61 @@ const (
 	RefresherID   = "spiffe://" + TrustDomain + "/spiffe-oci-refresher"
 )
 
-// SPIREManifests renders test/cluster/manifests/spire.yaml for this node.
-func (c *Cluster) SPIREManifests() (string, error) {
-	data, err := os.ReadFile(filepath.Join(c.RepoRoot, "test", "cluster", "manifests", "spire.yaml"))
+// The SPIRE agent's sockets on the host, where SPIRE's Helm chart puts
+// them: sockets.hostBasePath with sockets.admin.mountOnHost and
+// sockets.broker.mountOnHost, and socketPath.
+const (
+	AgentSocketsDir   = "/run/spire/agent/sockets"
+	AgentAdminSocket  = AgentSocketsDir + "/csi.spiffe.io/admin/admin.sock"
+	AgentBrokerSocket = AgentSocketsDir + "/csi.spiffe.io/broker/broker.sock"
+	WorkloadAPIDir    = "/run/spire/agent-sockets"
+	WorkloadAPISocket = WorkloadAPIDir + "/spire-agent.sock"
+)
+
+func (c *Cluster) manifest(name string) (string, error) {
+	data, err := os.ReadFile(filepath.Join(c.RepoRoot, "test", "cluster", "manifests", name))
 	if err != nil {
 		return "", err
 	}
 	return strings.NewReplacer("NODE_IP", c.NodeIP, "SPIRE_IMAGE", SPIREImage).Replace(string(data)), nil
 }
 
-// deploySPIRE applies the manifests, registers the node alias and the
-// delegates' entries once the server is ready, and waits for the agent.
+// SPIREManifests renders test/cluster/manifests/spire.yaml for this node.
+func (c *Cluster) SPIREManifests() (string, error) { return c.manifest("spire.yaml") }
+
+// ControllerCRDDir is spire-controller-manager's config/crd/bases in the
+// module cache, from the module test/spire-controller-manager pins.
+func (c *Cluster) ControllerCRDDir() (string, error) {
+	cmd := exec.Command("go", "list", "-m", "-f", "{{.Dir}}", "github.com/spiffe/spire-controller-manager")
+	cmd.Dir = filepath.Join(c.RepoRoot, "test", "spire-controller-manager")
+	cmd.Env = append(os.Environ(), "GOWORK=off", "GOFLAGS=-mod=mod")
+	out, err := cmd.Output()
+	if err != nil {
+		return "", fmt.Errorf("go list -m github.com/spiffe/spire-controller-manager in test/spire-controller-manager: %w", err)
+	}
+	dir := filepath.Join(strings.TrimSpace(string(out)), "config", "crd", "bases")
+	if _, err := os.Stat(dir); err != nil {
+		return "", err
+	}
+	return dir, nil
+}
+
+// deploySPIRE applies spire-controller-manager's CRDs, the server with
+// the controller beside it, the registrations (manifests/registration.yaml)
+// and the agent, and waits until the hook's entry exists on the server.
 func (c *Cluster) deploySPIRE() error {
+	crds, err := c.ControllerCRDDir()
+	if err != nil {
+		return err
+	}
+	if _, err := c.Kubectl("apply", "-f", crds); err != nil {
+		return err
+	}
+	if _, err := c.Kubectl("wait", "--for=condition=Established", "--timeout=60s",
+		"crd/clusterspiffeids.spire.spiffe.io", "crd/clusterstaticentries.spire.spiffe.io",
+		"crd/clusterfederatedtrustdomains.spire.spiffe.io"); err != nil {
+		return err
+	}
 	m, err := c.SPIREManifests()
 	if err != nil {
 		return err
@@ -70,19 +134,42 @@ func (c *Cluster) deploySPIRE() error {
 		}
 		time.Sleep(500 * time.Millisecond)
 	}
+	reg, err := c.manifest("registration.yaml")
+	if err != nil {
+		return err
+	}
+	if _, err := c.KubectlStdin(reg, "apply", "-f", "-"); err != nil {
+		return err
+	}
 	if _, err := c.KubectlStdin(strings.Join(agent, "\n---\n"), "apply", "-f", "-"); err != nil {
 		return err
 	}
-	if _, err := c.SPIREServer("entry", "create", "-node", "-spiffeID", NodeAliasID, "-selector", "k8s_psat:cluster:local"); err != nil {
+	if err := c.Rollout("spire", "daemonset/spire-agent", 3*time.Minute); err != nil {
 		return err
 	}
-	if _, err := c.CreateEntry(HookID, "unix:uid:0", "unix:path:"+HookPath); err != nil {
-		return err
+	for _, id := range []string{NodeAliasID, HookID} {
+		if err := c.WaitEntry(id, 2*time.Minute); err != nil {
+			return err
+		}
 	}
-	if _, err := c.CreateEntry(RefresherID, "unix:uid:0", "unix:path:"+RefresherPath); err != nil {
-		return err
+	return nil
+}
+
+// WaitEntry waits until the SPIRE server holds an entry for spiffeID
+// (which spire-controller-manager writes; read with entry show).
+func (c *Cluster) WaitEntry(spiffeID string, d time.Duration) error {
+	deadline := time.Now().Add(d)
+	for {
+		out, err := c.SPIREServer("entry", "show", "-spiffeID", spiffeID)
+		if err == nil && strings.Contains(string(out), "Entry ID") {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			logs, _ := c.Kubectl("-n", "spire", "logs", "spire-server-0", "-c", "spire-controller-manager", "--tail", "20")
+			return fmt.Errorf("no entry for %s on the SPIRE server after %s (%v: %s); spire-controller-manager:\n%s", spiffeID, d, err, out, logs)
+		}
+		time.Sleep(time.Second)
 	}
-	return c.Rollout("spire", "daemonset/spire-agent", 3*time.Minute)
 }
 
 // Rollout waits for a workload's rollout.
@@ -111,46 +198,64 @@ func lastLines(s string, n int) string {
 	return strings.Join(lines, "\n")
 }
 
-// SPIREServer runs the spire-server CLI in the server's pod.
+// SPIREServer runs the spire-server CLI in the server's pod (to read,
+// never to register: registration goes through the controller).
 func (c *Cluster) SPIREServer(args ...string) ([]byte, error) {
-	return c.Kubectl(append([]string{"-n", "spire", "exec", "spire-server-0", "--", "spire-server"}, args...)...)
+	return c.Kubectl(append([]string{"-n", "spire", "exec", "spire-server-0", "-c", "spire-server", "--", "spire-server"}, args...)...)
 }
 
-// CreateEntry registers id under the node alias with the selectors and
-// returns the entry's ID.
-func (c *Cluster) CreateEntry(id string, selectors ...string) (string, error) {
-	args := []string{"entry", "create", "-parentID", NodeAliasID, "-spiffeID", id}
-	for _, s := range selectors {
-		args = append(args, "-selector", s)
+// ClusterSPIFFEID is a ClusterSPIFFEID that registers the pods of one
+// namespace and service account as spiffe://example.org/ns/<ns>/sa/<sa>:
+// the controller writes one entry per pod of the namespace (selectors
+// k8s:pod-uid and, from workloadSelectorTemplates, k8s:sa, so that only
+// that service account's pods match), parented to its node's agent. ttl
+// 0 leaves the server's default X.509-SVID TTL. No className: the
+// controller honours it (watchClassless).
+func ClusterSPIFFEID(name, ns, sa string, ttl time.Duration) string {
+	y := fmt.Sprintf(`apiVersion: spire.spiffe.io/v1alpha1
+kind: ClusterSPIFFEID
+metadata:
+  name: %s
+spec:
+  spiffeIDTemplate: "spiffe://{{ .TrustDomain }}/ns/%s/sa/%s"
+  namespaceSelector:
+    matchLabels:
+      kubernetes.io/metadata.name: %s
+  workloadSelectorTemplates:
+  - "k8s:sa:%s"
+`, name, ns, sa, ns, sa)
+	if ttl > 0 {
+		y += fmt.Sprintf("  ttl: %s\n", ttl)
 	}
-	return c.createEntry(args)
+	return y
 }
 
-// CreateEntryTTL is CreateEntry with an X.509 SVID TTL.
-func (c *Cluster) CreateEntryTTL(id string, ttl time.Duration, selectors ...string) (string, error) {
-	args := []string{"entry", "create", "-parentID", NodeAliasID, "-spiffeID", id, "-x509SVIDTTL", fmt.Sprint(int(ttl.Seconds()))}
-	for _, s := range selectors {
-		args = append(args, "-selector", s)
-	}
-	return c.createEntry(args)
+// RegisterCommand is the copy-paste command make cluster prints: kubectl
+// apply of ClusterSPIFFEID for ns and sa, as a here-document.
+func RegisterCommand(kubectl, ns, sa string) string {
+	return kubectl + " apply -f - <<'YAML'\n" + ClusterSPIFFEID(ns+"-"+sa, ns, sa, 0) + "YAML"
 }
 
-func (c *Cluster) createEntry(args []string) (string, error) {
-	out, err := c.SPIREServer(args...)
-	if err != nil {
-		return "", err
+// ReadyText is what make cluster prints once the cluster is up (took
+// after Up began) with the project installed by InstallHelm: env (the
+// export lines), the busybox image, and how workloads are registered,
+// with a ClusterSPIFFEID to apply as printed.
+func (c *Cluster) ReadyText(took time.Duration, env string) string {
+	lines := []string{
+		fmt.Sprintf("cluster: up in %.0fs (runtime %s, node %s at %s); spiffe-oci-hook installed with helm (runtime=%s)", took.Seconds(), c.Runtime, c.NodeName, c.NodeIP, c.HelmFlavour()),
+		"",
+		"  " + strings.ReplaceAll(strings.TrimSpace(env), "\n", "\n  "),
+		"",
+		"  busybox image for pods (imagePullPolicy: Never): " + BusyboxImage,
+		"",
+		"  SPIRE " + SPIREVersion + " as SPIRE's Helm chart runs it, with spire-controller-manager: every pod outside",
+		"  kube-system, kube-public and spire gets spiffe://" + TrustDomain + "/ns/<namespace>/sa/<service account>",
+		"  (ClusterSPIFFEID " + DefaultClusterSPIFFEID + "). Register a namespace and service account yourself",
+		"  (here default/default; your own ClusterSPIFFEID takes precedence over the default one):",
+		"",
+		RegisterCommand("kubectl", "default", "default"),
+		"",
+		"  logs: " + filepath.Join(c.Dir, "logs") + "; stop and restore the host: make cluster-down",
 	}
-	for _, line := range strings.Split(string(out), "\n") {
-		if k, v, ok := strings.Cut(line, ":"); ok && strings.TrimSpace(k) == "Entry ID" {
-			return strings.TrimSpace(v), nil
-		}
-	}
-	return "", fmt.Errorf("spire-server entry create printed no Entry ID:\n%s", out)
-}
-
-// EntryCommand is the copy-paste command that registers a workload
-// entry for a namespace and service account.
-func EntryCommand(kubectl, ns, sa string) string {
-	return fmt.Sprintf("%s -n spire exec spire-server-0 -- spire-server entry create -parentID %s -spiffeID spiffe://%s/ns/%s/sa/%s -selector k8s:ns:%s -selector k8s:sa:%s",
-		kubectl, NodeAliasID, TrustDomain, ns, sa, ns, sa)
+	return strings.Join(lines, "\n") + "\n"
 }

@@ -11,7 +11,6 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
-	"strings"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -25,8 +24,9 @@ func main() {
 	flag.StringVar(&opts.Dir, "dir", "/tmp/spiffe-cluster", "the cluster's directory")
 	flag.StringVar(&opts.RepoRoot, "repo", ".", "the project's checkout")
 	flag.StringVar(&opts.ToolDir, "tools", "bin/test", "the pinned tools (make cluster-tools)")
-	flag.StringVar(&opts.SPIREBinDir, "spire-bin", "bin/test", "spire-server and spire-agent")
+	flag.StringVar(&opts.SPIREBinDir, "spire-bin", "bin/test", "SPIRE_BIN_DIR: SPIRE 1.15.3's spire-server and spire-agent are in its spire-1.15")
 	flag.Parse()
+	opts.SPIREBinDir = filepath.Join(opts.SPIREBinDir, "spire-1.15")
 	if err := run(opts); err != nil {
 		fmt.Fprintf(os.Stderr, "spiffe-cluster: %v\n", err)
 		os.Exit(1)
@@ -61,20 +61,9 @@ func run(opts localcluster.Options) error {
 	if err := os.WriteFile(filepath.Join(opts.Dir, "env"), []byte(env), 0o644); err != nil {
 		return err
 	}
-	info := []string{
-		fmt.Sprintf("cluster: up in %.0fs (runtime %s, node %s at %s); spiffe-oci-hook installed with helm (runtime=%s)", time.Since(start).Seconds(), opts.Runtime, c.NodeName, c.NodeIP, c.HelmFlavour()),
-		"",
-		"  " + strings.ReplaceAll(strings.TrimSpace(env), "\n", "\n  "),
-		"",
-		"  busybox image for pods (imagePullPolicy: Never): " + localcluster.BusyboxImage,
-		"",
-		"  register a workload (namespace default, service account default):",
-		"  " + localcluster.EntryCommand("kubectl", "default", "default"),
-		"",
-		"  logs: " + filepath.Join(opts.Dir, "logs") + "; stop and restore the host: make cluster-down",
-	}
-	os.WriteFile(filepath.Join(opts.Dir, "ready"), []byte(strings.Join(info, "\n")+"\n"), 0o644)
-	fmt.Println(strings.Join(info, "\n"))
+	info := c.ReadyText(time.Since(start), env)
+	os.WriteFile(filepath.Join(opts.Dir, "ready"), []byte(info), 0o644)
+	fmt.Print(info)
 	// Until told to stop: collect the daemons' exited intermediates.
 	tick := time.NewTicker(5 * time.Second)
 	defer tick.Stop()
