@@ -46,9 +46,14 @@ func (c *Cluster) InstallHelm(extra ...string) error {
 		"--set", "runtime=" + c.HelmFlavour(),
 		"--set", "image.repository=" + imageRepo(ProjectImage), "--set", "image.tag=" + imageTag(ProjectImage),
 		"--set", "image.pullPolicy=Never",
-		// SPIRE's Helm chart puts the agent's admin socket here
-		// (sockets.admin.mountOnHost).
-		"--set", "agent.adminSocket=" + AgentAdminSocket}
+		// SPIRE installed with its Helm chart: the agent's sockets where
+		// that chart puts them on the host, and the hook's and the
+		// refresher's entries as spire-controller-manager objects of this
+		// cluster's class, trust domain and k8s_psat cluster.
+		"-f", filepath.Join(c.HelmChart(), "values-spire-chart.yaml"),
+		"--set", "registration.className=" + ClassName,
+		"--set", "registration.trustDomain=" + TrustDomain,
+		"--set", "registration.clusterName=" + ClusterName}
 	if c.Runtime == "crio" && !hasCapSysResource() {
 		// A system-node-critical pod gets oom_score_adj -997 from the
 		// kubelet, which runc cannot set without CAP_SYS_RESOURCE ("failed
@@ -62,7 +67,10 @@ func (c *Cluster) InstallHelm(extra ...string) error {
 	if _, err := c.Helm(args...); err != nil {
 		return err
 	}
-	return c.Rollout(ProjectNamespace, ProjectDaemonSet, 3*time.Minute)
+	if err := c.Rollout(ProjectNamespace, ProjectDaemonSet, 3*time.Minute); err != nil {
+		return err
+	}
+	return c.waitHookEntry()
 }
 
 // InstallKustomize applies an overlay of deploy/kubernetes (its image is
@@ -75,10 +83,21 @@ func (c *Cluster) InstallKustomize(overlay, api string) error {
 	if err != nil {
 		return err
 	}
+	// The overlays render no registration: the user's own objects.
+	reg, err := c.manifest("delegates.yaml")
+	if err != nil {
+		return err
+	}
+	if _, err := c.KubectlStdin(reg, "apply", "-f", "-"); err != nil {
+		return err
+	}
 	if _, err := c.Kubectl("apply", "-k", dir); err != nil {
 		return err
 	}
-	return c.Rollout(ProjectNamespace, ProjectDaemonSet, 3*time.Minute)
+	if err := c.Rollout(ProjectNamespace, ProjectDaemonSet, 3*time.Minute); err != nil {
+		return err
+	}
+	return c.waitHookEntry()
 }
 
 // SPIREChartKustomization writes c.Dir/name/kustomization.yaml, a user's

@@ -18,9 +18,14 @@ const TrustDomain = "example.org"
 const ClusterName = "local"
 
 // NodeAliasID is the node alias matching the cluster's k8s_psat agents
-// (ClusterStaticEntry spire-spire-node-alias), the parent of the hook's
-// entry.
+// (ClusterStaticEntry spire-spire-node-alias, manifests/delegates.yaml),
+// the parent of the hook's entry in a kustomize install; spiffe-oci-hook's
+// chart renders its own (ChartNodeAliasID).
 const NodeAliasID = "spiffe://" + TrustDomain + "/k8s-node/" + ClusterName
+
+// ChartNodeAliasID is the node alias spiffe-oci-hook's chart renders with
+// registration.enabled for this trust domain and cluster.
+const ChartNodeAliasID = "spiffe://" + TrustDomain + "/spiffe-oci-hook/node/" + ClusterName
 
 // ClassName is spire-controller-manager's className, the SPIRE chart's
 // default for release "spire" in namespace "spire". The controller also
@@ -144,15 +149,14 @@ func (c *Cluster) deploySPIRE() error {
 	if _, err := c.KubectlStdin(strings.Join(agent, "\n---\n"), "apply", "-f", "-"); err != nil {
 		return err
 	}
-	if err := c.Rollout("spire", "daemonset/spire-agent", 3*time.Minute); err != nil {
-		return err
-	}
-	for _, id := range []string{NodeAliasID, HookID} {
-		if err := c.WaitEntry(id, 2*time.Minute); err != nil {
-			return err
-		}
-	}
-	return nil
+	return c.Rollout("spire", "daemonset/spire-agent", 3*time.Minute)
+}
+
+// waitHookEntry waits for the hook's entry, which spire-controller-manager
+// writes from the install's ClusterStaticEntry, so that the first
+// annotated pod finds the hook authorized.
+func (c *Cluster) waitHookEntry() error {
+	return c.WaitEntry(HookID, 2*time.Minute)
 }
 
 // WaitEntry waits until the SPIRE server holds an entry for spiffeID
