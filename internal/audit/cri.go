@@ -11,10 +11,12 @@ import (
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 )
 
-// pod is what the CRI says of one pod sandbox.
+// pod is what the audit keeps of what the CRI says of one pod sandbox.
 type pod struct {
 	Name, Namespace string
-	Annotations     map[string]string
+	// Identity are its identity annotations, each value replaced by
+	// whether it is empty (identityOnly).
+	Identity map[string]string
 }
 
 // criPods asks a CRI runtime for its ready pods, by sandbox ID. Under
@@ -39,7 +41,7 @@ func criPods(ctx context.Context, socket string) (map[string]pod, error) {
 	}
 	pods := map[string]pod{}
 	for _, s := range resp.Items {
-		p := pod{Annotations: s.Annotations}
+		p := pod{Identity: identityOnly(s.Annotations)}
 		if m := s.Metadata; m != nil {
 			p.Name, p.Namespace = m.Name, m.Namespace
 		}
