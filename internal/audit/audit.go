@@ -104,10 +104,12 @@ func (a *Auditor) Run(ctx context.Context) status.Audit {
 	rep.Errors = errs
 
 	pods := map[string]pod{}
+	var criErrs []string
 	for _, s := range expand(set.CRISockets) {
 		ps, err := criPods(ctx, s)
 		if err != nil {
 			rep.Errors = append(rep.Errors, err.Error())
+			criErrs = append(criErrs, err.Error())
 		}
 		for id, p := range ps {
 			pods[id] = p
@@ -167,7 +169,7 @@ func (a *Auditor) Run(ctx context.Context) status.Audit {
 	podLive := map[string]bool{}
 	for _, r := range live {
 		podLive[r.sandbox] = true
-		u, asked := a.check(r, pods, traces)
+		u, asked := a.check(r, pods, criErrs, traces)
 		if !asked {
 			continue
 		}
@@ -244,19 +246,25 @@ func stateStat(dir string) os.FileInfo {
 }
 
 // check tells whether container r asked for an identity, and if so and it
-// has no delivery, why not as far as can be told.
-func (a *Auditor) check(r running, pods map[string]pod, traces []record.FailOpen) (*status.Unserved, bool) {
+// has no delivery, why not as far as can be told. A containerd container
+// whose spec does not say and whose pod could not be read from a CRI
+// (criErrs) may have asked: it is checked too, and reported as such.
+func (a *Auditor) check(r running, pods map[string]pod, criErrs []string, traces []record.FailOpen) (*status.Unserved, bool) {
 	asks := r.Asks
-	viaPod := false
-	if _, isContainerd := r.Annotations[annotations.ContainerdContainerType]; isContainerd && !asks.Any {
-		if p, ok := pods[r.sandbox]; ok && len(p.Identity) > 0 {
+	viaPod, unknown := false, false
+	if r.Annotations[annotations.ContainerdContainerType] == annotations.ContainerdTypeContainer && !asks.Any {
+		p, ok := pods[r.sandbox]
+		switch {
+		case ok && len(p.Identity) > 0:
 			// The pod's annotation, with the container's name keys.
 			asks = asksOf(merged(p.Identity, r.Annotations))
 			viaPod = true
+		case !ok && len(criErrs) > 0:
+			unknown = true
 		}
 	}
 	key := asks.Key
-	if key == "" {
+	if key == "" && !unknown {
 		return nil, false
 	}
 	// runc records its init's start time: a record naming it serves the
@@ -276,6 +284,10 @@ func (a *Auditor) check(r running, pods map[string]pod, traces []record.FailOpen
 	}
 	u := &status.Unserved{ID: r.ID, PID: r.PID, Pod: r.pod, Namespace: r.namespace, Name: r.name, Root: r.Root}
 	switch {
+	case unknown:
+		u.Cause = status.CauseCRIUnreadable
+		u.Detail = fmt.Sprintf("its pod's annotations are only in the CRI, which could not be read (%s), so the audit cannot tell whether it asked for an identity: make the CRI socket readable by the refresher (its answer must stay under %d MiB)",
+			strings.Join(criErrs, "; "), maxCRIMessage>>20)
 	case asks.Empty:
 		u.Cause = status.CauseEmptyAnnotation
 		u.Detail = fmt.Sprintf("annotation %s is empty: the hooks.d \"when\" clause never matches an empty value, so the hook never ran; give it a delivery list", key)

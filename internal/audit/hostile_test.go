@@ -153,7 +153,7 @@ func TestAuditCRIUnreadable(t *testing.T) {
 	n.serve(served)
 	rep := n.auditor().Run(context.Background())
 	u := byID(rep)["app"]
-	if u.Cause != "cri_unreadable" || !strings.Contains(u.Detail, n.cri[0]) {
+	if u.Cause != status.CauseCRIUnreadable || !strings.Contains(u.Detail, n.cri[0]) {
 		t.Errorf("the container whose pod could not be read: %+v; report: unserved %+v, errors %q", u, rep.Unserved, rep.Errors)
 	}
 	if len(rep.Unserved) != 1 || rep.Checked != 2 {
