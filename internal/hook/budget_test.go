@@ -23,7 +23,7 @@ import (
 )
 
 // defaultBudget is the node's default state budget (state_budget_mib).
-const defaultBudget = 64 << 20
+const defaultBudget = config.DefaultStateBudgetMiB << 20
 
 // TestStateBudget (issue 24, defect 2): the files the hook and the
 // refresher write are tmpfs pages charged to the refresher's memory, and
