@@ -303,16 +303,26 @@ func (h *Hook) write(store record.Store, id, key string, need int64, write func(
 		return err
 	}
 	defer lock.Unlock()
-	used, err := store.Used()
+	// What the containers reserved, or what the state directory holds if
+	// more (containers served before the budget reserved nothing).
+	used, err := store.Reserved()
 	if err != nil {
 		return err
 	}
+	held, err := store.Used()
+	if err != nil {
+		return err
+	}
+	used = max(used, held)
 	budget := int64(h.Config.StateBudgetMiB) << 20
 	if used+need > budget {
-		return fmt.Errorf("annotation %s: its files need %d KiB and the state directory %s holds %.1f MiB of the node's state_budget_mib %d: "+
+		return fmt.Errorf("annotation %s: its files need %d KiB and the containers served from the state directory %s take %.1f MiB of the node's state_budget_mib %d: "+
 			"refused, as the refresher's memory holds them; ask for fewer deliveries, run the pod on another node, "+
 			"or raise state_budget_mib together with the refresher's memory limit (docs/configuration.md)",
 			key, need>>10, store.Dir, float64(used)/(1<<20), h.Config.StateBudgetMiB)
+	}
+	if err := store.Reserve(id, need); err != nil {
+		return err
 	}
 	return write()
 }

@@ -1,7 +1,9 @@
 package record
 
 import (
+	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 
@@ -42,15 +44,61 @@ func (s Store) Used() (int64, error) {
 	return int64(st.Blocks-st.Bfree) * st.Bsize, nil
 }
 
-// PageSize is the unit tmpfs holds a file in.
+// footprintFile, in a container's directory (never mounted into the
+// container), is as long as the container's Footprint and holds no page
+// (a sparse file). It goes with the container's directory.
+const footprintFile = ".footprint"
+
+// Reserve records that container id's files take need bytes.
+func (s Store) Reserve(id string, need int64) error {
+	p := filepath.Join(s.ContainerDir(id), footprintFile)
+	f, err := os.OpenFile(p, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return fmt.Errorf("state budget: %w", err)
+	}
+	defer f.Close()
+	if err := f.Truncate(need); err != nil {
+		return fmt.Errorf("state budget: %w", err)
+	}
+	return nil
+}
+
+// Reserved sums the footprints the containers in the state directory
+// reserved. A freshly served container holds one generation of its files;
+// the refresher's first rewrite adds the second, which its footprint
+// already counts.
+func (s Store) Reserved() (int64, error) {
+	dir := filepath.Join(s.Dir, "containers")
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return 0, nil
+		}
+		return 0, fmt.Errorf("state directory: %w", err)
+	}
+	var n int64
+	for _, e := range entries {
+		if st, err := os.Lstat(filepath.Join(dir, e.Name(), footprintFile)); err == nil {
+			n += st.Size()
+		}
+	}
+	return n, nil
+}
+
+// PageSize is the unit tmpfs holds a file's data in.
 var PageSize = int64(os.Getpagesize())
 
-// Footprint is what files of these sizes hold on tmpfs, in the two
-// generations the writer keeps: each file takes whole pages, at least one.
+// inodeCost is what one file, one symlink or one directory costs besides
+// its data: its inode and dentry, charged to the same memory.
+const inodeCost = 1 << 10
+
+// Footprint is what a container's files of these sizes take, in the two
+// generations the writer keeps: each file's whole pages (at least one)
+// and inode in each generation, and its symlink.
 func Footprint(sizes []int) int64 {
 	var n int64
 	for _, s := range sizes {
-		n += max(1, (int64(s)+PageSize-1)/PageSize) * PageSize
+		n += 2*(max(1, (int64(s)+PageSize-1)/PageSize)*PageSize+inodeCost) + inodeCost
 	}
-	return 2 * n
+	return n
 }
