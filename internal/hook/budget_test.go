@@ -88,9 +88,17 @@ func TestStateBudget(t *testing.T) {
 		return h.Create(context.Background(), req)
 	}
 
-	// A container well under the budget is served.
+	store := record.Store{Dir: state}
+	// A container well under the budget is served. It holds one
+	// generation of its files now; the refresher's first rewrite adds
+	// the second, which its reservation counts already.
+	before, _ := store.Used()
 	if err := create("first", sixteen.String()); err != nil {
 		t.Fatalf("16 deliveries on an empty node: %v", err)
+	}
+	after, _ := store.Used()
+	if reserved, _ := store.Reserved(); reserved < 2*(after-before) {
+		t.Errorf("the container reserved %d KiB; its first generation alone holds %d KiB", reserved>>10, (after-before)>>10)
 	}
 	// Other tenants' deliveries fill the state directory up to just under
 	// the budget (what they wrote stands in as one file).
@@ -107,7 +115,7 @@ func TestStateBudget(t *testing.T) {
 		t.Fatalf("a container asking for 16 deliveries was served with the state directory at %.1f MiB, past the node's %d MiB budget (error %v)",
 			float64(int64(st.Blocks-st.Bfree)*st.Bsize)/(1<<20), defaultBudget>>20, err)
 	}
-	if _, err := os.Lstat(record.Store{Dir: state}.ContainerDir("past")); err == nil {
+	if _, err := os.Lstat(store.ContainerDir("past")); err == nil {
 		t.Error("the refused container's directory was left in the state directory")
 	}
 }

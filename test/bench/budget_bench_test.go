@@ -54,7 +54,9 @@ func TestBenchStateBudget(t *testing.T) {
 		t.Fatalf("building the refresher: %v\n%s", err, out)
 	}
 
-	budget := config.DefaultStateBudgetMiB
+	// BENCH_BUDGET_MIB sets another budget (what the refresher would hold
+	// without the default one).
+	budget := envInt("BENCH_BUDGET_MIB", config.DefaultStateBudgetMiB)
 	state := filepath.Join(dir, "state")
 	mountTmpfs(t, state, fmt.Sprintf("%dm", budget*3/2))
 	socket := filepath.Join(dir, "admin.sock")
@@ -87,6 +89,7 @@ func TestBenchStateBudget(t *testing.T) {
 	cfg := config.Default()
 	cfg.AgentAdminSocket = socket
 	cfg.StateDir = state
+	cfg.StateBudgetMiB = budget
 	h := &hook.Hook{Config: cfg}
 	store := record.Store{Dir: state}
 	var dirs []string
@@ -140,13 +143,15 @@ func TestBenchStateBudget(t *testing.T) {
 		w := newSwapWatcher(t, dirs)
 		start := time.Now()
 		r := startRefresherIn(t, bin, config, dir, cg)
-		waitFor(t, 180*time.Second, "every delivery rewritten at the refresher's start", func() bool {
-			return fake.SVIDStreams() == int64(served) && w.allSince(start)
+		// An OOM-killed refresher rewrites nothing more: stop waiting.
+		killed := func() bool { return cg.read(t).oomKills > 0 }
+		waitFor(t, 180*time.Second, "every delivery rewritten at the refresher's start (or an OOM kill)", func() bool {
+			return killed() || fake.SVIDStreams() == int64(served) && w.allSince(start)
 		})
 		for k := range 2 {
 			t0 := time.Now()
 			fake.Rotate()
-			waitFor(t, 180*time.Second, fmt.Sprintf("every delivery rewritten after rotation %d", k+1), func() bool { return w.allSince(t0) })
+			waitFor(t, 180*time.Second, fmt.Sprintf("every delivery rewritten after rotation %d (or an OOM kill)", k+1), func() bool { return killed() || w.allSince(t0) })
 		}
 		time.Sleep(2 * time.Second)
 		m := cg.read(t)
@@ -159,10 +164,10 @@ func TestBenchStateBudget(t *testing.T) {
 			r.Wait()
 		}
 		w.close()
-		if m.oomKills > 0 {
+		if m.oomKills > 0 && budget == config.DefaultStateBudgetMiB {
 			t.Errorf("the refresher was OOM-killed under a %s limit at the node budget: %s", run.name, row)
 		}
-		if fake.SVIDStreams() != 0 {
+		if m.oomKills == 0 && fake.SVIDStreams() != 0 {
 			waitFor(t, 10*time.Second, "the refresher's streams closed", func() bool { return fake.SVIDStreams() == 0 })
 		}
 	}
