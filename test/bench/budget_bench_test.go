@@ -138,11 +138,11 @@ func TestBenchStateBudget(t *testing.T) {
 		limit int64
 	}{{"no limit", 0}, {limit, limitBytes}} {
 		cg := newMemCgroup(t, run.limit)
-		config := filepath.Join(dir, "config.yaml")
-		writeFile(t, config, fmt.Sprintf("agent_admin_socket: %s\nstate_dir: %s\n", socket, state))
+		cfgFile := filepath.Join(dir, "config.yaml")
+		writeFile(t, cfgFile, fmt.Sprintf("agent_admin_socket: %s\nstate_dir: %s\n", socket, state))
 		w := newSwapWatcher(t, dirs)
 		start := time.Now()
-		r := startRefresherIn(t, bin, config, dir, cg)
+		r := startRefresherIn(t, bin, cfgFile, dir, cg)
 		// An OOM-killed refresher rewrites nothing more: stop waiting.
 		killed := func() bool { return cg.read(t).oomKills > 0 }
 		waitFor(t, 180*time.Second, "every delivery rewritten at the refresher's start (or an OOM kill)", func() bool {
