@@ -176,8 +176,9 @@ func RestartOnly(cur, next Config) error {
 	return nil
 }
 
-// DefaultStateBudgetMiB is state_budget_mib's default: what the
-// refresher's 192 MiB memory limit was measured at (BENCHMARKS.md).
+// DefaultStateBudgetMiB is state_budget_mib's default: the budget the
+// DaemonSet's 160 MiB memory limit for the refresher was sized at
+// (BENCHMARKS.md, "The state budget").
 const DefaultStateBudgetMiB = 64
 
 // Default returns the configuration used when no file and no flag says otherwise.

@@ -33,7 +33,7 @@ import (
 // runs in a memory cgroup of its own (cgroup v1 or v2) and rewrites
 // everything three times (its start, then two rotations), so that both
 // generations it keeps are charged to it. It runs twice: without a limit
-// (the peak), then under BENCH_BUDGET_LIMIT (default 128Mi, the
+// (the peak), then under BENCH_BUDGET_LIMIT (default 160Mi, the
 // DaemonSet's), where no OOM kill and no rotation missed is the check.
 //
 //	SPIFFE_OCI_BENCH=1 go test -run '^TestBenchStateBudget$' -v ./test/bench
@@ -129,7 +129,7 @@ func TestBenchStateBudget(t *testing.T) {
 
 	limit := os.Getenv("BENCH_BUDGET_LIMIT")
 	if limit == "" {
-		limit = "128Mi"
+		limit = "160Mi"
 	}
 	limitBytes := parseMi(t, limit)
 	var rows []string
