@@ -17,14 +17,12 @@ import (
 // sets a budget on what the state directory holds, which the hook
 // enforces before it writes (see hook.Create).
 
-// budgetLock is the node-wide lock under which a hook checks the budget
-// and writes its files, so that two hooks never both take the last room.
-// Container IDs never begin with a dot (ocistate.ValidateID).
-func (s Store) budgetLock() string { return filepath.Join(s.LocksDir(), ".budget") }
-
-// LockBudget takes the node-wide budget lock, waiting for its holder.
+// LockBudget takes the node-wide lock under which a hook checks the
+// budget and writes its files, so that two hooks never both take the last
+// room, waiting for its holder. It is a flock on the containers folder
+// itself: no file of its own is left in the state directory.
 func (s Store) LockBudget() (*Lock, error) {
-	f, err := os.OpenFile(s.budgetLock(), os.O_RDWR|os.O_CREATE, 0o600)
+	f, err := os.Open(filepath.Join(s.Dir, "containers"))
 	if err != nil {
 		return nil, fmt.Errorf("state budget lock: %w", err)
 	}
