@@ -15,6 +15,7 @@ package audit
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -30,6 +31,7 @@ import (
 
 	"github.com/noderesource/spiffe-oci-hook/internal/annotations"
 	"github.com/noderesource/spiffe-oci-hook/internal/config"
+	"github.com/noderesource/spiffe-oci-hook/internal/ocistate"
 	"github.com/noderesource/spiffe-oci-hook/internal/process"
 	"github.com/noderesource/spiffe-oci-hook/internal/record"
 	"github.com/noderesource/spiffe-oci-hook/internal/status"
@@ -102,10 +104,12 @@ func (a *Auditor) Run(ctx context.Context) status.Audit {
 	rep.Errors = errs
 
 	pods := map[string]pod{}
+	var criErrs []string
 	for _, s := range expand(set.CRISockets) {
 		ps, err := criPods(ctx, s)
 		if err != nil {
 			rep.Errors = append(rep.Errors, err.Error())
+			criErrs = append(criErrs, err.Error())
 		}
 		for id, p := range ps {
 			pods[id] = p
@@ -121,7 +125,7 @@ func (a *Auditor) Run(ctx context.Context) status.Audit {
 	// Every container of each pod, running or not: a named annotation
 	// matches an init container that has exited too.
 	names := map[string][]string{}
-	podAnn := map[string]map[string]string{}
+	podAsks := map[string]podNames{}
 	var live []running
 	for _, c := range all {
 		r := running{Container: c, sandbox: first(c.Annotations, crioSandboxID, ctrdSandboxID),
@@ -130,14 +134,16 @@ func (a *Auditor) Run(ctx context.Context) status.Audit {
 			namespace: first(c.Annotations, crioPodNS, ctrdPodNS)}
 		if p, ok := pods[r.sandbox]; ok {
 			r.pod, r.namespace = p.Name, p.Namespace
-			podAnn[r.sandbox] = p.Annotations
+			if _, seen := podAsks[r.sandbox]; !seen {
+				podAsks[r.sandbox] = podNames{pod: p.Name, namespace: p.Namespace, names: asksOf(p.Identity).Names}
+			}
 		}
 		isSandbox := c.Annotations[crioType] == typeSandbox || c.Annotations[annotations.ContainerdContainerType] == typeSandbox
 		if r.sandbox != "" && !isSandbox {
 			names[r.sandbox] = append(names[r.sandbox], r.name)
-			if podAnn[r.sandbox] == nil && hasIdentityKey(c.Annotations) {
+			if _, seen := podAsks[r.sandbox]; !seen && c.Asks.Any {
 				// CRI-O copies the pod's annotations into each container's spec.
-				podAnn[r.sandbox] = c.Annotations
+				podAsks[r.sandbox] = podNames{pod: r.pod, namespace: r.namespace, names: c.Asks.Names}
 			}
 		}
 		if isSandbox || c.Created || c.PID <= 0 {
@@ -163,7 +169,7 @@ func (a *Auditor) Run(ctx context.Context) status.Audit {
 	podLive := map[string]bool{}
 	for _, r := range live {
 		podLive[r.sandbox] = true
-		u, asked := a.check(r, pods, traces)
+		u, asked := a.check(r, pods, criErrs, traces)
 		if !asked {
 			continue
 		}
@@ -172,7 +178,7 @@ func (a *Auditor) Run(ctx context.Context) status.Audit {
 			rep.Unserved = append(rep.Unserved, *u)
 		}
 	}
-	rep.Unmatched = a.unmatchedNames(podAnn, names, podLive, pods)
+	rep.Unmatched = a.unmatchedNames(podAsks, names, podLive)
 	a.logFindings(rep)
 	return rep
 }
@@ -200,6 +206,10 @@ func (a *Auditor) containers(patterns []string) ([]Container, []string) {
 				c, err := readState(root, dir)
 				cc = cached{mod: st.ModTime(), size: st.Size(), c: c, err: err}
 				a.cache[dir] = cc
+			}
+			if tl := (*ocistate.TooLargeError)(nil); errors.As(cc.err, &tl) {
+				errs = append(errs, fmt.Sprintf("container %s in %s: %v, more than any runtime writes: the audit cannot tell whether it asked for an identity", cc.c.ID, root, tl))
+				continue
 			}
 			if cc.err != nil {
 				continue // a container being removed: its bundle goes first
@@ -236,19 +246,25 @@ func stateStat(dir string) os.FileInfo {
 }
 
 // check tells whether container r asked for an identity, and if so and it
-// has no delivery, why not as far as can be told.
-func (a *Auditor) check(r running, pods map[string]pod, traces []record.FailOpen) (*status.Unserved, bool) {
-	ann := r.Annotations
-	viaPod := false
-	if _, isContainerd := ann[annotations.ContainerdContainerType]; isContainerd && !hasIdentityKey(ann) {
-		if p, ok := pods[r.sandbox]; ok && hasIdentityKey(p.Annotations) {
+// has no delivery, why not as far as can be told. A containerd container
+// whose spec does not say and whose pod could not be read from a CRI
+// (criErrs) may have asked: it is checked too, and reported as such.
+func (a *Auditor) check(r running, pods map[string]pod, criErrs []string, traces []record.FailOpen) (*status.Unserved, bool) {
+	asks := r.Asks
+	viaPod, unknown := false, false
+	if r.Annotations[annotations.ContainerdContainerType] == annotations.ContainerdTypeContainer && !asks.Any {
+		p, ok := pods[r.sandbox]
+		switch {
+		case ok && len(p.Identity) > 0:
 			// The pod's annotation, with the container's name keys.
-			ann = merged(p.Annotations, ann)
+			asks = asksOf(merged(p.Identity, r.Annotations))
 			viaPod = true
+		case !ok && len(criErrs) > 0:
+			unknown = true
 		}
 	}
-	key, value, ok := annotations.Find(ann)
-	if !ok {
+	key := asks.Key
+	if key == "" && !unknown {
 		return nil, false
 	}
 	// runc records its init's start time: a record naming it serves the
@@ -268,7 +284,11 @@ func (a *Auditor) check(r running, pods map[string]pod, traces []record.FailOpen
 	}
 	u := &status.Unserved{ID: r.ID, PID: r.PID, Pod: r.pod, Namespace: r.namespace, Name: r.name, Root: r.Root}
 	switch {
-	case value == "":
+	case unknown:
+		u.Cause = status.CauseCRIUnreadable
+		u.Detail = fmt.Sprintf("its pod's annotations are only in the CRI, which could not be read (%s), so the audit cannot tell whether it asked for an identity: make the CRI socket readable by the refresher (its answer must stay under %d MiB)",
+			strings.Join(criErrs, "; "), maxCRIMessage>>20)
+	case asks.Empty:
 		u.Cause = status.CauseEmptyAnnotation
 		u.Detail = fmt.Sprintf("annotation %s is empty: the hooks.d \"when\" clause never matches an empty value, so the hook never ran; give it a delivery list", key)
 	case failOpenTrace(traces, r) != nil:
@@ -329,33 +349,35 @@ func hookAdvice(ann map[string]string) string {
 	return "its config.json has no spiffe-oci-hook createRuntime hook: add it to the bundle, then recreate the container"
 }
 
+// podNames are the names a pod's named annotations (container.<name>)
+// give (Asks.Names), and the pod.
+type podNames struct {
+	pod, namespace string
+	names          []string
+}
+
 // unmatchedNames reports the named annotations (container.<name>) of each
 // pod that match none of its containers, once that held for two audits in
 // a row while the pod had a running container: the kubelet creates a
 // pod's containers one after the other.
-func (a *Auditor) unmatchedNames(podAnn map[string]map[string]string, names map[string][]string, podLive map[string]bool, pods map[string]pod) []status.Unmatched {
+func (a *Auditor) unmatchedNames(podAsks map[string]podNames, names map[string][]string, podLive map[string]bool) []status.Unmatched {
 	var out []status.Unmatched
 	now := map[string]int{}
-	for sandbox, ann := range podAnn {
+	for sandbox, p := range podAsks {
 		if !podLive[sandbox] {
 			continue
 		}
-		for k := range ann {
-			name, ok := strings.CutPrefix(k, annotations.Key+".")
-			if !ok || slices.Contains(names[sandbox], name) {
+		for _, name := range p.names {
+			if slices.Contains(names[sandbox], name) {
 				continue
 			}
+			k := annotations.Key + "." + name
 			id := sandbox + "/" + k
 			now[id] = a.unmatched[id] + 1
 			if now[id] < unmatchedRounds {
 				continue
 			}
-			u := status.Unmatched{Annotation: k, Containers: slices.Sorted(slices.Values(names[sandbox]))}
-			u.Pod, u.Namespace = first(ann, crioPodName, ctrdPodName), first(ann, crioPodNS, ctrdPodNS)
-			if p, ok := pods[sandbox]; ok {
-				u.Pod, u.Namespace = p.Name, p.Namespace
-			}
-			out = append(out, u)
+			out = append(out, status.Unmatched{Annotation: k, Containers: slices.Sorted(slices.Values(names[sandbox])), Pod: p.pod, Namespace: p.namespace})
 		}
 	}
 	a.unmatched = now
@@ -413,15 +435,6 @@ func failOpenTrace(traces []record.FailOpen, r running) *record.FailOpen {
 		}
 	}
 	return nil
-}
-
-func hasIdentityKey(ann map[string]string) bool {
-	for k := range ann {
-		if annotations.IsIdentityKey(k) {
-			return true
-		}
-	}
-	return false
 }
 
 // hasHook reports whether spiffe-oci-hook is among a spec's creation hooks.

@@ -68,6 +68,12 @@ type Config struct {
 	// StateDir holds the per-container files and records. It must be on
 	// tmpfs: keys never touch persistent disk.
 	StateDir string `yaml:"state_dir"`
+	// StateBudgetMiB bounds what the state directory holds, in MiB: the
+	// hook refuses a container whose files would take it past. Those
+	// files are tmpfs pages charged to the refresher's memory, and a pod
+	// chooses how many deliveries it asks for; size the refresher's
+	// memory limit from it (BENCHMARKS.md, "The state budget").
+	StateBudgetMiB int `yaml:"state_budget_mib"`
 	// Timeout bounds the hook's whole exchange with the agent. Keep it below
 	// the timeout in the hooks.d JSON so the hook, not the runtime, reports.
 	Timeout time.Duration `yaml:"timeout"`
@@ -177,6 +183,11 @@ func RestartOnly(cur, next Config) error {
 	return nil
 }
 
+// DefaultStateBudgetMiB is state_budget_mib's default: the budget the
+// DaemonSet's 160 MiB memory limit for the refresher was sized at
+// (BENCHMARKS.md, "The state budget").
+const DefaultStateBudgetMiB = 64
+
 // Default returns the configuration used when no file and no flag says otherwise.
 func Default() Config {
 	return Config{
@@ -185,6 +196,7 @@ func Default() Config {
 		BrokerSocket:      "/run/spire/agent/broker/broker.sock",
 		WorkloadAPISocket: "/run/spire/agent/public/api.sock",
 		StateDir:          "/run/spiffe-oci-hook",
+		StateBudgetMiB:    DefaultStateBudgetMiB,
 		Timeout:           40 * time.Second,
 		RegistrationWait:  30 * time.Second,
 		FailurePolicy:     FailClosed,
@@ -244,6 +256,9 @@ func (c Config) Validate() error {
 	}
 	if c.RegistrationWait < 0 {
 		return fmt.Errorf("registration_wait %s must not be negative", c.RegistrationWait)
+	}
+	if c.StateBudgetMiB <= 0 {
+		return fmt.Errorf("state_budget_mib %d must be positive", c.StateBudgetMiB)
 	}
 	if c.FailurePolicy != FailClosed && c.FailurePolicy != FailOpen {
 		return fmt.Errorf("failure_policy %q must be %q or %q", c.FailurePolicy, FailClosed, FailOpen)
@@ -331,6 +346,7 @@ func Bind(fs *flag.FlagSet) *Flags {
 	fs.StringVar(&f.set.StateDir, "state-dir", d.StateDir, "state directory on tmpfs for per-container files and records")
 	fs.DurationVar(&f.set.Timeout, "timeout", d.Timeout, "bound on the whole exchange with the agent")
 	fs.DurationVar(&f.set.RegistrationWait, "registration-wait", d.RegistrationWait, "how long, within timeout, to wait for a registration entry on its way to the agent (0: the first answer decides)")
+	fs.IntVar(&f.set.StateBudgetMiB, "state-budget-mib", d.StateBudgetMiB, "MiB the state directory may hold: the hook refuses a container whose files would take it past")
 	fs.Func("allowed-agent-sockets", "comma-separated further admin sockets an annotation's spire_agent_address may name", func(v string) error {
 		f.set.AllowedAgentSockets = strings.Split(v, ",")
 		return nil
@@ -409,6 +425,9 @@ func (f *Flags) Load() (Config, error) {
 	}
 	if explicit["registration-wait"] {
 		c.RegistrationWait = f.set.RegistrationWait
+	}
+	if explicit["state-budget-mib"] {
+		c.StateBudgetMiB = f.set.StateBudgetMiB
 	}
 	if explicit["failure-policy"] {
 		c.FailurePolicy = f.set.FailurePolicy

@@ -30,6 +30,7 @@ workload_api_socket: /run/agent/api.sock
 broker_spiffe_id: spiffe://example.org/node/refresher
 allowed_agent_sockets: [/run/other/admin.sock, /run/third.sock]
 state_dir: /dev/shm/hook
+state_budget_mib: 32
 timeout: 3s
 registration_wait: 2s
 failure_policy: fail-open
@@ -58,6 +59,7 @@ refresher:
 		BrokerSPIFFEID:      "spiffe://example.org/node/refresher",
 		AllowedAgentSockets: []string{"/run/other/admin.sock", "/run/third.sock"},
 		StateDir:            "/dev/shm/hook",
+		StateBudgetMiB:      32,
 		Timeout:             3 * time.Second,
 		RegistrationWait:    2 * time.Second,
 		FailurePolicy:       FailOpen,
@@ -148,6 +150,7 @@ func TestValidate(t *testing.T) {
 		{"broker id not a SPIFFE ID", func(c *Config) { c.BrokerSPIFFEID = "https://example.org/x" }, `broker_spiffe_id "https://example.org/x"`},
 		{"relative allowed socket", func(c *Config) { c.AllowedAgentSockets = []string{"/ok.sock", "rel.sock"} }, `allowed_agent_sockets entry "rel.sock"`},
 		{"relative state dir", func(c *Config) { c.StateDir = "run/hook" }, `state_dir "run/hook" must be an absolute path`},
+		{"zero state budget", func(c *Config) { c.StateBudgetMiB = 0 }, `state_budget_mib 0 must be positive`},
 		{"zero timeout", func(c *Config) { c.Timeout = 0 }, "timeout 0s must be positive"},
 		{"negative timeout", func(c *Config) { c.Timeout = -time.Second }, "timeout -1s must be positive"},
 		{"unknown policy", func(c *Config) { c.FailurePolicy = "fail-closd" }, `failure_policy "fail-closd" must be "fail-closed" or "fail-open"`},
@@ -253,6 +256,7 @@ refresher:
 		WorkloadAPISocket:   Default().WorkloadAPISocket,
 		AllowedAgentSockets: []string{"/file/other.sock"},
 		StateDir:            "/file/state",
+		StateBudgetMiB:      DefaultStateBudgetMiB,
 		Timeout:             4 * time.Second,
 		RegistrationWait:    Default().RegistrationWait,
 		FailurePolicy:       FailOpen,
@@ -299,6 +303,7 @@ refresher:
 		"--broker-socket", "/flag/broker.sock",
 		"--workload-api-socket", "/flag/api.sock",
 		"--state-dir", "/flag/state",
+		"--state-budget-mib", "200",
 		"--timeout", "1s",
 		"--registration-wait", "700ms",
 		"--failure-policy", FailClosed,
@@ -324,6 +329,7 @@ refresher:
 		WorkloadAPISocket:   "/flag/api.sock",
 		AllowedAgentSockets: []string{"/file/other.sock"},
 		StateDir:            "/flag/state",
+		StateBudgetMiB:      200,
 		Timeout:             time.Second,
 		RegistrationWait:    700 * time.Millisecond,
 		FailurePolicy:       FailClosed,

@@ -254,6 +254,8 @@ func (h *Hook) Create(ctx context.Context, req *Request) (err error) {
 	if h.Labeler != nil && rec.MountLabel != "" {
 		writer.Labeler = h.Labeler(rec.MountLabel)
 	}
+	rendered := make([][]files.File, len(req.Deliveries))
+	var sizes []int
 	for i, d := range req.Deliveries {
 		svid, err := agent.Select(update.SVIDs, d.SPIFFEID)
 		if err != nil {
@@ -271,16 +273,65 @@ func (h *Hook) Create(ctx context.Context, req *Request) (err error) {
 			}
 			fs = append(fs, jfs...)
 		}
-		dir := store.DeliveryDir(id, i)
-		if err := writer.Write(dir, fs, owner); err != nil {
-			return err
+		for _, f := range fs {
+			sizes = append(sizes, len(f.Data))
 		}
-		if err := mount.Bind(proc.FD(), rootfs, dir, d.CertDir); err != nil {
-			return fmt.Errorf("annotation %s: cert_dir %s: %w", req.Key, d.CertDir, err)
-		}
+		rendered[i] = fs
 		rec.Deliveries = append(rec.Deliveries, rd)
 	}
+	if err := h.write(store, id, req.Key, record.Footprint(sizes), func() error {
+		for i, fs := range rendered {
+			if err := writer.Write(store.DeliveryDir(id, i), fs, owner); err != nil {
+				return err
+			}
+		}
+		return nil
+	}); err != nil {
+		return err
+	}
+	for i, d := range req.Deliveries {
+		if err := mount.Bind(proc.FD(), rootfs, store.DeliveryDir(id, i), d.CertDir); err != nil {
+			return fmt.Errorf("annotation %s: cert_dir %s: %w", req.Key, d.CertDir, err)
+		}
+	}
 	return store.Save(rec)
+}
+
+// write runs write, which adds need bytes to the state directory, if the
+// node's budget (state_budget_mib) has room for them. What the state
+// directory holds is tmpfs pages charged to the refresher's memory, and
+// a pod chooses how many deliveries it asks for: past the budget the
+// refresher would outgrow its memory limit and stop rotating for every
+// container on the node. The check and the write hold the node-wide
+// budget lock, so that two hooks never both take the last room.
+func (h *Hook) write(store record.Store, id, key string, need int64, write func() error) error {
+	lock, err := store.LockBudget()
+	if err != nil {
+		return err
+	}
+	defer lock.Unlock()
+	// What the containers reserved, or what the state directory holds if
+	// more (containers served before the budget reserved nothing).
+	used, err := store.Reserved()
+	if err != nil {
+		return err
+	}
+	held, err := store.Used()
+	if err != nil {
+		return err
+	}
+	used = max(used, held)
+	budget := int64(h.Config.StateBudgetMiB) << 20
+	if used+need > budget {
+		return fmt.Errorf("annotation %s: its files need %d KiB and the containers served from the state directory %s take %.1f MiB of the node's state_budget_mib %d: "+
+			"refused, as the refresher's memory holds them; ask for fewer deliveries, run the pod on another node, "+
+			"or raise state_budget_mib together with the refresher's memory limit (docs/configuration.md)",
+			key, need>>10, store.Dir, float64(used)/(1<<20), h.Config.StateBudgetMiB)
+	}
+	if err := store.Reserve(id, need); err != nil {
+		return err
+	}
+	return write()
 }
 
 // refresherHint is what to do about a node no refresher serves.

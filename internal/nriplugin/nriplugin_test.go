@@ -3,6 +3,7 @@ package nriplugin
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"log/slog"
 	"net"
 	"os"
@@ -154,8 +155,8 @@ func TestThroughNRI(t *testing.T) {
 	if hooked(adj) {
 		t.Errorf("a container the pod did not ask for got the hook: %v", adj)
 	}
-	if got := adj.GetAnnotations(); len(got) != 1 || got[annotations.Key+".app"] != value {
-		t.Errorf("sidecar annotations %v, want only the pod's identity annotation", got)
+	if got := adj.GetAnnotations(); len(got) != 1 || got[annotations.Key+".app"] != "" {
+		t.Errorf("sidecar annotations %v, want only the pod's identity annotation's key, without its value", got)
 	}
 	adj = mustCreate(t, rt, map[string]string{"other": "x"}, nil, "plain")
 	if len(adj.GetAnnotations()) != 0 || hooked(adj) {
@@ -262,11 +263,11 @@ func TestAdjust(t *testing.T) {
 		wantAnn  []string // annotations copied onto the container
 	}{
 		{"unnamed key applies to every container", map[string]string{annotations.Key: v, "x": "y"}, nil, "any", true, []string{annotations.Key}},
-		{"named key wins; both copied", map[string]string{annotations.Key: "- cert_dir: /other\n", annotations.Key + ".app": v}, nil, "app", true, []string{annotations.Key, annotations.Key + ".app"}},
-		{"other container's key: copied, no hook", map[string]string{annotations.Key + ".db": v}, nil, "app", false, []string{annotations.Key + ".db"}},
+		{"named key wins; only it copied", map[string]string{annotations.Key: "- cert_dir: /other\n", annotations.Key + ".app": v}, nil, "app", true, []string{annotations.Key + ".app"}},
+		{"other container's key: its key copied without its value, no hook", map[string]string{annotations.Key + ".db": v}, nil, "app", false, []string{annotations.Key + ".db"}},
 		{"already allowlisted: no duplicate annotation", map[string]string{annotations.Key: v}, map[string]string{annotations.Key: v}, "app", true, nil},
 		{"container's own key (container_annotations allowlist), pod has none", nil, map[string]string{annotations.Key: v}, "app", true, nil},
-		{"container's own key next to another container's pod key", map[string]string{annotations.Key + ".db": v}, map[string]string{annotations.Key + ".app": v}, "app", true, []string{annotations.Key + ".db"}},
+		{"container's own key next to another container's pod key: nothing copied", map[string]string{annotations.Key + ".db": v}, map[string]string{annotations.Key + ".app": v}, "app", true, nil},
 		{"look-alike key is not ours", map[string]string{annotations.Key + "s": v, annotations.Key + "/x": v}, nil, "app", false, nil},
 	}
 	for _, c := range cases {
@@ -278,8 +279,8 @@ func TestAdjust(t *testing.T) {
 			var got []string
 			for k, val := range adj.GetAnnotations() {
 				got = append(got, k)
-				if val != c.pod[k] {
-					t.Errorf("copied %s=%q, the pod has %q", k, val, c.pod[k])
+				if want := c.pod[k]; val != want && (c.wantHook || val != "") {
+					t.Errorf("copied %s=%q, the pod has %q", k, val, want)
 				}
 			}
 			slices.Sort(got)
@@ -290,5 +291,39 @@ func TestAdjust(t *testing.T) {
 	}
 	if adj := Adjust(hook, &api.PodSandbox{}, &api.Container{Name: "app"}); adj != nil {
 		t.Errorf("a pod without annotations was adjusted: %v", adj)
+	}
+}
+
+// TestAdjustCopiesOnlyWhatApplies (issue 24, defect 3): a pod chooses its
+// annotations' number and size. Each container gets the one annotation
+// that applies to it, with its value; a container none applies to gets
+// one of the pod's identity keys without its value (so that a hook
+// injected by NRI's hook-injector sees that the pod asked for another
+// container). The other containers' annotations are never copied.
+func TestAdjustCopiesOnlyWhatApplies(t *testing.T) {
+	big := "- cert_dir: /certs\n#" + strings.Repeat("x", 250<<10)
+	pod := map[string]string{annotations.Key: "- cert_dir: /all\n"}
+	for i := range 100 {
+		pod[fmt.Sprintf("%s.n%03d", annotations.Key, i)] = big
+	}
+	size := func(adj *api.ContainerAdjustment) int {
+		n := 0
+		for k, v := range adj.GetAnnotations() {
+			n += len(k) + len(v)
+		}
+		return n
+	}
+	adj := Adjust(hook, &api.PodSandbox{Annotations: pod}, &api.Container{Name: "n007"})
+	if got := adj.GetAnnotations(); len(got) != 1 || got[annotations.Key+".n007"] != big || !hooked(adj) {
+		t.Errorf("container n007: %d annotations copied (%d bytes), hook %v; want only its own", len(got), size(adj), hooked(adj))
+	}
+	adj = Adjust(hook, &api.PodSandbox{Annotations: pod}, &api.Container{Name: "side"})
+	if got := adj.GetAnnotations(); len(got) != 1 || got[annotations.Key] != "- cert_dir: /all\n" || !hooked(adj) {
+		t.Errorf("container side: %d annotations copied (%d bytes), hook %v; want only %s", len(got), size(adj), hooked(adj), annotations.Key)
+	}
+	delete(pod, annotations.Key)
+	adj = Adjust(hook, &api.PodSandbox{Annotations: pod}, &api.Container{Name: "side"})
+	if got := adj.GetAnnotations(); len(got) != 1 || size(adj) > 100 || hooked(adj) {
+		t.Errorf("container side of a pod that asked for others: %d annotations copied (%d bytes), hook %v; want one key without its value, no hook", len(got), size(adj), hooked(adj))
 	}
 }

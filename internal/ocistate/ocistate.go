@@ -18,8 +18,40 @@ import (
 // (annotations included); anything far larger is not a runtime talking.
 const maxStateSize = 4 << 20
 
-// maxConfigSize bounds config.json for the same reason.
-const maxConfigSize = 16 << 20
+// MaxConfigSize bounds config.json for the same reason. A pod's
+// annotations, which CRI-O copies into it, are at most 256 KiB in
+// Kubernetes.
+const MaxConfigSize = 16 << 20
+
+// TooLargeError is a file larger than a runtime writes (ReadFile).
+type TooLargeError struct {
+	Name string
+	Max  int64
+}
+
+func (e *TooLargeError) Error() string {
+	return fmt.Sprintf("%s is larger than %d bytes", e.Name, e.Max)
+}
+
+// ReadFile reads a runtime's file that a container's annotations are
+// copied into (config.json, runc's state.json), so whose size a tenant
+// chooses: no more than max bytes are read, and a larger file is refused
+// with a *TooLargeError.
+func ReadFile(name string, max int64) ([]byte, error) {
+	f, err := os.Open(name)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	data, err := io.ReadAll(io.LimitReader(f, max+1))
+	if err != nil {
+		return nil, err
+	}
+	if int64(len(data)) > max {
+		return nil, &TooLargeError{Name: name, Max: max}
+	}
+	return data, nil
+}
 
 // ReadState decodes the OCI state a runtime writes to a hook's stdin.
 func ReadState(r io.Reader) (*specs.State, error) {
@@ -93,27 +125,23 @@ type hookSpec struct {
 // the hook uses: root, the process user, the user-namespace mappings, the
 // mount label and the annotations.
 func LoadSpec(bundle string) (*specs.Spec, error) {
-	f, err := os.Open(filepath.Join(bundle, "config.json"))
+	name := filepath.Join(bundle, "config.json")
+	data, err := ReadFile(name, MaxConfigSize)
+	if tl := (*TooLargeError)(nil); errors.As(err, &tl) {
+		return nil, fmt.Errorf("bundle config %s is larger than %d bytes", name, MaxConfigSize)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("reading bundle config: %w", err)
-	}
-	defer f.Close()
-	data, err := io.ReadAll(io.LimitReader(f, maxConfigSize+1))
-	if err != nil {
-		return nil, fmt.Errorf("reading bundle config: %w", err)
-	}
-	if len(data) > maxConfigSize {
-		return nil, fmt.Errorf("bundle config %s is larger than %d bytes", f.Name(), maxConfigSize)
 	}
 	var hs hookSpec
 	if err := json.Unmarshal(data, &hs); err != nil {
-		return nil, fmt.Errorf("bundle config %s is not valid JSON: %w", f.Name(), err)
+		return nil, fmt.Errorf("bundle config %s is not valid JSON: %w", name, err)
 	}
 	if hs.Root == nil || hs.Root.Path == "" {
-		return nil, fmt.Errorf("bundle config %s has no root.path", f.Name())
+		return nil, fmt.Errorf("bundle config %s has no root.path", name)
 	}
 	if hs.Process == nil {
-		return nil, fmt.Errorf("bundle config %s has no process", f.Name())
+		return nil, fmt.Errorf("bundle config %s has no process", name)
 	}
 	spec := &specs.Spec{Root: hs.Root, Process: &specs.Process{User: hs.Process.User}, Annotations: hs.Annotations}
 	if hs.Linux != nil {

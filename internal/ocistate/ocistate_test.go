@@ -182,7 +182,7 @@ func TestLoadSpecErrors(t *testing.T) {
 		})
 	}
 	t.Run("oversized", func(t *testing.T) {
-		bundle := writeConfig(t, `{"root":{"path":"r"},"process":{}}`+strings.Repeat(" ", maxConfigSize))
+		bundle := writeConfig(t, `{"root":{"path":"r"},"process":{}}`+strings.Repeat(" ", MaxConfigSize))
 		if _, err := LoadSpec(bundle); err == nil || !strings.Contains(err.Error(), "larger than 16777216 bytes") {
 			t.Fatalf("error = %v", err)
 		}

@@ -5,6 +5,7 @@
 //
 //	records/<container-id>.json        this package's records, root only
 //	containers/<container-id>/<n>/     delivery n's files (see package files)
+//	containers/<container-id>/.footprint  its reserved share of the state budget (budget.go)
 //	locks/<container-id>.lock          the container's lock (lock.go)
 //	fail-open/<container-id>.json      a fail-open start's trace (failopen.go)
 //

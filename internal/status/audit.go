@@ -8,7 +8,8 @@ import "time"
 type Audit struct {
 	// Time the audit ran; zero before the first.
 	Time time.Time `json:"time"`
-	// Checked counts the running containers that asked for an identity.
+	// Checked counts the running containers that asked for an identity,
+	// or that the audit cannot tell whether they did (CauseCRIUnreadable).
 	Checked int `json:"checked"`
 	// Unserved are those of them without a delivery.
 	Unserved []Unserved `json:"unserved"`
@@ -32,10 +33,14 @@ const (
 	CauseFailOpen          = "fail_open"
 	CauseEmptyAnnotation   = "empty_annotation"
 	CauseNoRecord          = "hook_left_no_record"
+	// CauseCRIUnreadable: a containerd container whose pod's annotations
+	// could not be read from the CRI; the audit cannot tell whether it
+	// asked.
+	CauseCRIUnreadable = "cri_unreadable"
 )
 
 // Causes lists every cause.
-var Causes = []string{CauseHookNotConfigured, CauseNRIPluginAbsent, CauseFailOpen, CauseEmptyAnnotation, CauseNoRecord}
+var Causes = []string{CauseHookNotConfigured, CauseNRIPluginAbsent, CauseFailOpen, CauseEmptyAnnotation, CauseNoRecord, CauseCRIUnreadable}
 
 // Unserved is a running container that asked for an identity and has no
 // delivery.

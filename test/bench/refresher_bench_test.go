@@ -179,6 +179,13 @@ func benchRefresher(t *testing.T, b bins, n int, res *results) scaleResult {
 // notification (sent after its first scan), as test/e2e does.
 func startRefresher(t *testing.T, bin, config, dir string) *exec.Cmd {
 	t.Helper()
+	return startRefresherArgs(t, []string{bin}, config, dir)
+}
+
+// startRefresherArgs is startRefresher with the refresher's command line
+// before --config (a wrapper, then the binary).
+func startRefresherArgs(t *testing.T, argv []string, config, dir string) *exec.Cmd {
+	t.Helper()
 	notify := filepath.Join(dir, "notify.sock")
 	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: notify, Net: "unixgram"})
 	if err != nil {
@@ -190,7 +197,7 @@ func startRefresher(t *testing.T, bin, config, dir string) *exec.Cmd {
 		t.Fatal(err)
 	}
 	defer logf.Close()
-	cmd := exec.Command(bin, "--config", config)
+	cmd := exec.Command(argv[0], append(argv[1:], "--config", config)...)
 	cmd.Env = append(os.Environ(), "NOTIFY_SOCKET="+notify)
 	// BENCH_REFRESHER_ENV (e.g. "GOMEMLIMIT=40MiB") reaches the refresher only.
 	cmd.Env = append(cmd.Env, strings.Fields(os.Getenv("BENCH_REFRESHER_ENV"))...)

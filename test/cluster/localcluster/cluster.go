@@ -27,6 +27,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/noderesource/spiffe-oci-hook/internal/config"
 )
 
 // CgroupRoot is the kubelet's cgroupRoot: its own tree, not test/cri's
@@ -173,7 +175,12 @@ func (c *Cluster) prepareHost() error {
 	if err := os.MkdirAll(StateDir, 0o700); err != nil {
 		return err
 	}
-	if err := unix.Mount("tmpfs", StateDir, "tmpfs", unix.MS_NOSUID|unix.MS_NODEV, "mode=0700"); err != nil {
+	// Sized from the node's state budget, which the hook enforces, plus
+	// half again for the generation a rotation writes before it removes
+	// the oldest: what tenants make it hold is charged to the
+	// refresher's memory (issue 24).
+	size := fmt.Sprintf("mode=0700,size=%dm", config.DefaultStateBudgetMiB*3/2)
+	if err := unix.Mount("tmpfs", StateDir, "tmpfs", unix.MS_NOSUID|unix.MS_NODEV, size); err != nil {
 		return fmt.Errorf("tmpfs on %s: %w", StateDir, err)
 	}
 	c.stateMount = true

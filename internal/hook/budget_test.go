@@ -1,0 +1,121 @@
+package hook
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"golang.org/x/sys/unix"
+
+	"github.com/noderesource/spiffe-oci-hook/internal/annotations"
+	"github.com/noderesource/spiffe-oci-hook/internal/config"
+	"github.com/noderesource/spiffe-oci-hook/internal/fakeagent"
+	"github.com/noderesource/spiffe-oci-hook/internal/record"
+)
+
+// defaultBudget is the node's default state budget (state_budget_mib).
+const defaultBudget = config.DefaultStateBudgetMiB << 20
+
+// TestStateBudget (issue 24, defect 2): the files the hook and the
+// refresher write are tmpfs pages charged to the refresher's memory, and
+// a pod chooses how many deliveries it asks for. Once the state directory
+// holds the node's budget, the hook refuses a container that asks for
+// more, with a line naming the budget, and leaves nothing behind; a
+// container that fits is served.
+func TestStateBudget(t *testing.T) {
+	if os.Getuid() != 0 {
+		t.Skip("needs root: tmpfs state directory and a mount namespace")
+	}
+	dir, err := os.MkdirTemp("/tmp", "hook-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	state := filepath.Join(dir, "state")
+	os.MkdirAll(state, 0o700)
+	if err := unix.Mount("tmpfs", state, "tmpfs", 0, "size=128m"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Unmount(state, unix.MNT_DETACH) })
+	socket := filepath.Join(dir, "a.sock")
+	fake, err := fakeagent.New("example.org", socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(fake.Stop)
+	fake.Default = []spiffeid.ID{spiffeid.RequireFromString("spiffe://example.org/tenant")}
+	bundle := filepath.Join(dir, "bundle")
+	os.MkdirAll(filepath.Join(bundle, "rootfs"), 0o755)
+	data, _ := json.Marshal(specs.Spec{Root: &specs.Root{Path: "rootfs"}, Process: &specs.Process{}})
+	os.WriteFile(filepath.Join(bundle, "config.json"), data, 0o644)
+
+	var sixteen strings.Builder
+	for i := range annotations.MaxDeliveries {
+		fmt.Fprintf(&sixteen, "- cert_dir: /certs/%d\n  credential_bundle_file_name: all.pem\n", i)
+	}
+	cfg := config.Default()
+	cfg.AgentAdminSocket = socket
+	cfg.StateDir = state
+	h := &Hook{Config: cfg}
+	create := func(id, value string) error {
+		proc := exec.Command("unshare", "--mount", "--propagation", "private", "sleep", "300")
+		if err := proc.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { proc.Process.Kill(); proc.Wait() })
+		own, _ := os.Readlink("/proc/self/ns/mnt")
+		for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+			if ns, _ := os.Readlink(filepath.Join("/proc", strconv.Itoa(proc.Process.Pid), "ns/mnt")); ns != "" && ns != own {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatal("unshare did not enter a new mount namespace")
+			}
+		}
+		req, err := Find(&specs.State{ID: id, Pid: proc.Process.Pid, Bundle: bundle, Annotations: map[string]string{annotations.Key: value}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return h.Create(context.Background(), req)
+	}
+
+	store := record.Store{Dir: state}
+	// A container well under the budget is served. It holds one
+	// generation of its files now; the refresher's first rewrite adds
+	// the second, which its reservation counts already.
+	before, _ := store.Used()
+	if err := create("first", sixteen.String()); err != nil {
+		t.Fatalf("16 deliveries on an empty node: %v", err)
+	}
+	after, _ := store.Used()
+	if reserved, _ := store.Reserved(); reserved < 2*(after-before) {
+		t.Errorf("the container reserved %d KiB; its first generation alone holds %d KiB", reserved>>10, (after-before)>>10)
+	}
+	// Other tenants' deliveries fill the state directory up to just under
+	// the budget (what they wrote stands in as one file).
+	var st unix.Statfs_t
+	unix.Statfs(state, &st)
+	used := int64(st.Blocks-st.Bfree) * st.Bsize
+	if err := os.WriteFile(filepath.Join(state, "others"), make([]byte, defaultBudget-used-64<<10), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	err = create("past", sixteen.String())
+	t.Logf("past the budget: %v", err)
+	if err == nil || !strings.Contains(err.Error(), "state_budget_mib") {
+		unix.Statfs(state, &st)
+		t.Fatalf("a container asking for 16 deliveries was served with the state directory at %.1f MiB, past the node's %d MiB budget (error %v)",
+			float64(int64(st.Blocks-st.Bfree)*st.Bsize)/(1<<20), defaultBudget>>20, err)
+	}
+	if _, err := os.Lstat(store.ContainerDir("past")); err == nil {
+		t.Error("the refused container's directory was left in the state directory")
+	}
+}
