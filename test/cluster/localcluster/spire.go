@@ -188,7 +188,10 @@ func (c *Cluster) Rollout(ns, what string, d time.Duration) error {
 		if time.Now().After(deadline) {
 			pods, _ := c.Kubectl("-n", ns, "get", "pods", "-o", "wide")
 			ev, _ := c.Kubectl("-n", ns, "get", "events", "--sort-by", ".lastTimestamp")
-			return fmt.Errorf("%s/%s did not roll out: %w\n%s\n%s", ns, what, err, pods, lastLines(string(ev), 20))
+			// What a crash-looping container said, this run and the last.
+			logs, _ := c.Kubectl("-n", ns, "logs", what, "--all-containers", "--prefix", "--tail", "15")
+			prev, _ := c.Kubectl("-n", ns, "logs", what, "--all-containers", "--prefix", "--previous", "--tail", "15")
+			return fmt.Errorf("%s/%s did not roll out: %w\n%s\n%s\nlogs:\n%s\nprevious logs:\n%s", ns, what, err, pods, lastLines(string(ev), 20), logs, prev)
 		}
 		time.Sleep(time.Second)
 	}
