@@ -310,8 +310,9 @@ func (h *Hook) write(store record.Store, id, key string, need int64, write func(
 		return err
 	}
 	defer lock.Unlock()
-	// What the containers reserved, or what the state directory holds if
-	// more (containers served before the budget reserved nothing).
+	// What the containers reserved, or what the state directory's own
+	// tmpfs holds if more (containers served before the budget reserved
+	// nothing); a shared /run counts only the reservations.
 	used, err := store.Reserved()
 	if err != nil {
 		return err

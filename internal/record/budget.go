@@ -33,8 +33,24 @@ func (s Store) LockBudget() (*Lock, error) {
 	return &Lock{f: f}, nil
 }
 
-// Used returns how many bytes the state directory's filesystem holds.
+// Used returns how many bytes the state directory's filesystem holds
+// when that filesystem is the state directory's own (a tmpfs mounted on
+// it, as the cluster harness and the tests do). On a filesystem it shares
+// (systemd's /run, which the tmpfiles.d entry and the DaemonSet's hostPath
+// use) the usage counts everything else there, a volatile journal in
+// /run/log/journal say, which is not the containers' to pay for: then 0,
+// and the containers' reservations alone count.
 func (s Store) Used() (int64, error) {
+	var dir, parent unix.Stat_t
+	if err := unix.Stat(s.Dir, &dir); err != nil {
+		return 0, fmt.Errorf("state directory: %w", err)
+	}
+	if err := unix.Stat(filepath.Dir(s.Dir), &parent); err != nil {
+		return 0, fmt.Errorf("state directory: %w", err)
+	}
+	if dir.Dev == parent.Dev {
+		return 0, nil
+	}
 	var st unix.Statfs_t
 	if err := unix.Statfs(s.Dir, &st); err != nil {
 		return 0, fmt.Errorf("state directory: %w", err)
