@@ -127,23 +127,7 @@ func TestHostileKernelFilesystems(t *testing.T) {
 
 			out, stderr, err := b.runc(t)
 			t.Logf("stderr: %s", strings.TrimSpace(stderr))
-			if err == nil || strings.Contains(out, "STARTED") {
-				t.Fatalf("the container started: out %q stderr %s", out, stderr)
-			}
-			for _, w := range []string{"container " + b.id + ":", "annotation " + annotation, "cert_dir", c.certDir, "kernel filesystem"} {
-				if !strings.Contains(stderr, w) {
-					t.Errorf("runc's error lacks the hook's %q: %s", w, stderr)
-				}
-			}
-			if d := diffSnapshots(rootfsBefore, snapshot(t, b.rootfs)); len(d) > 0 {
-				t.Errorf("rootfs changed by a refused delivery: %v", d)
-			}
-			for _, p := range e.listState() {
-				if strings.Contains(p, b.id) {
-					t.Errorf("state directory holds %s of the refused container", p)
-					break
-				}
-			}
+			refusedCleanly(t, e, b, rootfsBefore, out, stderr, err, "container "+b.id+":", "annotation "+annotation, "cert_dir", c.certDir, "kernel filesystem")
 			if m := mountsUnder(t, b.dir, e.stateDir); len(m) != len(mountsBefore) {
 				t.Errorf("mounted on the host: %v", m)
 			}

@@ -450,23 +450,7 @@ func TestHostileImages(t *testing.T) {
 					t.Errorf("the mount point %s is not inside the rootfs: %v", landsAt, err)
 				}
 			} else {
-				if err == nil || strings.Contains(out, "STARTED") {
-					t.Fatalf("the container started: out %q stderr %s", out, stderr)
-				}
-				for _, w := range append([]string{"annotation " + annotation}, c.refuse...) {
-					if !strings.Contains(stderr, w) {
-						t.Errorf("runc's error lacks %q: %s", w, stderr)
-					}
-				}
-				if d := diffSnapshots(rootfsBefore, snapshot(t, b.rootfs)); len(d) > 0 {
-					t.Errorf("rootfs changed by a refused delivery: %v", d)
-				}
-				for _, p := range e.listState() {
-					if strings.Contains(p, b.id) {
-						t.Errorf("state directory holds %s of the refused container", p)
-						break
-					}
-				}
+				refusedCleanly(t, e, b, rootfsBefore, out, stderr, err, append([]string{"annotation " + annotation}, c.refuse...)...)
 			}
 			if d := diffSnapshots(hostBefore, snapshot(t, hostParent)); len(d) > 0 {
 				t.Errorf("host directory changed: %v", d)
@@ -493,3 +477,28 @@ func symlink(t *testing.T, target, rootfs, name string) {
 		t.Fatal(err)
 	}
 }
+
+// refusedCleanly checks a container the hook refused: runc failed and the
+// command never ran, runc's error carries the hook's words, the rootfs is
+// as it was (rootfsBefore), and the state directory holds nothing of it.
+func refusedCleanly(t *testing.T, e *env, b *bundle, rootfsBefore map[string]string, out, stderr string, err error, words ...string) {
+	t.Helper()
+	if err == nil || strings.Contains(out, "STARTED") {
+		t.Fatalf("the container started: out %q stderr %s", out, stderr)
+	}
+	for _, w := range words {
+		if !strings.Contains(stderr, w) {
+			t.Errorf("runc's error lacks %q: %s", w, stderr)
+		}
+	}
+	if d := diffSnapshots(rootfsBefore, snapshot(t, b.rootfs)); len(d) > 0 {
+		t.Errorf("rootfs changed by a refused delivery: %v", d)
+	}
+	for _, p := range e.listState() {
+		if strings.Contains(p, b.id) {
+			t.Errorf("state directory holds %s of the refused container", p)
+			break
+		}
+	}
+}
+
