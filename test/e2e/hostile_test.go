@@ -501,4 +501,3 @@ func refusedCleanly(t *testing.T, e *env, b *bundle, rootfsBefore map[string]str
 		}
 	}
 }
-
