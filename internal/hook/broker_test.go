@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"errors"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -16,7 +15,6 @@ import (
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -42,22 +40,10 @@ type fakeNode struct {
 
 func newFakeNode(t *testing.T) *fakeNode {
 	t.Helper()
-	if os.Getuid() != 0 {
-		t.Skip("needs root: tmpfs state directory and a mount namespace")
-	}
-	dir, err := os.MkdirTemp("/tmp", "hook-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	state := filepath.Join(dir, "state")
-	os.MkdirAll(state, 0o700)
-	if err := unix.Mount("tmpfs", state, "tmpfs", 0, "size=16m"); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { unix.Unmount(state, unix.MNT_DETACH) })
+	dir, state := tempNode(t, 16)
 	n := &fakeNode{broker: filepath.Join(dir, "b.sock")}
 	admin := filepath.Join(dir, "a.sock")
+	var err error
 	if n.fake, err = fakeagent.New("example.org", admin); err != nil {
 		t.Fatal(err)
 	}
@@ -72,29 +58,14 @@ func newFakeNode(t *testing.T) *fakeNode {
 	os.MkdirAll(filepath.Join(bundle, "rootfs"), 0o755)
 	data, _ := json.Marshal(specs.Spec{Root: &specs.Root{Path: "rootfs"}, Process: &specs.Process{User: specs.User{UID: 1000, GID: 1000}}})
 	os.WriteFile(filepath.Join(bundle, "config.json"), data, 0o644)
-	proc := exec.Command("unshare", "--mount", "--propagation", "private", "sleep", "300")
-	if err := proc.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { proc.Process.Kill(); proc.Wait() })
-	own, _ := os.Readlink("/proc/self/ns/mnt")
-	for deadline := time.Now().Add(5 * time.Second); ; {
-		ns, _ := os.Readlink(filepath.Join("/proc", strconv.Itoa(proc.Process.Pid), "ns/mnt"))
-		if ns != "" && ns != own {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("unshare did not enter a new mount namespace")
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-	n.fake.Set(proc.Process.Pid, spiffeid.RequireFromString("spiffe://example.org/web"))
+	pid := initStandIn(t)
+	n.fake.Set(pid, spiffeid.RequireFromString("spiffe://example.org/web"))
 
 	n.cfg = config.Default()
 	n.cfg.AgentAdminSocket = admin
 	n.cfg.BrokerSocket = n.broker
 	n.cfg.StateDir = state
-	n.req, err = Find(&specs.State{ID: "c1", Pid: proc.Process.Pid, Bundle: bundle, Annotations: map[string]string{
+	n.req, err = Find(&specs.State{ID: "c1", Pid: pid, Bundle: bundle, Annotations: map[string]string{
 		annotations.Key: "- cert_dir: /certs\n  jwt_svids: [{jwt_audience: db, jwt_svid_file_name: db.token}]\n  jwt_bundle_file_name: jwt_bundle.json\n",
 	}})
 	if err != nil || n.req == nil {

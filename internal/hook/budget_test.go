@@ -5,12 +5,9 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"testing"
-	"time"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -32,20 +29,7 @@ const defaultBudget = config.DefaultStateBudgetMiB << 20
 // more, with a line naming the budget, and leaves nothing behind; a
 // container that fits is served.
 func TestStateBudget(t *testing.T) {
-	if os.Getuid() != 0 {
-		t.Skip("needs root: tmpfs state directory and a mount namespace")
-	}
-	dir, err := os.MkdirTemp("/tmp", "hook-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	state := filepath.Join(dir, "state")
-	os.MkdirAll(state, 0o700)
-	if err := unix.Mount("tmpfs", state, "tmpfs", 0, "size=128m"); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { unix.Unmount(state, unix.MNT_DETACH) })
+	dir, state := tempNode(t, 128)
 	socket := filepath.Join(dir, "a.sock")
 	fake, err := fakeagent.New("example.org", socket)
 	if err != nil {
@@ -67,21 +51,8 @@ func TestStateBudget(t *testing.T) {
 	cfg.StateDir = state
 	h := &Hook{Config: cfg}
 	create := func(id, value string) error {
-		proc := exec.Command("unshare", "--mount", "--propagation", "private", "sleep", "300")
-		if err := proc.Start(); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { proc.Process.Kill(); proc.Wait() })
-		own, _ := os.Readlink("/proc/self/ns/mnt")
-		for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(5 * time.Millisecond) {
-			if ns, _ := os.Readlink(filepath.Join("/proc", strconv.Itoa(proc.Process.Pid), "ns/mnt")); ns != "" && ns != own {
-				break
-			}
-			if time.Now().After(deadline) {
-				t.Fatal("unshare did not enter a new mount namespace")
-			}
-		}
-		req, err := Find(&specs.State{ID: id, Pid: proc.Process.Pid, Bundle: bundle, Annotations: map[string]string{annotations.Key: value}})
+		pid := initStandIn(t)
+		req, err := Find(&specs.State{ID: id, Pid: pid, Bundle: bundle, Annotations: map[string]string{annotations.Key: value}})
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -8,11 +8,9 @@ import (
 	"io"
 	"log/slog"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"sort"
-	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -20,7 +18,6 @@ import (
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	"golang.org/x/sys/unix"
 
 	"github.com/noderesource/spiffe-oci-hook/internal/annotations"
 	"github.com/noderesource/spiffe-oci-hook/internal/config"
@@ -67,20 +64,7 @@ func tmpLink(name string) string {
 // machine's kernel has no SELinux, so the seam is what can be tested here;
 // internal/label applies the label with go-selinux on a real node.
 func TestMountLabelSeam(t *testing.T) {
-	if os.Getuid() != 0 {
-		t.Skip("needs root: tmpfs state directory and a mount namespace")
-	}
-	dir, err := os.MkdirTemp("/tmp", "hook-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	state := filepath.Join(dir, "state")
-	os.MkdirAll(state, 0o700)
-	if err := unix.Mount("tmpfs", state, "tmpfs", 0, "size=16m"); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { unix.Unmount(state, unix.MNT_DETACH) })
+	dir, state := tempNode(t, 16)
 	socket := filepath.Join(dir, "a.sock")
 	fake, err := fakeagent.New("example.org", socket)
 	if err != nil {
@@ -100,22 +84,7 @@ func TestMountLabelSeam(t *testing.T) {
 	os.WriteFile(filepath.Join(bundle, "config.json"), data, 0o644)
 
 	// A process in a mount namespace of its own stands in for "runc init".
-	proc := exec.Command("unshare", "--mount", "--propagation", "private", "sleep", "300")
-	if err := proc.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { proc.Process.Kill(); proc.Wait() })
-	own, _ := os.Readlink("/proc/self/ns/mnt")
-	for deadline := time.Now().Add(5 * time.Second); ; {
-		ns, _ := os.Readlink(filepath.Join("/proc", strconv.Itoa(proc.Process.Pid), "ns/mnt"))
-		if ns != "" && ns != own {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("unshare did not enter a new mount namespace")
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	pid := initStandIn(t)
 
 	cfg := config.Default()
 	cfg.AgentAdminSocket = socket
@@ -128,7 +97,7 @@ func TestMountLabelSeam(t *testing.T) {
 		return rec
 	}
 	h := &Hook{Config: cfg, Labeler: labelerFor}
-	req, err := Find(&specs.State{ID: "labelled", Pid: proc.Process.Pid, Bundle: bundle, Annotations: map[string]string{annotations.Key: "- cert_dir: /certs\n"}})
+	req, err := Find(&specs.State{ID: "labelled", Pid: pid, Bundle: bundle, Annotations: map[string]string{annotations.Key: "- cert_dir: /certs\n"}})
 	if err != nil || req == nil {
 		t.Fatalf("Find: %v %v", req, err)
 	}
