@@ -259,10 +259,10 @@ func (e *ErrWaited) Error() string {
 
 func (e *ErrWaited) Unwrap() error { return e.Err }
 
-// retryable reports whether err may clear up within a wait: no entry yet,
+// Retryable reports whether err may clear up within a wait: no entry yet,
 // the agent restarting, or an attestation that failed while the process
 // lives (the kubelet may not list a new pod yet).
-func retryable(err error) bool {
+func Retryable(err error) bool {
 	return errors.Is(err, ErrNoIdentity) || errors.Is(err, ErrUnavailable) || errors.Is(err, ErrAttestationFailed)
 }
 
@@ -283,7 +283,7 @@ func (c *Client) FetchX509(ctx context.Context, pid int, w Wait) (*X509SVIDs, *x
 	delay := retryMin
 	for {
 		svids, set, err := c.fetchX509(ctx, pid, deadline)
-		if err == nil || !retryable(err) || ctx.Err() != nil {
+		if err == nil || !Retryable(err) || ctx.Err() != nil {
 			return svids, set, err
 		}
 		if errors.Is(err, ErrAttestationFailed) && w.Alive != nil && w.Alive() != nil {

@@ -189,8 +189,9 @@ func (h *Hook) Create(ctx context.Context, req *Request) (err error) {
 		jwtCancel() // its answer would not be used
 	}
 	jwt, jwtErr := jwtDone()
-	if err == nil && jwtErr != nil && retryableJWT(jwtErr) {
-		// Asked while the entry was still on its way: now it is there.
+	if err == nil && jwtErr != nil && agent.Retryable(jwtErr) {
+		// Asked while the entry was still on its way (or the agent was
+		// restarting): the X.509 wait has seen it clear up.
 		jwt, jwtErr = h.fetchJWT(ctx, client, proc.PID, req.Deliveries)()
 	}
 	if err == nil && jwtErr != nil {
@@ -397,12 +398,6 @@ func (h *Hook) fetchJWT(ctx context.Context, client *agent.Client, pid int, ds [
 		r := <-done
 		return r.jwt, r.err
 	}
-}
-
-// retryableJWT: the JWT request failed in a way the X.509 wait has since
-// seen clear up (no entry yet, the agent restarting).
-func retryableJWT(err error) bool {
-	return errors.Is(err, agent.ErrNoIdentity) || errors.Is(err, agent.ErrUnavailable) || errors.Is(err, agent.ErrAttestationFailed)
 }
 
 // jwtFiles renders a delivery's JWT files from the agent's answer.
