@@ -81,12 +81,16 @@ func TestRequireRefresher(t *testing.T) {
 	r := e.startRefresherWith(t, e.config)
 	t.Run("with the refresher: the identity", func(t *testing.T) { served(t) })
 
+	top := t
 	t.Run("rolling update: created between two refreshers, served by the second", func(t *testing.T) {
 		r.cmd.Process.Signal(syscall.SIGTERM)
 		r.cmd.Wait()
 		w := e.startWatcher(t)
 		w.waitVersions(t, e, 0, 10*time.Second)
-		r = e.startRefresherWith(t, e.config)
+		// The successor outlives this subtest: the next one stops it with
+		// SIGTERM (a cleanup of this subtest would SIGKILL it, and leave
+		// no stop's mark to check).
+		r = e.startRefresherWith(top, e.config)
 		start := time.Now()
 		v := w.waitVersions(t, e, 1, ttl+10*time.Second)
 		t.Logf("the container created between the refreshers saw a new certificate %s after the second one started; versions %v",
@@ -97,8 +101,12 @@ func TestRequireRefresher(t *testing.T) {
 		// The stop's mark is written after SIGTERM; how long the exit
 		// takes after it is not what this checks.
 		signalled := time.Now()
-		r.cmd.Process.Signal(syscall.SIGTERM)
-		r.cmd.Wait()
+		if err := r.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+			t.Fatalf("the refresher was not running before its uninstall: %v", err)
+		}
+		if err := r.cmd.Wait(); err != nil {
+			t.Fatalf("the refresher did not stop cleanly on SIGTERM: %v", err)
+		}
 		stopped := time.Now()
 		last, err := os.Stat(filepath.Join(e.stateDir, "refresher.alive"))
 		if err != nil || last.ModTime().Before(signalled.Add(-time.Second)) {
