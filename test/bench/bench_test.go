@@ -25,6 +25,8 @@ import (
 	"time"
 
 	"github.com/noderesource/spiffe-oci-hook/internal/spiretest"
+
+	"github.com/noderesource/spiffe-oci-hook/test/benchmd"
 )
 
 const (
@@ -48,9 +50,7 @@ type bins struct {
 }
 
 func TestBench(t *testing.T) {
-	if os.Getenv("SPIFFE_OCI_BENCH") == "" {
-		t.Skip("benchmarks: run `make bench` (sets SPIFFE_OCI_BENCH=1)")
-	}
+	benchmd.On(t)
 	if os.Getuid() != 0 {
 		t.Skip("benchmarks: need root (runc, mounts, SPIRE's unix attestor)")
 	}

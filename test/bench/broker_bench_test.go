@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	goruntime "runtime"
 	"strings"
 	"testing"
 	"time"
@@ -15,6 +14,8 @@ import (
 	"github.com/noderesource/spiffe-oci-hook/internal/files"
 	"github.com/noderesource/spiffe-oci-hook/internal/record"
 	"github.com/noderesource/spiffe-oci-hook/internal/spiretest"
+
+	"github.com/noderesource/spiffe-oci-hook/test/benchmd"
 )
 
 // apiResult is one agent API on one agent configuration.
@@ -31,9 +32,7 @@ type apiResult struct {
 // configurations (A: executable hashing, B: none), with spiffe-helper
 // one-shot as the yardstick. It writes its own section of BENCHMARKS.md.
 func TestBenchBrokerAPI(t *testing.T) {
-	if os.Getenv("SPIFFE_OCI_BENCH") == "" {
-		t.Skip("benchmarks: run `make bench` (sets SPIFFE_OCI_BENCH=1)")
-	}
+	benchmd.On(t)
 	if os.Getuid() != 0 {
 		t.Skip("benchmarks: need root (runc, mounts, SPIRE's unix attestor)")
 	}
@@ -217,33 +216,14 @@ func brokerReading(rs []apiResult) string {
 	return b.String()
 }
 
-// writeBenchSection replaces (or appends) section name of BENCHMARKS.md,
-// between <!-- begin name --> and <!-- end name --> as test/cri does.
+// writeBenchSection writes section name of BENCHMARKS.md.
 func writeBenchSection(t *testing.T, root, name, md string) {
 	t.Helper()
-	path := os.Getenv("BENCH_OUT")
-	if path == "" {
-		path = filepath.Join(root, "BENCHMARKS.md")
-	}
-	if path == "-" {
-		return
-	}
-	begin, end := "<!-- begin "+name+" -->\n", "<!-- end "+name+" -->\n"
-	data, _ := os.ReadFile(path)
-	doc := string(data)
-	load, _ := os.ReadFile("/proc/loadavg")
-	md = strings.TrimRight(md, "\n") + fmt.Sprintf("\n\nLoad average (1, 5, 15 min) when this section was written: %s, on %d CPUs.\n", strings.Join(strings.Fields(string(load))[:3], ", "), goruntime.NumCPU())
-	block := begin + md + end
-	if i, j := strings.Index(doc, begin), strings.Index(doc, end); i >= 0 && j > i {
-		doc = doc[:i] + block + doc[j+len(end):]
-	} else {
-		if doc != "" && !strings.HasSuffix(doc, "\n\n") {
-			doc = strings.TrimRight(doc, "\n") + "\n\n"
-		}
-		doc += block
-	}
-	if err := os.WriteFile(path, []byte(doc), 0o644); err != nil {
+	path, err := benchmd.WriteSection(root, name, md)
+	if err != nil {
 		t.Fatal(err)
 	}
-	progress("wrote section %q of %s", name, path)
+	if path != "" {
+		progress("wrote section %q of %s", name, path)
+	}
 }

@@ -21,6 +21,8 @@ import (
 	"github.com/noderesource/spiffe-oci-hook/internal/hook"
 	"github.com/noderesource/spiffe-oci-hook/internal/record"
 	"github.com/noderesource/spiffe-oci-hook/internal/spiretest"
+
+	"github.com/noderesource/spiffe-oci-hook/test/benchmd"
 )
 
 // TestBenchStateBudget (issue 24, defect 2) measures the refresher's
@@ -38,9 +40,7 @@ import (
 //
 //	SPIFFE_OCI_BENCH=1 go test -run '^TestBenchStateBudget$' -v ./test/bench
 func TestBenchStateBudget(t *testing.T) {
-	if os.Getenv("SPIFFE_OCI_BENCH") == "" {
-		t.Skip("benchmarks: run `make bench` (sets SPIFFE_OCI_BENCH=1)")
-	}
+	benchmd.On(t)
 	if os.Getuid() != 0 {
 		t.Skip("benchmarks: need root (tmpfs, mount namespaces, cgroups)")
 	}

@@ -4,52 +4,24 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	goruntime "runtime"
 	"slices"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/noderesource/spiffe-oci-hook/test/benchmd"
 )
 
 // The CRI benchmarks (make bench, SPIFFE_OCI_BENCH=1) each write one
-// section of BENCHMARKS.md, between markers, after test/bench has
-// rewritten the rest of it: a run of only these replaces only their
-// sections.
+// section of BENCHMARKS.md (test/benchmd), after test/bench has rewritten
+// the rest of it: a run of only these replaces only their sections.
 
-// benchOn skips unless make bench runs the test.
-func benchOn(t *testing.T) {
-	t.Helper()
-	if os.Getenv("SPIFFE_OCI_BENCH") == "" {
-		t.Skip("benchmarks: run `make bench` (sets SPIFFE_OCI_BENCH=1)")
-	}
-}
-
-// writeSection puts md between <!-- begin name --> and <!-- end name -->
-// in BENCHMARKS.md (BENCH_OUT overrides the path), appending the section
-// if the file has none.
+// writeSection writes section name of BENCHMARKS.md.
 func writeSection(t *testing.T, name, md string) {
 	t.Helper()
-	path := os.Getenv("BENCH_OUT")
-	if path == "" {
-		path = filepath.Join(repoRoot, "BENCHMARKS.md")
-	}
-	begin, end := "<!-- begin "+name+" -->\n", "<!-- end "+name+" -->\n"
-	data, _ := os.ReadFile(path)
-	doc := string(data)
-	// The machine is shared while some runs happen: say how busy it was.
-	load, _ := os.ReadFile("/proc/loadavg")
-	md = strings.TrimRight(md, "\n") + fmt.Sprintf("\n\nLoad average (1, 5, 15 min) when this section was written: %s, on %d CPUs.\n", strings.Join(strings.Fields(string(load))[:3], ", "), goruntime.NumCPU())
-	block := begin + md + end
-	if i, j := strings.Index(doc, begin), strings.Index(doc, end); i >= 0 && j > i {
-		doc = doc[:i] + block + doc[j+len(end):]
-	} else {
-		if doc != "" && !strings.HasSuffix(doc, "\n\n") {
-			doc = strings.TrimRight(doc, "\n") + "\n\n"
-		}
-		doc += block
-	}
-	if err := os.WriteFile(path, []byte(doc), 0o644); err != nil {
+	path, err := benchmd.WriteSection(repoRoot, name, md)
+	if err != nil {
 		t.Fatal(err)
 	}
 	t.Logf("wrote section %q of %s", name, path)

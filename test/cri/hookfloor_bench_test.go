@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"github.com/noderesource/spiffe-oci-hook/internal/spiretest"
+
+	"github.com/noderesource/spiffe-oci-hook/test/benchmd"
 )
 
 // hookParts are the hook's two costs the design could change, measured
@@ -31,7 +33,7 @@ type hookParts struct {
 // hook's `--version` against a static Go binary that does nothing), on
 // both agent configurations, with spiffe-helper one-shot as the yardstick.
 func TestBenchHookFloor(t *testing.T) {
-	benchOn(t)
+	benchmd.On(t)
 	requireTools(t)
 	rounds := envInt("BENCH_ROUNDS", 60)
 	n := newNode(t, tempDir(t, "bf-"))

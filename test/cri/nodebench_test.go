@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/noderesource/spiffe-oci-hook/internal/status"
+
+	"github.com/noderesource/spiffe-oci-hook/test/benchmd"
 )
 
 // nodeResult is what TestBenchNode measured.
@@ -55,7 +57,7 @@ type nodeResult struct {
 // rounds, an agent restart and a refresher SIGKILL, then the same number
 // of pods each with a spiffe-helper daemon sidecar instead.
 func TestBenchNode(t *testing.T) {
-	benchOn(t)
+	benchmd.On(t)
 	requireTools(t)
 	res := &nodeResult{
 		pods:      envInt("BENCH_NODE_PODS", 110),

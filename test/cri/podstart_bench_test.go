@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+
+	"github.com/noderesource/spiffe-oci-hook/test/benchmd"
 )
 
 // Pod start as a user of each pattern sees it: from `crictl runp` until
@@ -253,7 +255,7 @@ func (r *podStartResult) paired(p pattern) time.Duration {
 // CRI-O and containerd, on both agent configurations, the patterns in a
 // new random order every round.
 func TestBenchPodStart(t *testing.T) {
-	benchOn(t)
+	benchmd.On(t)
 	requireTools(t)
 	rounds := envInt("BENCH_POD_ROUNDS", 30)
 	warmup := 3
