@@ -9,10 +9,12 @@ package metrics
 
 import (
 	"math"
+	"net/http"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/noderesource/spiffe-oci-hook/internal/status"
 )
@@ -209,4 +211,9 @@ func boolValue(b bool) float64 {
 		return 1
 	}
 	return 0
+}
+
+// Handler serves the registry as /metrics does.
+func (m *Metrics) Handler() http.Handler {
+	return promhttp.HandlerFor(m.Registry, promhttp.HandlerOpts{Registry: m.Registry})
 }

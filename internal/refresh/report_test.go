@@ -156,7 +156,7 @@ func TestServer(t *testing.T) {
 	r, _ := n.start()
 	socket := filepath.Join(n.dir, "m.sock")
 	log := slog.New(slog.NewTextHandler(n.logs, nil))
-	srv, err := metrics.Listen(socket, "127.0.0.1:0", r.Metrics, r.Report, log)
+	srv, err := status.Listen(socket, "127.0.0.1:0", r.Metrics.Handler(), r.Report, log)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -187,7 +187,7 @@ func TestServer(t *testing.T) {
 			t.Errorf("TCP %s: HTTP %d, want %d", path, resp.StatusCode, want)
 		}
 	}
-	if _, err := metrics.Listen(socket, "", r.Metrics, r.Report, log); err == nil {
+	if _, err := status.Listen(socket, "", r.Metrics.Handler(), r.Report, log); err == nil {
 		t.Error("a second server took over a socket in use")
 	}
 }

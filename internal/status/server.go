@@ -1,4 +1,4 @@
-package metrics
+package status
 
 import (
 	"context"
@@ -13,12 +13,11 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus/promhttp"
-
-	"github.com/noderesource/spiffe-oci-hook/internal/status"
 )
 
-// Server serves the refresher's endpoints.
+// Server serves the refresher's endpoints: what the report (status.go)
+// says, as /status, /healthz and /readyz, and the Prometheus registry's
+// /metrics beside them.
 type Server struct {
 	log     *slog.Logger
 	servers []*http.Server
@@ -31,20 +30,20 @@ type Server struct {
 // /status; TCP leaves out /status, which names every container on the node.
 // A stale socket file is replaced; a socket another refresher still
 // answers on is an error.
-func Listen(socket, address string, m *Metrics, report func() status.Report, log *slog.Logger) (*Server, error) {
+func Listen(socket, address string, metrics http.Handler, report func() Report, log *slog.Logger) (*Server, error) {
 	s := &Server{log: log, socket: socket}
 	ln, err := listenUnix(socket)
 	if err != nil {
 		return nil, err
 	}
-	s.add(ln, handler(m, report, true))
+	s.add(ln, handler(metrics, report, true))
 	if address != "" {
 		tln, err := net.Listen("tcp", address)
 		if err != nil {
 			s.close()
 			return nil, fmt.Errorf("metrics address %s: %w", address, err)
 		}
-		s.add(tln, handler(m, report, false))
+		s.add(tln, handler(metrics, report, false))
 	}
 	return s, nil
 }
@@ -116,13 +115,13 @@ func listenUnix(path string) (net.Listener, error) {
 	return ln, nil
 }
 
-func handler(m *Metrics, report func() status.Report, withStatus bool) http.Handler {
+func handler(metrics http.Handler, report func() Report, withStatus bool) http.Handler {
 	mux := http.NewServeMux()
-	mux.Handle("GET "+status.PathMetrics, promhttp.HandlerFor(m.Registry, promhttp.HandlerOpts{Registry: m.Registry}))
-	mux.HandleFunc("GET "+status.PathHealthz, func(w http.ResponseWriter, _ *http.Request) {
+	mux.Handle("GET "+PathMetrics, metrics)
+	mux.HandleFunc("GET "+PathHealthz, func(w http.ResponseWriter, _ *http.Request) {
 		fmt.Fprintln(w, "ok")
 	})
-	mux.HandleFunc("GET "+status.PathReadyz, func(w http.ResponseWriter, _ *http.Request) {
+	mux.HandleFunc("GET "+PathReadyz, func(w http.ResponseWriter, _ *http.Request) {
 		ready, why := report().Ready()
 		if !ready {
 			w.WriteHeader(http.StatusServiceUnavailable)
@@ -130,7 +129,7 @@ func handler(m *Metrics, report func() status.Report, withStatus bool) http.Hand
 		fmt.Fprintln(w, why)
 	})
 	if withStatus {
-		mux.HandleFunc("GET "+status.PathStatus, func(w http.ResponseWriter, _ *http.Request) {
+		mux.HandleFunc("GET "+PathStatus, func(w http.ResponseWriter, _ *http.Request) {
 			w.Header().Set("Content-Type", "application/json")
 			json.NewEncoder(w).Encode(report())
 		})

@@ -150,3 +150,18 @@ func unwrapURL(err error) error {
 		err = u.Unwrap()
 	}
 }
+
+// Probe is the DaemonSet's liveness or readiness probe: it fetches
+// endpoint ("healthz" or "readyz") and returns the answer's text, or an
+// error unless the refresher answered HTTP 200.
+func (c *Client) Probe(ctx context.Context, endpoint string) (string, error) {
+	code, body, err := c.Get(ctx, "/"+endpoint)
+	if err != nil {
+		return "", err
+	}
+	text := strings.TrimSpace(string(body))
+	if code != http.StatusOK {
+		return "", fmt.Errorf("%s: HTTP %d: %s", endpoint, code, text)
+	}
+	return text, nil
+}
