@@ -88,6 +88,25 @@ type rawJWT struct {
 	issuedAt int64 // unix seconds; 0 if the API does not say
 }
 
+// recvEach adapts a stream of either API to the function the client
+// reads it through: the next response, converted.
+func recvEach[R, T any](s interface{ Recv() (R, error) }, convert func(R) (T, error)) func() (T, error) {
+	return func() (T, error) {
+		resp, err := s.Recv()
+		if err != nil {
+			var zero T
+			return zero, err
+		}
+		return convert(resp)
+	}
+}
+
+// nextBundles is recvEach for a bundle stream: the next response's
+// bundles, keyed by trust domain.
+func nextBundles[R any](s interface{ Recv() (R, error) }, bundles func(R) map[string][]byte) func() (map[string][]byte, error) {
+	return recvEach(s, func(resp R) (map[string][]byte, error) { return bundles(resp), nil })
+}
+
 // Client talks to one agent socket through one of its APIs.
 type Client struct {
 	socket string

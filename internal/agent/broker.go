@@ -109,11 +109,7 @@ func (b *broker) subscribeX509SVIDs(ctx context.Context, pid int) (func() (*rawX
 	if err != nil {
 		return nil, err
 	}
-	return func() (*rawX509, error) {
-		resp, err := s.Recv()
-		if err != nil {
-			return nil, err
-		}
+	return recvEach(s, func(resp *brokerv1.SubscribeToX509SVIDResponse) (*rawX509, error) {
 		out := &rawX509{bundles: map[string][]byte{}}
 		for i, sv := range resp.Svids {
 			id, err := spiffeid.FromString(sv.SpiffeId)
@@ -132,7 +128,7 @@ func (b *broker) subscribeX509SVIDs(ctx context.Context, pid int) (func() (*rawX
 			out.bundles[td] = der
 		}
 		return out, nil
-	}, nil
+	}), nil
 }
 
 func (b *broker) subscribeX509Bundles(ctx context.Context, pid int) (func() (map[string][]byte, error), error) {
@@ -144,13 +140,7 @@ func (b *broker) subscribeX509Bundles(ctx context.Context, pid int) (func() (map
 	if err != nil {
 		return nil, err
 	}
-	return func() (map[string][]byte, error) {
-		resp, err := s.Recv()
-		if err != nil {
-			return nil, err
-		}
-		return resp.Bundles, nil
-	}, nil
+	return nextBundles(s, (*brokerv1.SubscribeToX509BundlesResponse).GetBundles), nil
 }
 
 func (b *broker) fetchJWTSVIDs(ctx context.Context, pid int, audience []string) ([]rawJWT, error) {
@@ -180,13 +170,7 @@ func (b *broker) subscribeJWTBundles(ctx context.Context, pid int) (func() (map[
 	if err != nil {
 		return nil, err
 	}
-	return func() (map[string][]byte, error) {
-		resp, err := s.Recv()
-		if err != nil {
-			return nil, err
-		}
-		return resp.Bundles, nil
-	}, nil
+	return nextBundles(s, (*brokerv1.SubscribeToJWTBundlesResponse).GetBundles), nil
 }
 
 // reason returns the Broker API reason of st, if it carries one.

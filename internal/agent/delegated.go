@@ -43,11 +43,7 @@ func (d *delegated) subscribeX509SVIDs(ctx context.Context, pid int) (func() (*r
 	if err != nil {
 		return nil, err
 	}
-	return func() (*rawX509, error) {
-		resp, err := s.Recv()
-		if err != nil {
-			return nil, err
-		}
+	return recvEach(s, func(resp *delegatedidentityv1.SubscribeToX509SVIDsResponse) (*rawX509, error) {
 		out := &rawX509{federatesWith: resp.FederatesWith}
 		for _, sv := range resp.X509Svids {
 			if sv.X509Svid == nil {
@@ -57,7 +53,7 @@ func (d *delegated) subscribeX509SVIDs(ctx context.Context, pid int) (func() (*r
 			out.svids = append(out.svids, rawSVID{chain: bytes.Join(sv.X509Svid.CertChain, nil), key: sv.X509SvidKey, hint: sv.X509Svid.Hint})
 		}
 		return out, nil
-	}, nil
+	}), nil
 }
 
 func (d *delegated) subscribeX509Bundles(ctx context.Context, _ int) (func() (map[string][]byte, error), error) {
@@ -65,13 +61,7 @@ func (d *delegated) subscribeX509Bundles(ctx context.Context, _ int) (func() (ma
 	if err != nil {
 		return nil, err
 	}
-	return func() (map[string][]byte, error) {
-		resp, err := s.Recv()
-		if err != nil {
-			return nil, err
-		}
-		return resp.CaCertificates, nil
-	}, nil
+	return nextBundles(s, (*delegatedidentityv1.SubscribeToX509BundlesResponse).GetCaCertificates), nil
 }
 
 func (d *delegated) fetchJWTSVIDs(ctx context.Context, pid int, audience []string) ([]rawJWT, error) {
@@ -99,13 +89,7 @@ func (d *delegated) subscribeJWTBundles(ctx context.Context, _ int) (func() (map
 	if err != nil {
 		return nil, err
 	}
-	return func() (map[string][]byte, error) {
-		resp, err := s.Recv()
-		if err != nil {
-			return nil, err
-		}
-		return resp.Bundles, nil
-	}, nil
+	return nextBundles(s, (*delegatedidentityv1.SubscribeToJWTBundlesResponse).GetBundles), nil
 }
 
 // explain turns a gRPC error into one that says what the operator should
