@@ -111,6 +111,21 @@ func (a *Agent) SubscribeToJWTBundles(_ *delegatedidentityv1.SubscribeToJWTBundl
 	}
 }
 
+// RotateJWTKey replaces the JWT signing key (a JWT authority rotation):
+// the bundle streams send the new JWKS, so a test can tell a JWT bundle
+// file written from the stream from one carried over.
+func (a *Agent) RotateJWTKey() error {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return err
+	}
+	a.mu.Lock()
+	a.jwtKey = key
+	a.mu.Unlock()
+	a.Rotate()
+	return nil
+}
+
 // jwtSigner returns the agent's JWT signing key, made on first use.
 func (a *Agent) jwtSigner() (*ecdsa.PrivateKey, error) {
 	a.mu.Lock()

@@ -46,6 +46,12 @@ type File struct {
 	Mode os.FileMode
 }
 
+// Modes of the identity files: only the owner reads the key.
+const (
+	KeyMode  = 0o600
+	CertMode = 0o644
+)
+
 // Owner is who owns the files (as seen from the host).
 type Owner struct {
 	UID int `json:"uid"`

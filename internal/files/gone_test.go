@@ -54,29 +54,3 @@ func TestWriteDropsGoneFiles(t *testing.T) {
 		t.Fatalf("partner bundle after re-federation = %q, %v", b, err)
 	}
 }
-
-// TestRedact: a trust bundle file the generation on disk has and the new
-// set lacks comes back empty; other files and present ones are untouched.
-func TestRedact(t *testing.T) {
-	requireRoot(t)
-	dir := filepath.Join(t.TempDir(), "d")
-	const sfx = ".spiffe-trust-bundle.x509.pem"
-	old := []File{
-		{Name: "credential-bundle.private-key.x509.pem", Data: []byte("k"), Mode: KeyMode},
-		{Name: "a.test" + sfx, Data: []byte("a"), Mode: CertMode},
-		{Name: "b.test" + sfx, Data: []byte("b"), Mode: CertMode},
-	}
-	if got := Redact(dir, old[:1], sfx); len(got) != 1 {
-		t.Fatalf("nothing on disk yet: %d files", len(got))
-	}
-	if err := (Writer{}).Write(dir, old, testOwner); err != nil {
-		t.Fatal(err)
-	}
-	got := Redact(dir, []File{old[0], old[2]}, sfx)
-	if len(got) != 3 || got[2].Name != "a.test"+sfx || len(got[2].Data) != 0 || got[2].Mode != CertMode {
-		t.Fatalf("Redact = %+v, want b kept and a emptied", got)
-	}
-	if got := Redact(dir, old, sfx); len(got) != 3 {
-		t.Fatalf("nothing withdrawn: %d files", len(got))
-	}
-}

@@ -11,7 +11,6 @@ import (
 	"time"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
-	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/noderesource/spiffe-oci-hook/internal/agent"
 	"github.com/noderesource/spiffe-oci-hook/internal/annotations"
@@ -22,6 +21,7 @@ import (
 	"github.com/noderesource/spiffe-oci-hook/internal/ocistate"
 	"github.com/noderesource/spiffe-oci-hook/internal/process"
 	"github.com/noderesource/spiffe-oci-hook/internal/record"
+	"github.com/noderesource/spiffe-oci-hook/internal/render"
 	"github.com/noderesource/spiffe-oci-hook/internal/userns"
 )
 
@@ -257,22 +257,23 @@ func (h *Hook) Create(ctx context.Context, req *Request) (err error) {
 	}
 	rendered := make([][]files.File, len(req.Deliveries))
 	var sizes []int
+	var jwtBundles agent.JWTBundles
+	if jwt != nil {
+		jwtBundles = jwt.Bundles
+	}
 	for i, d := range req.Deliveries {
 		svid, err := agent.Select(update.SVIDs, d.SPIFFEID)
 		if err != nil {
 			return fmt.Errorf("annotation %s: delivery %d: %w", req.Key, i, err)
 		}
 		rd := record.Delivery{Delivery: d, Delivered: svid.ID.String()}
-		fs, err := files.Identity(rd.Names(), svid, bundles, update.FederatesWith)
+		fs, err := render.Delivery(d, render.Input{SVID: svid, Bundles: bundles, FederatesWith: update.FederatesWith, JWT: jwt, JWTBundles: jwtBundles})
+		// A JWT file's error does not say which delivery it is of.
+		if jerr := (*render.JWTError)(nil); errors.As(err, &jerr) {
+			return fmt.Errorf("annotation %s: delivery %d: %w", req.Key, i, err)
+		}
 		if err != nil {
 			return err
-		}
-		if d.WantsJWT() {
-			jfs, err := jwtFiles(d, svid.ID, update.FederatesWith, jwt)
-			if err != nil {
-				return fmt.Errorf("annotation %s: delivery %d: %w", req.Key, i, err)
-			}
-			fs = append(fs, jfs...)
 		}
 		for _, f := range fs {
 			sizes = append(sizes, len(f.Data))
@@ -398,26 +399,6 @@ func (h *Hook) fetchJWT(ctx context.Context, client *agent.Client, pid int, ds [
 		r := <-done
 		return r.jwt, r.err
 	}
-}
-
-// jwtFiles renders a delivery's JWT files from the agent's answer.
-func jwtFiles(d annotations.Delivery, id spiffeid.ID, federatesWith []spiffeid.TrustDomain, jwt *agent.JWT) ([]files.File, error) {
-	var out []files.File
-	for _, j := range d.JWTSVIDs {
-		f, err := files.JWTSVIDFor(j, id, jwt)
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, f)
-	}
-	if d.JWTBundleFileName != "" {
-		f, err := files.JWTBundle(d.JWTBundleFileName, id.TrustDomain(), federatesWith, jwt.Bundles)
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, f)
-	}
-	return out, nil
 }
 
 // Poststop forgets container id: its record and files.

@@ -119,14 +119,11 @@ func TestMountLabelSeam(t *testing.T) {
 	}
 
 	// A rotation by the refresher labels the new generation and ..data.
-	r := refresh.New(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
-	r.Labeler = labelerFor
 	writes := make(chan struct{}, 16)
-	r.OnWrite = func(string, int) { writes <- struct{}{} }
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- r.Run(ctx, nil) }()
-	t.Cleanup(func() { cancel(); <-done })
+	startRefresher(t, cfg, func(r *refresh.Refresher) {
+		r.Labeler = labelerFor
+		r.OnWrite = func(string, int) { writes <- struct{}{} }
+	})
 	// The fake agent mints a new SVID for every new stream, so the
 	// refresher's first update is itself a rotation; wait for it.
 	waitWrite := func() {
@@ -146,6 +143,20 @@ func TestMountLabelSeam(t *testing.T) {
 	}
 	time.Sleep(100 * time.Millisecond) // the bundle update may follow; it must not relabel anything unchanged
 	checkLabelled(t, "rotation", rec.take(), delivery, []string{gen2, gen2 + "/svid.pem", gen2 + "/svid_key.pem", gen2 + "/svid_bundle.pem", gen2 + "/" + ownTD, tmpLink(files.DataLink)})
+}
+
+// startRefresher runs a refresher on cfg's node, configured by configure
+// (when not nil), until t ends.
+func startRefresher(t *testing.T, cfg config.Config, configure func(*refresh.Refresher)) {
+	t.Helper()
+	r := refresh.New(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if configure != nil {
+		configure(r)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- r.Run(ctx, nil) }()
+	t.Cleanup(func() { cancel(); <-done })
 }
 
 func checkLabelled(t *testing.T, when string, got []string, dir string, want []string) {

@@ -55,19 +55,6 @@ type Delivery struct {
 	Delivered string `json:"delivered_spiffe_id"`
 }
 
-// Names returns the delivery's file names.
-func (d Delivery) Names() files.Names {
-	if d.Layout == annotations.LayoutSPIFFEFS {
-		return files.Names{CredentialBundle: annotations.SPIFFEFSCredentialBundle, TrustBundleSuffix: annotations.SPIFFEFSTrustBundleSuffix, Redact: true}
-	}
-	return files.Names{
-		SVID: d.SVIDFileName, Key: d.KeyFileName, Bundle: d.BundleFileName,
-		CredentialBundle:  d.CredentialBundleFileName,
-		TrustBundleSuffix: annotations.TrustBundleSuffix,
-		IncludeFederated:  bool(d.IncludeFederatedDomains),
-	}
-}
-
 // Store is a state directory.
 type Store struct {
 	Dir string

@@ -21,6 +21,7 @@ import (
 	"github.com/noderesource/spiffe-oci-hook/internal/files"
 	"github.com/noderesource/spiffe-oci-hook/internal/process"
 	"github.com/noderesource/spiffe-oci-hook/internal/record"
+	"github.com/noderesource/spiffe-oci-hook/internal/render"
 )
 
 // container is one served container. One goroutine serves it: run, which
@@ -316,26 +317,21 @@ func (c *container) write(ctx context.Context) (ok bool) {
 			clean = false
 			continue
 		}
-		names := d.Names()
-		fs, err := files.Identity(names, svid, bundles, c.svids.FederatesWith)
+		dir := c.r.store.DeliveryDir(c.rec.ID, i)
+		fs, err := render.Delivery(d.Delivery, render.Input{
+			SVID: svid, Bundles: bundles, FederatesWith: c.svids.FederatesWith,
+			JWT: c.jwt, JWTBundles: c.agent.JWTBundles(), Current: generation(dir),
+		})
+		if jerr := (*render.JWTError)(nil); errors.As(err, &jerr) {
+			// A new token or bundle brings the next try.
+			c.reportWrite(fmt.Errorf("delivery %d (%s): %w; keeping the current files", i, d.CertDir, err), err.Error())
+			clean = false
+			continue
+		}
 		if err != nil {
 			c.reportWrite(err, err.Error())
 			clean = false
 			continue
-		}
-		dir := c.r.store.DeliveryDir(c.rec.ID, i)
-		if d.WantsJWT() {
-			jfs, err := c.jwtFiles(d.Delivery, svid.ID, dir)
-			if err != nil {
-				// A new token or bundle brings the next try.
-				c.reportWrite(fmt.Errorf("delivery %d (%s): %w; keeping the current files", i, d.CertDir, err), err.Error())
-				clean = false
-				continue
-			}
-			fs = append(fs, jfs...)
-		}
-		if names.Redact {
-			fs = files.Redact(dir, fs, names.TrustBundleSuffix)
 		}
 		sum := fingerprint(fs)
 		if bytes.Equal(sum, c.written[i]) || (c.written[i] == nil && onDisk(dir, fs)) {

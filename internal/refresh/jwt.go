@@ -7,8 +7,6 @@ import (
 	"path/filepath"
 	"time"
 
-	"github.com/spiffe/go-spiffe/v2/spiffeid"
-
 	"github.com/noderesource/spiffe-oci-hook/internal/agent"
 	"github.com/noderesource/spiffe-oci-hook/internal/annotations"
 	"github.com/noderesource/spiffe-oci-hook/internal/files"
@@ -99,50 +97,21 @@ func (c *container) reportJWT(err error) {
 	c.r.log.Warn("container JWT-SVIDs", "container", c.rec.ID, "pid", c.proc.PID, "error", fmt.Errorf("%w; keeping the current tokens", err))
 }
 
-// jwtFiles renders delivery d's JWT files for identity id. What the
-// refresher has not received yet (it asks for tokens and opens the bundle
-// stream when it starts serving a container) is carried over from the
-// current generation, so that an X.509 rotation never drops a token file.
-func (c *container) jwtFiles(d annotations.Delivery, id spiffeid.ID, dir string) ([]files.File, error) {
-	var out []files.File
-	for _, j := range d.JWTSVIDs {
-		if c.jwt == nil {
-			f, err := current(dir, j.FileName, files.KeyMode)
-			if err != nil {
-				return nil, err
-			}
-			out = append(out, f)
-			continue
-		}
-		f, err := files.JWTSVIDFor(j, id, c.jwt)
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, f)
-	}
-	if d.JWTBundleFileName != "" {
-		jwks := c.agent.JWTBundles()
-		if jwks == nil {
-			f, err := current(dir, d.JWTBundleFileName, files.CertMode)
-			if err != nil {
-				return nil, err
-			}
-			return append(out, f), nil
-		}
-		f, err := files.JWTBundle(d.JWTBundleFileName, id.TrustDomain(), c.svids.FederatesWith, jwks)
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, f)
-	}
-	return out, nil
-}
+// generation is a delivery directory, whose current generation a
+// rotation replaces. What the refresher has not received yet (it asks for
+// tokens and opens the bundle stream when it starts serving a container)
+// is carried over from it, so that an X.509 rotation never drops a token
+// file; a layout that redacts learns from it which trust domains went.
+type generation string
 
-// current reads file name of dir's current generation, to write it again.
-func current(dir, name string, mode os.FileMode) (files.File, error) {
-	cur, err := files.Read(dir, name)
+// List names the files of the current generation.
+func (g generation) List() ([]string, error) { return files.List(string(g)) }
+
+// File reads file name of the current generation, to write it again.
+func (g generation) File(name string, mode os.FileMode) (files.File, error) {
+	cur, err := files.Read(string(g), name)
 	if err != nil {
-		return files.File{}, fmt.Errorf("%s not received from the agent yet, and the current one is unreadable: %w", filepath.Join(dir, name), err)
+		return files.File{}, fmt.Errorf("%s not received from the agent yet, and the current one is unreadable: %w", filepath.Join(string(g), name), err)
 	}
 	return files.File{Name: name, Data: cur[name], Mode: mode}, nil
 }

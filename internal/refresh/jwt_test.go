@@ -2,7 +2,6 @@ package refresh
 
 import (
 	"bytes"
-	"context"
 	"strings"
 	"testing"
 	"time"
@@ -46,49 +45,10 @@ func TestNextJWTRenewal(t *testing.T) {
 // JWT bundles, and returns the container id.
 func (n *node) deliverJWT(pid int) string {
 	n.t.Helper()
-	id := n.deliver(pid)
-	rec, err := n.store.Load(id)
-	if err != nil {
-		n.t.Fatal(err)
-	}
-	d := &rec.Deliveries[0]
+	d := classic
 	d.JWTSVIDs = []*annotations.JWTSVID{{Audience: "db", FileName: "jwt.token"}}
 	d.JWTBundleFileName = "jwt_bundle.json"
-	client, err := agent.New(n.socket)
-	if err != nil {
-		n.t.Fatal(err)
-	}
-	defer client.Close()
-	jwt, err := client.FetchJWT(context.Background(), pid, agent.JWTRequest{Audiences: [][]string{{"db"}}, Bundles: true})
-	if err != nil {
-		n.t.Fatal(err)
-	}
-	dir := n.store.DeliveryDir(id, 0)
-	cur, err := files.Read(dir, "svid.pem", "svid_key.pem", "svid_bundle.pem")
-	if err != nil {
-		n.t.Fatal(err)
-	}
-	tok, err := files.JWTSVIDFor(d.JWTSVIDs[0], workload, jwt)
-	if err != nil {
-		n.t.Fatal(err)
-	}
-	bundle, err := files.JWTBundle("jwt_bundle.json", workload.TrustDomain(), nil, jwt.Bundles)
-	if err != nil {
-		n.t.Fatal(err)
-	}
-	fs := []files.File{
-		{Name: "svid.pem", Data: cur["svid.pem"], Mode: files.CertMode},
-		{Name: "svid_key.pem", Data: cur["svid_key.pem"], Mode: files.KeyMode},
-		{Name: "svid_bundle.pem", Data: cur["svid_bundle.pem"], Mode: files.CertMode},
-		tok, bundle,
-	}
-	if err := (files.Writer{}).Write(dir, fs, rec.Owner); err != nil {
-		n.t.Fatal(err)
-	}
-	if err := n.store.Save(rec); err != nil {
-		n.t.Fatal(err)
-	}
-	return id
+	return n.deliverDelivery(pid, true, d)
 }
 
 func (n *node) token(id string) string {

@@ -28,6 +28,7 @@ import (
 	"github.com/noderesource/spiffe-oci-hook/internal/metrics"
 	"github.com/noderesource/spiffe-oci-hook/internal/process"
 	"github.com/noderesource/spiffe-oci-hook/internal/record"
+	"github.com/noderesource/spiffe-oci-hook/internal/render"
 )
 
 var workload = spiffeid.RequireFromString("spiffe://example.org/workload")
@@ -131,8 +132,15 @@ func (n *node) deliverInstance(id string, pid int, waitStreams bool, ad annotati
 	if waitStreams {
 		eventually(n.t, 5*time.Second, "fetch streams closed", func() bool { return n.agent.SVIDStreams() <= streams })
 	}
+	in := render.Input{SVID: update.SVIDs[0], Bundles: bundles, FederatesWith: update.FederatesWith}
+	if auds, jwtBundles := annotations.JWTRequests([]annotations.Delivery{ad}); len(auds) > 0 || jwtBundles {
+		if in.JWT, err = client.FetchJWT(context.Background(), pid, agent.JWTRequest{Audiences: auds, Bundles: jwtBundles}); err != nil {
+			n.t.Fatal(err)
+		}
+		in.JWTBundles = in.JWT.Bundles
+	}
 	d := record.Delivery{Delivery: ad, Delivered: update.SVIDs[0].ID.String()}
-	fs, err := files.Identity(d.Names(), update.SVIDs[0], bundles, update.FederatesWith)
+	fs, err := render.Delivery(ad, in)
 	if err != nil {
 		n.t.Fatal(err)
 	}

@@ -12,6 +12,7 @@ import (
 	"github.com/noderesource/spiffe-oci-hook/internal/annotations"
 	"github.com/noderesource/spiffe-oci-hook/internal/files"
 	"github.com/noderesource/spiffe-oci-hook/internal/record"
+	"github.com/noderesource/spiffe-oci-hook/internal/render"
 )
 
 // ReadDelivery reads delivery i of rec from the state directory: the
@@ -22,7 +23,7 @@ func ReadDelivery(store record.Store, rec record.Record, i int) (leaf *x509.Cert
 	// The leaf is the first certificate of the SVID file or, in a layout
 	// that has none (spiffe-fs), of the credential bundle, where it follows
 	// the key.
-	names := rec.Deliveries[i].Names()
+	names := render.NamesOf(rec.Deliveries[i].Delivery)
 	name := names.SVID
 	if name == "" && names.CredentialBundle != "" {
 		name = names.CredentialBundle

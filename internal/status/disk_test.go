@@ -15,6 +15,7 @@ import (
 	"github.com/noderesource/spiffe-oci-hook/internal/annotations"
 	"github.com/noderesource/spiffe-oci-hook/internal/files"
 	"github.com/noderesource/spiffe-oci-hook/internal/record"
+	"github.com/noderesource/spiffe-oci-hook/internal/render"
 )
 
 // TestReadDeliveryLayouts: status reads the leaf from svid.pem, and from
@@ -44,7 +45,7 @@ func TestReadDeliveryLayouts(t *testing.T) {
 		file files.File
 	}{
 		{"default", annotations.Delivery{SVIDFileName: annotations.DefaultSVIDFileName}, files.File{Name: annotations.DefaultSVIDFileName, Data: certPEM, Mode: files.CertMode}},
-		{"spiffe-fs", annotations.Delivery{Layout: annotations.LayoutSPIFFEFS}, files.File{Name: annotations.SPIFFEFSCredentialBundle, Data: files.CredentialBundle(keyPEM, certPEM), Mode: files.KeyMode}},
+		{"spiffe-fs", annotations.Delivery{Layout: annotations.LayoutSPIFFEFS}, files.File{Name: annotations.SPIFFEFSCredentialBundle, Data: render.CredentialBundle(keyPEM, certPEM), Mode: files.KeyMode}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			store := record.Store{Dir: t.TempDir()}

@@ -25,6 +25,7 @@ import (
 	"github.com/noderesource/spiffe-oci-hook/internal/files"
 	"github.com/noderesource/spiffe-oci-hook/internal/process"
 	"github.com/noderesource/spiffe-oci-hook/internal/record"
+	"github.com/noderesource/spiffe-oci-hook/internal/render"
 )
 
 // Part 3: the refresher at scale, against the fake agent.
@@ -86,7 +87,7 @@ func benchRefresher(t *testing.T, b bins, n int, res *results) scaleResult {
 		t.Fatal(err)
 	}
 	d := record.Delivery{Delivery: ds[0], Delivered: update.SVIDs[0].ID.String()}
-	fs, err := files.Identity(d.Names(), update.SVIDs[0], bundles, nil)
+	fs, err := render.Delivery(ds[0], render.Input{SVID: update.SVIDs[0], Bundles: bundles})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,4 +1,4 @@
-package files
+package render
 
 import (
 	"bytes"
@@ -11,36 +11,15 @@ import (
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+
+	"github.com/noderesource/spiffe-oci-hook/internal/files"
 )
 
-// Names are the file names of a delivery. An empty name is not written.
-type Names struct {
-	SVID, Key, Bundle string
-	// CredentialBundle is the one-file layout: key, then chain (see
-	// CredentialBundle).
-	CredentialBundle string
-	// TrustBundleSuffix, when set, writes one file per trust domain the
-	// SVID's holder may talk to, its own included, named
-	// <trust-domain><TrustBundleSuffix>: each peer is checked against its
-	// own trust domain's bundle only.
-	TrustBundleSuffix string
-	// IncludeFederated puts the federated trust domains' bundles into
-	// Bundle after the own one (spiffe-helper's include_federated_domains),
-	// for applications that take one CA file. Without it Bundle holds the
-	// SVID's own trust domain only: SPIFFE says never to mix bundles.
-	IncludeFederated bool
-	// Redact keeps the file of a trust domain no longer trusted, empty,
-	// instead of removing it (see Redact).
-	Redact bool
-}
+// The error messages here keep the "files: " they began with when this
+// code lived in package files: docs/troubleshooting.md lists them so, and
+// an operator's alert may match them.
 
-// Modes of the identity files: only the owner reads the key.
-const (
-	KeyMode  = 0o600
-	CertMode = 0o644
-)
-
-// Identity renders an SVID and the bundles its holder should trust (its own
+// identity renders an SVID and the bundles its holder should trust (its own
 // trust domain's and those it federates with) as the files of a delivery:
 // the leaf and intermediates as PEM, the PKCS#8 key as PEM, the trust
 // bundles as PEM, and the credential bundle. Both inputs come from
@@ -48,7 +27,7 @@ const (
 // domain the agent has no bundle for is left out, so a relationship that
 // ended (its bundle deleted, or the entry no longer federating with it)
 // drops its files at the next write.
-func Identity(n Names, svid *x509svid.SVID, bundles *x509bundle.Set, federatesWith []spiffeid.TrustDomain) ([]File, error) {
+func identity(n Names, svid *x509svid.SVID, bundles *x509bundle.Set, federatesWith []spiffeid.TrustDomain) ([]files.File, error) {
 	certs, key, err := svid.Marshal()
 	if err != nil {
 		return nil, fmt.Errorf("files: encoding SVID %s: %w", svid.ID, err)
@@ -82,24 +61,24 @@ func Identity(n Names, svid *x509svid.SVID, bundles *x509bundle.Set, federatesWi
 		}
 	}
 
-	var out []File
+	var out []files.File
 	add := func(name string, data []byte, mode os.FileMode) {
 		if name != "" {
-			out = append(out, File{Name: name, Data: data, Mode: mode})
+			out = append(out, files.File{Name: name, Data: data, Mode: mode})
 		}
 	}
-	add(n.SVID, certs, CertMode)
-	add(n.Key, key, KeyMode)
+	add(n.SVID, certs, files.CertMode)
+	add(n.Key, key, files.KeyMode)
 	trust := ownPEM
 	if n.IncludeFederated {
 		trust = bytes.Join(append([][]byte{ownPEM}, fedPEM...), nil)
 	}
-	add(n.Bundle, trust, CertMode)
-	add(n.CredentialBundle, CredentialBundle(key, certs), KeyMode)
+	add(n.Bundle, trust, files.CertMode)
+	add(n.CredentialBundle, CredentialBundle(key, certs), files.KeyMode)
 	if n.TrustBundleSuffix != "" {
-		add(TrustBundleFileName(ownTD, n.TrustBundleSuffix), ownPEM, CertMode)
+		add(trustBundleFileName(ownTD, n.TrustBundleSuffix), ownPEM, files.CertMode)
 		for i, b := range feds {
-			add(TrustBundleFileName(b.TrustDomain(), n.TrustBundleSuffix), fedPEM[i], CertMode)
+			add(trustBundleFileName(b.TrustDomain(), n.TrustBundleSuffix), fedPEM[i], files.CertMode)
 		}
 	}
 	return out, nil
@@ -144,31 +123,27 @@ func bundlePEM(b *x509bundle.Bundle) ([]byte, error) {
 	return data, nil
 }
 
-// Redact returns fs plus an empty file for every trust bundle file (name
-// ending in suffix) that dir's current generation holds and fs does not.
-// The draft SPIFFE Filesystem Delivery standard (section 2.3) asks for
-// this: an empty file says the trust domain was withdrawn, while an absent
-// one may be a remount, so a reader of the draft may keep trusting a
-// domain whose file merely went away.
-func Redact(dir string, fs []File, suffix string) []File {
-	have, err := List(dir)
-	if err != nil {
-		return fs
-	}
-	slices.Sort(have)
+// redact returns fs plus an empty file for every trust bundle file (name
+// ending in suffix) among have (the current generation's files) that fs
+// does not hold. The draft SPIFFE Filesystem Delivery standard (section
+// 2.3) asks for this: an empty file says the trust domain was withdrawn,
+// while an absent one may be a remount, so a reader of the draft may keep
+// trusting a domain whose file merely went away.
+func redact(have []string, fs []files.File, suffix string) []files.File {
+	have = slices.Sorted(slices.Values(have))
 	for _, name := range have {
-		if strings.HasSuffix(name, suffix) && !slices.ContainsFunc(fs, func(f File) bool { return f.Name == name }) {
-			fs = append(fs, File{Name: name, Data: []byte{}, Mode: CertMode})
+		if strings.HasSuffix(name, suffix) && !slices.ContainsFunc(fs, func(f files.File) bool { return f.Name == name }) {
+			fs = append(fs, files.File{Name: name, Data: []byte{}, Mode: files.CertMode})
 		}
 	}
 	return fs
 }
 
-// TrustBundleFileName names trust domain td's own bundle file. Trust domain
+// trustBundleFileName names trust domain td's own bundle file. Trust domain
 // names hold only [a-z0-9._-] (go-spiffe checks), so the name is a plain
 // file name; one starting with "." would enter the writer's reserved
 // "..*" names and is not written.
-func TrustBundleFileName(td spiffeid.TrustDomain, suffix string) string {
+func trustBundleFileName(td spiffeid.TrustDomain, suffix string) string {
 	if strings.HasPrefix(td.Name(), ".") {
 		return ""
 	}
@@ -181,7 +156,7 @@ func TrustBundleFileName(td spiffeid.TrustDomain, suffix string) string {
 // "CERTIFICATE" blocks of the chain, leaf first, with no other block
 // types, no data between blocks and no PEM headers. key and certs are
 // go-spiffe's encoding of a parsed SVID, which is exactly that. It holds
-// the key, so it is written with KeyMode.
+// the key, so it is written with files.KeyMode.
 func CredentialBundle(key, certs []byte) []byte {
 	out := make([]byte, 0, len(key)+len(certs))
 	return append(append(out, key...), certs...)

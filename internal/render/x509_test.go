@@ -1,4 +1,4 @@
-package files
+package render
 
 import (
 	"bytes"
@@ -21,6 +21,8 @@ import (
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+
+	"github.com/noderesource/spiffe-oci-hook/internal/files"
 )
 
 type testCA struct {
@@ -91,9 +93,9 @@ func (ca *testCA) bundle() *x509bundle.Bundle {
 
 var testNames = Names{SVID: "cert.pem", Key: "key.pem", Bundle: "ca.pem"}
 
-func filesByName(t *testing.T, fs []File) map[string]File {
+func filesByName(t *testing.T, fs []files.File) map[string]files.File {
 	t.Helper()
-	m := map[string]File{}
+	m := map[string]files.File{}
 	for _, f := range fs {
 		if _, dup := m[f.Name]; dup {
 			t.Fatalf("file %s twice", f.Name)
@@ -108,12 +110,12 @@ func TestIdentity(t *testing.T) {
 	svid := ca.svid(t, "spiffe://example.org/web")
 	set := x509bundle.NewSet(ca.bundle())
 
-	fs, err := Identity(testNames, svid, set, nil)
+	fs, err := identity(testNames, svid, set, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if len(fs) != 3 {
-		t.Fatalf("Identity returned %d files", len(fs))
+		t.Fatalf("identity returned %d files", len(fs))
 	}
 	m := filesByName(t, fs)
 	cert, key, bundle := m["cert.pem"], m["key.pem"], m["ca.pem"]
@@ -184,7 +186,7 @@ func TestIdentityFederation(t *testing.T) {
 
 	// Default: the bundle file holds the own trust domain only; one file
 	// per trust domain, each holding that domain's CA alone.
-	fs, err := Identity(names, svid, set, federates)
+	fs, err := identity(names, svid, set, federates)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -198,28 +200,28 @@ func TestIdentityFederation(t *testing.T) {
 		"another.test.trust-bundle.pem": fed2.cert,
 	}
 	if len(fs) != 3+len(want) {
-		t.Fatalf("Identity returned %d files, want the three and %d trust bundles", len(fs), len(want))
+		t.Fatalf("identity returned %d files, want the three and %d trust bundles", len(fs), len(want))
 	}
 	for name, cert := range want {
 		f, ok := m[name]
 		if !ok {
 			t.Fatalf("no %s", name)
 		}
-		if c := pemCerts(t, f.Data); len(c) != 1 || !c[0].Equal(cert) || f.Mode != CertMode {
+		if c := pemCerts(t, f.Data); len(c) != 1 || !c[0].Equal(cert) || f.Mode != files.CertMode {
 			t.Fatalf("%s holds %d certificates (mode %v), want its own CA alone", name, len(c), f.Mode)
 		}
 	}
 	// The agent's order does not change the files.
 	slices.Reverse(federates)
-	again, err := Identity(names, svid, set, federates)
-	if err != nil || !slices.EqualFunc(fs[1:], again[1:], func(a, b File) bool { return a.Name == b.Name && bytes.Equal(a.Data, b.Data) }) {
+	again, err := identity(names, svid, set, federates)
+	if err != nil || !slices.EqualFunc(fs[1:], again[1:], func(a, b files.File) bool { return a.Name == b.Name && bytes.Equal(a.Data, b.Data) }) {
 		t.Fatalf("federatesWith order changed the files (%v)", err)
 	}
 
 	// include_federated_domains: own CA first, then the federated ones in
 	// name order.
 	names.IncludeFederated = true
-	fs, err = Identity(names, svid, set, federates)
+	fs, err = identity(names, svid, set, federates)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -229,7 +231,7 @@ func TestIdentityFederation(t *testing.T) {
 	}
 
 	// A federation that ended: its bundle is gone from the agent's set.
-	fs, err = Identity(names, svid, x509bundle.NewSet(ca.bundle(), fed2.bundle()), federates)
+	fs, err = identity(names, svid, x509bundle.NewSet(ca.bundle(), fed2.bundle()), federates)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -237,7 +239,7 @@ func TestIdentityFederation(t *testing.T) {
 		t.Fatalf("after partner.test's bundle went away: %d files, partner.test's still there: %v", len(fs), ok)
 	}
 	// No suffix, no per-trust-domain files.
-	if fs, _ := Identity(testNames, svid, set, federates); len(fs) != 3 {
+	if fs, _ := identity(testNames, svid, set, federates); len(fs) != 3 {
 		t.Fatalf("without a suffix: %d files", len(fs))
 	}
 }
@@ -247,16 +249,16 @@ func TestIdentityMissingBundle(t *testing.T) {
 	other := newCA(t, "other.test")
 	svid := ca.svid(t, "spiffe://example.org/web")
 
-	fs, err := Identity(testNames, svid, x509bundle.NewSet(other.bundle()), nil)
+	fs, err := identity(testNames, svid, x509bundle.NewSet(other.bundle()), nil)
 	if err == nil {
-		t.Fatalf("Identity() = %d files, want error", len(fs))
+		t.Fatalf("identity() = %d files, want error", len(fs))
 	}
 	for _, want := range []string{"no bundle for trust domain example.org", "spiffe://example.org/web"} {
 		if !strings.Contains(err.Error(), want) {
 			t.Fatalf("error %q does not contain %q", err, want)
 		}
 	}
-	if _, err := Identity(testNames, svid, x509bundle.NewSet(), nil); err == nil {
+	if _, err := identity(testNames, svid, x509bundle.NewSet(), nil); err == nil {
 		t.Fatal("empty bundle set: no error")
 	}
 }
@@ -294,17 +296,17 @@ func TestIdentityCredentialBundle(t *testing.T) {
 	svid.Certificates = append(svid.Certificates, inter.cert)
 	names := testNames
 	names.CredentialBundle = "credential-bundle.pem"
-	fs, err := Identity(names, svid, x509bundle.NewSet(ca.bundle()), nil)
+	fs, err := identity(names, svid, x509bundle.NewSet(ca.bundle()), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	m := filesByName(t, fs)
 	cb, ok := m["credential-bundle.pem"]
 	if !ok || len(fs) != 4 {
-		t.Fatalf("Identity returned %d files, want the three and the credential bundle", len(fs))
+		t.Fatalf("identity returned %d files, want the three and the credential bundle", len(fs))
 	}
-	if cb.Mode != KeyMode {
-		t.Fatalf("credential bundle mode %v, want %v: it holds the key", cb.Mode, os.FileMode(KeyMode))
+	if cb.Mode != files.KeyMode {
+		t.Fatalf("credential bundle mode %v, want %v: it holds the key", cb.Mode, os.FileMode(files.KeyMode))
 	}
 	blocks := strictBlocks(t, cb.Data)
 	if len(blocks) != 3 || blocks[0].Type != "PRIVATE KEY" || blocks[1].Type != "CERTIFICATE" || blocks[2].Type != "CERTIFICATE" {
@@ -330,7 +332,7 @@ func TestIdentityCredentialBundle(t *testing.T) {
 	}
 
 	// Alone: the credential bundle without the three classic files.
-	fs, err = Identity(Names{CredentialBundle: "c.pem"}, svid, x509bundle.NewSet(ca.bundle()), nil)
+	fs, err = identity(Names{CredentialBundle: "c.pem"}, svid, x509bundle.NewSet(ca.bundle()), nil)
 	if err != nil || len(fs) != 1 || fs[0].Name != "c.pem" {
 		t.Fatalf("credential bundle alone: %d files, %v", len(fs), err)
 	}

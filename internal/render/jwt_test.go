@@ -1,4 +1,4 @@
-package files
+package render
 
 import (
 	"encoding/base64"
@@ -9,6 +9,7 @@ import (
 
 	"github.com/noderesource/spiffe-oci-hook/internal/agent"
 	"github.com/noderesource/spiffe-oci-hook/internal/annotations"
+	"github.com/noderesource/spiffe-oci-hook/internal/files"
 )
 
 func TestJWTBundle(t *testing.T) {
@@ -20,11 +21,11 @@ func TestJWTBundle(t *testing.T) {
 		fed:   []byte(`{"keys":[{"kid":"p"}]}`),
 		other: []byte(`{"keys":[{"kid":"o"}]}`),
 	}
-	f, err := JWTBundle("b.json", own, []spiffeid.TrustDomain{fed}, jwks)
+	f, err := jwtBundle("b.json", own, []spiffeid.TrustDomain{fed}, jwks)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if f.Name != "b.json" || f.Mode != CertMode {
+	if f.Name != "b.json" || f.Mode != files.CertMode {
 		t.Fatalf("file %s mode %o", f.Name, f.Mode)
 	}
 	var m map[string]string
@@ -36,12 +37,12 @@ func TestJWTBundle(t *testing.T) {
 	}
 	// Same input, same bytes: the refresher compares them.
 	for range 20 {
-		g, _ := JWTBundle("b.json", own, []spiffeid.TrustDomain{fed}, jwks)
+		g, _ := jwtBundle("b.json", own, []spiffeid.TrustDomain{fed}, jwks)
 		if string(g.Data) != string(f.Data) {
-			t.Fatal("JWTBundle is not deterministic")
+			t.Fatal("jwtBundle is not deterministic")
 		}
 	}
-	if _, err := JWTBundle("b.json", other, nil, map[spiffeid.TrustDomain][]byte{own: nil}); err == nil {
+	if _, err := jwtBundle("b.json", other, nil, map[spiffeid.TrustDomain][]byte{own: nil}); err == nil {
 		t.Fatal("no error without the own trust domain's bundle")
 	}
 }
@@ -55,16 +56,16 @@ func TestJWTSVIDFor(t *testing.T) {
 		Audiences: [][]string{{"a"}},
 		SVIDs:     [][]*agent.JWTSVID{{{ID: theirs, Token: "T"}, {ID: mine, Token: "M"}}},
 	}
-	f, err := JWTSVIDFor(j, mine, jwt)
-	if err != nil || string(f.Data) != "M" || f.Mode != KeyMode || f.Name != "t" {
-		t.Fatalf("JWTSVIDFor = %+v, %v; want the token for %s, mode 0600", f, err, mine)
+	f, err := jwtSVIDFor(j, mine, jwt)
+	if err != nil || string(f.Data) != "M" || f.Mode != files.KeyMode || f.Name != "t" {
+		t.Fatalf("jwtSVIDFor = %+v, %v; want the token for %s, mode 0600", f, err, mine)
 	}
 	other := spiffeid.RequireFromPath(td, "/other")
-	if _, err := JWTSVIDFor(j, other, jwt); err == nil {
+	if _, err := jwtSVIDFor(j, other, jwt); err == nil {
 		t.Fatal("a token for another identity was chosen")
 	}
 	j.ExtraAudiences = []*string{&aud}
-	if _, err := JWTSVIDFor(j, mine, jwt); err == nil {
+	if _, err := jwtSVIDFor(j, mine, jwt); err == nil {
 		t.Fatal("a token for other audiences was chosen")
 	}
 }
