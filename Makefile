@@ -256,11 +256,15 @@ demo: test-deps tool-spire115 build
 # under CRI-O and containerd per pattern; about 5 minutes), node (a full
 # node of 110 pods under CRI-O with the real agent; about 9 minutes) and
 # broker (the hook with the Delegated Identity API against the SPIFFE
-# Broker API, on SPIRE 1.15.3; about 3 minutes). The last three replace
-# only their own sections. BENCH_ROUNDS, BENCH_SCALES,
+# Broker API, on SPIRE 1.15.3; about 3 minutes) and registration (new
+# pods registered by spire-controller-manager on the real cluster, the
+# hook against a spiffe-helper init container, SPIRE's default intervals
+# and 1 s; about 20 minutes per runtime, BENCH_REG_RUNTIMES, default crio).
+# The last four replace only their own sections. BENCH_ROUNDS, BENCH_SCALES,
 # BENCH_IDLE, BENCH_ROTATIONS, BENCH_POD_ROUNDS, BENCH_RUNTIMES,
-# BENCH_NODE_PODS, BENCH_NODE_TTL and BENCH_NODE_ROTATIONS tune them.
-BENCH_PARTS ?= runc hookfloor podstart node broker
+# BENCH_NODE_PODS, BENCH_NODE_TTL, BENCH_NODE_ROTATIONS and BENCH_REG_PODS
+# tune them.
+BENCH_PARTS ?= runc hookfloor podstart node broker registration
 bench: spire cri-tools build
 	@set -e; tmp=$$(mktemp -d /tmp/bench-bin.XXXXXX); trap 'rm -rf "$$tmp"' EXIT; \
 	ulimit -n $$(ulimit -Hn); \
@@ -271,6 +275,7 @@ bench: spire cri-tools build
 	podstart) $(GO) test -c -o "$$tmp/cri.test" ./test/cri; (cd test/cri && "$$tmp/cri.test" -test.run '^TestBenchPodStart$$' -test.timeout 30m -test.v) ;; \
 	node) $(GO) test -c -o "$$tmp/cri.test" ./test/cri; (cd test/cri && "$$tmp/cri.test" -test.run '^TestBenchNode$$' -test.timeout 60m -test.v) ;; \
 	broker) $(GO) test -c -o "$$tmp/bench.test" ./test/bench; "$$tmp/bench.test" -test.run '^TestBenchBrokerAPI$$' -test.timeout 20m ;; \
+	registration) $(GO) test -c -o "$$tmp/cluster.test" ./test/cluster; (cd test/cluster && "$$tmp/cluster.test" -test.run '^TestBenchRegistration$$' -test.timeout 90m -test.v) ;; \
 	*) echo "BENCH_PARTS: unknown part $$part" >&2; exit 2 ;; \
 	esac; done
 

@@ -19,32 +19,36 @@ import (
 
 // TestClusterCRIO: CRI-O with its stock hooks configuration, the project
 // installed with `helm install ... --set runtime=crio`.
-// The upgrade also sets refresher_grace to uninstallGrace (nodeConfig),
-// for the uninstall scenario.
-func TestClusterCRIO(t *testing.T) {
-	runCluster(t, "crio", lifecycle{
-		install: func(c *localcluster.Cluster) error { return c.InstallHelm() },
-		upgrade: func(c *localcluster.Cluster) error {
-			cfg, err := shortGraceConfig(c)
-			if err != nil {
-				return err
-			}
-			return c.UpgradeHelm("--set-file", "nodeConfig="+cfg)
-		},
-		uninstall: func(c *localcluster.Cluster) error { return c.UninstallHelm() },
-	})
-}
+func TestClusterCRIO(t *testing.T) { runCluster(t, "crio", crioLifecycle) }
 
 // TestClusterContainerd: containerd with NRI (the containerd-nri
 // overlay's toml), the project installed with `kubectl apply -k` of that
 // overlay, unmodified.
-func TestClusterContainerd(t *testing.T) {
-	const overlay = "overlays/containerd-nri"
-	runCluster(t, "containerd", lifecycle{
-		install:   func(c *localcluster.Cluster) error { return c.InstallKustomize(overlay, "broker") },
-		upgrade:   func(c *localcluster.Cluster) error { return c.UpgradeKustomize(overlay, "broker") },
-		uninstall: func(c *localcluster.Cluster) error { return c.UninstallKustomize() },
-	})
+func TestClusterContainerd(t *testing.T) { runCluster(t, "containerd", containerdLifecycle) }
+
+// crioLifecycle installs with Helm. The upgrade also sets
+// refresher_grace to uninstallGrace (nodeConfig), for the uninstall
+// scenario.
+var crioLifecycle = lifecycle{
+	install: func(c *localcluster.Cluster) error { return c.InstallHelm() },
+	upgrade: func(c *localcluster.Cluster) error {
+		cfg, err := shortGraceConfig(c)
+		if err != nil {
+			return err
+		}
+		return c.UpgradeHelm("--set-file", "nodeConfig="+cfg)
+	},
+	uninstall: func(c *localcluster.Cluster) error { return c.UninstallHelm() },
+}
+
+// containerdOverlay is the kustomize overlay the containerd cluster
+// applies, with the broker component.
+const containerdOverlay = "overlays/containerd-nri"
+
+var containerdLifecycle = lifecycle{
+	install:   func(c *localcluster.Cluster) error { return c.InstallKustomize(containerdOverlay, "broker") },
+	upgrade:   func(c *localcluster.Cluster) error { return c.UpgradeKustomize(containerdOverlay, "broker") },
+	uninstall: func(c *localcluster.Cluster) error { return c.UninstallKustomize() },
 }
 
 // lifecycle is how one runtime's test installs, upgrades (to
@@ -80,6 +84,19 @@ type env struct {
 }
 
 func runCluster(t *testing.T, runtime string, lc lifecycle) {
+	e := startCluster(t, runtime, lc, localcluster.Options{})
+	for _, s := range scenarios {
+		if !t.Run(s.name, func(t *testing.T) { s.run(t, e) }) {
+			break
+		}
+	}
+	t.Logf("cluster: memory of the node's processes and pods: %s", memory(e.Cluster))
+}
+
+// startCluster brings up runtime's cluster, with extra's SPIREInterval and
+// SpiffeHelperBin, and installs the project; the cluster goes down, and
+// the host is restored, when t ends.
+func startCluster(t *testing.T, runtime string, lc lifecycle, extra localcluster.Options) *env {
 	if testing.Short() {
 		t.Skip("cluster: skipped in -short mode")
 	}
@@ -103,6 +120,7 @@ func runCluster(t *testing.T, runtime string, lc lifecycle) {
 	c, err := localcluster.Up(localcluster.Options{
 		Runtime: runtime, Dir: dir, RepoRoot: root, ToolDir: toolDir,
 		SPIREBinDir: filepath.Dir(spireServer), Log: testLog{t},
+		SPIREInterval: extra.SPIREInterval, SpiffeHelperBin: extra.SpiffeHelperBin,
 	})
 	if err != nil {
 		logs(t, dir)
@@ -135,13 +153,7 @@ func runCluster(t *testing.T, runtime string, lc lifecycle) {
 		t.Fatal(err)
 	}
 	t.Logf("cluster: spiffe-oci-hook DaemonSet Ready %.1fs after install", time.Since(installStart).Seconds())
-	e := &env{Cluster: c, lifecycle: lc}
-	for _, s := range scenarios {
-		if !t.Run(s.name, func(t *testing.T) { s.run(t, e) }) {
-			break
-		}
-	}
-	t.Logf("cluster: memory of the node's processes and pods: %s", memory(c))
+	return &env{Cluster: c, lifecycle: lc}
 }
 
 type testLog struct{ t *testing.T }

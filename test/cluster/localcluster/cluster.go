@@ -70,6 +70,14 @@ type Options struct {
 	SPIREBinDir string
 	// Log receives progress lines.
 	Log io.Writer
+	// SPIREInterval, when set, is both the server's cache_reload_interval
+	// and the agent's sync_interval (experimental settings; SPIRE's
+	// default is 5 s for each): how soon a new entry reaches the agent.
+	// For make bench.
+	SPIREInterval time.Duration
+	// SpiffeHelperBin, when set, is a spiffe-helper binary that Up puts
+	// into SpiffeHelperImage. For make bench.
+	SpiffeHelperBin string
 }
 
 // Cluster is a running cluster.

@@ -27,6 +27,9 @@ const (
 	SPIREImage = "localhost/spiffe-oci-hook-test/spire:" + SPIREVersion
 	// ProjectImage is deploy/Containerfile's layout, built from bin/.
 	ProjectImage = "localhost/spiffe-oci-hook:dev"
+	// SpiffeHelperImage is busybox with spiffe-helper at
+	// /usr/bin/spiffe-helper (Options.SpiffeHelperBin), for make bench.
+	SpiffeHelperImage = "localhost/spiffe-oci-hook-test/spiffe-helper:cluster"
 	// ReleaseImage is the tag the kustomize overlays name: the same local
 	// image, so that `kubectl apply -k` of an unmodified overlay finds it
 	// (imagePullPolicy IfNotPresent) without a registry.
@@ -177,6 +180,28 @@ type image struct {
 }
 
 func (c *Cluster) images() []image {
+	imgs := c.baseImages()
+	if c.SpiffeHelperBin != "" {
+		imgs = append(imgs, image{
+			names:   []string{SpiffeHelperImage},
+			changes: []string{"ENV " + imagePath},
+			fill: func(r *rootfs) error {
+				if err := r.busybox(); err != nil {
+					return err
+				}
+				r.dir("/tmp", 0o1777) // for its configuration
+				if err := r.file("/usr/bin/spiffe-helper", c.SpiffeHelperBin, 0o755); err != nil {
+					return fmt.Errorf("spiffe-helper image: %w", err)
+				}
+				return r.sharedLibs(c.SpiffeHelperBin)
+			},
+		})
+	}
+	return imgs
+}
+
+// baseImages are the images every cluster runs.
+func (c *Cluster) baseImages() []image {
 	spireBin := func(name string) string { return filepath.Join(c.SPIREBinDir, name) }
 	return []image{
 		{

@@ -71,8 +71,28 @@ func (c *Cluster) manifest(name string) (string, error) {
 	return strings.NewReplacer("NODE_IP", c.NodeIP, "SPIRE_IMAGE", SPIREImage).Replace(string(data)), nil
 }
 
-// SPIREManifests renders test/cluster/manifests/spire.yaml for this node.
-func (c *Cluster) SPIREManifests() (string, error) { return c.manifest("spire.yaml") }
+// SPIREManifests renders test/cluster/manifests/spire.yaml for this node,
+// with SPIREInterval if set.
+func (c *Cluster) SPIREManifests() (string, error) {
+	m, err := c.manifest("spire.yaml")
+	if err != nil || c.SPIREInterval == 0 {
+		return m, err
+	}
+	return withIntervals(m, c.SPIREInterval)
+}
+
+// withIntervals sets the server's cache_reload_interval and the agent's
+// sync_interval in spire.yaml's configs to d; an error if either config
+// is not laid out as expected (nothing set silently).
+func withIntervals(m string, d time.Duration) (string, error) {
+	server := "      default_x509_svid_ttl = \"1h\"\n"
+	agent := "      experimental {\n        # sockets.broker.enabled"
+	if strings.Count(m, server) != 1 || strings.Count(m, agent) != 1 {
+		return "", fmt.Errorf("spire.yaml: the server's or the agent's config is not laid out as expected: cannot set the intervals to %s", d)
+	}
+	m = strings.Replace(m, server, server+fmt.Sprintf("      experimental {\n        cache_reload_interval = %q\n      }\n", d.String()), 1)
+	return strings.Replace(m, agent, fmt.Sprintf("      experimental {\n        sync_interval = %q\n        # sockets.broker.enabled", d.String()), 1), nil
+}
 
 // ControllerCRDDir is spire-controller-manager's config/crd/bases in the
 // module cache, from the module test/spire-controller-manager pins.
