@@ -1,7 +1,6 @@
 package cri
 
 import (
-	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -11,6 +10,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/noderesource/spiffe-oci-hook/test/criconf"
 )
 
 // containerd is a running containerd (test/containerd) with the project's
@@ -36,9 +37,7 @@ type containerd struct {
 func startContainerd(t *testing.T, n *node) *containerd {
 	t.Helper()
 	dir := tempDir(t, "cri-ctrd-")
-	for _, d := range []string{"root", "state", "tmp", "s", "runc", "cni/net.d", "cni/bin", "nri/plugins", "nri/conf.d", "opt", "verifier", "pods"} {
-		os.MkdirAll(filepath.Join(dir, d), 0o755)
-	}
+	os.MkdirAll(filepath.Join(dir, "pods"), 0o755)
 	overlay, err := os.ReadFile(filepath.Join(repoRoot, "deploy", "kubernetes", "overlays", "containerd-nri", "containerd-nri.toml"))
 	if err != nil {
 		t.Fatal(err)
@@ -53,65 +52,14 @@ func startContainerd(t *testing.T, n *node) *containerd {
 		t.Fatalf("containerd-nri.toml sets no NRI socket_path:\n%s", overlay)
 	}
 	socket := filepath.Join(dir, "containerd.sock")
-	conf := fmt.Sprintf(`version = 3
-root = '%[1]s/root'
-state = '%[1]s/state'
-temp = '%[1]s/tmp'
-imports = [%[2]q]
-
-[grpc]
-  address = %[3]q
-[ttrpc]
-  address = '%[3]s.ttrpc'
-[debug]
-  address = ''
-[metrics]
-  address = ''
-
-[plugins.'io.containerd.cri.v1.images']
-  snapshotter = 'overlayfs'
-  [plugins.'io.containerd.cri.v1.images'.pinned_images]
-    sandbox = %[4]q
-  [plugins.'io.containerd.cri.v1.images'.registry]
-    config_path = ''
-
-[plugins.'io.containerd.cri.v1.runtime']
-  restrict_oom_score_adj = true
-  netns_mounts_under_state_dir = true
-  cdi_spec_dirs = []
-  [plugins.'io.containerd.cri.v1.runtime'.containerd]
-    default_runtime_name = 'runc'
-    [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]
-      runtime_type = 'io.containerd.runc.v2'
-      [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]
-        BinaryName = '/usr/sbin/runc'
-        Root = '%[1]s/runc'
-        SystemdCgroup = false
-  [plugins.'io.containerd.cri.v1.runtime'.cni]
-    bin_dirs = ['%[1]s/cni/bin']
-    conf_dir = '%[1]s/cni/net.d'
-
-[plugins.'io.containerd.grpc.v1.cri']
-  stream_server_address = '127.0.0.1'
-  stream_server_port = '0'
-
-[plugins.'io.containerd.nri.v1.nri']
-  plugin_path = '%[1]s/nri/plugins'
-  plugin_config_path = '%[1]s/nri/conf.d'
-
-[plugins.'io.containerd.shim.v1.manager']
-  socket_dir = '%[1]s/s'
-
-[plugins.'io.containerd.internal.v1.opt']
-  path = '%[1]s/opt'
-
-[plugins.'io.containerd.image-verifier.v1.bindir']
-  bin_dir = '%[1]s/verifier'
-`, dir, nriToml, socket, pauseImage)
-	c := &containerd{conf: filepath.Join(dir, "config.toml"), log: filepath.Join(dir, "containerd.log"), nriSocket: m[1]}
-	if err := os.WriteFile(c.conf, []byte(conf), 0o644); err != nil {
+	confPath, err := criconf.Containerd{
+		Dir: dir, Socket: socket, Imports: []string{nriToml}, PauseImage: pauseImage,
+		CNIBinDir: filepath.Join(dir, "cni", "bin"), CNIConfDir: filepath.Join(dir, "cni", "net.d"),
+	}.Write()
+	if err != nil {
 		t.Fatal(err)
 	}
+	c := &containerd{conf: confPath, log: filepath.Join(dir, "containerd.log"), nriSocket: m[1]}
 	_, err = os.Stat("/run/containerd")
 	c.hostRunContainerd = err == nil
 	hostPathsUntouched(t, "containerd")

@@ -11,6 +11,8 @@ import (
 
 	"github.com/containers/common/pkg/hooks"
 	"golang.org/x/sys/unix"
+
+	"github.com/noderesource/spiffe-oci-hook/test/criconf"
 )
 
 // crioHosts is what CRI-O (and the conmon, runc and hooks under it) sees at
@@ -52,65 +54,13 @@ func startCRIOWith(t *testing.T, n *node, hosts crioHosts) *runtime {
 	dir := tempDir(t, "cri-crio-")
 	root, runroot := filepath.Join(dir, "storage"), filepath.Join(dir, "runroot")
 	podmanImport(t, dir, root, runroot)
-	for _, d := range []string{"exits", "attach", "ns", "runc", "cni/net.d", "cni/bin", "crio.conf.d", "pods"} {
-		os.MkdirAll(filepath.Join(dir, d), 0o755)
-	}
-	os.WriteFile(filepath.Join(dir, "policy.json"), []byte(`{"default":[{"type":"insecureAcceptAnything"}]}`), 0o644)
 	socket := filepath.Join(dir, "crio.sock")
-	conf := fmt.Sprintf(`[crio]
-root = %[1]q
-runroot = %[2]q
-storage_driver = "overlay"
-log_dir = "%[3]s/pods"
-version_file = "%[3]s/version"
-version_file_persist = "%[3]s/version-persist"
-clean_shutdown_file = "%[3]s/clean.shutdown"
-internal_wipe = false
-internal_repair = false
-
-[crio.api]
-listen = %[4]q
-stream_address = "127.0.0.1"
-stream_port = "0"
-
-[crio.runtime]
-default_runtime = "runc"
-cgroup_manager = "cgroupfs"
-container_exits_dir = "%[3]s/exits"
-container_attach_socket_dir = "%[3]s/attach"
-namespaces_dir = "%[3]s/ns"
-pinns_path = %[5]q
-decryption_keys_path = "%[3]s/keys"
-irqbalance_config_file = "%[3]s/irqbalance"
-irqbalance_config_restore_file = "%[3]s/orig_irq_banned_cpus"
-enable_criu_support = false
-# No CAP_SYS_RESOURCE here: no raised rlimits.
-default_ulimits = []
-
-[crio.runtime.runtimes.runc]
-runtime_path = "/usr/sbin/runc"
-runtime_type = "oci"
-runtime_root = "%[3]s/runc"
-monitor_path = "/usr/bin/conmon"
-monitor_cgroup = "pod"
-
-[crio.image]
-pause_image = %[6]q
-signature_policy = "%[3]s/policy.json"
-signature_policy_dir = "%[3]s/policies"
-
-[crio.network]
-network_dir = "%[3]s/cni/net.d"
-plugin_dirs = ["%[3]s/cni/bin"]
-
-[crio.metrics]
-enable_metrics = false
-
-[crio.nri]
-enable_nri = false
-`, root, runroot, dir, socket, filepath.Join(toolDir, "pinns"), pauseImage)
-	confPath := filepath.Join(dir, "crio.conf")
-	if err := os.WriteFile(confPath, []byte(conf), 0o644); err != nil {
+	confPath, dropIn, err := criconf.CRIO{
+		Dir: dir, Root: root, RunRoot: runroot, LogDir: filepath.Join(dir, "pods"),
+		Socket: socket, Pinns: filepath.Join(toolDir, "pinns"), PauseImage: pauseImage,
+		NetworkDir: filepath.Join(dir, "cni", "net.d"), PluginDir: filepath.Join(dir, "cni", "bin"),
+	}.Write()
+	if err != nil {
 		t.Fatal(err)
 	}
 	// No drop-in: hooks_dir keeps CRI-O's default, hooks.DefaultDir.
@@ -123,7 +73,7 @@ enable_nri = false
 	}
 	defer logf.Close()
 	cmd := exec.Command("unshare", append([]string{"--mount", "--propagation", "private", "sh", "-euc", crioNamespaceScript(t, dir, hosts), "sh",
-		filepath.Join(toolDir, "crio")}, "--config", confPath, "--config-dir", filepath.Join(dir, "crio.conf.d"))...)
+		filepath.Join(toolDir, "crio")}, "--config", confPath, "--config-dir", dropIn)...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
