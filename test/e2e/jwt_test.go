@@ -126,12 +126,13 @@ echo "=== stat ==="; stat -L -c '%a %u %g' /certs/jwt.token /certs/jwt_bundle.js
 
 }
 
-// TestJWTRenewal, against the real SPIRE agent: with a two-minute TTL the
-// refresher replaces the container's token before the old one expires,
-// again and again while the container runs; a new JWT authority reaches
-// the bundle file.
+// TestJWTRenewal, against the real SPIRE agent: with a 40 s TTL (the
+// X.509-SVID's is 30 s, so rotations mix with renewals) the refresher
+// replaces the container's token before the old one expires, again and
+// again while the container runs; a new JWT authority reaches the bundle
+// file.
 func TestJWTRenewal(t *testing.T) {
-	const ttl = 2 * time.Minute
+	const ttl = 40 * time.Second
 	e := jwtEnv(t, ttl)
 	r := e.startRefresher(t)
 

@@ -153,7 +153,9 @@ func (e *env) servedAndRotating(t *testing.T, id string, pid int, ttl time.Durat
 // valid files that keep rotating.
 func TestPodmanRestartKeepsIdentity(t *testing.T) {
 	e := startEnv(t)
-	const ttl = 30 * time.Second
+	// Short, so that each of the four rotations waited for comes in
+	// about 10 s.
+	const ttl = 20 * time.Second
 	e.spire.CreateEntry(t, rotatingID, []string{"unix:uid:0"}, ttl)
 	e.waitSynced()
 	r := e.startRefresher(t)

@@ -327,7 +327,9 @@ func TestHookFailures(t *testing.T) {
 	rootPid := startAs(t, 0)
 	nobodyPid := startAs(t, 65534)
 	missing := e.writeConfig("")
-	os.WriteFile(missing, []byte(fmt.Sprintf("agent_admin_socket: %s/missing.sock\nstate_dir: %s\n", e.dir, e.stateDir)), 0o600)
+	// registration_wait 2s: the hook waits that long for an agent that
+	// may be restarting before it says the socket is missing.
+	os.WriteFile(missing, []byte(fmt.Sprintf("agent_admin_socket: %s/missing.sock\nstate_dir: %s\nregistration_wait: 2s\n", e.dir, e.stateDir)), 0o600)
 
 	cases := []struct {
 		name   string

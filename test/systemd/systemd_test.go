@@ -107,6 +107,10 @@ func TestSystemdNode(t *testing.T) {
 	// Only inotify (no periodic rescan within the test) tells the refresher
 	// about new containers.
 	n.must(`sed -i 's/^  rescan_interval: .*/  rescan_interval: 1h/' /etc/spiffe-oci-hook/config.yaml && grep -q 'rescan_interval: 1h' /etc/spiffe-oci-hook/config.yaml`)
+	// Every entry exists before its container starts: the two containers
+	// that must get none are refused after 5 s instead of the shipped
+	// config's 30 s wait for an entry on its way.
+	n.must(`sed -i 's/^registration_wait: .*/registration_wait: 5s/' /etc/spiffe-oci-hook/config.yaml && grep -q '^registration_wait: 5s' /etc/spiffe-oci-hook/config.yaml`)
 
 	t.Run("the unit before the fix fails on a fresh node", func(t *testing.T) { oldUnitFails(t, n) })
 
