@@ -403,7 +403,9 @@ func TestRuncFailClosed(t *testing.T) {
 func TestFailOpen(t *testing.T) {
 	e := newEnv(t)
 	config := filepath.Join(e.dir, "failopen.yaml")
-	os.WriteFile(config, []byte(fmt.Sprintf("agent_admin_socket: %s/missing.sock\nstate_dir: %s\nfailure_policy: fail-open\n", e.dir, e.stateDir)), 0o600)
+	// registration_wait 2s: how long the hook waits for a restarting
+	// agent is not what this tests.
+	os.WriteFile(config, []byte(fmt.Sprintf("agent_admin_socket: %s/missing.sock\nstate_dir: %s\nfailure_policy: fail-open\nregistration_wait: 2s\n", e.dir, e.stateDir)), 0o600)
 
 	b := newBundle(t, []string{"/bin/sh", "-c", "test -e /certs/svid.pem || echo NO-IDENTITY"})
 	b.AddAnnotation(annotation, "- cert_dir: /certs\n")
