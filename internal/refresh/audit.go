@@ -40,9 +40,6 @@ func (r *Refresher) runAudits(ctx context.Context) {
 				last = now
 				r.log.Info("audit", "checked", rep.Checked, "unserved", len(rep.Unserved), "unmatched_annotations", len(rep.Unmatched), "fail_open_starts", rep.FailOpen)
 			}
-			if r.OnAudit != nil {
-				r.OnAudit()
-			}
 			t.Reset(r.settings().Audit.Interval)
 		}
 	}

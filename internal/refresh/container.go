@@ -107,7 +107,7 @@ func (c *container) run() (exited bool) {
 	c.loadView()
 	// The exit watcher ends the container's context, which ends its
 	// stream: no goroutine of the container's waits for the exit.
-	if err := onExit(ctx, c.proc, func() {
+	if err := c.r.onExit(ctx, c.proc, func() {
 		c.exited.Store(true)
 		c.cancel()
 	}); err != nil {
@@ -276,17 +276,10 @@ func (c *container) writeOffStack(ctx context.Context) bool {
 	return <-done
 }
 
-// onWritePass, when set (tests), is called after each pass of write with
-// the SVIDs it worked from: a test that checks what a pass did not do
-// waits for the pass.
-var onWritePass func(id string, svids *agent.X509SVIDs)
-
 // write renders and writes every delivery whose content changed. It
 // returns false if any delivery could not be written, so run retries.
 func (c *container) write(ctx context.Context) (ok bool) {
-	if onWritePass != nil {
-		defer onWritePass(c.rec.ID, c.svids)
-	}
+	defer c.r.hooks.writePass(c.rec.ID, c.svids)
 	// The Broker API's updates carry the container's own bundles; the
 	// Delegated Identity API's come from the agent's one bundle stream.
 	bundles := c.svids.Bundles
@@ -364,9 +357,6 @@ func (c *container) write(ctx context.Context) (ok bool) {
 			c.delivered[i] = id
 		}
 		c.r.log.Debug("rotated", "container", c.rec.ID, "cert_dir", d.CertDir, "spiffe_id", svid.ID.String(), "expires", svid.Certificates[0].NotAfter.Format(time.RFC3339))
-		if c.r.OnWrite != nil {
-			c.r.OnWrite(c.rec.ID, i)
-		}
 	}
 	if clean {
 		c.reportWrite(nil, "")

@@ -26,6 +26,7 @@ import (
 
 	"github.com/fsnotify/fsnotify"
 
+	"github.com/noderesource/spiffe-oci-hook/internal/agent"
 	"github.com/noderesource/spiffe-oci-hook/internal/brokersvid"
 	"github.com/noderesource/spiffe-oci-hook/internal/config"
 	"github.com/noderesource/spiffe-oci-hook/internal/files"
@@ -49,11 +50,6 @@ type Refresher struct {
 	Writer files.Writer
 	// Labeler returns the labeler for a container's mount label (nil: none).
 	Labeler func(mountLabel string) files.Labeler
-	// OnWrite, when set, is called after each delivery is rewritten
-	// (benchmarks and tests measure with it).
-	OnWrite func(id string, delivery int)
-	// OnAudit, when set, is called after each audit (tests wait with it).
-	OnAudit func()
 	// Metrics are the refresher's counters; its gauges read Report.
 	Metrics *metrics.Metrics
 	// Version is reported in Report.
@@ -78,10 +74,12 @@ type Refresher struct {
 	// on a node with a few cores.
 	writeSlots chan struct{}
 
-	// holdExit, when set (tests), runs after a container's process
-	// exited and before the refresher acts on it: it can hold the exit
-	// notice back until a new instance under the same ID is recorded.
-	holdExit func(id string)
+	// hooks are the test seams; New sets them to no-ops.
+	hooks hooks
+	// exits watches the containers' processes for their exit (exits.go):
+	// started with the first container, closed when Run returns.
+	exitsMu sync.Mutex
+	exits   *exits
 	// brokerID is the broker SVID (agent_api broker; followBrokerSVID).
 	brokerID *brokersvid.Holder
 
@@ -91,9 +89,39 @@ type Refresher struct {
 	wg         sync.WaitGroup
 }
 
+// hooks are the points at which a test waits for the refresher's work or
+// holds it back. They are fields of the Refresher rather than package
+// variables, so that tests each with a refresher of their own can run in
+// parallel. (The exit watcher's own seam, for the tests that drive it
+// without a refresher, is newExits' onZombie.) New sets every one to a no-op, so the refresher calls them
+// without a nil check; a test replaces those it needs before Run.
+type hooks struct {
+	// scanned runs after each scan: a test that checks that rescans
+	// change nothing waits for some to have happened.
+	scanned func()
+	// writePass runs after each write pass of a container, with the SVIDs
+	// it worked from: a test that checks what a pass did not do waits for
+	// the pass.
+	writePass func(id string, svids *agent.X509SVIDs)
+	// exited runs after a container's process exited and before the
+	// refresher acts on it: it can hold the exit notice back until a new
+	// instance under the same ID is recorded.
+	exited func(id string)
+}
+
+// noHooks are the hooks of a refresher that no test watches.
+func noHooks() hooks {
+	return hooks{
+		scanned:   func() {},
+		writePass: func(string, *agent.X509SVIDs) {},
+		exited:    func(string) {},
+	}
+}
+
 // New returns a refresher for cfg.
 func New(cfg config.Config, log *slog.Logger) *Refresher {
 	r := &Refresher{
+		hooks:      noHooks(),
 		cfg:        cfg,
 		store:      record.Store{Dir: cfg.StateDir},
 		log:        log,
@@ -163,6 +191,7 @@ func (r *Refresher) Run(ctx context.Context, ready func()) error {
 	defer func() {
 		cancel()
 		r.wg.Wait()
+		r.closeExits()
 	}()
 	if r.cfg.AgentAPI == config.APIBroker {
 		r.wg.Add(1)
@@ -246,15 +275,9 @@ func (r *Refresher) Count() int {
 	return len(r.containers)
 }
 
-// onScan, when set (tests), is called after each scan: a test that checks
-// that rescans change nothing waits for some to have happened.
-var onScan func()
-
 // scan reconciles the served containers with the records on disk.
 func (r *Refresher) scan(ctx context.Context) {
-	if onScan != nil {
-		defer onScan()
-	}
+	defer r.hooks.scanned()
 	ids, err := r.store.IDs()
 	if err != nil {
 		r.log.Error("scanning state directory", "error", err)
@@ -354,9 +377,7 @@ func (r *Refresher) add(ctx context.Context, id string) {
 	go func() {
 		defer r.wg.Done()
 		if exited := c.run(); exited {
-			if r.holdExit != nil {
-				r.holdExit(id)
-			}
+			r.hooks.exited(id)
 			r.forgetInstance(c, "container process exited")
 			r.removeInstance(c.rec, "container process exited")
 		}
