@@ -12,7 +12,6 @@ import (
 	"path/filepath"
 	"syscall"
 	"time"
-
 )
 
 // Server serves the refresher's endpoints: what the report (status.go)
