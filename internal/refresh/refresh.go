@@ -30,6 +30,7 @@ import (
 	"github.com/noderesource/spiffe-oci-hook/internal/brokersvid"
 	"github.com/noderesource/spiffe-oci-hook/internal/config"
 	"github.com/noderesource/spiffe-oci-hook/internal/files"
+	"github.com/noderesource/spiffe-oci-hook/internal/logkey"
 	"github.com/noderesource/spiffe-oci-hook/internal/metrics"
 	"github.com/noderesource/spiffe-oci-hook/internal/process"
 	"github.com/noderesource/spiffe-oci-hook/internal/record"
@@ -146,7 +147,7 @@ func (r *Refresher) settings() config.Refresher { return r.live.Load().Refresher
 func (r *Refresher) heartbeat() {
 	err := r.store.Heartbeat(time.Now())
 	if err != nil && !r.beatFailed {
-		r.log.Error("heartbeat failed: with require_refresher, the hook will refuse new containers", "error", err)
+		r.log.Error("heartbeat failed: with require_refresher, the hook will refuse new containers", logkey.Error, err)
 	}
 	r.beatFailed = err != nil
 }
@@ -205,7 +206,7 @@ func (r *Refresher) Run(ctx context.Context, ready func()) error {
 	r.agent(ctx, r.live.Load().NodeAgentSocket())
 	r.scan(ctx)
 	r.scanned.Store(true)
-	r.log.Info("ready", "state_dir", r.cfg.StateDir, "containers", r.Count())
+	r.log.Info("ready", logkey.StateDir, r.cfg.StateDir, logkey.Containers, r.Count())
 	// From here on the node is served: the heartbeat tells the hook so
 	// (require_refresher). The last one is written at the stop, so that
 	// refresher_grace counts from then.
@@ -237,7 +238,7 @@ func (r *Refresher) Run(ctx context.Context, ready func()) error {
 			r.heartbeat()
 		case <-ctx.Done():
 			r.heartbeat()
-			r.log.Info("stopping", "containers", r.Count())
+			r.log.Info("stopping", logkey.Containers, r.Count())
 			return nil
 		case ev, ok := <-watcher.Events:
 			if !ok {
@@ -260,7 +261,7 @@ func (r *Refresher) Run(ctx context.Context, ready func()) error {
 				return errors.New("inotify watcher closed")
 			}
 			// An overflow loses events; the rescan catches up.
-			r.log.Warn("inotify", "error", err)
+			r.log.Warn("inotify", logkey.Error, err)
 			r.scan(ctx)
 		case <-rescan.C:
 			r.scan(ctx)
@@ -280,7 +281,7 @@ func (r *Refresher) scan(ctx context.Context) {
 	defer r.hooks.scanned()
 	ids, err := r.store.IDs()
 	if err != nil {
-		r.log.Error("scanning state directory", "error", err)
+		r.log.Error("scanning state directory", logkey.Error, err)
 		return
 	}
 	onDisk := map[string]bool{}
@@ -302,7 +303,7 @@ func (r *Refresher) scan(ctx context.Context) {
 	r.pruneFailOpen()
 	orphans, err := r.store.Orphans()
 	if err != nil {
-		r.log.Error("scanning state directory", "error", err)
+		r.log.Error("scanning state directory", logkey.Error, err)
 		return
 	}
 	for _, id := range orphans {
@@ -315,11 +316,11 @@ func (r *Refresher) scan(ctx context.Context) {
 		// a record under the container's lock.
 		removed, err := r.store.RemoveOrphan(id)
 		if err != nil {
-			r.log.Error("removing orphaned container directory", "container", id, "error", err)
+			r.log.Error("removing orphaned container directory", logkey.Container, id, logkey.Error, err)
 			continue
 		}
 		if removed {
-			r.log.Info("removed orphaned container directory", "container", id)
+			r.log.Info("removed orphaned container directory", logkey.Container, id)
 		}
 	}
 }
@@ -335,7 +336,7 @@ func (r *Refresher) add(ctx context.Context, id string) {
 	rec, err := r.store.Load(id)
 	if err != nil {
 		if !errors.Is(err, os.ErrNotExist) {
-			r.log.Error("reading record", "container", id, "error", err)
+			r.log.Error("reading record", logkey.Container, id, logkey.Error, err)
 		}
 		return
 	}
@@ -351,7 +352,7 @@ func (r *Refresher) add(ctx context.Context, id string) {
 			r.removeInstance(rec, "process exited while the refresher was away")
 			return
 		}
-		r.log.Error("pinning container process", "container", id, "pid", rec.PID, "error", err)
+		r.log.Error("pinning container process", logkey.Container, id, logkey.PID, rec.PID, logkey.Error, err)
 		return
 	}
 	if served {
@@ -372,7 +373,7 @@ func (r *Refresher) add(ctx context.Context, id string) {
 	r.containers[id] = c
 	r.mu.Unlock()
 
-	r.log.Info("serving container", "container", id, "pid", rec.PID, "spiffe_id", rec.Deliveries[0].Delivered, "deliveries", len(rec.Deliveries))
+	r.log.Info("serving container", logkey.Container, id, logkey.PID, rec.PID, logkey.SPIFFEID, rec.Deliveries[0].Delivered, "deliveries", len(rec.Deliveries))
 	r.wg.Add(1)
 	go func() {
 		defer r.wg.Done()
@@ -393,7 +394,7 @@ func (r *Refresher) forget(id, why string) {
 	r.mu.Unlock()
 	if ok {
 		c.stop()
-		r.log.Info("forgot container", "container", id, "reason", why)
+		r.log.Info("forgot container", logkey.Container, id, logkey.Reason, why)
 	}
 }
 
@@ -408,7 +409,7 @@ func (r *Refresher) forgetInstance(c *container, why string) {
 	r.mu.Unlock()
 	if ok && cur == c {
 		c.stop()
-		r.log.Info("forgot container", "container", c.rec.ID, "pid", c.rec.PID, "reason", why)
+		r.log.Info("forgot container", logkey.Container, c.rec.ID, logkey.PID, c.rec.PID, logkey.Reason, why)
 	}
 }
 
@@ -417,14 +418,14 @@ func (r *Refresher) forgetInstance(c *container, why string) {
 func (r *Refresher) removeInstance(rec record.Record, why string) {
 	removed, err := r.store.RemoveInstance(rec.ID, rec.PID, rec.StartTime)
 	if err != nil {
-		r.log.Error("removing container state", "container", rec.ID, "error", err)
+		r.log.Error("removing container state", logkey.Container, rec.ID, logkey.Error, err)
 		return
 	}
 	if !removed {
-		r.log.Info("kept container state: its ID names a new instance", "container", rec.ID, "exited_pid", rec.PID)
+		r.log.Info("kept container state: its ID names a new instance", logkey.Container, rec.ID, "exited_pid", rec.PID)
 		return
 	}
-	r.log.Info("removed container state", "container", rec.ID, "pid", rec.PID, "reason", why)
+	r.log.Info("removed container state", logkey.Container, rec.ID, logkey.PID, rec.PID, logkey.Reason, why)
 }
 
 // agent returns the connection to socket, creating it on first use.
