@@ -48,7 +48,11 @@ type syslogWriter interface {
 }
 
 func dialSyslog() (syslogWriter, error) {
-	return syslog.New(syslog.LOG_WARNING|syslog.LOG_DAEMON, program)
+	w, err := syslog.New(syslog.LOG_WARNING|syslog.LOG_DAEMON, program)
+	if err != nil {
+		return nil, err // not a nil *syslog.Writer inside the interface
+	}
+	return w, nil
 }
 
 // sink is where a logger's lines go; the handlers derived by With share it.
@@ -102,6 +106,8 @@ type lineHandler struct {
 	group string      // the groups of WithGroup, as a "g." key prefix
 }
 
+// Enabled drops debug lines: the hook has no log level to set, and what it
+// says is for operators.
 func (h *lineHandler) Enabled(_ context.Context, level slog.Level) bool {
 	return level >= slog.LevelInfo
 }
