@@ -10,7 +10,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"log/syslog"
+	"log/slog"
 	"os"
 	"runtime/debug"
 
@@ -18,6 +18,7 @@ import (
 	"github.com/noderesource/spiffe-oci-hook/internal/config"
 	"github.com/noderesource/spiffe-oci-hook/internal/hook"
 	"github.com/noderesource/spiffe-oci-hook/internal/label"
+	"github.com/noderesource/spiffe-oci-hook/internal/logkey"
 	"github.com/noderesource/spiffe-oci-hook/internal/ocistate"
 )
 
@@ -65,13 +66,17 @@ func run(args []string, stdin io.Reader, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "spiffe-oci-hook: %v: run it as an OCI hook, which passes the container state on stdin\n", err)
 		return 1
 	}
+	// Every line is a warning, as the hook's lines have always been in
+	// syslog: an operator's journalctl priority filter keeps seeing them.
+	log, closeLog := hook.NewLogger(stderr)
+	defer closeLog()
 	if stage == "poststop" || (stage == "" && ocistate.Stopped(state)) {
-		h, log, code := newHook(flags, state.ID, stderr)
+		h, code := newHook(flags, state.ID, stderr, log)
 		if h == nil {
 			return code
 		}
 		if err := h.Poststop(state.ID); err != nil {
-			log.warn(fmt.Sprintf("container %s: poststop: %v", state.ID, err))
+			log.Warn("poststop", logkey.Container, state.ID, logkey.Error, err)
 			return 1
 		}
 		return 0
@@ -83,7 +88,7 @@ func run(args []string, stdin io.Reader, stderr io.Writer) int {
 	if err == nil && req == nil {
 		return 0
 	}
-	h, log, code := newHook(flags, state.ID, stderr)
+	h, code := newHook(flags, state.ID, stderr, log)
 	if h == nil {
 		return code
 	}
@@ -93,40 +98,25 @@ func run(args []string, stdin io.Reader, stderr io.Writer) int {
 	if err == nil {
 		return 0
 	}
+	// These two lines begin with the error (the refusal's is the error
+	// alone, as docs/troubleshooting.md quotes them), so the error is
+	// their message: a logkey.Error attribute would come last.
 	if req != nil && h.Config.FailurePolicy == config.FailOpen {
-		log.warn(fmt.Sprintf("container %s: %v; starting it WITHOUT an identity (failure_policy: fail-open)", state.ID, err))
+		log.Warn(fmt.Sprintf("%v; starting it WITHOUT an identity (failure_policy: fail-open)", err), logkey.Container, state.ID)
 		h.FailOpen(state, err)
 		return 0
 	}
-	log.warn(fmt.Sprintf("container %s: %v", state.ID, err))
+	log.Warn(err.Error(), logkey.Container, state.ID)
 	return 1
 }
 
 // newHook loads the node configuration; on error it reports and returns
 // the exit code instead of a hook.
-func newHook(flags *config.Flags, id string, stderr io.Writer) (*hook.Hook, *logger, int) {
+func newHook(flags *config.Flags, id string, stderr io.Writer, log *slog.Logger) (*hook.Hook, int) {
 	cfg, err := flags.Load()
 	if err != nil {
 		fmt.Fprintf(stderr, "spiffe-oci-hook: container %s: %v\n", id, err)
-		return nil, nil, 1
+		return nil, 1
 	}
-	log := newLogger(stderr)
-	return &hook.Hook{Config: cfg, Warn: log.warn, Labeler: label.For}, log, 0
-}
-
-// logger writes each line to stderr, which the runtime shows when the hook
-// fails, and to syslog (journald) when there is one, because runtimes drop
-// a successful hook's output.
-type logger struct {
-	stderr io.Writer
-}
-
-func newLogger(stderr io.Writer) *logger { return &logger{stderr: stderr} }
-
-func (l *logger) warn(msg string) {
-	fmt.Fprintln(l.stderr, "spiffe-oci-hook: "+msg)
-	if w, err := syslog.New(syslog.LOG_WARNING|syslog.LOG_DAEMON, "spiffe-oci-hook"); err == nil {
-		w.Warning(msg)
-		w.Close()
-	}
+	return &hook.Hook{Config: cfg, Log: log, Labeler: label.For}, 0
 }

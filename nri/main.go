@@ -17,6 +17,7 @@ import (
 	"github.com/sirupsen/logrus"
 
 	"github.com/noderesource/spiffe-oci-hook/internal/cli"
+	"github.com/noderesource/spiffe-oci-hook/internal/logkey"
 	"github.com/noderesource/spiffe-oci-hook/internal/nriplugin"
 )
 
@@ -60,9 +61,9 @@ func run(args []string, stderr io.Writer) int {
 	// the grace period. The plugin holds no state worth a goodbye.
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
-	log.Info("starting", "version", version, "nri_socket", *socket, "hook", *hookPath)
+	log.Info("starting", logkey.Version, version, logkey.NRISocket, *socket, "hook", *hookPath)
 	if err := r.Run(ctx); err != nil {
-		log.Error("NRI plugin stopped", "error", err)
+		log.Error("NRI plugin stopped", logkey.Error, err)
 		return 1
 	}
 	log.Info("stopped")

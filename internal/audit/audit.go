@@ -31,6 +31,7 @@ import (
 
 	"github.com/noderesource/spiffe-oci-hook/internal/annotations"
 	"github.com/noderesource/spiffe-oci-hook/internal/config"
+	"github.com/noderesource/spiffe-oci-hook/internal/logkey"
 	"github.com/noderesource/spiffe-oci-hook/internal/ocistate"
 	"github.com/noderesource/spiffe-oci-hook/internal/process"
 	"github.com/noderesource/spiffe-oci-hook/internal/record"
@@ -407,22 +408,22 @@ func (a *Auditor) logFindings(rep status.Audit) {
 		k := fmt.Sprintf("%s/%d/%s", u.ID, u.PID, u.Cause)
 		now[k] = true
 		if !a.logged[k] {
-			a.Log.Error("container running without its identity", "container", u.ID, "pod", u.Pod, "namespace", u.Namespace,
-				"name", u.Name, "pid", u.PID, "cause", u.Cause, "detail", u.Detail)
+			a.Log.Error("container running without its identity", logkey.Container, u.ID, logkey.Pod, u.Pod, logkey.Namespace, u.Namespace,
+				"name", u.Name, logkey.PID, u.PID, "cause", u.Cause, logkey.Detail, u.Detail)
 		}
 	}
 	for _, u := range rep.Unmatched {
 		k := u.Namespace + "/" + u.Pod + "/" + u.Annotation
 		now[k] = true
 		if !a.logged[k] {
-			a.Log.Error("annotation names no container of its pod", "pod", u.Pod, "namespace", u.Namespace, "annotation", u.Annotation,
-				"containers", strings.Join(u.Containers, ","), "detail", "no container gets an identity from it: correct the container name in the annotation")
+			a.Log.Error("annotation names no container of its pod", logkey.Pod, u.Pod, logkey.Namespace, u.Namespace, "annotation", u.Annotation,
+				logkey.Containers, strings.Join(u.Containers, ","), logkey.Detail, "no container gets an identity from it: correct the container name in the annotation")
 		}
 	}
 	for _, e := range rep.Errors {
 		now["error "+e] = true
 		if !a.logged["error "+e] {
-			a.Log.Warn("audit: could not read", "error", e)
+			a.Log.Warn("audit: could not read", logkey.Error, e)
 		}
 	}
 	a.logged = now

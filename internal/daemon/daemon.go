@@ -18,6 +18,7 @@ import (
 
 	"github.com/noderesource/spiffe-oci-hook/internal/config"
 	"github.com/noderesource/spiffe-oci-hook/internal/label"
+	"github.com/noderesource/spiffe-oci-hook/internal/logkey"
 	"github.com/noderesource/spiffe-oci-hook/internal/refresh"
 	"github.com/noderesource/spiffe-oci-hook/internal/status"
 )
@@ -42,7 +43,7 @@ func Run(ctx context.Context, o Options) error {
 	log := NewLogger(o.Stderr, level)
 	cfg, err := o.Load()
 	if err != nil {
-		log.Error("configuration", "error", err)
+		log.Error("configuration", logkey.Error, err)
 		return err
 	}
 	setLevel := func(cfg config.Config) {
@@ -59,7 +60,7 @@ func Run(ctx context.Context, o Options) error {
 	r.Version = o.Version
 	srv, err := status.Listen(cfg.StatusSocket(), cfg.Refresher.MetricsAddress, r.Metrics.Handler(), r.Report, log)
 	if err != nil {
-		log.Error("metrics", "error", err)
+		log.Error("metrics", logkey.Error, err)
 		return err
 	}
 	// The endpoints outlive Run, so that /readyz answers until the end,
@@ -68,7 +69,7 @@ func Run(ctx context.Context, o Options) error {
 	srvDone := make(chan struct{})
 	go func() { srv.Serve(srvCtx); close(srvDone) }()
 	defer func() { srvStop(); <-srvDone }()
-	log.Info("starting", "version", o.Version, "agent_api", cfg.AgentAPI, "agent_socket", cfg.NodeAgentSocket(), "state_dir", cfg.StateDir, "metrics", addrs(srv))
+	log.Info("starting", logkey.Version, o.Version, "agent_api", cfg.AgentAPI, logkey.AgentSocket, cfg.NodeAgentSocket(), logkey.StateDir, cfg.StateDir, "metrics", addrs(srv))
 
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
@@ -81,11 +82,11 @@ func Run(ctx context.Context, o Options) error {
 	ready := func() {
 		// Not under systemd, NOTIFY_SOCKET is unset and this does nothing.
 		if _, err := daemon.SdNotify(false, daemon.SdNotifyReady); err != nil {
-			log.Warn("notifying systemd", "error", err)
+			log.Warn("notifying systemd", logkey.Error, err)
 		}
 	}
 	if err := r.Run(ctx, ready); err != nil {
-		log.Error("refresher stopped", "error", err)
+		log.Error("refresher stopped", logkey.Error, err)
 		return err
 	}
 	daemon.SdNotify(false, daemon.SdNotifyStopping)

@@ -6,6 +6,7 @@ import (
 	"os"
 
 	"github.com/noderesource/spiffe-oci-hook/internal/config"
+	"github.com/noderesource/spiffe-oci-hook/internal/logkey"
 )
 
 // reloads rereads the node configuration on SIGHUP. A bad one is refused
@@ -42,10 +43,10 @@ func (l reloads) reload() error {
 	}
 	l.counted(err)
 	if err != nil {
-		l.log.Error("configuration reload refused; the running configuration stays in force", "error", err)
+		l.log.Error("configuration reload refused; the running configuration stays in force", logkey.Error, err)
 		return err
 	}
 	l.setLevel(next)
-	l.log.Info("configuration reloaded", "config", l.path, "log_level", l.level.Level().String(), "agent_socket", next.NodeAgentSocket())
+	l.log.Info("configuration reloaded", "config", l.path, "log_level", l.level.Level().String(), logkey.AgentSocket, next.NodeAgentSocket())
 	return nil
 }

@@ -7,6 +7,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"time"
 
@@ -17,6 +18,7 @@ import (
 	"github.com/noderesource/spiffe-oci-hook/internal/brokersvid"
 	"github.com/noderesource/spiffe-oci-hook/internal/config"
 	"github.com/noderesource/spiffe-oci-hook/internal/files"
+	"github.com/noderesource/spiffe-oci-hook/internal/logkey"
 	"github.com/noderesource/spiffe-oci-hook/internal/mount"
 	"github.com/noderesource/spiffe-oci-hook/internal/ocistate"
 	"github.com/noderesource/spiffe-oci-hook/internal/process"
@@ -28,9 +30,10 @@ import (
 // Hook holds what every stage needs.
 type Hook struct {
 	Config config.Config
-	// Warn receives lines worth an operator's attention that do not stop
-	// the container (several SVIDs for one pid, fail-open).
-	Warn func(msg string)
+	// Log receives lines worth an operator's attention that do not stop
+	// the container (several SVIDs for one pid, fail-open); nil drops
+	// them. spiffe-oci-hook's is NewLogger's.
+	Log *slog.Logger
 	// Writer writes the identity files.
 	Writer files.Writer
 	// Labeler returns the labeler for a container's SELinux mount label
@@ -212,9 +215,9 @@ func (h *Hook) Create(ctx context.Context, req *Request) (err error) {
 	if err := proc.Alive(); err != nil {
 		return fmt.Errorf("container process exited while its identity was fetched; nothing delivered: %w", err)
 	}
-	if len(update.SVIDs) > 1 && h.Warn != nil {
-		h.Warn(fmt.Sprintf("container %s: the agent returned %d SVIDs for pid %d (%s); delivering the first unless a delivery names spiffe_id. An entry whose only selector is unix:uid:0 matches every container at creation time.",
-			id, len(update.SVIDs), proc.PID, agent.IDs(update.SVIDs)))
+	if len(update.SVIDs) > 1 {
+		h.log().Warn(fmt.Sprintf("the agent returned %d SVIDs for pid %d (%s); delivering the first unless a delivery names spiffe_id. An entry whose only selector is unix:uid:0 matches every container at creation time.",
+			len(update.SVIDs), proc.PID, agent.IDs(update.SVIDs)), logkey.Container, id)
 	}
 
 	if err := store.Init(); err != nil {
@@ -415,7 +418,15 @@ func (h *Hook) FailOpen(state *specs.State, cause error) {
 	if state.Pid > 0 {
 		f.StartTime, _ = process.StartTime(state.Pid)
 	}
-	if err := (record.Store{Dir: h.Config.StateDir}).SaveFailOpen(f); err != nil && h.Warn != nil {
-		h.Warn(fmt.Sprintf("container %s: recording the fail-open start for the refresher's audit: %v", state.ID, err))
+	if err := (record.Store{Dir: h.Config.StateDir}).SaveFailOpen(f); err != nil {
+		h.log().Warn("recording the fail-open start for the refresher's audit", logkey.Container, state.ID, logkey.Error, err)
 	}
+}
+
+// log returns h.Log, or a logger that drops every line if there is none.
+func (h *Hook) log() *slog.Logger {
+	if h.Log == nil {
+		return slog.New(slog.DiscardHandler)
+	}
+	return h.Log
 }

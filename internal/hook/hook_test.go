@@ -119,30 +119,32 @@ func TestMountLabelSeam(t *testing.T) {
 	}
 
 	// A rotation by the refresher labels the new generation and ..data.
-	writes := make(chan struct{}, 16)
-	startRefresher(t, cfg, func(r *refresh.Refresher) {
-		r.Labeler = labelerFor
-		r.OnWrite = func(string, int) { writes <- struct{}{} }
-	})
+	startRefresher(t, cfg, func(r *refresh.Refresher) { r.Labeler = labelerFor })
 	// The fake agent mints a new SVID for every new stream, so the
-	// refresher's first update is itself a rotation; wait for it.
-	waitWrite := func() {
-		select {
-		case <-writes:
-		case <-time.After(5 * time.Second):
-			t.Fatal("no rotation written")
-		}
-	}
-	waitWrite()
+	// refresher's first update is itself a rotation; wait for it. Every
+	// label of a write is given before its "..data" moves.
+	genA := waitDataMoved(t, delivery, gen1)
 	rec.take()
 	fake.Rotate()
-	waitWrite()
-	gen2, _ := os.Readlink(filepath.Join(delivery, files.DataLink))
-	if gen2 == gen1 {
-		t.Fatal("..data did not move")
-	}
+	gen2 := waitDataMoved(t, delivery, genA)
 	time.Sleep(100 * time.Millisecond) // the bundle update may follow; it must not relabel anything unchanged
 	checkLabelled(t, "rotation", rec.take(), delivery, []string{gen2, gen2 + "/svid.pem", gen2 + "/svid_key.pem", gen2 + "/svid_bundle.pem", gen2 + "/" + ownTD, tmpLink(files.DataLink)})
+}
+
+// waitDataMoved waits until the "..data" link of delivery dir names
+// another generation than from, and returns the one it names.
+func waitDataMoved(t *testing.T, dir, from string) string {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		if gen, err := os.Readlink(filepath.Join(dir, files.DataLink)); err == nil && gen != from {
+			return gen
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: no rotation written after 5s", dir)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
 }
 
 // startRefresher runs a refresher on cfg's node, configured by configure

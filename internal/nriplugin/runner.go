@@ -11,6 +11,8 @@ import (
 
 	"github.com/containerd/nri/pkg/api"
 	"github.com/containerd/nri/pkg/stub"
+
+	"github.com/noderesource/spiffe-oci-hook/internal/logkey"
 )
 
 // Default bounds of the wait between connection attempts. Dialling a unix
@@ -73,10 +75,10 @@ func (r *Runner) Run(ctx context.Context) error {
 		}
 		switch {
 		case connected:
-			r.Log.Warn("lost the connection to the NRI runtime; containers created until it is back get no hook; reconnecting", "nri_socket", r.Socket, "error", err)
+			r.Log.Warn("lost the connection to the NRI runtime; containers created until it is back get no hook; reconnecting", logkey.NRISocket, r.Socket, logkey.Error, err)
 			wait, down = minRetry, true
 		case !down:
-			r.Log.Warn("cannot register with the NRI runtime; retrying until it answers", "nri_socket", r.Socket, "error", err)
+			r.Log.Warn("cannot register with the NRI runtime; retrying until it answers", logkey.NRISocket, r.Socket, logkey.Error, err)
 			down = true
 		}
 		select {
@@ -153,7 +155,7 @@ func (r *Runner) session(ctx context.Context) (connected bool, err error) {
 		abandon()
 		return false, fmt.Errorf("the runtime accepted the connection but did not configure the plugin within %s", timeout)
 	}
-	r.Log.Info("registered with the NRI runtime", "nri_socket", r.Socket, "runtime", p.runtime, "runtime_version", p.version, "plugin", r.Index+"-"+r.Name)
+	r.Log.Info("registered with the NRI runtime", logkey.NRISocket, r.Socket, "runtime", p.runtime, "runtime_version", p.version, "plugin", r.Index+"-"+r.Name)
 
 	select {
 	case <-closed:

@@ -14,6 +14,7 @@ import (
 
 	"github.com/noderesource/spiffe-oci-hook/internal/agent"
 	"github.com/noderesource/spiffe-oci-hook/internal/config"
+	"github.com/noderesource/spiffe-oci-hook/internal/logkey"
 	"github.com/noderesource/spiffe-oci-hook/internal/metrics"
 )
 
@@ -58,7 +59,7 @@ func newAgentConn(ctx context.Context, socket string, settings func() config.Ref
 	}))
 	if err != nil {
 		// Only a malformed target fails here; streams report it again.
-		a.log.Error("creating agent client", "error", err)
+		a.log.Error("creating agent client", logkey.Error, err)
 	}
 	a.client = client
 	go func() { <-ctx.Done(); a.close() }()
@@ -124,7 +125,7 @@ func (a *agentConn) setUp(up bool, err error) {
 		a.recovered = make(chan struct{})
 		return
 	}
-	a.log.Warn("agent unreachable; containers keep their current files and streams retry with backoff", "error", err)
+	a.log.Warn("agent unreachable; containers keep their current files and streams retry with backoff", logkey.Error, err)
 }
 
 // reachable reports whether the agent answers now: it has sent bundles and

@@ -7,6 +7,7 @@ import (
 
 	"github.com/noderesource/spiffe-oci-hook/internal/audit"
 	"github.com/noderesource/spiffe-oci-hook/internal/config"
+	"github.com/noderesource/spiffe-oci-hook/internal/logkey"
 	"github.com/noderesource/spiffe-oci-hook/internal/process"
 )
 
@@ -40,9 +41,6 @@ func (r *Refresher) runAudits(ctx context.Context) {
 				last = now
 				r.log.Info("audit", "checked", rep.Checked, "unserved", len(rep.Unserved), "unmatched_annotations", len(rep.Unmatched), "fail_open_starts", rep.FailOpen)
 			}
-			if r.OnAudit != nil {
-				r.OnAudit()
-			}
 			t.Reset(r.settings().Audit.Interval)
 		}
 	}
@@ -54,7 +52,7 @@ func (r *Refresher) runAudits(ctx context.Context) {
 func (r *Refresher) pruneFailOpen() {
 	traces, err := r.store.FailOpens()
 	if err != nil {
-		r.log.Error("scanning state directory", "error", err)
+		r.log.Error("scanning state directory", logkey.Error, err)
 		return
 	}
 	for _, f := range traces {
@@ -68,7 +66,7 @@ func (r *Refresher) pruneFailOpen() {
 		}
 		if errors.Is(err, process.ErrGone) {
 			if err := r.store.RemoveFailOpen(f.ID); err != nil {
-				r.log.Error("removing fail-open trace", "container", f.ID, "error", err)
+				r.log.Error("removing fail-open trace", logkey.Container, f.ID, logkey.Error, err)
 			}
 		}
 	}

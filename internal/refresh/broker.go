@@ -10,6 +10,7 @@ import (
 	"github.com/noderesource/spiffe-oci-hook/internal/agent"
 	"github.com/noderesource/spiffe-oci-hook/internal/brokersvid"
 	"github.com/noderesource/spiffe-oci-hook/internal/config"
+	"github.com/noderesource/spiffe-oci-hook/internal/logkey"
 )
 
 // dial returns a client of the node's agent API on socket.
@@ -31,7 +32,7 @@ func (r *Refresher) followBrokerSVID(ctx context.Context) {
 	err := workloadapi.WatchX509Context(ctx, w, workloadapi.WithAddr("unix://"+socket))
 	if ctx.Err() == nil && err != nil {
 		r.log.Error("broker SVID: watching the agent's Workload API stopped; the hook will refuse containers once the broker SVID expires",
-			"workload_api_socket", socket, "error", err)
+			logkey.WorkloadAPISocket, socket, logkey.Error, err)
 	}
 }
 
@@ -68,14 +69,14 @@ func (w *brokerWatcher) OnX509ContextUpdate(c *workloadapi.X509Context) {
 	id := &brokersvid.Identity{SVID: svid, Bundle: bundle}
 	w.r.brokerID.Set(id)
 	if err := brokersvid.Write(w.r.Writer, w.dir, id); err != nil {
-		w.r.log.Error("broker SVID: writing it for the hook", "dir", w.dir, "error", err)
+		w.r.log.Error("broker SVID: writing it for the hook", "dir", w.dir, logkey.Error, err)
 		return
 	}
 	if w.failed {
-		w.r.log.Info("broker SVID: renewed again", "spiffe_id", svid.ID.String())
+		w.r.log.Info("broker SVID: renewed again", logkey.SPIFFEID, svid.ID.String())
 	}
 	w.failed = false
-	w.r.log.Debug("broker SVID renewed", "spiffe_id", svid.ID.String(), "expires", svid.Certificates[0].NotAfter)
+	w.r.log.Debug("broker SVID renewed", logkey.SPIFFEID, svid.ID.String(), logkey.Expires, svid.Certificates[0].NotAfter)
 }
 
 func (w *brokerWatcher) OnX509ContextWatchError(err error) {
@@ -84,5 +85,5 @@ func (w *brokerWatcher) OnX509ContextWatchError(err error) {
 	}
 	w.failed = true
 	w.r.log.Warn("broker SVID: no SVID for this process from the agent's Workload API (is the agent up? is spiffe-oci-refresher registered with unix:uid:0 and unix:path:<its binary>, and that SPIFFE ID in the agent's experimental.broker brokers?); the current one stays in use until it expires; retrying",
-		"workload_api_socket", w.socket, "error", err)
+		logkey.WorkloadAPISocket, w.socket, logkey.Error, err)
 }

@@ -17,6 +17,7 @@ import (
 // serves containers over the Broker API with it (mutual TLS: the fake
 // endpoint admits only that ID).
 func TestBrokerAPI(t *testing.T) {
+	t.Parallel()
 	n := newNode(t)
 	me := spiffeid.RequireFromString("spiffe://example.org/node/refresher")
 	brokerSocket := filepath.Join(n.dir, "broker.sock")

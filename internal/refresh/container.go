@@ -19,6 +19,7 @@ import (
 	"github.com/noderesource/spiffe-oci-hook/internal/agent"
 	"github.com/noderesource/spiffe-oci-hook/internal/annotations"
 	"github.com/noderesource/spiffe-oci-hook/internal/files"
+	"github.com/noderesource/spiffe-oci-hook/internal/logkey"
 	"github.com/noderesource/spiffe-oci-hook/internal/process"
 	"github.com/noderesource/spiffe-oci-hook/internal/record"
 	"github.com/noderesource/spiffe-oci-hook/internal/render"
@@ -107,11 +108,11 @@ func (c *container) run() (exited bool) {
 	c.loadView()
 	// The exit watcher ends the container's context, which ends its
 	// stream: no goroutine of the container's waits for the exit.
-	if err := onExit(ctx, c.proc, func() {
+	if err := c.r.onExit(ctx, c.proc, func() {
 		c.exited.Store(true)
 		c.cancel()
 	}); err != nil {
-		c.r.log.Error("watching container process", "container", c.rec.ID, "error", err)
+		c.r.log.Error("watching container process", logkey.Container, c.rec.ID, logkey.Error, err)
 		return false
 	}
 	// JWT-SVIDs do not stream: a goroutine renews them, only for a
@@ -220,7 +221,7 @@ func (c *container) follow(ctx context.Context, healthy func()) error {
 			// Gone: the exit watcher forgets the container. Anything
 			// else would stop its rotation silently: say so.
 			if !errors.Is(err, process.ErrGone) {
-				c.r.log.Error("checking container process; not writing its files", "container", c.rec.ID, "error", err)
+				c.r.log.Error("checking container process; not writing its files", logkey.Container, c.rec.ID, logkey.Error, err)
 			}
 			<-ctx.Done()
 			return ctx.Err()
@@ -244,7 +245,7 @@ func (c *container) report(err error) {
 	defer c.mu.Unlock()
 	if err == nil {
 		if c.lastErr != "" && c.lastErr != "unavailable" {
-			c.r.log.Info("container stream healthy again", "container", c.rec.ID)
+			c.r.log.Info("container stream healthy again", logkey.Container, c.rec.ID)
 		}
 		c.lastErr = ""
 		c.view.streamErr = ""
@@ -260,7 +261,7 @@ func (c *container) report(err error) {
 	if kind == "unavailable" {
 		return
 	}
-	c.r.log.Warn("container stream", "container", c.rec.ID, "pid", c.proc.PID, "error", err)
+	c.r.log.Warn("container stream", logkey.Container, c.rec.ID, logkey.PID, c.proc.PID, logkey.Error, err)
 }
 
 // writeOffStack runs write on a goroutine of its own and waits for it.
@@ -276,17 +277,10 @@ func (c *container) writeOffStack(ctx context.Context) bool {
 	return <-done
 }
 
-// onWritePass, when set (tests), is called after each pass of write with
-// the SVIDs it worked from: a test that checks what a pass did not do
-// waits for the pass.
-var onWritePass func(id string, svids *agent.X509SVIDs)
-
 // write renders and writes every delivery whose content changed. It
 // returns false if any delivery could not be written, so run retries.
 func (c *container) write(ctx context.Context) (ok bool) {
-	if onWritePass != nil {
-		defer onWritePass(c.rec.ID, c.svids)
-	}
+	defer c.r.hooks.writePass(c.rec.ID, c.svids)
 	// The Broker API's updates carry the container's own bundles; the
 	// Delegated Identity API's come from the agent's one bundle stream.
 	bundles := c.svids.Bundles
@@ -360,13 +354,10 @@ func (c *container) write(ctx context.Context) (ok bool) {
 			signals = append(signals, d.RenewSignal)
 		}
 		if id := svid.ID.String(); id != c.delivered[i] {
-			c.r.log.Warn("container identity changed", "container", c.rec.ID, "cert_dir", d.CertDir, "was", c.delivered[i], "now", id)
+			c.r.log.Warn("container identity changed", logkey.Container, c.rec.ID, logkey.CertDir, d.CertDir, "was", c.delivered[i], "now", id)
 			c.delivered[i] = id
 		}
-		c.r.log.Debug("rotated", "container", c.rec.ID, "cert_dir", d.CertDir, "spiffe_id", svid.ID.String(), "expires", svid.Certificates[0].NotAfter.Format(time.RFC3339))
-		if c.r.OnWrite != nil {
-			c.r.OnWrite(c.rec.ID, i)
-		}
+		c.r.log.Debug("rotated", logkey.Container, c.rec.ID, logkey.CertDir, d.CertDir, logkey.SPIFFEID, svid.ID.String(), logkey.Expires, svid.Certificates[0].NotAfter.Format(time.RFC3339))
 	}
 	if clean {
 		c.reportWrite(nil, "")
@@ -429,10 +420,10 @@ func (c *container) signal(names []string) {
 			continue
 		}
 		if err := c.proc.Signal(sig); err != nil {
-			c.r.log.Warn("renew_signal", "container", c.rec.ID, "signal", name, "error", err)
+			c.r.log.Warn("renew_signal", logkey.Container, c.rec.ID, logkey.Signal, name, logkey.Error, err)
 			continue
 		}
-		c.r.log.Debug("sent renew_signal", "container", c.rec.ID, "pid", c.proc.PID, "signal", name)
+		c.r.log.Debug("sent renew_signal", logkey.Container, c.rec.ID, logkey.PID, c.proc.PID, logkey.Signal, name)
 	}
 	msg := strings.Join(refused, "; ")
 	c.mu.Lock()
@@ -440,7 +431,7 @@ func (c *container) signal(names []string) {
 	c.view.signalErr = msg
 	c.mu.Unlock()
 	if changed && msg != "" {
-		c.r.log.Warn("container files rotated without their reload signal", "container", c.rec.ID, "error", msg)
+		c.r.log.Warn("container files rotated without their reload signal", logkey.Container, c.rec.ID, logkey.Error, msg)
 	}
 }
 
@@ -449,7 +440,7 @@ func (c *container) signal(names []string) {
 func (c *container) reportWrite(err error, kind string) {
 	if err == nil {
 		if c.lastWriteErr != "" {
-			c.r.log.Info("container files written again", "container", c.rec.ID)
+			c.r.log.Info("container files written again", logkey.Container, c.rec.ID)
 			c.lastWriteErr = ""
 			c.setWriteErr("")
 		}
@@ -460,7 +451,7 @@ func (c *container) reportWrite(err error, kind string) {
 		return
 	}
 	c.lastWriteErr = kind
-	c.r.log.Warn("container files", "container", c.rec.ID, "error", err)
+	c.r.log.Warn("container files", logkey.Container, c.rec.ID, logkey.Error, err)
 }
 
 // errnoKind names an error by its errno when it has one.

@@ -24,6 +24,7 @@ const minCredentialReads = 100_000
 // that key signs for. The two-file naive reader runs beside it on the same
 // delivery, so the README can put both figures side by side.
 func TestCredentialBundleNeverTorn(t *testing.T) {
+	t.Parallel()
 	n := newNode(t)
 	p := n.workloadProcess()
 	d := classic

@@ -38,14 +38,18 @@ func zombieChild(t *testing.T) (*exec.Cmd, func(), *process.Process) {
 	return cmd, func() { stdin.Close() }, p
 }
 
-// watchZombies reports, per pid, the watchers that fell back to checking
-// for the reap on a backoff.
-func watchZombies(t *testing.T) <-chan int {
+// newWatcher starts an exit watcher of the test's own, closed when the
+// test ends, and reports on the channel, per pid, the watches that fell
+// back to checking for the reap on a backoff.
+func newWatcher(t *testing.T) (*exits, <-chan int) {
 	t.Helper()
 	ch := make(chan int, 16)
-	onZombie = func(pid int) { ch <- pid }
-	t.Cleanup(func() { onZombie = nil })
-	return ch
+	x, err := newExits(func(pid int) { ch <- pid })
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(x.close)
+	return x, ch
 }
 
 // waitZombie waits until pid is a zombie, as /proc says.
@@ -72,11 +76,12 @@ func waitZombie(t *testing.T, pid int) {
 // reap (before Linux 6.9 none does). The watcher's fallback is forced: the
 // child stays a zombie until the watcher said it saw it so.
 func TestExitWaitsForReap(t *testing.T) {
-	zombies := watchZombies(t)
+	t.Parallel()
+	x, zombies := newWatcher(t)
 	cmd, exitNow, p := zombieChild(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	exit, err := watchExit(ctx, p)
+	exit, err := watchExit(ctx, x, p)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -111,13 +116,14 @@ func TestExitWaitsForReap(t *testing.T) {
 // TestExitOfZombieAtStart: a process that is already a zombie when the
 // watch begins takes the same fallback.
 func TestExitOfZombieAtStart(t *testing.T) {
-	zombies := watchZombies(t)
+	t.Parallel()
+	x, zombies := newWatcher(t)
 	cmd, exitNow, p := zombieChild(t)
 	exitNow()
 	waitZombie(t, p.PID)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	exit, err := watchExit(ctx, p)
+	exit, err := watchExit(ctx, x, p)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -134,8 +140,8 @@ func TestExitOfZombieAtStart(t *testing.T) {
 	}
 }
 
-// watchExit returns a channel closed when onExit reports p gone.
-func watchExit(ctx context.Context, p *process.Process) (<-chan struct{}, error) {
+// watchExit returns a channel closed when x reports p gone.
+func watchExit(ctx context.Context, x *exits, p *process.Process) (<-chan struct{}, error) {
 	ch := make(chan struct{})
-	return ch, onExit(ctx, p, func() { close(ch) })
+	return ch, x.watch(ctx, p, func() { close(ch) })
 }

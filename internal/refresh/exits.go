@@ -2,6 +2,7 @@ package refresh
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"sync"
@@ -13,7 +14,7 @@ import (
 )
 
 // Container exits are told by one epoll set of every served container's
-// pidfd, waited on by one goroutine for the whole process. A goroutine per
+// pidfd, waited on by one goroutine for the whole refresher. A goroutine per
 // container parked on its pidfd cost a stack and an *os.File each: about
 // 7 MiB at 1,000 containers (BENCHMARKS.md).
 //
@@ -27,18 +28,28 @@ import (
 
 // Reap backoff: a zombie is normally reaped within milliseconds of its
 // exit; a parent that is slow to reap costs a check a second at most.
-var (
+const (
 	reapPollMin = 5 * time.Millisecond
 	reapPollMax = time.Second
-	// onZombie, when set (tests), is called with the pid when the watcher
-	// saw the process exited but not yet reaped.
-	onZombie func(pid int)
 )
 
+// exits is the exit watcher of one Refresher's containers. Run starts it
+// with its first container and closes it when it returns, so that a
+// refresher leaves no epoll set, thread or goroutine behind (and tests,
+// each with a refresher of its own, share none).
 type exits struct {
 	epfd int
+	// wake is an eventfd in the epoll set: close writes it to end run,
+	// which is blocked in epoll_wait.
+	wake int
+	// onZombie is called with the pid when the watcher saw a process
+	// exited but not yet reaped: the seam of exit_test.go.
+	onZombie func(pid int)
+	// stopped is closed when run has returned.
+	stopped chan struct{}
 
 	mu      sync.Mutex
+	closed  bool
 	waiters map[int32]*waiter // by the watcher's own dup of the pidfd
 }
 
@@ -48,30 +59,79 @@ type waiter struct {
 	done   bool   // exited called, or the watch ended
 }
 
-var (
-	sharedExits     *exits
-	sharedExitsErr  error
-	sharedExitsOnce sync.Once
-)
+// newExits starts an exit watcher; close ends it.
+func newExits(onZombie func(pid int)) (*exits, error) {
+	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+	if err != nil {
+		return nil, fmt.Errorf("epoll_create1: %w", err)
+	}
+	wake, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	if err != nil {
+		unix.Close(epfd)
+		return nil, fmt.Errorf("eventfd: %w", err)
+	}
+	if err := unix.EpollCtl(epfd, unix.EPOLL_CTL_ADD, wake, &unix.EpollEvent{Events: unix.EPOLLIN, Fd: int32(wake)}); err != nil {
+		unix.Close(wake)
+		unix.Close(epfd)
+		return nil, fmt.Errorf("epoll_ctl eventfd: %w", err)
+	}
+	x := &exits{epfd: epfd, wake: wake, onZombie: onZombie, stopped: make(chan struct{}), waiters: map[int32]*waiter{}}
+	go x.run()
+	return x, nil
+}
 
 // onExit calls exited, on a goroutine of the watcher's, when p has exited
 // and been reaped; it stops watching when ctx ends (exited is then never
 // called). No goroutine waits per process: a container's own goroutine
-// is free to block in its SVID stream.
-func onExit(ctx context.Context, p *process.Process, exited func()) error {
-	sharedExitsOnce.Do(func() {
-		epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+// is free to block in its SVID stream. The watcher is started with the
+// first container; an error starting it is the container's, and the next
+// container tries again.
+func (r *Refresher) onExit(ctx context.Context, p *process.Process, exited func()) error {
+	r.exitsMu.Lock()
+	if r.exits == nil {
+		x, err := newExits(func(int) {})
 		if err != nil {
-			sharedExitsErr = fmt.Errorf("epoll_create1: %w", err)
-			return
+			r.exitsMu.Unlock()
+			return err
 		}
-		sharedExits = &exits{epfd: epfd, waiters: map[int32]*waiter{}}
-		go sharedExits.run()
-	})
-	if sharedExitsErr != nil {
-		return sharedExitsErr
+		r.exits = x
 	}
-	return sharedExits.watch(ctx, p, exited)
+	x := r.exits
+	r.exitsMu.Unlock()
+	return x.watch(ctx, p, exited)
+}
+
+// closeExits ends the exit watcher, if one was started. Run calls it once
+// every container's goroutine has returned, so none watches any more.
+func (r *Refresher) closeExits() {
+	r.exitsMu.Lock()
+	x := r.exits
+	r.exits = nil
+	r.exitsMu.Unlock()
+	if x != nil {
+		x.close()
+	}
+}
+
+// close stops watching every process (their exited is never called),
+// ends run, and closes the epoll set and the eventfd once run is out of
+// epoll_wait: only then can their numbers not be reused under it. It is
+// called once.
+func (x *exits) close() {
+	x.mu.Lock()
+	x.closed = true
+	for fd := range x.waiters {
+		x.drop(int(fd))
+	}
+	x.mu.Unlock()
+	// An eventfd write fails only when its counter would overflow; this
+	// is its only write.
+	var one [8]byte
+	binary.NativeEndian.PutUint64(one[:], 1)
+	unix.Write(x.wake, one[:])
+	<-x.stopped
+	unix.Close(x.epfd)
+	unix.Close(x.wake)
 }
 
 func (x *exits) watch(ctx context.Context, p *process.Process, exited func()) error {
@@ -81,6 +141,11 @@ func (x *exits) watch(ctx context.Context, p *process.Process, exited func()) er
 	}
 	w := &waiter{pid: p.PID, exited: exited}
 	x.mu.Lock()
+	if x.closed {
+		x.mu.Unlock()
+		unix.Close(fd)
+		return errors.New("exit watcher closed: the refresher is stopping")
+	}
 	x.waiters[int32(fd)] = w
 	if err := unix.EpollCtl(x.epfd, unix.EPOLL_CTL_ADD, fd, &unix.EpollEvent{Events: unix.EPOLLIN, Fd: int32(fd)}); err != nil {
 		delete(x.waiters, int32(fd))
@@ -110,9 +175,10 @@ func (x *exits) drop(fd int) {
 	unix.Close(fd)
 }
 
-// run waits for exits for as long as the process lives, in a thread of
-// its own (it blocks in epoll_wait).
+// run waits for exits until close wakes it, in a thread of its own (it
+// blocks in epoll_wait).
 func (x *exits) run() {
+	defer close(x.stopped)
 	events := make([]unix.EpollEvent, 64)
 	for {
 		n, err := unix.EpollWait(x.epfd, events, -1)
@@ -123,9 +189,14 @@ func (x *exits) run() {
 			return
 		}
 		var gone []*waiter
+		stop := false
 		x.mu.Lock()
 		for _, ev := range events[:n] {
 			fd := int(ev.Fd)
+			if fd == x.wake {
+				stop = true
+				continue
+			}
 			w, ok := x.waiters[ev.Fd]
 			if !ok {
 				continue // dropped since epoll_wait returned
@@ -137,15 +208,16 @@ func (x *exits) run() {
 			case readable(fd):
 				// A zombie: out of the set, checked on a backoff.
 				unix.EpollCtl(x.epfd, unix.EPOLL_CTL_DEL, fd, nil)
-				if onZombie != nil {
-					onZombie(w.pid)
-				}
+				x.onZombie(w.pid)
 				go x.watchReap(fd, w)
 			}
 		}
 		x.mu.Unlock()
 		for _, w := range gone {
 			w.exited()
+		}
+		if stop {
+			return
 		}
 	}
 }

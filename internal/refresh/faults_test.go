@@ -111,6 +111,9 @@ func countDir(t *testing.T, dir string) int {
 // goroutines or descriptors while it waits, containers keep valid files,
 // and everything rotates once the agent answers again.
 func TestFaultAgentHang(t *testing.T) {
+	// Not parallel: it counts the goroutines and descriptors of the whole
+	// test process. go test starts the parallel tests only once the
+	// serial ones are done, so the counts are this test's alone.
 	n := newNode(t)
 	ids, _ := n.deliverMany(manyContainers)
 	_, before := n.startSettled(ids)
@@ -238,6 +241,7 @@ func writeErrors(logs string) map[string]int {
 // whole and readable, are logged once per container however many rotations
 // fail, and the first rotation after space is freed rewrites everything.
 func TestFaultStateDirFull(t *testing.T) {
+	t.Parallel()
 	n := newNode(t)
 	ids, _ := n.deliverMany(manyContainers)
 	_, before := n.startSettled(ids)
@@ -426,6 +430,9 @@ func debris(t *testing.T, dir string) []string {
 // after the first round (goroutines, descriptors, streams, directories),
 // and once it stops, back to before it started.
 func TestFaultChurnLeaks(t *testing.T) {
+	// Not parallel: it counts the goroutines and descriptors of the whole
+	// test process. go test starts the parallel tests only once the
+	// serial ones are done, so the counts are this test's alone.
 	n := newNode(t)
 	const rounds = 3
 	startG, startFD := runtime.NumGoroutine(), openFDs(t)
@@ -496,6 +503,7 @@ func TestFaultChurnLeaks(t *testing.T) {
 // real agent that update comes at half the new SVID's lifetime, after the
 // files on disk (written at half the old one's) have expired.
 func TestFaultStateDirFullRetry(t *testing.T) {
+	t.Parallel()
 	n := newNode(t)
 	ids, _ := n.deliverMany(5)
 	_, before := n.startSettled(ids)
@@ -534,6 +542,7 @@ func TestFaultStateDirFullRetry(t *testing.T) {
 // refresher logs that once for the container, not as the agent being
 // down, keeps the files, and retries with backoff until it succeeds.
 func TestFaultAttestationFailed(t *testing.T) {
+	t.Parallel()
 	n := newNode(t)
 	id := n.deliver(n.workloadProcess().Process.Pid)
 	before := n.validCert(id)

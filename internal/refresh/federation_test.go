@@ -54,6 +54,7 @@ func gone(dir, name string) bool {
 // its file, a new federation adds one, an ended one removes it, and an
 // end that happened while the refresher was down is seen at its start.
 func TestFederatedBundlesFollowTheAgent(t *testing.T) {
+	t.Parallel()
 	n := newNode(t)
 	partnerCA, err := n.agent.Federate("partner.test")
 	if err != nil {
@@ -103,6 +104,7 @@ func TestFederatedBundlesFollowTheAgent(t *testing.T) {
 // TestIncludeFederatedDomains: the merged file holds the own CA and the
 // federated ones, and follows a foreign CA rotation.
 func TestIncludeFederatedDomains(t *testing.T) {
+	t.Parallel()
 	n := newNode(t)
 	partnerCA, err := n.agent.Federate("partner.test")
 	if err != nil {
@@ -133,6 +135,7 @@ func TestIncludeFederatedDomains(t *testing.T) {
 // files, rotates the credential bundle (its only copy of the chain), and
 // redacts a withdrawn trust domain with an empty file, as the draft asks.
 func TestSPIFFEFSLayout(t *testing.T) {
+	t.Parallel()
 	n := newNode(t)
 	partnerCA, err := n.agent.Federate("partner.test")
 	if err != nil {

@@ -9,6 +9,7 @@ import (
 // keeps marking it well within refresher_grace, and marks it once more
 // when it stops, so that the grace counts from its stop.
 func TestHeartbeat(t *testing.T) {
+	t.Parallel()
 	n := newNode(t)
 	n.cfg.RefresherGrace = 400 * time.Millisecond // a heartbeat every 100 ms
 	if _, err := n.store.LastHeartbeat(); err == nil {

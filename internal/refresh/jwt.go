@@ -10,6 +10,7 @@ import (
 	"github.com/noderesource/spiffe-oci-hook/internal/agent"
 	"github.com/noderesource/spiffe-oci-hook/internal/annotations"
 	"github.com/noderesource/spiffe-oci-hook/internal/files"
+	"github.com/noderesource/spiffe-oci-hook/internal/logkey"
 	"github.com/noderesource/spiffe-oci-hook/internal/record"
 )
 
@@ -81,7 +82,7 @@ func (c *container) reportJWT(err error) {
 	defer c.mu.Unlock()
 	if err == nil {
 		if c.lastJWTErr != "" && c.lastJWTErr != "unavailable" {
-			c.r.log.Info("container JWT-SVIDs renewed again", "container", c.rec.ID)
+			c.r.log.Info("container JWT-SVIDs renewed again", logkey.Container, c.rec.ID)
 		}
 		c.lastJWTErr = ""
 		return
@@ -94,7 +95,7 @@ func (c *container) reportJWT(err error) {
 	if kind == "unavailable" {
 		return
 	}
-	c.r.log.Warn("container JWT-SVIDs", "container", c.rec.ID, "pid", c.proc.PID, "error", fmt.Errorf("%w; keeping the current tokens", err))
+	c.r.log.Warn("container JWT-SVIDs", logkey.Container, c.rec.ID, logkey.PID, c.proc.PID, logkey.Error, fmt.Errorf("%w; keeping the current tokens", err))
 }
 
 // generation is a delivery directory, whose current generation a

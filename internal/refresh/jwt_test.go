@@ -18,6 +18,7 @@ import (
 // back unchanged past that point, every twentieth of its lifetime; the
 // earliest of a container's tokens decides; never more often than 1 s.
 func TestNextJWTRenewal(t *testing.T) {
+	t.Parallel()
 	now := time.Unix(1_000_000, 0)
 	tok := func(issuedAgo, life time.Duration) *agent.JWTSVID {
 		return &agent.JWTSVID{IssuedAt: now.Add(-issuedAgo), Expiry: now.Add(-issuedAgo + life)}
@@ -65,6 +66,7 @@ func (n *node) token(id string) string {
 // tokens are then renewed at half their lifetime, each before the one it
 // replaces expires.
 func TestJWTRefresh(t *testing.T) {
+	t.Parallel()
 	n := newNode(t)
 	const ttl = 4 * time.Second
 	hold := make(chan struct{})

@@ -26,9 +26,11 @@ import (
 
 	"github.com/fsnotify/fsnotify"
 
+	"github.com/noderesource/spiffe-oci-hook/internal/agent"
 	"github.com/noderesource/spiffe-oci-hook/internal/brokersvid"
 	"github.com/noderesource/spiffe-oci-hook/internal/config"
 	"github.com/noderesource/spiffe-oci-hook/internal/files"
+	"github.com/noderesource/spiffe-oci-hook/internal/logkey"
 	"github.com/noderesource/spiffe-oci-hook/internal/metrics"
 	"github.com/noderesource/spiffe-oci-hook/internal/process"
 	"github.com/noderesource/spiffe-oci-hook/internal/record"
@@ -49,11 +51,6 @@ type Refresher struct {
 	Writer files.Writer
 	// Labeler returns the labeler for a container's mount label (nil: none).
 	Labeler func(mountLabel string) files.Labeler
-	// OnWrite, when set, is called after each delivery is rewritten
-	// (benchmarks and tests measure with it).
-	OnWrite func(id string, delivery int)
-	// OnAudit, when set, is called after each audit (tests wait with it).
-	OnAudit func()
 	// Metrics are the refresher's counters; its gauges read Report.
 	Metrics *metrics.Metrics
 	// Version is reported in Report.
@@ -78,10 +75,12 @@ type Refresher struct {
 	// on a node with a few cores.
 	writeSlots chan struct{}
 
-	// holdExit, when set (tests), runs after a container's process
-	// exited and before the refresher acts on it: it can hold the exit
-	// notice back until a new instance under the same ID is recorded.
-	holdExit func(id string)
+	// hooks are the test seams; New sets them to no-ops.
+	hooks hooks
+	// exits watches the containers' processes for their exit (exits.go):
+	// started with the first container, closed when Run returns.
+	exitsMu sync.Mutex
+	exits   *exits
 	// brokerID is the broker SVID (agent_api broker; followBrokerSVID).
 	brokerID *brokersvid.Holder
 
@@ -91,9 +90,39 @@ type Refresher struct {
 	wg         sync.WaitGroup
 }
 
+// hooks are the points at which a test waits for the refresher's work or
+// holds it back. They are fields of the Refresher rather than package
+// variables, so that tests each with a refresher of their own can run in
+// parallel. (The exit watcher's own seam, for the tests that drive it
+// without a refresher, is newExits' onZombie.) New sets every one to a no-op, so the refresher calls them
+// without a nil check; a test replaces those it needs before Run.
+type hooks struct {
+	// scanned runs after each scan: a test that checks that rescans
+	// change nothing waits for some to have happened.
+	scanned func()
+	// writePass runs after each write pass of a container, with the SVIDs
+	// it worked from: a test that checks what a pass did not do waits for
+	// the pass.
+	writePass func(id string, svids *agent.X509SVIDs)
+	// exited runs after a container's process exited and before the
+	// refresher acts on it: it can hold the exit notice back until a new
+	// instance under the same ID is recorded.
+	exited func(id string)
+}
+
+// noHooks are the hooks of a refresher that no test watches.
+func noHooks() hooks {
+	return hooks{
+		scanned:   func() {},
+		writePass: func(string, *agent.X509SVIDs) {},
+		exited:    func(string) {},
+	}
+}
+
 // New returns a refresher for cfg.
 func New(cfg config.Config, log *slog.Logger) *Refresher {
 	r := &Refresher{
+		hooks:      noHooks(),
 		cfg:        cfg,
 		store:      record.Store{Dir: cfg.StateDir},
 		log:        log,
@@ -118,7 +147,7 @@ func (r *Refresher) settings() config.Refresher { return r.live.Load().Refresher
 func (r *Refresher) heartbeat() {
 	err := r.store.Heartbeat(time.Now())
 	if err != nil && !r.beatFailed {
-		r.log.Error("heartbeat failed: with require_refresher, the hook will refuse new containers", "error", err)
+		r.log.Error("heartbeat failed: with require_refresher, the hook will refuse new containers", logkey.Error, err)
 	}
 	r.beatFailed = err != nil
 }
@@ -163,6 +192,7 @@ func (r *Refresher) Run(ctx context.Context, ready func()) error {
 	defer func() {
 		cancel()
 		r.wg.Wait()
+		r.closeExits()
 	}()
 	if r.cfg.AgentAPI == config.APIBroker {
 		r.wg.Add(1)
@@ -176,7 +206,7 @@ func (r *Refresher) Run(ctx context.Context, ready func()) error {
 	r.agent(ctx, r.live.Load().NodeAgentSocket())
 	r.scan(ctx)
 	r.scanned.Store(true)
-	r.log.Info("ready", "state_dir", r.cfg.StateDir, "containers", r.Count())
+	r.log.Info("ready", logkey.StateDir, r.cfg.StateDir, logkey.Containers, r.Count())
 	// From here on the node is served: the heartbeat tells the hook so
 	// (require_refresher). The last one is written at the stop, so that
 	// refresher_grace counts from then.
@@ -208,7 +238,7 @@ func (r *Refresher) Run(ctx context.Context, ready func()) error {
 			r.heartbeat()
 		case <-ctx.Done():
 			r.heartbeat()
-			r.log.Info("stopping", "containers", r.Count())
+			r.log.Info("stopping", logkey.Containers, r.Count())
 			return nil
 		case ev, ok := <-watcher.Events:
 			if !ok {
@@ -231,7 +261,7 @@ func (r *Refresher) Run(ctx context.Context, ready func()) error {
 				return errors.New("inotify watcher closed")
 			}
 			// An overflow loses events; the rescan catches up.
-			r.log.Warn("inotify", "error", err)
+			r.log.Warn("inotify", logkey.Error, err)
 			r.scan(ctx)
 		case <-rescan.C:
 			r.scan(ctx)
@@ -246,18 +276,12 @@ func (r *Refresher) Count() int {
 	return len(r.containers)
 }
 
-// onScan, when set (tests), is called after each scan: a test that checks
-// that rescans change nothing waits for some to have happened.
-var onScan func()
-
 // scan reconciles the served containers with the records on disk.
 func (r *Refresher) scan(ctx context.Context) {
-	if onScan != nil {
-		defer onScan()
-	}
+	defer r.hooks.scanned()
 	ids, err := r.store.IDs()
 	if err != nil {
-		r.log.Error("scanning state directory", "error", err)
+		r.log.Error("scanning state directory", logkey.Error, err)
 		return
 	}
 	onDisk := map[string]bool{}
@@ -279,7 +303,7 @@ func (r *Refresher) scan(ctx context.Context) {
 	r.pruneFailOpen()
 	orphans, err := r.store.Orphans()
 	if err != nil {
-		r.log.Error("scanning state directory", "error", err)
+		r.log.Error("scanning state directory", logkey.Error, err)
 		return
 	}
 	for _, id := range orphans {
@@ -292,11 +316,11 @@ func (r *Refresher) scan(ctx context.Context) {
 		// a record under the container's lock.
 		removed, err := r.store.RemoveOrphan(id)
 		if err != nil {
-			r.log.Error("removing orphaned container directory", "container", id, "error", err)
+			r.log.Error("removing orphaned container directory", logkey.Container, id, logkey.Error, err)
 			continue
 		}
 		if removed {
-			r.log.Info("removed orphaned container directory", "container", id)
+			r.log.Info("removed orphaned container directory", logkey.Container, id)
 		}
 	}
 }
@@ -312,7 +336,7 @@ func (r *Refresher) add(ctx context.Context, id string) {
 	rec, err := r.store.Load(id)
 	if err != nil {
 		if !errors.Is(err, os.ErrNotExist) {
-			r.log.Error("reading record", "container", id, "error", err)
+			r.log.Error("reading record", logkey.Container, id, logkey.Error, err)
 		}
 		return
 	}
@@ -328,7 +352,7 @@ func (r *Refresher) add(ctx context.Context, id string) {
 			r.removeInstance(rec, "process exited while the refresher was away")
 			return
 		}
-		r.log.Error("pinning container process", "container", id, "pid", rec.PID, "error", err)
+		r.log.Error("pinning container process", logkey.Container, id, logkey.PID, rec.PID, logkey.Error, err)
 		return
 	}
 	if served {
@@ -349,14 +373,12 @@ func (r *Refresher) add(ctx context.Context, id string) {
 	r.containers[id] = c
 	r.mu.Unlock()
 
-	r.log.Info("serving container", "container", id, "pid", rec.PID, "spiffe_id", rec.Deliveries[0].Delivered, "deliveries", len(rec.Deliveries))
+	r.log.Info("serving container", logkey.Container, id, logkey.PID, rec.PID, logkey.SPIFFEID, rec.Deliveries[0].Delivered, "deliveries", len(rec.Deliveries))
 	r.wg.Add(1)
 	go func() {
 		defer r.wg.Done()
 		if exited := c.run(); exited {
-			if r.holdExit != nil {
-				r.holdExit(id)
-			}
+			r.hooks.exited(id)
 			r.forgetInstance(c, "container process exited")
 			r.removeInstance(c.rec, "container process exited")
 		}
@@ -372,7 +394,7 @@ func (r *Refresher) forget(id, why string) {
 	r.mu.Unlock()
 	if ok {
 		c.stop()
-		r.log.Info("forgot container", "container", id, "reason", why)
+		r.log.Info("forgot container", logkey.Container, id, logkey.Reason, why)
 	}
 }
 
@@ -387,7 +409,7 @@ func (r *Refresher) forgetInstance(c *container, why string) {
 	r.mu.Unlock()
 	if ok && cur == c {
 		c.stop()
-		r.log.Info("forgot container", "container", c.rec.ID, "pid", c.rec.PID, "reason", why)
+		r.log.Info("forgot container", logkey.Container, c.rec.ID, logkey.PID, c.rec.PID, logkey.Reason, why)
 	}
 }
 
@@ -396,14 +418,14 @@ func (r *Refresher) forgetInstance(c *container, why string) {
 func (r *Refresher) removeInstance(rec record.Record, why string) {
 	removed, err := r.store.RemoveInstance(rec.ID, rec.PID, rec.StartTime)
 	if err != nil {
-		r.log.Error("removing container state", "container", rec.ID, "error", err)
+		r.log.Error("removing container state", logkey.Container, rec.ID, logkey.Error, err)
 		return
 	}
 	if !removed {
-		r.log.Info("kept container state: its ID names a new instance", "container", rec.ID, "exited_pid", rec.PID)
+		r.log.Info("kept container state: its ID names a new instance", logkey.Container, rec.ID, "exited_pid", rec.PID)
 		return
 	}
-	r.log.Info("removed container state", "container", rec.ID, "pid", rec.PID, "reason", why)
+	r.log.Info("removed container state", logkey.Container, rec.ID, logkey.PID, rec.PID, logkey.Reason, why)
 }
 
 // agent returns the connection to socket, creating it on first use.

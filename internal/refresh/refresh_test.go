@@ -219,6 +219,7 @@ func eventually(t *testing.T, d time.Duration, what string, cond func() bool) {
 }
 
 func TestRotationRewritesFiles(t *testing.T) {
+	t.Parallel()
 	n := newNode(t)
 	p := n.workloadProcess()
 	id := n.deliver(p.Process.Pid)
@@ -245,6 +246,7 @@ func TestRotationRewritesFiles(t *testing.T) {
 // README says) sees 0 mismatched, partial or missing files across many fast
 // rotations; a naive reader opening the plain names is measured too.
 func TestReadersNeverSeeMismatch(t *testing.T) {
+	t.Parallel()
 	n := newNode(t)
 	p := n.workloadProcess()
 	id := n.deliver(p.Process.Pid)
@@ -315,6 +317,9 @@ func TestReadersNeverSeeMismatch(t *testing.T) {
 // TestExitForgetsContainer: when the process exits, its state, stream and
 // goroutines are gone within a second.
 func TestExitForgetsContainer(t *testing.T) {
+	// Not parallel: it counts the goroutines and descriptors of the whole
+	// test process. go test starts the parallel tests only once the
+	// serial ones are done, so the counts are this test's alone.
 	n := newNode(t)
 	baseline := runtime.NumGoroutine()
 	p1, p2 := n.workloadProcess(), n.workloadProcess()
@@ -348,6 +353,7 @@ func TestExitForgetsContainer(t *testing.T) {
 // TestPoststopForgets: the hook's poststop removes the record; the
 // refresher closes the stream.
 func TestPoststopForgets(t *testing.T) {
+	t.Parallel()
 	n := newNode(t)
 	p := n.workloadProcess()
 	id := n.deliver(p.Process.Pid)
@@ -362,6 +368,7 @@ func TestPoststopForgets(t *testing.T) {
 // TestAgentRestart: while the agent is away the files stay; when it is back
 // rotation resumes promptly; the outage is logged once, not per retry.
 func TestAgentRestart(t *testing.T) {
+	t.Parallel()
 	n := newNode(t)
 	var ids []string
 	for range 5 {
@@ -414,6 +421,7 @@ func TestAgentRestart(t *testing.T) {
 // TestRefresherRestart: a new refresher resumes every live container and
 // removes the state of one that exited while it was down.
 func TestRefresherRestart(t *testing.T) {
+	t.Parallel()
 	n := newNode(t)
 	live, dead := n.workloadProcess(), n.workloadProcess()
 	liveID, deadID := n.deliver(live.Process.Pid), n.deliver(dead.Process.Pid)
@@ -438,6 +446,7 @@ func TestRefresherRestart(t *testing.T) {
 // TestPIDReuse: a record whose pid now belongs to another process (start
 // time differs) is never served: its state is removed.
 func TestPIDReuse(t *testing.T) {
+	t.Parallel()
 	n := newNode(t)
 	p := n.workloadProcess()
 	id := n.deliver(p.Process.Pid)
@@ -479,11 +488,12 @@ func (s *syncBuffer) String() string {
 // for a container (an attestor that sees the pid differently after exec),
 // the refresher writes the new one and logs both IDs once.
 func TestIdentityChange(t *testing.T) {
+	t.Parallel()
 	n := newNode(t)
-	passes := watchWritePasses(t)
+	passes := &writePasses{}
 	p := n.workloadProcess()
 	id := n.deliver(p.Process.Pid)
-	r, _ := n.start()
+	r, _ := n.start(passes.watch)
 	eventually(t, 5*time.Second, "served", func() bool { return r.Count() == 1 })
 	other := spiffeid.RequireFromString("spiffe://example.org/after-exec")
 	n.agent.Set(p.Process.Pid, other)

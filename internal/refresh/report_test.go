@@ -44,6 +44,7 @@ func gaugeValue(t *testing.T, r *Refresher, name string) (float64, bool) {
 // read from it follow a container from start through rotation and agent
 // outage; the counters count in the code paths that write and stream.
 func TestReportAndMetrics(t *testing.T) {
+	t.Parallel()
 	n := newNode(t)
 	r, _ := n.start()
 	if _, ok := gaugeValue(t, r, "spiffe_oci_svid_earliest_expiry_timestamp_seconds"); ok {
@@ -111,9 +112,10 @@ func mustLoad(t *testing.T, n *node, id string) record.Record {
 // TestReload: settings apply without touching streams; a setting that
 // needs a restart refuses the whole configuration.
 func TestReload(t *testing.T) {
+	t.Parallel()
 	n := newNode(t)
-	scans := countScans(t)
-	r, _ := n.start()
+	scans, counting := countScans()
+	r, _ := n.start(counting)
 	n.deliverWhileServing(n.workloadProcess().Process.Pid)
 	eventually(t, 5*time.Second, "stream open", func() bool {
 		rep := r.Report()
@@ -152,6 +154,7 @@ func TestReload(t *testing.T) {
 // serves metrics and probes but not /status; a second server on the same
 // socket is refused.
 func TestServer(t *testing.T) {
+	t.Parallel()
 	n := newNode(t)
 	r, _ := n.start()
 	socket := filepath.Join(n.dir, "m.sock")
@@ -196,14 +199,15 @@ func TestServer(t *testing.T) {
 // (its spiffe_id is no longer among the agent's SVIDs) stays in the report
 // and is logged once, not followed at once by a false "written again".
 func TestDeliveryErrorStaysReported(t *testing.T) {
+	t.Parallel()
 	n := newNode(t)
-	passes := watchWritePasses(t)
+	passes := &writePasses{}
 	p := n.workloadProcess()
 	pinned := classic
 	pinned.SPIFFEID = workload.String()
 	id := n.deliverDelivery(p.Process.Pid, true, pinned)
 	hooks := n.cert(id)
-	r, _ := n.start()
+	r, _ := n.start(passes.watch)
 	// The fake agent mints a new SVID per stream: the refresher's first
 	// write replaces the hook's. Take the reference after it.
 	eventually(t, 5*time.Second, "served and rewritten once", func() bool { return r.Count() == 1 && !bytes.Equal(n.cert(id), hooks) })
@@ -234,14 +238,11 @@ func TestDeliveryErrorStaysReported(t *testing.T) {
 	}
 }
 
-// countScans counts the refresher's scans; call it before the refresher
-// starts.
-func countScans(t *testing.T) *atomic.Int64 {
-	t.Helper()
+// countScans returns a count of a refresher's scans and the option of
+// node.start that makes the refresher keep it.
+func countScans() (*atomic.Int64, func(*Refresher)) {
 	var n atomic.Int64
-	onScan = func() { n.Add(1) }
-	t.Cleanup(func() { onScan = nil })
-	return &n
+	return &n, func(r *Refresher) { r.hooks.scanned = func() { n.Add(1) } }
 }
 
 // writePasses records the serial number of the leaf certificate each of
@@ -251,11 +252,10 @@ type writePasses struct {
 	seen []string
 }
 
-// watchWritePasses records the passes; call it before the refresher starts.
-func watchWritePasses(t *testing.T) *writePasses {
-	t.Helper()
-	w := &writePasses{}
-	onWritePass = func(_ string, svids *agent.X509SVIDs) {
+// watch is the option of node.start that makes the refresher record its
+// passes in w.
+func (w *writePasses) watch(r *Refresher) {
+	r.hooks.writePass = func(_ string, svids *agent.X509SVIDs) {
 		if svids == nil || len(svids.SVIDs) == 0 {
 			return
 		}
@@ -263,8 +263,6 @@ func watchWritePasses(t *testing.T) *writePasses {
 		w.seen = append(w.seen, svids.SVIDs[0].Certificates[0].SerialNumber.String())
 		w.mu.Unlock()
 	}
-	t.Cleanup(func() { onWritePass = nil })
-	return w
 }
 
 func (w *writePasses) serials() []string {

@@ -18,6 +18,7 @@ import (
 // that the new instance keeps its record and files, stays served and
 // keeps rotating.
 func TestContainerIDReuse(t *testing.T) {
+	t.Parallel()
 	n := newNode(t)
 	const id = "restarted"
 	old := n.workloadProcess()
@@ -26,7 +27,7 @@ func TestContainerIDReuse(t *testing.T) {
 	release := make(chan struct{})
 	var once sync.Once
 	r, _ := n.start(func(r *Refresher) {
-		r.holdExit = func(string) {
+		r.hooks.exited = func(string) {
 			once.Do(func() {
 				close(held)
 				<-release

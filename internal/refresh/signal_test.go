@@ -44,6 +44,7 @@ func (n *node) setRenewSignal(id, sig string) {
 // renew_signal to its process, once per rotation, and nothing to a
 // container that did not ask, nor at its first look (nothing changed).
 func TestRenewSignal(t *testing.T) {
+	t.Parallel()
 	n := newNode(t)
 	hup, hupLog := n.trapper("hup")
 	usr1, usr1Log := n.trapper("usr1")
@@ -80,6 +81,7 @@ func TestRenewSignal(t *testing.T) {
 // would die of SIGHUP. The refresher rotates its files, does not send the
 // signal, and says why once, in the log and in the container's status.
 func TestRenewSignalNotSentWhenItWouldKill(t *testing.T) {
+	t.Parallel()
 	n := newNode(t)
 	p := n.workloadProcess() // sleep: no handler, not a namespace's init
 	id := n.deliver(p.Process.Pid)

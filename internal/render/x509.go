@@ -91,6 +91,13 @@ func identity(n Names, svid *x509svid.SVID, bundles *x509bundle.Set, federatesWi
 // bundle's pointer: the agent client builds a new bundle for every
 // update and nothing changes one afterwards. A few entries cover the
 // own trust domain and its federated ones across one agent update.
+//
+// It stays a package variable where the refresher's other shared state
+// became fields: it is a pure memo, bounded at 16 entries, whose answer is
+// the one b.Marshal would give, so no caller can tell whether it hit; it
+// holds no test seam, and tests running in parallel share it harmlessly.
+// A cache per value would have to be threaded through every caller of
+// Delivery for the same output.
 var pemCache struct {
 	sync.Mutex
 	next    int

@@ -13,6 +13,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/noderesource/spiffe-oci-hook/internal/logkey"
 )
 
 // Server serves the refresher's endpoints: what the report (status.go)
@@ -68,7 +69,7 @@ func (s *Server) Serve(ctx context.Context) {
 	for i, srv := range s.servers {
 		go func() {
 			if err := srv.Serve(s.lns[i]); err != nil && !errors.Is(err, http.ErrServerClosed) {
-				s.log.Error("metrics server", "address", s.lns[i].Addr().String(), "error", err)
+				s.log.Error("metrics server", "address", s.lns[i].Addr().String(), logkey.Error, err)
 			}
 		}()
 	}
