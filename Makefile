@@ -141,8 +141,10 @@ test-fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzParseState$$' -fuzztime $(FUZZTIME) ./internal/ocistate
 	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime $(FUZZTIME) ./internal/config
 
+# The unit tests: internal/'s, and test/subreaper's, a unit test that ran
+# here while the package lived under internal/.
 test-unit:
-	$(GO) test -count=1 -short ./internal/...
+	$(GO) test -count=1 -short ./internal/... ./test/subreaper
 
 test-integration: tools build
 	$(call run_tests,SPIFFE_OCI_SYSTEMD=1 SPIRE_BIN_DIR=$(SPIRE_BIN_DIR),-p 1 -count=1 -timeout 30m ./test/...)

@@ -16,7 +16,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
-	"github.com/noderesource/spiffe-oci-hook/internal/fakeagent"
+	"github.com/noderesource/spiffe-oci-hook/test/fakeagent"
 )
 
 // socketPath returns a socket path short enough for a unix socket (108

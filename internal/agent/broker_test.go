@@ -15,7 +15,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
-	"github.com/noderesource/spiffe-oci-hook/internal/fakeagent"
+	"github.com/noderesource/spiffe-oci-hook/test/fakeagent"
 )
 
 // brokerID is a static broker identity for the tests.

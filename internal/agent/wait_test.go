@@ -10,7 +10,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
-	"github.com/noderesource/spiffe-oci-hook/internal/fakeagent"
+	"github.com/noderesource/spiffe-oci-hook/test/fakeagent"
 )
 
 // apis starts a fake agent behind each of the two APIs and returns a

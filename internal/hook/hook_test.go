@@ -21,10 +21,10 @@ import (
 
 	"github.com/noderesource/spiffe-oci-hook/internal/annotations"
 	"github.com/noderesource/spiffe-oci-hook/internal/config"
-	"github.com/noderesource/spiffe-oci-hook/internal/fakeagent"
 	"github.com/noderesource/spiffe-oci-hook/internal/files"
 	"github.com/noderesource/spiffe-oci-hook/internal/record"
 	"github.com/noderesource/spiffe-oci-hook/internal/refresh"
+	"github.com/noderesource/spiffe-oci-hook/test/fakeagent"
 )
 
 const mountLabel = "system_u:object_r:container_file_t:s0:c12,c34"

@@ -24,7 +24,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/noderesource/spiffe-oci-hook/internal/spiretest"
+	"github.com/noderesource/spiffe-oci-hook/test/spiretest"
 
 	"github.com/noderesource/spiffe-oci-hook/test/benchmd"
 )

@@ -18,7 +18,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
 	"github.com/noderesource/spiffe-oci-hook/internal/record"
-	"github.com/noderesource/spiffe-oci-hook/internal/spiretest"
+	"github.com/noderesource/spiffe-oci-hook/test/spiretest"
 )
 
 // Part 1 and 2: runc create latency, hook overhead, hook vs spiffe-helper.

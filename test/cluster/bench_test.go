@@ -9,9 +9,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/noderesource/spiffe-oci-hook/internal/spiretest"
 	"github.com/noderesource/spiffe-oci-hook/test/benchmd"
 	"github.com/noderesource/spiffe-oci-hook/test/cluster/localcluster"
+	"github.com/noderesource/spiffe-oci-hook/test/spiretest"
 )
 
 // TestBenchRegistration (make bench BENCH_PARTS=registration) measures new

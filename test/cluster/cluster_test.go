@@ -13,8 +13,8 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
-	"github.com/noderesource/spiffe-oci-hook/internal/spiretest"
 	"github.com/noderesource/spiffe-oci-hook/test/cluster/localcluster"
+	"github.com/noderesource/spiffe-oci-hook/test/spiretest"
 )
 
 // TestClusterCRIO: CRI-O with its stock hooks configuration, the project

@@ -8,8 +8,8 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/noderesource/spiffe-oci-hook/internal/spiretest"
 	"github.com/noderesource/spiffe-oci-hook/test/cluster/localcluster"
+	"github.com/noderesource/spiffe-oci-hook/test/spiretest"
 )
 
 // TestImageLayoutMatchesContainerfile: the image built offline for the

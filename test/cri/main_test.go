@@ -25,8 +25,8 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/noderesource/spiffe-oci-hook/internal/spiretest"
-	"github.com/noderesource/spiffe-oci-hook/internal/subreaper"
+	"github.com/noderesource/spiffe-oci-hook/test/spiretest"
+	"github.com/noderesource/spiffe-oci-hook/test/subreaper"
 )
 
 func TestMain(m *testing.M) {

@@ -4,7 +4,7 @@ import (
 	"testing"
 
 	"github.com/noderesource/spiffe-oci-hook/internal/config"
-	"github.com/noderesource/spiffe-oci-hook/internal/spiretest"
+	"github.com/noderesource/spiffe-oci-hook/test/spiretest"
 )
 
 // TestCompatSPIRE113: the compatibility subset on SPIRE 1.13.3, for an

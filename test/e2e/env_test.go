@@ -31,7 +31,7 @@ import (
 	"github.com/noderesource/spiffe-oci-hook/internal/brokersvid"
 	"github.com/noderesource/spiffe-oci-hook/internal/config"
 	"github.com/noderesource/spiffe-oci-hook/internal/files"
-	"github.com/noderesource/spiffe-oci-hook/internal/spiretest"
+	"github.com/noderesource/spiffe-oci-hook/test/spiretest"
 )
 
 const (

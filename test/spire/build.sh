@@ -2,7 +2,7 @@
 # build.sh OUTDIR
 #
 # Builds the real SPIRE binaries used by the integration tests
-# (internal/spiretest) from the pinned tools module in this directory:
+# (test/spiretest) from the pinned tools module in this directory:
 #
 #   OUTDIR/spire-server   github.com/spiffe/spire/cmd/spire-server  (v1.13.3)
 #   OUTDIR/spire-agent    github.com/spiffe/spire/cmd/spire-agent   (v1.13.3)

@@ -34,7 +34,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/noderesource/spiffe-oci-hook/internal/spiretest"
+	"github.com/noderesource/spiffe-oci-hook/test/spiretest"
 )
 
 const cgroupRoot = "/sys/fs/cgroup"

@@ -8,7 +8,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/noderesource/spiffe-oci-hook/internal/spiretest"
+	"github.com/noderesource/spiffe-oci-hook/test/spiretest"
 )
 
 const (

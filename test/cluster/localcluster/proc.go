@@ -11,7 +11,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/noderesource/spiffe-oci-hook/internal/subreaper"
+	"github.com/noderesource/spiffe-oci-hook/test/subreaper"
 )
 
 // proc is one daemon of the cluster, its output in logs/<name>.log.

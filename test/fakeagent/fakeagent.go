@@ -1,7 +1,7 @@
 // Package fakeagent is an in-process Delegated Identity API server for fast
 // tests and fault injection: it mints SVIDs from its own CA, rotates them on
 // demand, counts open streams, and can refuse or hang. Tests that prove the
-// product use the real SPIRE agent (internal/spiretest); this one covers
+// product use the real SPIRE agent (test/spiretest); this one covers
 // what a real agent cannot be made to do on cue.
 package fakeagent
 
