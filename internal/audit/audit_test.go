@@ -26,6 +26,7 @@ import (
 	"github.com/noderesource/spiffe-oci-hook/internal/process"
 	"github.com/noderesource/spiffe-oci-hook/internal/record"
 	"github.com/noderesource/spiffe-oci-hook/internal/status"
+	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 // node is a fake node for the auditor: runtime state directories laid out
@@ -55,11 +56,7 @@ func newNode(t testing.TB) *node {
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	state := filepath.Join(dir, "state")
-	os.MkdirAll(state, 0o700)
-	if err := unix.Mount("tmpfs", state, "tmpfs", 0, "size=16m"); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { unix.Unmount(state, unix.MNT_DETACH) })
+	testhelp.MountTmpfs(t, state, "size=16m")
 	n := &node{t: t, dir: dir, root: filepath.Join(dir, "runc"), store: record.Store{Dir: state}}
 	os.MkdirAll(n.root, 0o700)
 	if err := n.store.Init(); err != nil {

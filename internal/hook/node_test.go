@@ -9,7 +9,7 @@ import (
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
+	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 // tempNode skips without root, and returns a temp directory short enough
@@ -26,11 +26,7 @@ func tempNode(t *testing.T, sizeMiB int) (dir, state string) {
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	state = filepath.Join(dir, "state")
-	os.MkdirAll(state, 0o700)
-	if err := unix.Mount("tmpfs", state, "tmpfs", 0, fmt.Sprintf("size=%dm", sizeMiB)); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { unix.Unmount(state, unix.MNT_DETACH) })
+	testhelp.MountTmpfs(t, state, fmt.Sprintf("size=%dm", sizeMiB))
 	return dir, state
 }
 

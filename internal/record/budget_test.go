@@ -5,7 +5,7 @@ import (
 	"path/filepath"
 	"testing"
 
-	"golang.org/x/sys/unix"
+	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 // TestUsedCountsOnlyItsOwnTmpfs: the budget may count what the state
@@ -23,13 +23,7 @@ func TestUsedCountsOnlyItsOwnTmpfs(t *testing.T) {
 	}
 
 	own := Store{Dir: filepath.Join(t.TempDir(), "state")}
-	if err := os.Mkdir(own.Dir, 0o700); err != nil {
-		t.Fatal(err)
-	}
-	if err := unix.Mount("tmpfs", own.Dir, "tmpfs", 0, "size=4m"); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { unix.Unmount(own.Dir, unix.MNT_DETACH) })
+	testhelp.MountTmpfs(t, own.Dir, "size=4m")
 	if err := os.WriteFile(filepath.Join(own.Dir, "files"), other, 0o600); err != nil {
 		t.Fatal(err)
 	}

@@ -12,6 +12,7 @@ import (
 
 	"github.com/noderesource/spiffe-oci-hook/internal/annotations"
 	"github.com/noderesource/spiffe-oci-hook/internal/files"
+	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 func tmpfsStore(t *testing.T) Store {
@@ -20,10 +21,7 @@ func tmpfsStore(t *testing.T) Store {
 		t.Skip("needs root to mount a tmpfs")
 	}
 	dir := t.TempDir()
-	if err := unix.Mount("tmpfs", dir, "tmpfs", 0, "size=4m"); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { unix.Unmount(dir, unix.MNT_DETACH) })
+	testhelp.MountTmpfs(t, dir, "size=4m")
 	s := Store{Dir: filepath.Join(dir, "state")}
 	if err := os.Mkdir(s.Dir, 0o700); err != nil {
 		t.Fatal(err)

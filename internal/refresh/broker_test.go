@@ -10,6 +10,7 @@ import (
 
 	"github.com/noderesource/spiffe-oci-hook/internal/brokersvid"
 	"github.com/noderesource/spiffe-oci-hook/internal/config"
+	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 // TestBrokerAPI: with agent_api broker the refresher fetches its own SVID
@@ -50,7 +51,7 @@ func TestBrokerAPI(t *testing.T) {
 	r, _ := n.start()
 	dir := brokersvid.Dir(n.cfg.StateDir)
 	var first []byte
-	eventually(t, 10*time.Second, "the broker SVID written for the hook", func() bool {
+	testhelp.Eventually(t, 10*time.Second, "the broker SVID written for the hook", func() bool {
 		got, err := brokersvid.Load(dir, time.Now())
 		if err != nil || got.SVID.ID != me {
 			return false
@@ -58,21 +59,21 @@ func TestBrokerAPI(t *testing.T) {
 		first = got.SVID.Certificates[0].Raw
 		return true
 	})
-	eventually(t, 10*time.Second, "the container served over the Broker API", func() bool {
+	testhelp.Eventually(t, 10*time.Second, "the container served over the Broker API", func() bool {
 		return r.Count() == 1 && !bytes.Equal(n.validCert(id), hooks)
 	})
 	served := n.validCert(id)
 	// One bundle stream: the agent's, which tells whether it is
 	// reachable; containers' bundles come with their SVIDs.
-	eventually(t, 10*time.Second, "the agent's bundle stream open, reachable", func() bool {
+	testhelp.Eventually(t, 10*time.Second, "the agent's bundle stream open, reachable", func() bool {
 		rep := r.Report()
 		return n.agent.BundleStreams() == 1 && len(rep.Agents) == 1 && rep.Agents[0].Reachable && rep.Agents[0].Socket == brokerSocket
 	})
 
 	// A rotation reaches the container and the broker SVID alike.
 	n.agent.Rotate()
-	eventually(t, 10*time.Second, "rotation written", func() bool { return !bytes.Equal(n.validCert(id), served) })
-	eventually(t, 10*time.Second, "broker SVID renewed", func() bool {
+	testhelp.Eventually(t, 10*time.Second, "rotation written", func() bool { return !bytes.Equal(n.validCert(id), served) })
+	testhelp.Eventually(t, 10*time.Second, "broker SVID renewed", func() bool {
 		got, err := brokersvid.Load(dir, time.Now())
 		return err == nil && !bytes.Equal(got.SVID.Certificates[0].Raw, first)
 	})

@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+
+	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 // minCredentialReads is how many reads of the one-file credential the torn
@@ -31,7 +33,7 @@ func TestCredentialBundleNeverTorn(t *testing.T) {
 	d.CredentialBundleFileName = "credential-bundle.pem"
 	id := n.deliverDelivery(p.Process.Pid, true, d)
 	r, _ := n.start()
-	eventually(t, 5*time.Second, "container served", func() bool { return r.Count() == 1 })
+	testhelp.Eventually(t, 5*time.Second, "container served", func() bool { return r.Count() == 1 })
 	dir := n.store.DeliveryDir(id, 0)
 
 	stop := make(chan struct{})
@@ -76,7 +78,7 @@ func TestCredentialBundleNeverTorn(t *testing.T) {
 	last := n.cert(id)
 	for oneReads.Load() < minCredentialReads || rotations < 200 {
 		n.agent.Rotate()
-		eventually(t, 5*time.Second, "rotation written", func() bool { return !bytes.Equal(n.cert(id), last) })
+		testhelp.Eventually(t, 5*time.Second, "rotation written", func() bool { return !bytes.Equal(n.cert(id), last) })
 		last = n.cert(id)
 		rotations++
 		time.Sleep(2 * time.Millisecond)

@@ -26,6 +26,7 @@ import (
 
 	"github.com/noderesource/spiffe-oci-hook/internal/files"
 	"github.com/noderesource/spiffe-oci-hook/test/fakeagent"
+	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 const manyContainers = 50
@@ -69,7 +70,7 @@ func (n *node) startSettled(ids []string) (*Refresher, map[string][]byte) {
 		delivered[id] = n.validCert(id)
 	}
 	r, _ := n.start()
-	eventually(n.t, 10*time.Second, "every container served and rewritten once", func() bool {
+	testhelp.Eventually(n.t, 10*time.Second, "every container served and rewritten once", func() bool {
 		if r.Count() != len(ids) || n.agent.SVIDStreams() != int64(len(ids)) {
 			return false
 		}
@@ -125,7 +126,7 @@ func TestFaultAgentHang(t *testing.T) {
 		t.Fatal(err)
 	}
 	// Every stream comes back and hangs in the agent.
-	eventually(t, 10*time.Second, "every stream reopened into the hanging agent", func() bool {
+	testhelp.Eventually(t, 10*time.Second, "every stream reopened into the hanging agent", func() bool {
 		return n.agent.SVIDStreams() == manyContainers && n.agent.BundleStreams() == 1
 	})
 	var gs, fds []int
@@ -159,7 +160,7 @@ func TestFaultAgentHang(t *testing.T) {
 		t.Fatal(err)
 	}
 	back := time.Now()
-	eventually(t, 15*time.Second, "every container rotated after the agent answered again", func() bool {
+	testhelp.Eventually(t, 15*time.Second, "every container rotated after the agent answered again", func() bool {
 		for _, id := range ids {
 			fs, err := files.Read(n.store.DeliveryDir(id, 0), "svid.pem")
 			if err != nil || bytes.Equal(fs["svid.pem"], before[id]) {
@@ -172,7 +173,7 @@ func TestFaultAgentHang(t *testing.T) {
 	for _, id := range ids {
 		n.validCert(id)
 	}
-	eventually(t, 5*time.Second, "goroutines and fds back to the healthy level", func() bool {
+	testhelp.Eventually(t, 5*time.Second, "goroutines and fds back to the healthy level", func() bool {
 		return runtime.NumGoroutine() <= healthyG+5 && openFDs(t) <= healthyFD+2
 	})
 	logs := n.logs.String()
@@ -284,7 +285,7 @@ func TestFaultStateDirFull(t *testing.T) {
 		n.agent.Rotate()
 		// Every container has failed to write this rotation once its
 		// stream has delivered it; the fake agent sends on Rotate at once.
-		eventually(t, 10*time.Second, "every container tried (and failed) to write", func() bool {
+		testhelp.Eventually(t, 10*time.Second, "every container tried (and failed) to write", func() bool {
 			return len(writeErrors(n.logs.String())) == manyContainers
 		})
 		// Give every container time to handle rotation i (the fake agent
@@ -321,7 +322,7 @@ func TestFaultStateDirFull(t *testing.T) {
 	}
 	freed := time.Now()
 	n.agent.Rotate()
-	eventually(t, 10*time.Second, "every container rewritten after space was freed", func() bool {
+	testhelp.Eventually(t, 10*time.Second, "every container rewritten after space was freed", func() bool {
 		for _, id := range ids {
 			fs, err := files.Read(n.store.DeliveryDir(id, 0), "svid.pem")
 			if err != nil || bytes.Equal(fs["svid.pem"], before[id]) {
@@ -450,7 +451,7 @@ func TestFaultChurnLeaks(t *testing.T) {
 			ids = append(ids, n.deliverWhileServing(p.Process.Pid))
 			procs = append(procs, p.Process)
 		}
-		eventually(t, 10*time.Second, "round's containers served", func() bool {
+		testhelp.Eventually(t, 10*time.Second, "round's containers served", func() bool {
 			return r.Count() == manyContainers && n.agent.SVIDStreams() == manyContainers
 		})
 		for _, id := range ids {
@@ -460,7 +461,7 @@ func TestFaultChurnLeaks(t *testing.T) {
 			p.Kill()
 			p.Wait()
 		}
-		eventually(t, 5*time.Second, "every killed container forgotten", func() bool {
+		testhelp.Eventually(t, 5*time.Second, "every killed container forgotten", func() bool {
 			return r.Count() == 0 && n.agent.SVIDStreams() == 0 && countDir(t, containersDir) == 0 && countDir(t, recordsDir) == 0
 		})
 		// Closing is asynchronous on both ends of each stream.
@@ -492,7 +493,7 @@ func TestFaultChurnLeaks(t *testing.T) {
 		t.Errorf("%d bundle streams while running, want 1", b)
 	}
 	stop()
-	eventually(t, 3*time.Second, "back to before the refresher started", func() bool {
+	testhelp.Eventually(t, 3*time.Second, "back to before the refresher started", func() bool {
 		return runtime.NumGoroutine() <= startG+2 && openFDs(t) <= startFD && n.agent.BundleStreams() == 0 && n.agent.SVIDStreams() == 0
 	})
 	t.Logf("before start %d goroutines, %d fds; after stop %d, %d", startG, startFD, runtime.NumGoroutine(), openFDs(t))
@@ -509,7 +510,7 @@ func TestFaultStateDirFullRetry(t *testing.T) {
 	_, before := n.startSettled(ids)
 	filler := fillUp(t, n.cfg.StateDir)
 	n.agent.Rotate()
-	eventually(t, 10*time.Second, "every container failed to write the rotation", func() bool {
+	testhelp.Eventually(t, 10*time.Second, "every container failed to write the rotation", func() bool {
 		return len(writeErrors(n.logs.String())) == len(ids)
 	})
 	if err := os.Remove(filler); err != nil {
@@ -551,12 +552,12 @@ func TestFaultAttestationFailed(t *testing.T) {
 	})
 	calls := n.agent.SVIDCalls()
 	n.start()
-	eventually(t, 10*time.Second, "the stream retried", func() bool { return n.agent.SVIDCalls() >= calls+3 })
+	testhelp.Eventually(t, 10*time.Second, "the stream retried", func() bool { return n.agent.SVIDCalls() >= calls+3 })
 	if !bytes.Equal(n.validCert(id), before) {
 		t.Fatal("files changed while the agent could not attest the pid")
 	}
 	n.agent.Configure(func(a *fakeagent.Agent) { a.RefuseSVIDs = nil })
-	eventually(t, 10*time.Second, "rotation after attestation works again", func() bool {
+	testhelp.Eventually(t, 10*time.Second, "rotation after attestation works again", func() bool {
 		return !bytes.Equal(n.validCert(id), before)
 	})
 	logs := n.logs.String()

@@ -14,6 +14,7 @@ import (
 
 	"github.com/noderesource/spiffe-oci-hook/internal/annotations"
 	"github.com/noderesource/spiffe-oci-hook/internal/files"
+	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 // pemCerts parses PEM certificates, nil when data is not all certificates.
@@ -72,12 +73,12 @@ func TestFederatedBundlesFollowTheAgent(t *testing.T) {
 	}
 
 	r, stop := n.start()
-	eventually(t, 5*time.Second, "container served", func() bool { return r.Count() == 1 })
+	testhelp.Eventually(t, 5*time.Second, "container served", func() bool { return r.Count() == 1 })
 	rotated, err := n.agent.Federate("partner.test")
 	if err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 5*time.Second, "foreign CA rotation written", func() bool { return holds(dir, "partner.test.trust-bundle.pem", rotated) })
+	testhelp.Eventually(t, 5*time.Second, "foreign CA rotation written", func() bool { return holds(dir, "partner.test.trust-bundle.pem", rotated) })
 	if !holds(dir, "svid_bundle.pem", own) {
 		t.Fatal("a foreign CA entered svid_bundle.pem without include_federated_domains")
 	}
@@ -85,9 +86,9 @@ func TestFederatedBundlesFollowTheAgent(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 5*time.Second, "new federation's file", func() bool { return holds(dir, "third.test.trust-bundle.pem", thirdCA) })
+	testhelp.Eventually(t, 5*time.Second, "new federation's file", func() bool { return holds(dir, "third.test.trust-bundle.pem", thirdCA) })
 	n.agent.Defederate("partner.test")
-	eventually(t, 5*time.Second, "ended federation's file removed", func() bool { return gone(dir, "partner.test.trust-bundle.pem") })
+	testhelp.Eventually(t, 5*time.Second, "ended federation's file removed", func() bool { return gone(dir, "partner.test.trust-bundle.pem") })
 	if !holds(dir, "third.test.trust-bundle.pem", thirdCA) || !holds(dir, "example.org.trust-bundle.pem", own) {
 		t.Fatal("other trust bundles changed with partner.test's removal")
 	}
@@ -97,8 +98,8 @@ func TestFederatedBundlesFollowTheAgent(t *testing.T) {
 	stop()
 	n.agent.Defederate("third.test")
 	r, _ = n.start()
-	eventually(t, 5*time.Second, "container served again", func() bool { return r.Count() == 1 })
-	eventually(t, 5*time.Second, "federation ended during the downtime removed", func() bool { return gone(dir, "third.test.trust-bundle.pem") })
+	testhelp.Eventually(t, 5*time.Second, "container served again", func() bool { return r.Count() == 1 })
+	testhelp.Eventually(t, 5*time.Second, "federation ended during the downtime removed", func() bool { return gone(dir, "third.test.trust-bundle.pem") })
 }
 
 // TestIncludeFederatedDomains: the merged file holds the own CA and the
@@ -120,12 +121,12 @@ func TestIncludeFederatedDomains(t *testing.T) {
 		t.Fatal("merged svid_bundle.pem does not hold own then partner CA")
 	}
 	r, _ := n.start()
-	eventually(t, 5*time.Second, "container served", func() bool { return r.Count() == 1 })
+	testhelp.Eventually(t, 5*time.Second, "container served", func() bool { return r.Count() == 1 })
 	rotated, err := n.agent.Federate("partner.test")
 	if err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 5*time.Second, "rotation in the merged file", func() bool { return holds(dir, "svid_bundle.pem", own, rotated) })
+	testhelp.Eventually(t, 5*time.Second, "rotation in the merged file", func() bool { return holds(dir, "svid_bundle.pem", own, rotated) })
 	if !holds(dir, "partner.test.trust-bundle.pem", rotated) {
 		t.Fatal("per-trust-domain file not current beside the merged one")
 	}
@@ -170,9 +171,9 @@ func TestSPIFFEFSLayout(t *testing.T) {
 	}
 
 	r, _ := n.start()
-	eventually(t, 5*time.Second, "container served", func() bool { return r.Count() == 1 })
+	testhelp.Eventually(t, 5*time.Second, "container served", func() bool { return r.Count() == 1 })
 	n.agent.Rotate()
-	eventually(t, 5*time.Second, "credential bundle rotated", func() bool { c := credential(); return c != nil && !bytes.Equal(c, first) })
+	testhelp.Eventually(t, 5*time.Second, "credential bundle rotated", func() bool { c := credential(); return c != nil && !bytes.Equal(c, first) })
 	if err := checkCredentialBundle(credential()); err != nil {
 		t.Fatalf("rotated credential bundle: %v", err)
 	}
@@ -181,7 +182,7 @@ func TestSPIFFEFSLayout(t *testing.T) {
 		fs, err := files.Read(dir, "partner.test.spiffe-trust-bundle.x509.pem")
 		return err == nil && len(fs["partner.test.spiffe-trust-bundle.x509.pem"]) == 0
 	}
-	eventually(t, 5*time.Second, "withdrawn trust domain redacted with an empty file", redacted)
+	testhelp.Eventually(t, 5*time.Second, "withdrawn trust domain redacted with an empty file", redacted)
 	if got := list(); !slices.Equal(got, want) {
 		t.Fatalf("after the redaction the delivery holds %v, want %v", got, want)
 	}
@@ -190,5 +191,5 @@ func TestSPIFFEFSLayout(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 5*time.Second, "re-federated trust domain filled again", func() bool { return holds(dir, "partner.test.spiffe-trust-bundle.x509.pem", back) })
+	testhelp.Eventually(t, 5*time.Second, "re-federated trust domain filled again", func() bool { return holds(dir, "partner.test.spiffe-trust-bundle.x509.pem", back) })
 }

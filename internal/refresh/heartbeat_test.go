@@ -3,6 +3,8 @@ package refresh
 import (
 	"testing"
 	"time"
+
+	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 // TestHeartbeat: a ready refresher marks the state directory as served,
@@ -21,7 +23,7 @@ func TestHeartbeat(t *testing.T) {
 	if err != nil || first.Before(start.Add(-time.Second)) {
 		t.Fatalf("no heartbeat once ready: %v %v", first, err)
 	}
-	eventually(t, 2*time.Second, "a second heartbeat", func() bool {
+	testhelp.Eventually(t, 2*time.Second, "a second heartbeat", func() bool {
 		last, err := n.store.LastHeartbeat()
 		return err == nil && last.After(first)
 	})

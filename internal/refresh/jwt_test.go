@@ -12,6 +12,7 @@ import (
 	"github.com/noderesource/spiffe-oci-hook/internal/annotations"
 	"github.com/noderesource/spiffe-oci-hook/internal/files"
 	"github.com/noderesource/spiffe-oci-hook/test/fakeagent"
+	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 // A token is asked for again at half its lifetime; one the agent handed
@@ -76,13 +77,13 @@ func TestJWTRefresh(t *testing.T) {
 	first := n.token(id)
 	n.agent.Configure(func(a *fakeagent.Agent) { a.JWTHold = hold })
 	r, _ := n.start()
-	eventually(t, 5*time.Second, "container served", func() bool { return r.Count() == 1 })
+	testhelp.Eventually(t, 5*time.Second, "container served", func() bool { return r.Count() == 1 })
 
 	// The refresher's first token request waits at the agent; meanwhile
 	// the certificate rotates and the token file must survive it.
 	before := n.cert(id)
 	n.agent.Rotate()
-	eventually(t, 5*time.Second, "certificate rotated", func() bool { return !bytes.Equal(n.cert(id), before) })
+	testhelp.Eventually(t, 5*time.Second, "certificate rotated", func() bool { return !bytes.Equal(n.cert(id), before) })
 	if got := n.token(id); got != first {
 		t.Fatalf("the X.509 rotation changed the token file to %q", got)
 	}

@@ -18,7 +18,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
-	"golang.org/x/sys/unix"
 
 	"github.com/noderesource/spiffe-oci-hook/internal/agent"
 	"github.com/noderesource/spiffe-oci-hook/internal/annotations"
@@ -29,6 +28,7 @@ import (
 	"github.com/noderesource/spiffe-oci-hook/internal/record"
 	"github.com/noderesource/spiffe-oci-hook/internal/render"
 	"github.com/noderesource/spiffe-oci-hook/test/fakeagent"
+	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 var workload = spiffeid.RequireFromString("spiffe://example.org/workload")
@@ -56,11 +56,7 @@ func newNode(t *testing.T) *node {
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	state := filepath.Join(dir, "state")
-	os.MkdirAll(state, 0o700)
-	if err := unix.Mount("tmpfs", state, "tmpfs", 0, "size=256m"); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { unix.Unmount(state, unix.MNT_DETACH) })
+	testhelp.MountTmpfs(t, state, "size=256m")
 	n := &node{t: t, dir: dir, socket: filepath.Join(dir, "admin.sock"), logs: &syncBuffer{}}
 	n.agent, err = fakeagent.New("example.org", n.socket)
 	if err != nil {
@@ -130,7 +126,7 @@ func (n *node) deliverInstance(id string, pid int, waitStreams bool, ad annotati
 	}
 	// The fetch's streams close asynchronously on the server side.
 	if waitStreams {
-		eventually(n.t, 5*time.Second, "fetch streams closed", func() bool { return n.agent.SVIDStreams() <= streams })
+		testhelp.Eventually(n.t, 5*time.Second, "fetch streams closed", func() bool { return n.agent.SVIDStreams() <= streams })
 	}
 	in := render.Input{SVID: update.SVIDs[0], Bundles: bundles, FederatesWith: update.FederatesWith}
 	if auds, jwtBundles := annotations.JWTRequests([]annotations.Delivery{ad}); len(auds) > 0 || jwtBundles {
@@ -206,29 +202,17 @@ func (n *node) cert(id string) []byte {
 	return fs["svid.pem"]
 }
 
-// eventually polls cond every 10 ms until it holds or d passes.
-func eventually(t *testing.T, d time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("after %s: %s", d, what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
 func TestRotationRewritesFiles(t *testing.T) {
 	t.Parallel()
 	n := newNode(t)
 	p := n.workloadProcess()
 	id := n.deliver(p.Process.Pid)
 	r, _ := n.start()
-	eventually(t, 5*time.Second, "container served", func() bool { return r.Count() == 1 })
+	testhelp.Eventually(t, 5*time.Second, "container served", func() bool { return r.Count() == 1 })
 
 	before := n.cert(id)
 	n.agent.Rotate()
-	eventually(t, 5*time.Second, "certificate rotated", func() bool { return !bytes.Equal(n.cert(id), before) })
+	testhelp.Eventually(t, 5*time.Second, "certificate rotated", func() bool { return !bytes.Equal(n.cert(id), before) })
 	fs, err := files.Read(n.store.DeliveryDir(id, 0), "svid.pem", "svid_key.pem")
 	if err != nil {
 		t.Fatal(err)
@@ -252,7 +236,7 @@ func TestReadersNeverSeeMismatch(t *testing.T) {
 	id := n.deliver(p.Process.Pid)
 	var rotations atomic.Int64
 	r, _ := n.start()
-	eventually(t, 5*time.Second, "container served", func() bool { return r.Count() == 1 })
+	testhelp.Eventually(t, 5*time.Second, "container served", func() bool { return r.Count() == 1 })
 	dir := n.store.DeliveryDir(id, 0)
 
 	stop := make(chan struct{})
@@ -297,7 +281,7 @@ func TestReadersNeverSeeMismatch(t *testing.T) {
 	last := n.cert(id)
 	for rotations.Load() < 200 {
 		n.agent.Rotate()
-		eventually(t, 5*time.Second, "rotation written", func() bool { return !bytes.Equal(n.cert(id), last) })
+		testhelp.Eventually(t, 5*time.Second, "rotation written", func() bool { return !bytes.Equal(n.cert(id), last) })
 		last = n.cert(id)
 		rotations.Add(1)
 		time.Sleep(2 * time.Millisecond)
@@ -325,13 +309,13 @@ func TestExitForgetsContainer(t *testing.T) {
 	p1, p2 := n.workloadProcess(), n.workloadProcess()
 	id1, id2 := n.deliver(p1.Process.Pid), n.deliver(p2.Process.Pid)
 	r, stop := n.start()
-	eventually(t, 5*time.Second, "both served with streams open", func() bool { return r.Count() == 2 && n.agent.SVIDStreams() == 2 })
+	testhelp.Eventually(t, 5*time.Second, "both served with streams open", func() bool { return r.Count() == 2 && n.agent.SVIDStreams() == 2 })
 	during := runtime.NumGoroutine()
 
 	p1.Process.Kill()
 	p1.Wait()
 	start := time.Now()
-	eventually(t, time.Second, "exited container forgotten", func() bool {
+	testhelp.Eventually(t, time.Second, "exited container forgotten", func() bool {
 		_, err := os.Stat(n.store.ContainerDir(id1))
 		_, err2 := os.Stat(n.store.RecordPath(id1))
 		return os.IsNotExist(err) && os.IsNotExist(err2) && r.Count() == 1 && n.agent.SVIDStreams() == 1
@@ -342,9 +326,9 @@ func TestExitForgetsContainer(t *testing.T) {
 	}
 	p2.Process.Kill()
 	p2.Wait()
-	eventually(t, time.Second, "second container forgotten", func() bool { return r.Count() == 0 && n.agent.SVIDStreams() == 0 })
+	testhelp.Eventually(t, time.Second, "second container forgotten", func() bool { return r.Count() == 0 && n.agent.SVIDStreams() == 0 })
 	stop()
-	eventually(t, 2*time.Second, "goroutines back to baseline", func() bool { return runtime.NumGoroutine() <= baseline+2 })
+	testhelp.Eventually(t, 2*time.Second, "goroutines back to baseline", func() bool { return runtime.NumGoroutine() <= baseline+2 })
 	if got := n.agent.BundleStreams(); got != 0 {
 		t.Errorf("%d bundle streams still open after stop", got)
 	}
@@ -358,11 +342,11 @@ func TestPoststopForgets(t *testing.T) {
 	p := n.workloadProcess()
 	id := n.deliver(p.Process.Pid)
 	r, _ := n.start()
-	eventually(t, 5*time.Second, "served", func() bool { return n.agent.SVIDStreams() == 1 })
+	testhelp.Eventually(t, 5*time.Second, "served", func() bool { return n.agent.SVIDStreams() == 1 })
 	if err := n.store.Remove(id); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, time.Second, "stream closed after poststop", func() bool { return r.Count() == 0 && n.agent.SVIDStreams() == 0 })
+	testhelp.Eventually(t, time.Second, "stream closed after poststop", func() bool { return r.Count() == 0 && n.agent.SVIDStreams() == 0 })
 }
 
 // TestAgentRestart: while the agent is away the files stay; when it is back
@@ -384,7 +368,7 @@ func TestAgentRestart(t *testing.T) {
 	n.agent.Stop()
 	// Retries reach the backoff cap (50 ms doubling to 500 ms: the fifth
 	// failure) and go on: wait for six failed attempts per container.
-	eventually(t, 30*time.Second, "six failed reconnects per container", func() bool {
+	testhelp.Eventually(t, 30*time.Second, "six failed reconnects per container", func() bool {
 		return unavailable() >= failed+float64(6*len(ids))
 	})
 	for _, id := range ids {
@@ -397,7 +381,7 @@ func TestAgentRestart(t *testing.T) {
 	}
 	back := time.Now()
 	// A restarted agent mints new SVIDs.
-	eventually(t, 10*time.Second, "rotation resumed for every container", func() bool {
+	testhelp.Eventually(t, 10*time.Second, "rotation resumed for every container", func() bool {
 		for _, id := range ids {
 			if bytes.Equal(n.cert(id), before[id]) {
 				return false
@@ -426,7 +410,7 @@ func TestRefresherRestart(t *testing.T) {
 	live, dead := n.workloadProcess(), n.workloadProcess()
 	liveID, deadID := n.deliver(live.Process.Pid), n.deliver(dead.Process.Pid)
 	_, stop := n.start()
-	eventually(t, 5*time.Second, "served", func() bool { return n.agent.SVIDStreams() == 2 })
+	testhelp.Eventually(t, 5*time.Second, "served", func() bool { return n.agent.SVIDStreams() == 2 })
 	stop()
 	dead.Process.Kill()
 	dead.Wait()
@@ -440,7 +424,7 @@ func TestRefresherRestart(t *testing.T) {
 	}
 	before := n.cert(liveID)
 	n.agent.Rotate()
-	eventually(t, 5*time.Second, "live container rotates after restart", func() bool { return !bytes.Equal(n.cert(liveID), before) })
+	testhelp.Eventually(t, 5*time.Second, "live container rotates after restart", func() bool { return !bytes.Equal(n.cert(liveID), before) })
 }
 
 // TestPIDReuse: a record whose pid now belongs to another process (start
@@ -494,10 +478,10 @@ func TestIdentityChange(t *testing.T) {
 	p := n.workloadProcess()
 	id := n.deliver(p.Process.Pid)
 	r, _ := n.start(passes.watch)
-	eventually(t, 5*time.Second, "served", func() bool { return r.Count() == 1 })
+	testhelp.Eventually(t, 5*time.Second, "served", func() bool { return r.Count() == 1 })
 	other := spiffeid.RequireFromString("spiffe://example.org/after-exec")
 	n.agent.Set(p.Process.Pid, other)
-	eventually(t, 5*time.Second, "new identity written", func() bool {
+	testhelp.Eventually(t, 5*time.Second, "new identity written", func() bool {
 		fs, err := files.Read(n.store.DeliveryDir(id, 0), "svid.pem", "svid_key.pem")
 		if err != nil {
 			return false
@@ -510,7 +494,7 @@ func TestIdentityChange(t *testing.T) {
 	for range 2 {
 		seen := passes.serials()
 		n.agent.Rotate()
-		eventually(t, 10*time.Second, "a write pass over the rotated SVID", func() bool { return passes.sawOtherThan(seen) })
+		testhelp.Eventually(t, 10*time.Second, "a write pass over the rotated SVID", func() bool { return passes.sawOtherThan(seen) })
 	}
 	logs := n.logs.String()
 	line := "container identity changed"

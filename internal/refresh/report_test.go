@@ -23,6 +23,7 @@ import (
 	"github.com/noderesource/spiffe-oci-hook/internal/metrics"
 	"github.com/noderesource/spiffe-oci-hook/internal/record"
 	"github.com/noderesource/spiffe-oci-hook/internal/status"
+	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 // gaugeValue gathers r's registry and returns metric name's value.
@@ -50,16 +51,16 @@ func TestReportAndMetrics(t *testing.T) {
 	if _, ok := gaugeValue(t, r, "spiffe_oci_svid_earliest_expiry_timestamp_seconds"); ok {
 		t.Error("an earliest expiry with no container served")
 	}
-	eventually(t, 5*time.Second, "ready with no container", func() bool { ok, _ := r.Report().Ready(); return ok })
+	testhelp.Eventually(t, 5*time.Second, "ready with no container", func() bool { ok, _ := r.Report().Ready(); return ok })
 
 	id := n.deliverWhileServing(n.workloadProcess().Process.Pid)
-	eventually(t, 5*time.Second, "stream open", func() bool {
+	testhelp.Eventually(t, 5*time.Second, "stream open", func() bool {
 		rep := r.Report()
 		return len(rep.Containers) == 1 && rep.Containers[0].StreamOpen
 	})
 	rotations := testutil.ToFloat64(r.Metrics.Rotations)
 	n.agent.Rotate()
-	eventually(t, 5*time.Second, "rotation counted", func() bool { return testutil.ToFloat64(r.Metrics.Rotations) > rotations })
+	testhelp.Eventually(t, 5*time.Second, "rotation counted", func() bool { return testutil.ToFloat64(r.Metrics.Rotations) > rotations })
 
 	leaf := func() *x509.Certificate {
 		b, _ := pem.Decode(n.cert(id))
@@ -84,7 +85,7 @@ func TestReportAndMetrics(t *testing.T) {
 	}
 
 	n.agent.Stop()
-	eventually(t, 5*time.Second, "not ready while the agent is down", func() bool {
+	testhelp.Eventually(t, 5*time.Second, "not ready while the agent is down", func() bool {
 		ok, why := r.Report().Ready()
 		return !ok && why == "agent unreachable: "+n.socket
 	})
@@ -97,7 +98,7 @@ func TestReportAndMetrics(t *testing.T) {
 	if err := n.agent.Serve(n.socket); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 10*time.Second, "ready after the agent's return", func() bool { ok, _ := r.Report().Ready(); return ok })
+	testhelp.Eventually(t, 10*time.Second, "ready after the agent's return", func() bool { ok, _ := r.Report().Ready(); return ok })
 }
 
 func mustLoad(t *testing.T, n *node, id string) record.Record {
@@ -117,7 +118,7 @@ func TestReload(t *testing.T) {
 	scans, counting := countScans()
 	r, _ := n.start(counting)
 	n.deliverWhileServing(n.workloadProcess().Process.Pid)
-	eventually(t, 5*time.Second, "stream open", func() bool {
+	testhelp.Eventually(t, 5*time.Second, "stream open", func() bool {
 		rep := r.Report()
 		return len(rep.Containers) == 1 && rep.Containers[0].StreamOpen
 	})
@@ -144,7 +145,7 @@ func TestReload(t *testing.T) {
 	// Several rescans at the new interval, each of which would reopen a
 	// stream that a reload had broken.
 	after := scans.Load()
-	eventually(t, 10*time.Second, "three rescans after the reloads", func() bool { return scans.Load() >= after+3 })
+	testhelp.Eventually(t, 10*time.Second, "three rescans after the reloads", func() bool { return scans.Load() >= after+3 })
 	if got := testutil.ToFloat64(r.Metrics.StreamsOpened); got != opened {
 		t.Errorf("streams opened %v -> %v across reloads", opened, got)
 	}
@@ -172,7 +173,7 @@ func TestServer(t *testing.T) {
 		t.Errorf("socket mode: %v %v", st, err)
 	}
 	cl := status.NewClient(socket)
-	eventually(t, 5*time.Second, "readyz 200", func() bool {
+	testhelp.Eventually(t, 5*time.Second, "readyz 200", func() bool {
 		code, _, err := cl.Get(context.Background(), status.PathReadyz)
 		return err == nil && code == http.StatusOK
 	})
@@ -210,17 +211,17 @@ func TestDeliveryErrorStaysReported(t *testing.T) {
 	r, _ := n.start(passes.watch)
 	// The fake agent mints a new SVID per stream: the refresher's first
 	// write replaces the hook's. Take the reference after it.
-	eventually(t, 5*time.Second, "served and rewritten once", func() bool { return r.Count() == 1 && !bytes.Equal(n.cert(id), hooks) })
+	testhelp.Eventually(t, 5*time.Second, "served and rewritten once", func() bool { return r.Count() == 1 && !bytes.Equal(n.cert(id), hooks) })
 	before := n.cert(id)
 	n.agent.Set(p.Process.Pid, spiffeid.RequireFromString("spiffe://example.org/other"))
-	eventually(t, 5*time.Second, "the delivery's trouble logged", func() bool {
+	testhelp.Eventually(t, 5*time.Second, "the delivery's trouble logged", func() bool {
 		return strings.Contains(n.logs.String(), "container files")
 	})
 	// Wait for a write pass over the rotated SVIDs: the one that would
 	// log "written again" if the trouble were cleared wrongly.
 	seen := passes.serials()
 	n.agent.Rotate()
-	eventually(t, 10*time.Second, "a write pass over the rotated SVIDs", func() bool {
+	testhelp.Eventually(t, 10*time.Second, "a write pass over the rotated SVIDs", func() bool {
 		return passes.sawOtherThan(seen)
 	})
 	if c := r.Report().Containers[0]; !strings.Contains(c.Error, workload.String()) {

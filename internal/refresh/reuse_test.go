@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/noderesource/spiffe-oci-hook/internal/files"
+	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 // TestContainerIDReuse: `podman restart` runs a new process under the same
@@ -34,7 +35,7 @@ func TestContainerIDReuse(t *testing.T) {
 			})
 		}
 	})
-	eventually(t, 5*time.Second, "old instance served", func() bool { return r.Count() == 1 })
+	testhelp.Eventually(t, 5*time.Second, "old instance served", func() bool { return r.Count() == 1 })
 	old.Process.Kill()
 	old.Wait()
 	select {
@@ -50,7 +51,7 @@ func TestContainerIDReuse(t *testing.T) {
 	time.Sleep(300 * time.Millisecond) // the refresher sees the new record
 	close(release)
 
-	eventually(t, 5*time.Second, "new instance served", func() bool {
+	testhelp.Eventually(t, 5*time.Second, "new instance served", func() bool {
 		rep := r.Report()
 		return len(rep.Containers) == 1 && rep.Containers[0].PID == cur.Process.Pid
 	})
@@ -67,12 +68,12 @@ func TestContainerIDReuse(t *testing.T) {
 	}
 	delivered = n.cert(id)
 	n.agent.Rotate()
-	eventually(t, 5*time.Second, "new instance's files rotated", func() bool { return !bytes.Equal(n.cert(id), delivered) })
+	testhelp.Eventually(t, 5*time.Second, "new instance's files rotated", func() bool { return !bytes.Equal(n.cert(id), delivered) })
 
 	// When the new instance exits, its state goes as usual.
 	cur.Process.Kill()
 	cur.Wait()
-	eventually(t, 5*time.Second, "new instance's state removed after its exit", func() bool {
+	testhelp.Eventually(t, 5*time.Second, "new instance's state removed after its exit", func() bool {
 		_, err := os.Stat(n.store.ContainerDir(id))
 		return os.IsNotExist(err) && r.Count() == 0
 	})

@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 // trapper is a process that logs each SIGHUP and SIGUSR1 it gets to a file.
@@ -20,7 +22,7 @@ func (n *node) trapper(name string) (*exec.Cmd, string) {
 		n.t.Fatal(err)
 	}
 	n.t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-	eventually(n.t, 5*time.Second, "trap installed", func() bool { return strings.Contains(readString(log), "ready") })
+	testhelp.Eventually(n.t, 5*time.Second, "trap installed", func() bool { return strings.Contains(readString(log), "ready") })
 	return cmd, log
 }
 
@@ -56,16 +58,16 @@ func TestRenewSignal(t *testing.T) {
 	n.setRenewSignal(ids["hup"], "SIGHUP")
 	n.setRenewSignal(ids["usr1"], "SIGUSR1")
 	r, _ := n.start()
-	eventually(t, 5*time.Second, "containers served", func() bool { return r.Count() == 3 })
+	testhelp.Eventually(t, 5*time.Second, "containers served", func() bool { return r.Count() == 3 })
 
 	before := n.cert(ids["hup"])
 	n.agent.Rotate()
-	eventually(t, 5*time.Second, "certificate rotated", func() bool { return !bytes.Equal(n.cert(ids["hup"]), before) })
-	eventually(t, 5*time.Second, "SIGHUP and SIGUSR1 received", func() bool {
+	testhelp.Eventually(t, 5*time.Second, "certificate rotated", func() bool { return !bytes.Equal(n.cert(ids["hup"]), before) })
+	testhelp.Eventually(t, 5*time.Second, "SIGHUP and SIGUSR1 received", func() bool {
 		return strings.Count(readString(hupLog), "HUP") == 1 && strings.Count(readString(usr1Log), "USR1") == 1
 	})
 	n.agent.Rotate()
-	eventually(t, 5*time.Second, "a second SIGHUP after the second rotation", func() bool {
+	testhelp.Eventually(t, 5*time.Second, "a second SIGHUP after the second rotation", func() bool {
 		return strings.Count(readString(hupLog), "HUP") == 2 && strings.Count(readString(usr1Log), "USR1") == 2
 	})
 	if got := readString(hupLog) + readString(usr1Log); strings.Contains(readString(hupLog), "USR1") || strings.Contains(readString(usr1Log), "HUP") {
@@ -87,21 +89,21 @@ func TestRenewSignalNotSentWhenItWouldKill(t *testing.T) {
 	id := n.deliver(p.Process.Pid)
 	n.setRenewSignal(id, "SIGHUP")
 	r, _ := n.start()
-	eventually(t, 5*time.Second, "served", func() bool { return r.Count() == 1 })
+	testhelp.Eventually(t, 5*time.Second, "served", func() bool { return r.Count() == 1 })
 	exited := make(chan struct{})
 	go func() { p.Process.Wait(); close(exited) }()
 
 	for range 2 {
 		before := n.cert(id)
 		n.agent.Rotate()
-		eventually(t, 5*time.Second, "certificate rotated", func() bool { return !bytes.Equal(n.cert(id), before) })
+		testhelp.Eventually(t, 5*time.Second, "certificate rotated", func() bool { return !bytes.Equal(n.cert(id), before) })
 	}
 	select {
 	case <-exited:
 		t.Fatal("the renew_signal killed the container's process")
 	case <-time.After(500 * time.Millisecond):
 	}
-	eventually(t, 5*time.Second, "status says why", func() bool {
+	testhelp.Eventually(t, 5*time.Second, "status says why", func() bool {
 		rep := r.Report()
 		return len(rep.Containers) == 1 && strings.Contains(rep.Containers[0].Error, "renew_signal SIGHUP not sent")
 	})

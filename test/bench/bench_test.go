@@ -27,6 +27,7 @@ import (
 	"github.com/noderesource/spiffe-oci-hook/test/spiretest"
 
 	"github.com/noderesource/spiffe-oci-hook/test/benchmd"
+	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 const (
@@ -59,7 +60,7 @@ func TestBench(t *testing.T) {
 			t.Fatalf("%s is missing: run test/deps.sh", tool)
 		}
 	}
-	root := spiretest.RepoRoot(t)
+	root := testhelp.RepoRoot(t)
 	work := tempDir(t, "bench-")
 	b := build(t, root, work)
 	res := &results{

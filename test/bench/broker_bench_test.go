@@ -16,6 +16,7 @@ import (
 	"github.com/noderesource/spiffe-oci-hook/test/spiretest"
 
 	"github.com/noderesource/spiffe-oci-hook/test/benchmd"
+	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 // apiResult is one agent API on one agent configuration.
@@ -36,7 +37,7 @@ func TestBenchBrokerAPI(t *testing.T) {
 	if os.Getuid() != 0 {
 		t.Skip("benchmarks: need root (runc, mounts, SPIRE's unix attestor)")
 	}
-	root := spiretest.RepoRoot(t)
+	root := testhelp.RepoRoot(t)
 	work := tempDir(t, "bench-")
 	b := build(t, root, work)
 	rounds := envInt("BENCH_ROUNDS", 60)
@@ -45,9 +46,9 @@ func TestBenchBrokerAPI(t *testing.T) {
 	s := spiretest.Start(t, spiretest.Options{TrustDomain: trustDomain, AuthorizedDelegates: []string{hookID}, Broker: true})
 	dir := tempDir(t, "bbr-")
 	stateDir := filepath.Join(dir, "state")
-	mountTmpfs(t, stateDir, "64m")
+	testhelp.MountTmpfs(t, stateDir, "mode=0700,size=64m")
 	helperDir := filepath.Join(dir, "helper")
-	mountTmpfs(t, helperDir, "16m")
+	testhelp.MountTmpfs(t, helperDir, "mode=0700,size=16m")
 	// The refresher's part: the broker SVID for the hook (the harness's
 	// own, which the broker endpoint admits).
 	if err := brokersvid.Write(files.Writer{}, brokersvid.Dir(stateDir), s.HarnessIdentity(t)); err != nil {

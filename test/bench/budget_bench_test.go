@@ -20,9 +20,9 @@ import (
 	"github.com/noderesource/spiffe-oci-hook/internal/hook"
 	"github.com/noderesource/spiffe-oci-hook/internal/record"
 	"github.com/noderesource/spiffe-oci-hook/test/fakeagent"
-	"github.com/noderesource/spiffe-oci-hook/test/spiretest"
 
 	"github.com/noderesource/spiffe-oci-hook/test/benchmd"
+	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 // TestBenchStateBudget (issue 24, defect 2) measures the refresher's
@@ -44,7 +44,7 @@ func TestBenchStateBudget(t *testing.T) {
 	if os.Getuid() != 0 {
 		t.Skip("benchmarks: need root (tmpfs, mount namespaces, cgroups)")
 	}
-	root := spiretest.RepoRoot(t)
+	root := testhelp.RepoRoot(t)
 	dir := tempDir(t, "bbud-")
 	bin := filepath.Join(dir, "spiffe-oci-refresher")
 	build := exec.Command("go", "build", "-trimpath", "-tags", "grpcnotrace", "-ldflags", "-s -w -X main.version=bench", "-o", bin, "./refresher")
@@ -58,7 +58,7 @@ func TestBenchStateBudget(t *testing.T) {
 	// without the default one).
 	budget := envInt("BENCH_BUDGET_MIB", config.DefaultStateBudgetMiB)
 	state := filepath.Join(dir, "state")
-	mountTmpfs(t, state, fmt.Sprintf("%dm", budget*3/2))
+	testhelp.MountTmpfs(t, state, fmt.Sprintf("mode=0700,size=%dm", budget*3/2))
 	socket := filepath.Join(dir, "admin.sock")
 	fake, err := fakeagent.New(trustDomain, socket)
 	if err != nil {
@@ -103,7 +103,7 @@ func TestBenchStateBudget(t *testing.T) {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { proc.Process.Kill(); proc.Wait() })
-		waitFor(t, 5*time.Second, "unshare's own mount namespace", func() bool {
+		poll.Eventually(t, 5*time.Second, "unshare's own mount namespace", func() bool {
 			own, _ := os.Readlink("/proc/self/ns/mnt")
 			ns, _ := os.Readlink(filepath.Join("/proc", strconv.Itoa(proc.Process.Pid), "ns/mnt"))
 			return ns != "" && ns != own
@@ -125,7 +125,7 @@ func TestBenchStateBudget(t *testing.T) {
 	}
 	used, _ := store.Used()
 	progress("state budget: %d containers of %d deliveries served, state directory at %.1f MiB; the next refused: %v", served, deliveries, float64(used)/(1<<20), refusal)
-	waitFor(t, 10*time.Second, "the hook's streams closed", func() bool { return fake.SVIDStreams() == 0 })
+	poll.Eventually(t, 10*time.Second, "the hook's streams closed", func() bool { return fake.SVIDStreams() == 0 })
 
 	limit := os.Getenv("BENCH_BUDGET_LIMIT")
 	if limit == "" {
@@ -145,13 +145,13 @@ func TestBenchStateBudget(t *testing.T) {
 		r := startRefresherIn(t, bin, cfgFile, dir, cg)
 		// An OOM-killed refresher rewrites nothing more: stop waiting.
 		killed := func() bool { return cg.read(t).oomKills > 0 }
-		waitFor(t, 180*time.Second, "every delivery rewritten at the refresher's start (or an OOM kill)", func() bool {
+		poll.Eventually(t, 180*time.Second, "every delivery rewritten at the refresher's start (or an OOM kill)", func() bool {
 			return killed() || fake.SVIDStreams() == int64(served) && w.allSince(start)
 		})
 		for k := range 2 {
 			t0 := time.Now()
 			fake.Rotate()
-			waitFor(t, 180*time.Second, fmt.Sprintf("every delivery rewritten after rotation %d (or an OOM kill)", k+1), func() bool { return killed() || w.allSince(t0) })
+			poll.Eventually(t, 180*time.Second, fmt.Sprintf("every delivery rewritten after rotation %d (or an OOM kill)", k+1), func() bool { return killed() || w.allSince(t0) })
 		}
 		time.Sleep(2 * time.Second)
 		m := cg.read(t)
@@ -168,7 +168,7 @@ func TestBenchStateBudget(t *testing.T) {
 			t.Errorf("the refresher was OOM-killed under a %s limit at the node budget: %s", run.name, row)
 		}
 		if m.oomKills == 0 && fake.SVIDStreams() != 0 {
-			waitFor(t, 10*time.Second, "the refresher's streams closed", func() bool { return fake.SVIDStreams() == 0 })
+			poll.Eventually(t, 10*time.Second, "the refresher's streams closed", func() bool { return fake.SVIDStreams() == 0 })
 		}
 	}
 	fmt.Printf("\n| memory limit | containers | deliveries | state directory | peak (cgroup) | at the end | of it tmpfs (shmem) | failcnt | OOM kills |\n|---|---|---|---|---|---|---|---|---|\n%s\n", strings.Join(rows, "\n"))

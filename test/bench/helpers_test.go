@@ -13,7 +13,7 @@ import (
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
+	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 // Helpers.
@@ -28,17 +28,6 @@ func tempDir(t *testing.T, prefix string) string {
 	return dir
 }
 
-func mountTmpfs(t *testing.T, dir, size string) {
-	t.Helper()
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		t.Fatal(err)
-	}
-	if err := unix.Mount("tmpfs", dir, "tmpfs", 0, "mode=0700,size="+size); err != nil {
-		t.Fatalf("mounting tmpfs at %s: %v", dir, err)
-	}
-	t.Cleanup(func() { unix.Unmount(dir, unix.MNT_DETACH) })
-}
-
 func writeFile(t *testing.T, path, content string) {
 	t.Helper()
 	writeFileMode(t, path, []byte(content), 0o600)
@@ -51,16 +40,10 @@ func writeFileMode(t *testing.T, path string, data []byte, mode os.FileMode) {
 	}
 }
 
-func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("after %s: not yet: %s", d, what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
+// poll waits for a condition every 5 ms: the benchmarks time some of
+// what they wait for (start until every container is rewritten), and a
+// coarser poll would add to those numbers.
+var poll = testhelp.Poll{Every: 5 * time.Millisecond}
 
 func envInt(name string, def int) int {
 	if v, err := strconv.Atoi(os.Getenv(name)); err == nil && v > 0 {

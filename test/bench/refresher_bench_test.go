@@ -26,6 +26,7 @@ import (
 	"github.com/noderesource/spiffe-oci-hook/internal/record"
 	"github.com/noderesource/spiffe-oci-hook/internal/render"
 	"github.com/noderesource/spiffe-oci-hook/test/fakeagent"
+	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 // Part 3: the refresher at scale, against the fake agent.
@@ -44,7 +45,7 @@ func benchRefresher(t *testing.T, b bins, n int, res *results) scaleResult {
 	out := scaleResult{N: n}
 	dir := tempDir(t, "brf-")
 	state := filepath.Join(dir, "state")
-	mountTmpfs(t, state, "256m")
+	testhelp.MountTmpfs(t, state, "mode=0700,size=256m")
 	socket := filepath.Join(dir, "admin.sock")
 	fake, err := fakeagent.New(trustDomain, socket)
 	if err != nil {
@@ -109,7 +110,7 @@ func benchRefresher(t *testing.T, b bins, n int, res *results) scaleResult {
 			t.Fatal(err)
 		}
 	}
-	waitFor(t, 5*time.Second, "the setup fetch's streams closed", func() bool { return fake.SVIDStreams() == 0 })
+	poll.Eventually(t, 5*time.Second, "the setup fetch's streams closed", func() bool { return fake.SVIDStreams() == 0 })
 
 	// Every ..data swap is an IN_MOVED_TO ("create") of dir/..data.
 	w := newSwapWatcher(t, dirs)
@@ -118,7 +119,7 @@ func benchRefresher(t *testing.T, b bins, n int, res *results) scaleResult {
 	writeFile(t, config, fmt.Sprintf("agent_admin_socket: %s\nstate_dir: %s\n", socket, state))
 	start := time.Now()
 	r := startRefresher(t, b.refresher, config, dir)
-	waitFor(t, 120*time.Second, "every container served and rewritten once", func() bool {
+	poll.Eventually(t, 120*time.Second, "every container served and rewritten once", func() bool {
 		return fake.SVIDStreams() == int64(n) && w.allSince(start)
 	})
 	out.Startup = time.Since(start)
@@ -142,7 +143,7 @@ func benchRefresher(t *testing.T, b bins, n int, res *results) scaleResult {
 		cpu0 := cpuTime(t, r.Process.Pid)
 		t0 := time.Now()
 		fake.Rotate()
-		waitFor(t, 60*time.Second, "every container rewritten after Rotate", func() bool { return w.allSince(t0) })
+		poll.Eventually(t, 60*time.Second, "every container rewritten after Rotate", func() bool { return w.allSince(t0) })
 		lat := w.latencies(t0)
 		cpu += cpuTime(t, r.Process.Pid) - cpu0
 		for i, dir := range dirs {

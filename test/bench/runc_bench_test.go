@@ -19,6 +19,7 @@ import (
 
 	"github.com/noderesource/spiffe-oci-hook/internal/record"
 	"github.com/noderesource/spiffe-oci-hook/test/spiretest"
+	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 // Part 1 and 2: runc create latency, hook overhead, hook vs spiffe-helper.
@@ -28,9 +29,9 @@ func benchSPIRE(t *testing.T, b bins, res *results) {
 	s := spiretest.Start(t, spiretest.Options{TrustDomain: trustDomain, AuthorizedDelegates: []string{hookID, fetchID}})
 	dir := tempDir(t, "bsp-")
 	stateDir := filepath.Join(dir, "state")
-	mountTmpfs(t, stateDir, "64m")
+	testhelp.MountTmpfs(t, stateDir, "mode=0700,size=64m")
 	helperDir := filepath.Join(dir, "helper")
-	mountTmpfs(t, helperDir, "16m")
+	testhelp.MountTmpfs(t, helperDir, "mode=0700,size=16m")
 	config := filepath.Join(dir, "config.yaml")
 	writeFile(t, config, fmt.Sprintf("agent_admin_socket: %s\nstate_dir: %s\ntimeout: 10s\n", s.AdminSocket, stateDir))
 	rg := &rig{
@@ -84,7 +85,7 @@ func benchSPIRE(t *testing.T, b bins, res *results) {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 30*time.Second, "spiffe-helper daemon wrote its SVID", func() bool {
+	poll.Eventually(t, 30*time.Second, "spiffe-helper daemon wrote its SVID", func() bool {
 		_, err := os.Stat(filepath.Join(daemonDir, "svid.pem"))
 		return err == nil
 	})

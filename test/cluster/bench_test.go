@@ -11,7 +11,7 @@ import (
 
 	"github.com/noderesource/spiffe-oci-hook/test/benchmd"
 	"github.com/noderesource/spiffe-oci-hook/test/cluster/localcluster"
-	"github.com/noderesource/spiffe-oci-hook/test/spiretest"
+	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 // TestBenchRegistration (make bench BENCH_PARTS=registration) measures new
@@ -51,7 +51,7 @@ func TestBenchRegistration(t *testing.T) {
 	if v := os.Getenv("BENCH_REG_RUNTIMES"); v != "" {
 		runtimes = strings.Split(v, ",")
 	}
-	root := spiretest.RepoRoot(t)
+	root := testhelp.RepoRoot(t)
 	helper := filepath.Join(root, "bin", "test", "spiffe-helper")
 	if _, err := os.Stat(helper); err != nil {
 		t.Fatalf("spiffe-helper: %v (make spire builds it)", err)

@@ -15,6 +15,7 @@ import (
 
 	"github.com/noderesource/spiffe-oci-hook/test/cluster/localcluster"
 	"github.com/noderesource/spiffe-oci-hook/test/spiretest"
+	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 // TestClusterCRIO: CRI-O with its stock hooks configuration, the project
@@ -106,7 +107,7 @@ func startCluster(t *testing.T, runtime string, lc lifecycle, extra localcluster
 			t.Fatalf("cluster: %s is missing: run test/deps.sh", tool)
 		}
 	}
-	root := spiretest.RepoRoot(t)
+	root := testhelp.RepoRoot(t)
 	toolDir := filepath.Join(root, "bin", "test")
 	buildTools(t, root, toolDir, runtime)
 	spireServer, _ := spiretest.Binaries(t)

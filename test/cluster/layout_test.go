@@ -9,14 +9,14 @@ import (
 	"testing"
 
 	"github.com/noderesource/spiffe-oci-hook/test/cluster/localcluster"
-	"github.com/noderesource/spiffe-oci-hook/test/spiretest"
+	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 // TestImageLayoutMatchesContainerfile: the image built offline for the
 // cluster puts the project's files where deploy/Containerfile (the
 // release recipe) does, with the same entrypoint.
 func TestImageLayoutMatchesContainerfile(t *testing.T) {
-	data, err := os.ReadFile(filepath.Join(spiretest.RepoRoot(t), "deploy", "Containerfile"))
+	data, err := os.ReadFile(filepath.Join(testhelp.RepoRoot(t), "deploy", "Containerfile"))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -27,6 +27,7 @@ import (
 
 	"github.com/noderesource/spiffe-oci-hook/test/spiretest"
 	"github.com/noderesource/spiffe-oci-hook/test/subreaper"
+	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 func TestMain(m *testing.M) {
@@ -69,7 +70,7 @@ func requireTools(t *testing.T) {
 		}
 	}
 	toolOnce.Do(func() {
-		repoRoot = spiretest.RepoRoot(t)
+		repoRoot = testhelp.RepoRoot(t)
 		toolDir = filepath.Join(repoRoot, "bin", "test")
 		for _, mod := range []string{"crictl", "crio", "containerd"} {
 			cmd := exec.Command(filepath.Join(repoRoot, "test", mod, "build.sh"), toolDir)

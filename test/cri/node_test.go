@@ -21,6 +21,7 @@ import (
 	"github.com/noderesource/spiffe-oci-hook/internal/brokersvid"
 	"github.com/noderesource/spiffe-oci-hook/internal/config"
 	"github.com/noderesource/spiffe-oci-hook/test/spiretest"
+	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 const (
@@ -69,13 +70,7 @@ func newNodeAPI(t *testing.T, dir, api string) *node {
 	n := &node{dir: dir, kubelet: startKubelet(t), entries: map[string]bool{}, api: api}
 	n.prefix = filepath.Join(dir, "usr")
 	n.stateDir = filepath.Join(dir, "state")
-	if err := os.MkdirAll(n.stateDir, 0o700); err != nil {
-		t.Fatal(err)
-	}
-	if err := unix.Mount("tmpfs", n.stateDir, "tmpfs", 0, "mode=0700,size=64m"); err != nil {
-		t.Fatalf("mounting tmpfs at %s: %v", n.stateDir, err)
-	}
-	t.Cleanup(func() { unix.Unmount(n.stateDir, unix.MNT_DETACH) })
+	testhelp.MountTmpfs(t, n.stateDir, "mode=0700,size=64m")
 
 	opts := spiretest.Options{
 		TrustDomain:         trustDomain,

@@ -13,6 +13,7 @@ import (
 	"github.com/noderesource/spiffe-oci-hook/internal/status"
 
 	"github.com/noderesource/spiffe-oci-hook/test/benchmd"
+	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 // nodeResult is what TestBenchNode measured.
@@ -154,7 +155,7 @@ func TestBenchNode(t *testing.T) {
 	t0 = time.Now()
 	h := startFleet(t, r, fleetOptions{pods: res.pods, groups: res.groups, batch: res.batch, ttl: res.ttl, sidecars: rig})
 	var helpers []int
-	waitFor(t, 60*time.Second, "every sidecar wrote its files", func() bool {
+	poll.Eventually(t, 60*time.Second, "every sidecar wrote its files", func() bool {
 		for _, m := range h.members {
 			if _, err := os.Stat(filepath.Join(m.certs, "svid_bundle.pem")); err != nil {
 				return false
@@ -211,7 +212,7 @@ func TestBenchNode(t *testing.T) {
 func (n *node) waitStreams(t *testing.T, want int, d time.Duration) {
 	t.Helper()
 	c := status.NewClient(filepath.Join(n.stateDir, "refresher.sock"))
-	waitFor(t, d, "every container's stream answered", func() bool {
+	poll.Eventually(t, d, "every container's stream answered", func() bool {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		rep, err := c.Report(ctx)
@@ -228,17 +229,10 @@ func (n *node) waitStreams(t *testing.T, want int, d time.Duration) {
 	})
 }
 
-// waitFor polls cond every 100 ms for up to d.
-func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting until %s", d, what)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-}
+// poll waits for a condition every 100 ms: the conditions here ask the
+// refresher's status socket or stat every pod's files, which a finer poll
+// would make compete with the node it measures.
+var poll = testhelp.Poll{Every: 100 * time.Millisecond}
 
 func perMinute(d, window time.Duration) string {
 	if window <= 0 {

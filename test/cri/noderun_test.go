@@ -2,7 +2,6 @@ package cri
 
 import (
 	"context"
-	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -11,6 +10,7 @@ import (
 	"time"
 
 	"github.com/noderesource/spiffe-oci-hook/internal/status"
+	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 // TestCRIONodeRun is the node benchmark's run at small scale, so that its
@@ -64,7 +64,7 @@ func TestCRIONodeRun(t *testing.T) {
 	// reconnects per pod, as the refresher counts them.
 	metricsSocket := filepath.Join(n.stateDir, "refresher.sock")
 	failed := streamErrors(t, metricsSocket)
-	waitFor(t, 60*time.Second, "six failed reconnects per pod", func() bool {
+	poll.Eventually(t, 60*time.Second, "six failed reconnects per pod", func() bool {
 		return streamErrors(t, metricsSocket) >= failed+float64(6*len(f.members))
 	})
 	n.spire.StartAgent(t)
@@ -96,15 +96,5 @@ func streamErrors(t *testing.T, socket string) float64 {
 	if err != nil || code != 200 {
 		t.Fatalf("GET %s on %s: HTTP %d, %v", status.PathMetrics, socket, code, err)
 	}
-	var sum float64
-	for _, line := range strings.Split(string(body), "\n") {
-		if strings.HasPrefix(line, "spiffe_oci_svid_stream_errors_total{") {
-			var v float64
-			if _, err := fmt.Sscan(line[strings.LastIndexByte(line, ' ')+1:], &v); err != nil {
-				t.Fatalf("metrics line %q: %v", line, err)
-			}
-			sum += v
-		}
-	}
-	return sum
+	return testhelp.MetricSum(t, body, "spiffe_oci_svid_stream_errors_total")
 }

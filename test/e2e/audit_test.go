@@ -18,6 +18,7 @@ import (
 	dto "github.com/prometheus/client_model/go"
 
 	"github.com/noderesource/spiffe-oci-hook/internal/status"
+	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 // detached starts bundle b detached under runtime (runc or crun) and
@@ -56,7 +57,7 @@ func waitUnserved(t *testing.T, socket, id string) status.Unserved {
 	t.Helper()
 	start := time.Now()
 	var found *status.Unserved
-	eventuallyE(t, 10*auditInterval+10*time.Second, "the audit reports container "+id, func() bool {
+	testhelp.Eventually(t, 10*auditInterval+10*time.Second, "the audit reports container "+id, func() bool {
 		rep, err := status.NewClient(socket).Report(context.Background())
 		if err != nil {
 			return false
@@ -128,12 +129,12 @@ func TestAuditFindsUnserved(t *testing.T) {
 		id := flagged.id(t, "flagged")
 		e.expectUnserved(id)
 		pid := flagged.pid(t, "flagged")
-		eventuallyE(t, 10*time.Second, "first instance served", func() bool {
+		testhelp.Eventually(t, 10*time.Second, "first instance served", func() bool {
 			_, err := os.Stat(filepath.Join(e.stateDir, "records", id+".json"))
 			return err == nil
 		})
 		exec.Command("kill", "-9", strconv.Itoa(pid)).Run()
-		eventuallyE(t, 30*time.Second, "restarted by its policy", func() bool { n := flagged.pid(t, "flagged"); return n != 0 && n != pid })
+		testhelp.Eventually(t, 30*time.Second, "restarted by its policy", func() bool { n := flagged.pid(t, "flagged"); return n != 0 && n != pid })
 		u := waitUnserved(t, socket, id)
 		if u.Cause != status.CauseHookNotConfigured || u.PID == pid {
 			t.Errorf("the restarted instance: %+v", u)

@@ -32,6 +32,7 @@ import (
 	"github.com/noderesource/spiffe-oci-hook/internal/config"
 	"github.com/noderesource/spiffe-oci-hook/internal/files"
 	"github.com/noderesource/spiffe-oci-hook/test/spiretest"
+	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 const (
@@ -146,7 +147,7 @@ func startEnvOptions(t *testing.T, opts spiretest.Options) *env {
 	s := spiretest.Start(t, opts)
 	e := &env{t: t, spire: s, dir: shortTempDir(t)}
 	e.stateDir = filepath.Join(e.dir, "state")
-	mountTmpfs(t, e.stateDir)
+	testhelp.MountTmpfs(t, e.stateDir, "mode=0700,size=64m")
 	if agentAPI == config.APIBroker {
 		// The refresher's part, for the tests that run the hook alone:
 		// a broker SVID in the state directory (the harness's own, which
@@ -264,17 +265,6 @@ func podmanStore(t *testing.T) string {
 	store := shortTempDir(t)
 	t.Cleanup(func() { unix.Unmount(filepath.Join(store, "root", "overlay"), unix.MNT_DETACH) })
 	return store
-}
-
-func mountTmpfs(t *testing.T, dir string) {
-	t.Helper()
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		t.Fatal(err)
-	}
-	if err := unix.Mount("tmpfs", dir, "tmpfs", 0, "mode=0700,size=64m"); err != nil {
-		t.Fatalf("mounting tmpfs at %s: %v", dir, err)
-	}
-	t.Cleanup(func() { unix.Unmount(dir, unix.MNT_DETACH) })
 }
 
 // bundle is a runtime-tools generated OCI bundle with a busybox rootfs.

@@ -38,6 +38,8 @@ import (
 
 	"github.com/fsnotify/fsnotify"
 	rspec "github.com/opencontainers/runtime-spec/specs-go"
+
+	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 const (
@@ -80,7 +82,7 @@ func startOriginal(t *testing.T) *exec.Cmd {
 	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
 	// unshare and setpriv exec sleep; wait until they have, so the agent
 	// sees sleep.
-	eventuallyE(t, 5*time.Second, "unshare exec'd sleep", func() bool {
+	testhelp.Eventually(t, 5*time.Second, "unshare exec'd sleep", func() bool {
 		exe, _ := os.Readlink(fmt.Sprintf("/proc/%d/exe", cmd.Process.Pid))
 		return filepath.Base(exe) == "sleep"
 	})
@@ -188,7 +190,7 @@ func (e *env) startHook(t *testing.T, b *bundle, pid int, ann string) *hookRun {
 // the container's process and is talking to the (stopped) agent.
 func (h *hookRun) waitPinned(t *testing.T) {
 	t.Helper()
-	eventuallyE(t, 5*time.Second, "hook holds a pidfd and an agent connection", func() bool {
+	testhelp.Eventually(t, 5*time.Second, "hook holds a pidfd and an agent connection", func() bool {
 		select {
 		case <-h.done:
 			t.Fatalf("the hook exited early: %s", h.stderr.String())
@@ -214,17 +216,6 @@ func (h *hookRun) wait(t *testing.T) (int, string) {
 		t.Fatal("the hook did not finish in 20 s")
 	}
 	return h.cmd.ProcessState.ExitCode(), h.stderr.String()
-}
-
-func eventuallyE(t *testing.T, d time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("after %s: %s", d, what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
 }
 
 // TestPIDReuseDuringFetch: the container's process exits while the hook
@@ -385,7 +376,7 @@ func TestRefresherPIDReuse(t *testing.T) {
 	if err := os.Rename(tmp, filepath.Join(e.stateDir, "records", later+".json")); err != nil {
 		t.Fatal(err)
 	}
-	eventuallyE(t, 5*time.Second, "state of the later record removed", func() bool {
+	testhelp.Eventually(t, 5*time.Second, "state of the later record removed", func() bool {
 		_, err1 := os.Stat(filepath.Join(e.stateDir, "containers", later))
 		_, err2 := os.Stat(filepath.Join(e.stateDir, "records", later+".json"))
 		return errors.Is(err1, os.ErrNotExist) && errors.Is(err2, os.ErrNotExist)

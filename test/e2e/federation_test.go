@@ -23,6 +23,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
 	"github.com/noderesource/spiffe-oci-hook/test/spiretest"
+	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 const (
@@ -125,16 +126,13 @@ func merged(got, own, foreign []*x509.Certificate) bool {
 	return len(got) == len(own)+len(foreign) && sameCerts(got[:len(own)], own) && sameCerts(got[len(own):], foreign)
 }
 
+// waitFor polls every 500 ms (the conditions exec into containers),
+// explains a failure with what the containers held, and logs how long the
+// change took to reach them.
 func waitFor(t *testing.T, d time.Duration, what string, cond func() bool, explain func() string) {
 	t.Helper()
-	start := time.Now()
-	for !cond() {
-		if time.Since(start) > d {
-			t.Fatalf("after %s: %s; %s", d, what, explain())
-		}
-		time.Sleep(500 * time.Millisecond)
-	}
-	t.Logf("%s after %s", what, time.Since(start).Round(100*time.Millisecond))
+	took := testhelp.Poll{Every: 500 * time.Millisecond, Explain: explain}.Eventually(t, d, what, cond)
+	t.Logf("%s after %s", what, took.Round(100*time.Millisecond))
 }
 
 // TestFederationTwoServers: a container whose entry federates with

@@ -19,6 +19,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
 	"github.com/noderesource/spiffe-oci-hook/internal/status"
+	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 const rotatingID = "spiffe://example.org/workload/rotating"
@@ -257,15 +258,5 @@ func streamErrors(t *testing.T, socket string) float64 {
 	if err != nil || code != 200 {
 		t.Fatalf("GET %s on %s: HTTP %d, %v", status.PathMetrics, socket, code, err)
 	}
-	var sum float64
-	for _, line := range strings.Split(string(body), "\n") {
-		if strings.HasPrefix(line, "spiffe_oci_svid_stream_errors_total{") {
-			var v float64
-			if _, err := fmt.Sscan(line[strings.LastIndexByte(line, ' ')+1:], &v); err != nil {
-				t.Fatalf("metrics line %q: %v", line, err)
-			}
-			sum += v
-		}
-	}
-	return sum
+	return testhelp.MetricSum(t, body, "spiffe_oci_svid_stream_errors_total")
 }

@@ -18,6 +18,8 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+
+	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 // podmanNode is a private Podman store whose containers get the hook
@@ -129,11 +131,11 @@ func (e *env) serial(t *testing.T, pid int) string {
 func (e *env) servedAndRotating(t *testing.T, id string, pid int, ttl time.Duration) {
 	t.Helper()
 	var first string
-	eventuallyE(t, 10*time.Second, fmt.Sprintf("pid %d has valid files", pid), func() bool {
+	testhelp.Eventually(t, 10*time.Second, fmt.Sprintf("pid %d has valid files", pid), func() bool {
 		first = e.serial(t, pid)
 		return first != ""
 	})
-	eventuallyE(t, 10*time.Second, "the record names the new instance", func() bool {
+	testhelp.Eventually(t, 10*time.Second, "the record names the new instance", func() bool {
 		var rec struct {
 			PID int `json:"pid"`
 		}
@@ -141,7 +143,7 @@ func (e *env) servedAndRotating(t *testing.T, id string, pid int, ttl time.Durat
 		return err == nil && json.Unmarshal(data, &rec) == nil && rec.PID == pid
 	})
 	start := time.Now()
-	eventuallyE(t, ttl, fmt.Sprintf("pid %d's files rotate", pid), func() bool {
+	testhelp.Eventually(t, ttl, fmt.Sprintf("pid %d's files rotate", pid), func() bool {
 		s := e.serial(t, pid)
 		return s != "" && s != first
 	})
@@ -190,7 +192,7 @@ func TestPodmanRestartKeepsIdentity(t *testing.T) {
 			// SIGKILL ends it and Podman's restart policy starts it again.
 			syscall.Kill(pid, syscall.SIGKILL)
 			var next int
-			eventuallyE(t, 30*time.Second, "restarted by its policy", func() bool {
+			testhelp.Eventually(t, 30*time.Second, "restarted by its policy", func() bool {
 				next = p.pid(t, "always")
 				return next != 0 && next != pid
 			})

@@ -6,12 +6,14 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 // TestContainerfile: the image puts the binaries where the DaemonSet runs
 // and copies them from.
 func TestContainerfile(t *testing.T) {
-	root := pkgRoot(t)
+	root := testhelp.RepoRoot(t)
 	data, err := os.ReadFile(filepath.Join(root, "deploy", "Containerfile"))
 	if err != nil {
 		t.Fatal(err)

@@ -14,6 +14,7 @@ import (
 	"gopkg.in/yaml.v3"
 
 	"github.com/noderesource/spiffe-oci-hook/internal/config"
+	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 const releaseName, releaseNamespace = "spiffe-oci-hook", "spiffe-oci-hook"
@@ -37,7 +38,7 @@ var (
 func pinnedTool(t *testing.T, name string) string {
 	t.Helper()
 	toolsOnce.Do(func() {
-		root := pkgRoot(t)
+		root := testhelp.RepoRoot(t)
 		toolsDir = filepath.Join(root, "bin", "test")
 		cmd := exec.Command(filepath.Join(root, "test", "helm", "build.sh"), toolsDir)
 		if b, err := cmd.CombinedOutput(); err != nil {
@@ -60,7 +61,7 @@ type buildError struct {
 func (e *buildError) Error() string { return e.err.Error() + "\n" + e.out }
 
 func chartDir(t *testing.T) string {
-	return filepath.Join(pkgRoot(t), "deploy", "helm", "spiffe-oci-hook")
+	return filepath.Join(testhelp.RepoRoot(t), "deploy", "helm", "spiffe-oci-hook")
 }
 
 // helmTemplate renders the chart; it returns stderr and a non-nil error if
@@ -203,7 +204,7 @@ func TestHelmMatchesKustomize(t *testing.T) {
 	for _, f := range flavours {
 		t.Run(f.runtime, func(t *testing.T) {
 			rendered := mustTemplate(t, "runtime="+f.runtime, "namespace.create=true")
-			built := run(t, pkgRoot(t), kustomize, f.kustomize)
+			built := run(t, testhelp.RepoRoot(t), kustomize, f.kustomize)
 			h := objects(t, "helm template", rendered)
 			k := objects(t, "kubectl kustomize "+f.kustomize, built)
 			keys := func(m map[string]map[string]any) []string {
@@ -336,7 +337,7 @@ func TestHelmValues(t *testing.T) {
 // TestHelmChartConfig: the chart's copy of the node config is
 // deploy/config.yaml.
 func TestHelmChartConfig(t *testing.T) {
-	a, err := os.ReadFile(filepath.Join(pkgRoot(t), "deploy", "config.yaml"))
+	a, err := os.ReadFile(filepath.Join(testhelp.RepoRoot(t), "deploy", "config.yaml"))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -17,6 +17,8 @@ import (
 	current "github.com/containers/common/pkg/hooks/1.0.0"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"golang.org/x/sys/unix"
+
+	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 // Where the rpm and `make install PREFIX=/usr` put things. The repo's
@@ -30,25 +32,6 @@ const (
 	rpmTmpfilesPath  = "/usr/lib/tmpfiles.d/spiffe-oci-hook.conf"
 	annotationKey    = "identity.noderesource.dev/container"
 )
-
-// pkgRoot is the repository root (the directory holding go.mod).
-func pkgRoot(t *testing.T) string {
-	t.Helper()
-	dir, err := os.Getwd()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for {
-		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
-			return dir
-		}
-		parent := filepath.Dir(dir)
-		if parent == dir {
-			t.Fatal("go.mod not found above the test directory")
-		}
-		dir = parent
-	}
-}
 
 // needTools skips the test when a tool it runs is not installed.
 func needTools(t *testing.T, tools ...string) {
@@ -65,7 +48,7 @@ func needTools(t *testing.T, tools ...string) {
 // needs root.)
 func needWritableRepo(t *testing.T) {
 	t.Helper()
-	root := pkgRoot(t)
+	root := testhelp.RepoRoot(t)
 	for _, dir := range []string{root, filepath.Join(root, "bin"), filepath.Join(root, "rpm")} {
 		if err := unix.Access(dir, unix.W_OK); err != nil && !errors.Is(err, fs.ErrNotExist) {
 			t.Skipf("cannot write %s (%v): make builds into the repository", dir, err)
@@ -99,7 +82,7 @@ func lastLines(s string, n int) string {
 func makeVar(t *testing.T, name string, vars ...string) string {
 	t.Helper()
 	args := append([]string{"-s", "--no-print-directory", "--eval", "print-var: ; @echo '$(" + name + ")'", "print-var"}, vars...)
-	return strings.TrimSpace(run(t, pkgRoot(t), "make", args...))
+	return strings.TrimSpace(run(t, testhelp.RepoRoot(t), "make", args...))
 }
 
 // listTree lists the regular files and symlinks under root, as absolute
@@ -130,10 +113,10 @@ func listTree(t *testing.T, root string) []string {
 // so the links hold), and the license.
 func docFiles(t *testing.T, docDir, licenseDir string) []string {
 	files := []string{licenseDir + "/LICENSE"}
-	if _, err := os.Stat(filepath.Join(pkgRoot(t), "README.md")); err == nil {
+	if _, err := os.Stat(filepath.Join(testhelp.RepoRoot(t), "README.md")); err == nil {
 		files = append(files, docDir+"/README.md")
 	}
-	pages, err := filepath.Glob(filepath.Join(pkgRoot(t), "docs", "*.md"))
+	pages, err := filepath.Glob(filepath.Join(testhelp.RepoRoot(t), "docs", "*.md"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -230,7 +213,7 @@ func readHooksJSON(t *testing.T, what string, data []byte, exe string) *current.
 // way `make install` and the manifests render it.
 func repoHooksJSON(t *testing.T, hookPath string) []byte {
 	t.Helper()
-	data, err := os.ReadFile(filepath.Join(pkgRoot(t), "hooks.d", "spiffe-oci-hook.json"))
+	data, err := os.ReadFile(filepath.Join(testhelp.RepoRoot(t), "hooks.d", "spiffe-oci-hook.json"))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -13,6 +13,7 @@ import (
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
 	"github.com/noderesource/spiffe-oci-hook/internal/config"
+	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 // hookDefaultTimeout is the hook's own default timeout in seconds; the
@@ -24,7 +25,7 @@ var hookDefaultTimeout = int(config.Default().Timeout.Seconds())
 // with hook.path replaced by an executable that exists here.
 func loadHook(t *testing.T) (*current.Hook, map[string]any) {
 	t.Helper()
-	src := filepath.Join(pkgRoot(t), "hooks.d", "spiffe-oci-hook.json")
+	src := filepath.Join(testhelp.RepoRoot(t), "hooks.d", "spiffe-oci-hook.json")
 	data, err := os.ReadFile(src)
 	if err != nil {
 		t.Fatal(err)

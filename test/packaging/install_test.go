@@ -13,6 +13,7 @@ import (
 	"gopkg.in/yaml.v3"
 
 	"github.com/noderesource/spiffe-oci-hook/internal/config"
+	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 // makeInstall runs `make install` (which builds both binaries) into a fresh
@@ -22,7 +23,7 @@ func makeInstall(t *testing.T, vars ...string) string {
 	needTools(t, "make", "go", "git")
 	needWritableRepo(t)
 	dest := t.TempDir()
-	run(t, pkgRoot(t), "make", append([]string{"install", "DESTDIR=" + dest}, vars...)...)
+	run(t, testhelp.RepoRoot(t), "make", append([]string{"install", "DESTDIR=" + dest}, vars...)...)
 	return dest
 }
 
@@ -105,7 +106,7 @@ func TestMakeInstall(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	shipped, err := os.ReadFile(filepath.Join(pkgRoot(t), "deploy", "config.yaml"))
+	shipped, err := os.ReadFile(filepath.Join(testhelp.RepoRoot(t), "deploy", "config.yaml"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -116,14 +117,14 @@ func TestMakeInstall(t *testing.T) {
 	if err := os.WriteFile(dest+rpmConfigPath, edited, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	run(t, pkgRoot(t), "make", "install.nobuild", "DESTDIR="+dest, "PREFIX=/usr")
+	run(t, testhelp.RepoRoot(t), "make", "install.nobuild", "DESTDIR="+dest, "PREFIX=/usr")
 	if got, _ := os.ReadFile(dest + rpmConfigPath); !bytes.Equal(got, edited) {
 		t.Error("make install overwrote an edited config.yaml")
 	}
 
 	// uninstall removes every binary, the JSON, the unit and the docs, and
 	// leaves the admin's config.
-	run(t, pkgRoot(t), "make", "uninstall", "DESTDIR="+dest, "PREFIX=/usr")
+	run(t, testhelp.RepoRoot(t), "make", "uninstall", "DESTDIR="+dest, "PREFIX=/usr")
 	if got := listTree(t, dest); !slices.Equal(got, []string{rpmConfigPath}) {
 		t.Errorf("after make uninstall, left %q, want only %s", got, rpmConfigPath)
 	}
@@ -175,7 +176,7 @@ func TestMakeInstallRendersPaths(t *testing.T) {
 // so a runtime never loads a hook whose binary is missing.
 func TestInstallOrder(t *testing.T) {
 	needTools(t, "make")
-	root := pkgRoot(t)
+	root := testhelp.RepoRoot(t)
 	dest := "/DESTDIR"
 	lines := strings.Split(run(t, root, "make", "-n", "install.nobuild", "DESTDIR="+dest, "PREFIX=/usr"), "\n")
 	first := func(pred func(string) bool) int {
@@ -221,7 +222,7 @@ func TestInstallOrder(t *testing.T) {
 // type has, and states the built-in defaults, so installing it changes
 // nothing until an admin edits it.
 func TestShippedConfig(t *testing.T) {
-	data, err := os.ReadFile(filepath.Join(pkgRoot(t), "deploy", "config.yaml"))
+	data, err := os.ReadFile(filepath.Join(testhelp.RepoRoot(t), "deploy", "config.yaml"))
 	if err != nil {
 		t.Fatal(err)
 	}

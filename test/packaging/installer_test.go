@@ -10,6 +10,8 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+
+	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 // installerRoot is a directory standing in for the installer container: a
@@ -37,7 +39,7 @@ func newInstallerRoot(t *testing.T) *installerRoot {
 	if err != nil {
 		t.Skipf("busybox-static is missing (test/deps.sh installs it): %v", err)
 	}
-	docs, built := buildKustomization(t, filepath.Join(pkgRoot(t), "deploy", "kubernetes", "base"))
+	docs, built := buildKustomization(t, filepath.Join(testhelp.RepoRoot(t), "deploy", "kubernetes", "base"))
 	d := checkNodeDeployment(t, docs, built, wantHooksDir("crio", built))
 	r := &installerRoot{dir: t.TempDir(), d: d, script: d.script}
 	for _, e := range d.install.Env {

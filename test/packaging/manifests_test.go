@@ -13,6 +13,8 @@ import (
 	"gopkg.in/yaml.v3"
 
 	"github.com/containers/common/pkg/hooks"
+
+	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 const (
@@ -174,7 +176,7 @@ func decodeManifests(t *testing.T, what string, data []byte) []manifest {
 // TestManifestsParse: every YAML document under deploy/ parses, and each is
 // a Kubernetes object (apiVersion, kind, metadata.name) or a Kustomization.
 func TestManifestsParse(t *testing.T) {
-	root := filepath.Join(pkgRoot(t), "deploy")
+	root := filepath.Join(testhelp.RepoRoot(t), "deploy")
 	n := 0
 	err := filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
 		if err != nil || d.IsDir() || (filepath.Ext(p) != ".yaml" && filepath.Ext(p) != ".yml") {

@@ -13,6 +13,7 @@ import (
 	"github.com/containers/common/pkg/hooks"
 
 	"github.com/noderesource/spiffe-oci-hook/internal/config"
+	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 // nodeDeployment is what checkNodeDeployment found, for further checks.
@@ -186,7 +187,7 @@ func checkNodeDeployment(t *testing.T, docs []manifest, built bool, hooksDir str
 
 	// The node config: deploy/config.yaml, installed where the hook on the
 	// host reads it.
-	shipped, err := os.ReadFile(filepath.Join(pkgRoot(t), "deploy", "config.yaml"))
+	shipped, err := os.ReadFile(filepath.Join(testhelp.RepoRoot(t), "deploy", "config.yaml"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -259,7 +260,7 @@ func daemonSetConfig(t *testing.T, shipped []byte) string {
 // connect to root-owned host files only).
 func checkLeastPrivilege(t *testing.T, d nodeDeployment) {
 	t.Helper()
-	unit, err := os.ReadFile(filepath.Join(pkgRoot(t), "refresher", "spiffe-oci-refresher.service"))
+	unit, err := os.ReadFile(filepath.Join(testhelp.RepoRoot(t), "refresher", "spiffe-oci-refresher.service"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -305,7 +306,7 @@ func checkLeastPrivilege(t *testing.T, d nodeDeployment) {
 // goes to the one directory CRI-O reads with its default configuration,
 // and nothing else is needed (no drop-in, no CRI-O restart).
 func TestKustomizeBase(t *testing.T) {
-	docs, built := buildKustomization(t, filepath.Join(pkgRoot(t), "deploy", "kubernetes", "base"))
+	docs, built := buildKustomization(t, filepath.Join(testhelp.RepoRoot(t), "deploy", "kubernetes", "base"))
 	checkStockCRIO(t, checkNodeDeployment(t, docs, built, wantHooksDir("crio", built)), docs)
 }
 
@@ -336,7 +337,7 @@ func checkStockCRIO(t *testing.T, d nodeDeployment, docs []manifest) {
 // TestKustomizeContainerdNRI: the same DaemonSet, and the documented
 // containerd settings pass the identity annotations through and enable NRI.
 func TestKustomizeContainerdNRI(t *testing.T) {
-	dir := filepath.Join(pkgRoot(t), "deploy", "kubernetes", "overlays", "containerd-nri")
+	dir := filepath.Join(testhelp.RepoRoot(t), "deploy", "kubernetes", "overlays", "containerd-nri")
 	docs, built := buildKustomization(t, dir)
 	d := checkNodeDeployment(t, docs, built, wantHooksDir("containerd-nri", built))
 

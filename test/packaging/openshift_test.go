@@ -13,6 +13,8 @@ import (
 	"testing"
 
 	"github.com/containers/common/pkg/hooks"
+
+	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 // crioHooksDirs reads hooks_dir from [crio.runtime] of a CRI-O drop-in.
@@ -50,7 +52,7 @@ func checkCrioDropIn(t *testing.T, what, conf string) {
 // and the initContainer installs the CRI-O drop-in that adds
 // /etc/containers/oci/hooks.d to hooks_dir.
 func TestKustomizeOpenShift(t *testing.T) {
-	dir := filepath.Join(pkgRoot(t), "deploy", "kubernetes", "overlays", "openshift")
+	dir := filepath.Join(testhelp.RepoRoot(t), "deploy", "kubernetes", "overlays", "openshift")
 	docs, built := buildKustomization(t, dir)
 	d := checkNodeDeployment(t, docs, built, wantHooksDir("openshift", built))
 
@@ -136,7 +138,7 @@ func decodeDataURL(t *testing.T, u string) []byte {
 // flags any difference as drift), and the JSON's hook.path is where the
 // DaemonSet puts the binary.
 func TestMachineConfig(t *testing.T) {
-	root := pkgRoot(t)
+	root := testhelp.RepoRoot(t)
 	data, err := os.ReadFile(filepath.Join(root, "deploy", "openshift", "machineconfig.yaml"))
 	if err != nil {
 		t.Fatal(err)

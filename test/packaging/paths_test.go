@@ -7,6 +7,8 @@ import (
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 // TestPathsAgree: one hook path everywhere it is written down for a /usr
@@ -15,7 +17,7 @@ import (
 // unit, the tmpfiles.d and the config directories, and the unit's ExecStart.
 func TestPathsAgree(t *testing.T) {
 	needTools(t, "make")
-	root := pkgRoot(t)
+	root := testhelp.RepoRoot(t)
 	repoJSON, err := os.ReadFile(filepath.Join(root, "hooks.d", "spiffe-oci-hook.json"))
 	if err != nil {
 		t.Fatal(err)

@@ -13,6 +13,7 @@ import (
 
 	"github.com/noderesource/spiffe-oci-hook/internal/metrics"
 	"github.com/noderesource/spiffe-oci-hook/internal/status"
+	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 var metricName = regexp.MustCompile(`spiffe_oci_[a-z_]+`)
@@ -44,10 +45,10 @@ func TestReadmeMetrics(t *testing.T) {
 
 	// The metrics are documented in the README and in docs/ (the audit's
 	// in docs/audit.md); each file's PrometheusRule blocks are checked.
-	docs, _ := filepath.Glob(filepath.Join(pkgRoot(t), "docs", "*.md"))
+	docs, _ := filepath.Glob(filepath.Join(testhelp.RepoRoot(t), "docs", "*.md"))
 	var documented []string
 	var rules []string
-	for _, p := range append([]string{filepath.Join(pkgRoot(t), "README.md")}, docs...) {
+	for _, p := range append([]string{filepath.Join(testhelp.RepoRoot(t), "README.md")}, docs...) {
 		data, err := os.ReadFile(p)
 		if err != nil {
 			t.Fatal(err)

@@ -12,6 +12,8 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+
+	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 // cpioEntry is one member of a "newc" (SVR4) cpio archive, the format
@@ -99,7 +101,7 @@ func TestRPM(t *testing.T) {
 	}
 	needTools(t, "make", "go", "git", "rpmbuild", "rpm", "rpm2cpio")
 	needWritableRepo(t)
-	root := pkgRoot(t)
+	root := testhelp.RepoRoot(t)
 	const version = "v1.2.3-pkgtest"
 	const rpmVersion = "1.2.3.pkgtest"
 	run(t, root, "make", "rpm", "VERSION="+version)

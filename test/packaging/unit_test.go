@@ -10,6 +10,7 @@ import (
 	"testing"
 
 	"github.com/noderesource/spiffe-oci-hook/internal/config"
+	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 // systemdAnalyze runs systemd-analyze and returns its combined output and
@@ -71,7 +72,7 @@ func TestUnitVerify(t *testing.T) {
 
 // TestUnitDirectives: the unit's contract with the refresher and the hook.
 func TestUnitDirectives(t *testing.T) {
-	data, err := os.ReadFile(filepath.Join(pkgRoot(t), "refresher", "spiffe-oci-refresher.service"))
+	data, err := os.ReadFile(filepath.Join(testhelp.RepoRoot(t), "refresher", "spiffe-oci-refresher.service"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -153,7 +154,7 @@ func TestUnitDirectives(t *testing.T) {
 // repoTmpfiles is tmpfiles.d/spiffe-oci-hook.conf.
 func repoTmpfiles(t *testing.T) []byte {
 	t.Helper()
-	data, err := os.ReadFile(filepath.Join(pkgRoot(t), "tmpfiles.d", "spiffe-oci-hook.conf"))
+	data, err := os.ReadFile(filepath.Join(testhelp.RepoRoot(t), "tmpfiles.d", "spiffe-oci-hook.conf"))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,8 +1,6 @@
 package spiretest
 
 import (
-	"bufio"
-	"bytes"
 	"encoding/json"
 	"fmt"
 	"net"
@@ -17,11 +15,11 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 const (
-	mainModule = "github.com/noderesource/spiffe-oci-hook"
-
 	// HarnessPath is the path of the SPIFFE ID given to the test process.
 	HarnessPath = "/spiretest/harness"
 
@@ -116,38 +114,6 @@ var (
 	binCache = map[string][2]string{}
 )
 
-// RepoRoot returns the root of the main module, found by walking up from
-// the working directory (the package dir under `go test`).
-func RepoRoot(t testing.TB) string {
-	t.Helper()
-	dir, err := os.Getwd()
-	if err != nil {
-		t.Fatalf("spiretest: getwd: %v", err)
-	}
-	for {
-		b, err := os.ReadFile(filepath.Join(dir, "go.mod"))
-		if err == nil && modulePath(b) == mainModule {
-			return dir
-		}
-		parent := filepath.Dir(dir)
-		if parent == dir {
-			t.Fatalf("spiretest: no go.mod for %s above the working directory", mainModule)
-		}
-		dir = parent
-	}
-}
-
-func modulePath(gomod []byte) string {
-	sc := bufio.NewScanner(bytes.NewReader(gomod))
-	for sc.Scan() {
-		f := strings.Fields(sc.Text())
-		if len(f) >= 2 && f[0] == "module" {
-			return strings.Trim(f[1], `"`)
-		}
-	}
-	return ""
-}
-
 // Binaries returns the paths of spire-server and spire-agent of the
 // primary line (V115), building them when needed (see the package comment).
 func Binaries(t testing.TB) (server, agent string) {
@@ -160,7 +126,7 @@ func Binaries(t testing.TB) (server, agent string) {
 // SPIRE_BIN_DIR/spire-1.15.
 func VersionBinaries(t testing.TB, version string) (server, agent string) {
 	t.Helper()
-	root := RepoRoot(t)
+	root := testhelp.RepoRoot(t)
 	dir := os.Getenv("SPIRE_BIN_DIR")
 	override := dir != ""
 	if !override {

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/noderesource/spiffe-oci-hook/test/spiretest"
+	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 const (
@@ -84,7 +85,7 @@ WantedBy=multi-user.target default.target
 // no identity.
 func TestSystemdNode(t *testing.T) {
 	skipUnlessNode(t)
-	root := spiretest.RepoRoot(t)
+	root := testhelp.RepoRoot(t)
 	for _, b := range []string{"spiffe-oci-hook", "spiffe-oci-refresher"} {
 		if _, err := os.Stat(filepath.Join(root, "bin", b)); err != nil {
 			t.Fatalf("bin/%s is missing: run make build (make test-systemd does)", b)

@@ -1,0 +1,137 @@
+// Package testhelp holds the small helpers that several test packages
+// used to carry copies of: polling for a condition, the repository root,
+// a tmpfs state directory, and summing a metric from the refresher's
+// exposition.
+//
+// It imports only the standard library and golang.org/x/sys, so that any
+// test can import it, in-package tests under internal/ included: an
+// import of this project's packages here could close an import cycle
+// (internal/record's own tests importing testhelp importing a package
+// that imports internal/record). Its name is not testutil, which
+// prometheus/client_golang's test helpers, imported beside it, already use.
+package testhelp
+
+import (
+	"bufio"
+	"bytes"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// mainModule is the module RepoRoot looks for: the repository also holds
+// the tools modules' go.mod files (test/spire, test/spire115, …).
+const mainModule = "github.com/noderesource/spiffe-oci-hook"
+
+// Eventually calls cond every 10 ms until it returns true, and fails t
+// if timeout passes first, naming what it waited for.
+func Eventually(t testing.TB, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	Poll{}.Eventually(t, timeout, what, cond)
+}
+
+// Poll is Eventually for a condition that costs more to check (a status
+// request, a scrape: Every) or whose failure is only understood with what
+// it saw (Explain).
+type Poll struct {
+	// Every is the pause between two calls of the condition; 10 ms if
+	// zero.
+	Every time.Duration
+	// Explain, if set, describes the state the condition last saw; a
+	// failure ends with it.
+	Explain func() string
+}
+
+// Eventually calls cond every p.Every until it returns true, and fails t
+// if timeout passes first. It returns how long it waited.
+func (p Poll) Eventually(t testing.TB, timeout time.Duration, what string, cond func() bool) time.Duration {
+	t.Helper()
+	every := p.Every
+	if every == 0 {
+		every = 10 * time.Millisecond
+	}
+	start := time.Now()
+	deadline := start.Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			msg := fmt.Sprintf("after %s, still waiting for: %s", timeout, what)
+			if p.Explain != nil {
+				msg += "; " + p.Explain()
+			}
+			t.Fatal(msg)
+		}
+		time.Sleep(every)
+	}
+	return time.Since(start)
+}
+
+// RepoRoot returns the root of the main module, found by walking up from
+// the working directory (the package directory under `go test`).
+func RepoRoot(t testing.TB) string {
+	t.Helper()
+	dir, err := os.Getwd()
+	if err != nil {
+		t.Fatalf("testhelp: getwd: %v", err)
+	}
+	for {
+		b, err := os.ReadFile(filepath.Join(dir, "go.mod"))
+		if err == nil && modulePath(b) == mainModule {
+			return dir
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			t.Fatalf("testhelp: no go.mod for %s above the working directory", mainModule)
+		}
+		dir = parent
+	}
+}
+
+func modulePath(gomod []byte) string {
+	sc := bufio.NewScanner(bytes.NewReader(gomod))
+	for sc.Scan() {
+		f := strings.Fields(sc.Text())
+		if len(f) >= 2 && f[0] == "module" {
+			return strings.Trim(f[1], `"`)
+		}
+	}
+	return ""
+}
+
+// MountTmpfs mounts a tmpfs at dir (created 0700 if missing) with the
+// mount data options ("size=4m", "mode=0700,size=64m": each caller's own,
+// since a state directory's size and root mode are part of what a test
+// sets up) and unmounts it when t ends. It needs root; callers skip
+// without it, each saying why it needs the mount.
+func MountTmpfs(t testing.TB, dir, options string) {
+	t.Helper()
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mount("tmpfs", dir, "tmpfs", 0, options); err != nil {
+		t.Fatalf("mounting tmpfs (%s) at %s: %v", options, dir, err)
+	}
+	t.Cleanup(func() { unix.Unmount(dir, unix.MNT_DETACH) })
+}
+
+// MetricSum adds up the samples of the labelled metric name in a
+// Prometheus text exposition (every label set), failing t on a value it
+// cannot read.
+func MetricSum(t testing.TB, exposition []byte, name string) float64 {
+	t.Helper()
+	var sum float64
+	for _, line := range strings.Split(string(exposition), "\n") {
+		if strings.HasPrefix(line, name+"{") {
+			var v float64
+			if _, err := fmt.Sscan(line[strings.LastIndexByte(line, ' ')+1:], &v); err != nil {
+				t.Fatalf("metrics line %q: %v", line, err)
+			}
+			sum += v
+		}
+	}
+	return sum
+}
