@@ -8,7 +8,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/noderesource/spiffe-oci-hook/internal/record"
+	"github.com/noderesource/spiffe-oci-hook/internal/statedir"
 )
 
 // criAnnotations are what containerd's CRI puts into a pod container's
@@ -67,7 +67,7 @@ func TestDroppedPodAnnotation(t *testing.T) {
 	if code != 0 || strings.Count(out, "\n") != 1 || !strings.Contains(out, "WITHOUT an identity") || !strings.Contains(out, "pod_annotations") {
 		t.Errorf("fail-open: exit %d, output:\n%s", code, out)
 	}
-	traces, err := record.Store{Dir: state}.FailOpens()
+	traces, err := statedir.Store{Dir: state}.FailOpens()
 	if err != nil || len(traces) != 1 || traces[0].ID != "ctr1" || traces[0].PID != os.Getpid() || !strings.Contains(traces[0].Error, "pod_annotations") {
 		t.Errorf("fail-open traces = %+v, %v; want ctr1's, with its pid and error", traces, err)
 	}

@@ -9,7 +9,7 @@ import (
 
 	"github.com/noderesource/spiffe-oci-hook/internal/cli"
 	"github.com/noderesource/spiffe-oci-hook/internal/config"
-	"github.com/noderesource/spiffe-oci-hook/internal/record"
+	"github.com/noderesource/spiffe-oci-hook/internal/statedir"
 	"github.com/noderesource/spiffe-oci-hook/internal/status"
 )
 
@@ -33,7 +33,7 @@ func runStatus(args []string, stdout, stderr io.Writer) int {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	running, err := status.Show(ctx, stdout, record.Store{Dir: cfg.StateDir}, cfg.StatusSocket())
+	running, err := status.Show(ctx, stdout, statedir.Store{Dir: cfg.StateDir}, cfg.StatusSocket())
 	if err != nil {
 		fmt.Fprintln(stderr, "spiffe-oci-refresher status:", err)
 		return 1

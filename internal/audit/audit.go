@@ -34,7 +34,7 @@ import (
 	"github.com/noderesource/spiffe-oci-hook/internal/logkey"
 	"github.com/noderesource/spiffe-oci-hook/internal/ocistate"
 	"github.com/noderesource/spiffe-oci-hook/internal/process"
-	"github.com/noderesource/spiffe-oci-hook/internal/record"
+	"github.com/noderesource/spiffe-oci-hook/internal/statedir"
 	"github.com/noderesource/spiffe-oci-hook/internal/status"
 )
 
@@ -57,15 +57,15 @@ const (
 // Auditor audits one node. Its methods are not safe for concurrent use:
 // the refresher runs one audit at a time.
 type Auditor struct {
-	Store    record.Store
+	Store    statedir.Store
 	Settings func() config.Audit
 	Log      *slog.Logger
 
-	cache      map[string]cached        // container state dir -> what it said
-	records    map[string]cachedRecord  // container ID -> its record
-	logged     map[string]bool          // unserved instances and unmatched annotations already logged
-	unmatched  map[string]int           // pod/annotation -> audits in a row it matched nothing
-	failOpen   map[record.FailOpen]bool // traces counted
+	cache      map[string]cached          // container state dir -> what it said
+	records    map[string]cachedRecord    // container ID -> its record
+	logged     map[string]bool            // unserved instances and unmatched annotations already logged
+	unmatched  map[string]int             // pod/annotation -> audits in a row it matched nothing
+	failOpen   map[statedir.FailOpen]bool // traces counted
 	failOpened uint64
 }
 
@@ -73,7 +73,7 @@ type cachedRecord struct {
 	mod  time.Time
 	size int64
 	ino  uint64
-	rec  record.Record
+	rec  statedir.Record
 }
 
 type cached struct {
@@ -84,9 +84,9 @@ type cached struct {
 }
 
 // New returns an auditor of the containers whose deliveries store records.
-func New(store record.Store, settings func() config.Audit, log *slog.Logger) *Auditor {
+func New(store statedir.Store, settings func() config.Audit, log *slog.Logger) *Auditor {
 	return &Auditor{Store: store, Settings: settings, Log: log,
-		cache: map[string]cached{}, records: map[string]cachedRecord{}, logged: map[string]bool{}, unmatched: map[string]int{}, failOpen: map[record.FailOpen]bool{}}
+		cache: map[string]cached{}, records: map[string]cachedRecord{}, logged: map[string]bool{}, unmatched: map[string]int{}, failOpen: map[statedir.FailOpen]bool{}}
 }
 
 // running is a container found running, with what the audit knows of it.
@@ -250,7 +250,7 @@ func stateStat(dir string) os.FileInfo {
 // has no delivery, why not as far as can be told. A containerd container
 // whose spec does not say and whose pod could not be read from a CRI
 // (criErrs) may have asked: it is checked too, and reported as such.
-func (a *Auditor) check(r running, pods map[string]pod, criErrs []string, traces []record.FailOpen) (*status.Unserved, bool) {
+func (a *Auditor) check(r running, pods map[string]pod, criErrs []string, traces []statedir.FailOpen) (*status.Unserved, bool) {
 	asks := r.Asks
 	viaPod, unknown := false, false
 	if r.Annotations[annotations.ContainerdContainerType] == annotations.ContainerdTypeContainer && !asks.Any {
@@ -311,11 +311,11 @@ func (a *Auditor) check(r running, pods map[string]pod, criErrs []string, traces
 
 // record reads container id's record, again only when its file changed:
 // most audits find every record as they left it.
-func (a *Auditor) record(id string) (record.Record, error) {
+func (a *Auditor) record(id string) (statedir.Record, error) {
 	st, err := os.Stat(a.Store.RecordPath(id))
 	if err != nil {
 		delete(a.records, id)
-		return record.Record{}, err
+		return statedir.Record{}, err
 	}
 	if c, ok := a.records[id]; ok && c.mod.Equal(st.ModTime()) && c.size == st.Size() && c.ino == inode(st) {
 		return c.rec, nil
@@ -325,7 +325,7 @@ func (a *Auditor) record(id string) (record.Record, error) {
 		return rec, err
 	}
 	// Only what the check needs is kept.
-	rec = record.Record{ID: rec.ID, PID: rec.PID, StartTime: rec.StartTime}
+	rec = statedir.Record{ID: rec.ID, PID: rec.PID, StartTime: rec.StartTime}
 	a.records[id] = cachedRecord{mod: st.ModTime(), size: st.Size(), ino: inode(st), rec: rec}
 	return rec, nil
 }
@@ -389,10 +389,10 @@ func (a *Auditor) unmatchedNames(podAsks map[string]podNames, names map[string][
 }
 
 // countFailOpen counts the fail-open traces not seen before.
-func (a *Auditor) countFailOpen(traces []record.FailOpen) {
-	now := map[record.FailOpen]bool{}
+func (a *Auditor) countFailOpen(traces []statedir.FailOpen) {
+	now := map[statedir.FailOpen]bool{}
 	for _, f := range traces {
-		k := record.FailOpen{ID: f.ID, PID: f.PID, StartTime: f.StartTime}
+		k := statedir.FailOpen{ID: f.ID, PID: f.PID, StartTime: f.StartTime}
 		if !a.failOpen[k] {
 			a.failOpened++
 		}
@@ -429,7 +429,7 @@ func (a *Auditor) logFindings(rep status.Audit) {
 	a.logged = now
 }
 
-func failOpenTrace(traces []record.FailOpen, r running) *record.FailOpen {
+func failOpenTrace(traces []statedir.FailOpen, r running) *statedir.FailOpen {
 	for i, f := range traces {
 		if f.ID == r.ID && f.PID == r.PID && (f.StartTime == 0 || f.StartTime == r.start) {
 			return &traces[i]

@@ -24,7 +24,7 @@ import (
 	"github.com/noderesource/spiffe-oci-hook/internal/annotations"
 	"github.com/noderesource/spiffe-oci-hook/internal/config"
 	"github.com/noderesource/spiffe-oci-hook/internal/process"
-	"github.com/noderesource/spiffe-oci-hook/internal/record"
+	"github.com/noderesource/spiffe-oci-hook/internal/statedir"
 	"github.com/noderesource/spiffe-oci-hook/internal/status"
 	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
@@ -40,7 +40,7 @@ type node struct {
 	statePad string
 	dir      string
 	root     string // runc --root
-	store    record.Store
+	store    statedir.Store
 	logs     bytes.Buffer
 	cri      []string
 }
@@ -57,7 +57,7 @@ func newNode(t testing.TB) *node {
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	state := filepath.Join(dir, "state")
 	testhelp.MountTmpfs(t, state, "size=16m")
-	n := &node{t: t, dir: dir, root: filepath.Join(dir, "runc"), store: record.Store{Dir: state}}
+	n := &node{t: t, dir: dir, root: filepath.Join(dir, "runc"), store: statedir.Store{Dir: state}}
 	os.MkdirAll(n.root, 0o700)
 	if err := n.store.Init(); err != nil {
 		t.Fatal(err)
@@ -111,7 +111,7 @@ func (n *node) container(id string, ann map[string]string, hook bool, created bo
 func (n *node) serve(c *ctr) {
 	n.t.Helper()
 	st, _ := process.StartTime(c.pid)
-	if err := n.store.Save(record.Record{ID: c.id, PID: c.pid, StartTime: st}); err != nil {
+	if err := n.store.Save(statedir.Record{ID: c.id, PID: c.pid, StartTime: st}); err != nil {
 		n.t.Fatal(err)
 	}
 }
@@ -155,7 +155,7 @@ func TestAuditCauses(t *testing.T) {
 	n.container("norecord", map[string]string{annotations.Key: "- cert_dir: /certs\n"}, true, false)
 	fo := n.container("failopen", crio("sb4", "cache", "app", asks), true, false)
 	st, _ := process.StartTime(fo.pid)
-	n.store.SaveFailOpen(record.FailOpen{ID: "failopen", PID: fo.pid, StartTime: st, Error: "agent unreachable", Time: time.Now()})
+	n.store.SaveFailOpen(statedir.FailOpen{ID: "failopen", PID: fo.pid, StartTime: st, Error: "agent unreachable", Time: time.Now()})
 	n.container("creating", crio("sb5", "new", "app", asks), true, true)
 	n.container("infra", map[string]string{crioSandboxID: "sb2", crioType: "sandbox", annotations.Key: "- cert_dir: /certs\n"}, false, false)
 	n.container("podman", map[string]string{podmanManager: podmanLibpod, annotations.Key: "- cert_dir: /certs\n"}, false, false)

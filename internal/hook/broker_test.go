@@ -23,7 +23,7 @@ import (
 	"github.com/noderesource/spiffe-oci-hook/internal/brokersvid"
 	"github.com/noderesource/spiffe-oci-hook/internal/config"
 	"github.com/noderesource/spiffe-oci-hook/internal/files"
-	"github.com/noderesource/spiffe-oci-hook/internal/record"
+	"github.com/noderesource/spiffe-oci-hook/internal/statedir"
 	"github.com/noderesource/spiffe-oci-hook/test/fakeagent"
 )
 
@@ -94,7 +94,7 @@ func (n *fakeNode) writeBrokerSVID(t *testing.T, ttl time.Duration) {
 // nothingDelivered checks that a failed Create left no record behind.
 func (n *fakeNode) nothingDelivered(t *testing.T) {
 	t.Helper()
-	if _, err := (record.Store{Dir: n.cfg.StateDir}).Load("c1"); !errors.Is(err, os.ErrNotExist) {
+	if _, err := (statedir.Store{Dir: n.cfg.StateDir}).Load("c1"); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("a record exists after a failed delivery (%v)", err)
 	}
 }
@@ -110,14 +110,14 @@ func TestBrokerCreate(t *testing.T) {
 	if err := h.Create(context.Background(), n.req); err != nil {
 		t.Fatal(err)
 	}
-	rec, err := record.Store{Dir: n.cfg.StateDir}.Load("c1")
+	rec, err := statedir.Store{Dir: n.cfg.StateDir}.Load("c1")
 	if err != nil {
 		t.Fatal(err)
 	}
 	if rec.AgentSocket != n.broker || rec.Deliveries[0].Delivered != "spiffe://example.org/web" {
 		t.Fatalf("record names agent %s, identity %s", rec.AgentSocket, rec.Deliveries[0].Delivered)
 	}
-	fs, err := files.Read(record.Store{Dir: n.cfg.StateDir}.DeliveryDir("c1", 0), "svid.pem", "svid_key.pem", "svid_bundle.pem", "db.token", "jwt_bundle.json")
+	fs, err := files.Read(statedir.Store{Dir: n.cfg.StateDir}.DeliveryDir("c1", 0), "svid.pem", "svid_key.pem", "svid_bundle.pem", "db.token", "jwt_bundle.json")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -209,11 +209,11 @@ func TestCreateWaitsForEntry(t *testing.T) {
 			if err := h.Create(context.Background(), n.req); err != nil {
 				t.Fatal(err)
 			}
-			rec, err := record.Store{Dir: n.cfg.StateDir}.Load("c1")
+			rec, err := statedir.Store{Dir: n.cfg.StateDir}.Load("c1")
 			if err != nil || rec.Deliveries[0].Delivered != web.String() {
 				t.Fatalf("record %+v, %v: want %s delivered", rec, err, web)
 			}
-			token, err := os.ReadFile(filepath.Join(record.Store{Dir: n.cfg.StateDir}.DeliveryDir("c1", 0), "db.token"))
+			token, err := os.ReadFile(filepath.Join(statedir.Store{Dir: n.cfg.StateDir}.DeliveryDir("c1", 0), "db.token"))
 			if err != nil || len(token) == 0 {
 				t.Fatalf("JWT-SVID not delivered after the wait: %v", err)
 			}

@@ -15,7 +15,7 @@ import (
 
 	"github.com/noderesource/spiffe-oci-hook/internal/annotations"
 	"github.com/noderesource/spiffe-oci-hook/internal/config"
-	"github.com/noderesource/spiffe-oci-hook/internal/record"
+	"github.com/noderesource/spiffe-oci-hook/internal/statedir"
 	"github.com/noderesource/spiffe-oci-hook/test/fakeagent"
 )
 
@@ -59,7 +59,7 @@ func TestStateBudget(t *testing.T) {
 		return h.Create(context.Background(), req)
 	}
 
-	store := record.Store{Dir: state}
+	store := statedir.Store{Dir: state}
 	// A container well under the budget is served. It holds one
 	// generation of its files now; the refresher's first rewrite adds
 	// the second, which its reservation counts already.

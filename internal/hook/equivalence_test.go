@@ -23,7 +23,7 @@ import (
 	"github.com/noderesource/spiffe-oci-hook/internal/annotations"
 	"github.com/noderesource/spiffe-oci-hook/internal/config"
 	"github.com/noderesource/spiffe-oci-hook/internal/files"
-	"github.com/noderesource/spiffe-oci-hook/internal/record"
+	"github.com/noderesource/spiffe-oci-hook/internal/statedir"
 	"github.com/noderesource/spiffe-oci-hook/test/fakeagent"
 )
 
@@ -202,7 +202,7 @@ func (c equivCase) run(t *testing.T) {
 	if err := (&Hook{Config: cfg}).Create(context.Background(), req); err != nil {
 		t.Fatal(err)
 	}
-	store := record.Store{Dir: state}
+	store := statedir.Store{Dir: state}
 	first, firstData := describeDeliveries(t, store, "c", len(req.Deliveries))
 	if got := slices.Sorted(maps.Keys(first)); !slices.Equal(got, slices.Sorted(slices.Values(c.files))) {
 		t.Fatalf("the hook wrote %q, want %q", got, c.files)
@@ -268,7 +268,7 @@ func (f fileDesc) String() string {
 // describeDeliveries describes the current generation of each of
 // container id's n delivery directories, by "<delivery>/<name>", and
 // returns each file's content.
-func describeDeliveries(t *testing.T, store record.Store, id string, n int) (map[string]fileDesc, map[string][]byte) {
+func describeDeliveries(t *testing.T, store statedir.Store, id string, n int) (map[string]fileDesc, map[string][]byte) {
 	t.Helper()
 	desc, data := map[string]fileDesc{}, map[string][]byte{}
 	for i := range n {
@@ -423,7 +423,7 @@ func rotates(data []byte) string {
 
 // waitRotation waits until every file of first that holds material of
 // the kinds given has new content, and describes the deliveries then.
-func waitRotation(t *testing.T, store record.Store, id string, n int, first map[string][]byte, kinds ...string) (map[string]fileDesc, map[string][]byte) {
+func waitRotation(t *testing.T, store statedir.Store, id string, n int, first map[string][]byte, kinds ...string) (map[string]fileDesc, map[string][]byte) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for {

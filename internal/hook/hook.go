@@ -22,8 +22,8 @@ import (
 	"github.com/noderesource/spiffe-oci-hook/internal/mount"
 	"github.com/noderesource/spiffe-oci-hook/internal/ocistate"
 	"github.com/noderesource/spiffe-oci-hook/internal/process"
-	"github.com/noderesource/spiffe-oci-hook/internal/record"
 	"github.com/noderesource/spiffe-oci-hook/internal/render"
+	"github.com/noderesource/spiffe-oci-hook/internal/statedir"
 	"github.com/noderesource/spiffe-oci-hook/internal/userns"
 )
 
@@ -165,7 +165,7 @@ func (h *Hook) Create(ctx context.Context, req *Request) (err error) {
 	// Runs twice for one container (CRI-O registering prestart and
 	// createRuntime, or the NRI plugin and hook-injector both injecting):
 	// the first run delivered, mounted and recorded; do not mount again.
-	store := record.Store{Dir: h.Config.StateDir}
+	store := statedir.Store{Dir: h.Config.StateDir}
 	if rec, err := store.Load(id); err == nil && rec.PID == proc.PID && rec.StartTime == proc.StartTime {
 		return nil
 	}
@@ -243,7 +243,7 @@ func (h *Hook) Create(ctx context.Context, req *Request) (err error) {
 	}
 
 	rootfs := ocistate.RootfsPath(req.State.Bundle, req.Spec)
-	rec := record.Record{
+	rec := statedir.Record{
 		ID:          id,
 		PID:         proc.PID,
 		StartTime:   proc.StartTime,
@@ -269,7 +269,7 @@ func (h *Hook) Create(ctx context.Context, req *Request) (err error) {
 		if err != nil {
 			return fmt.Errorf("annotation %s: delivery %d: %w", req.Key, i, err)
 		}
-		rd := record.Delivery{Delivery: d, Delivered: svid.ID.String()}
+		rd := statedir.Delivery{Delivery: d, Delivered: svid.ID.String()}
 		fs, err := render.Delivery(d, render.Input{SVID: svid, Bundles: bundles, FederatesWith: update.FederatesWith, JWT: jwt, JWTBundles: jwtBundles})
 		// A JWT file's error does not say which delivery it is of.
 		if jerr := (*render.JWTError)(nil); errors.As(err, &jerr) {
@@ -284,7 +284,7 @@ func (h *Hook) Create(ctx context.Context, req *Request) (err error) {
 		rendered[i] = fs
 		rec.Deliveries = append(rec.Deliveries, rd)
 	}
-	if err := h.write(store, id, req.Key, record.Footprint(sizes), func() error {
+	if err := h.write(store, id, req.Key, statedir.Footprint(sizes), func() error {
 		for i, fs := range rendered {
 			if err := writer.Write(store.DeliveryDir(id, i), fs, owner); err != nil {
 				return err
@@ -309,7 +309,7 @@ func (h *Hook) Create(ctx context.Context, req *Request) (err error) {
 // refresher would outgrow its memory limit and stop rotating for every
 // container on the node. The check and the write hold the node-wide
 // budget lock, so that two hooks never both take the last room.
-func (h *Hook) write(store record.Store, id, key string, need int64, write func() error) error {
+func (h *Hook) write(store statedir.Store, id, key string, need int64, write func() error) error {
 	lock, err := store.LockBudget()
 	if err != nil {
 		return err
@@ -355,7 +355,7 @@ func (h *Hook) CheckRefresher(now time.Time) error {
 	if !h.Config.RequireRefresher {
 		return nil
 	}
-	last, err := record.Store{Dir: h.Config.StateDir}.LastHeartbeat()
+	last, err := statedir.Store{Dir: h.Config.StateDir}.LastHeartbeat()
 	switch {
 	case errors.Is(err, os.ErrNotExist):
 		return fmt.Errorf("no spiffe-oci-refresher has served this node yet (require_refresher: true): %s", refresherHint)
@@ -406,7 +406,7 @@ func (h *Hook) fetchJWT(ctx context.Context, client *agent.Client, pid int, ds [
 
 // Poststop forgets container id: its record and files.
 func (h *Hook) Poststop(id string) error {
-	return record.Store{Dir: h.Config.StateDir}.Remove(id)
+	return statedir.Store{Dir: h.Config.StateDir}.Remove(id)
 }
 
 // FailOpen leaves the trace of a container let start without its identity
@@ -414,11 +414,11 @@ func (h *Hook) Poststop(id string) error {
 // refresher's audit counts and reports it: the runtime drops a successful
 // hook's output. Poststop removes it with the rest of the container's state.
 func (h *Hook) FailOpen(state *specs.State, cause error) {
-	f := record.FailOpen{ID: state.ID, PID: state.Pid, Error: cause.Error(), Time: time.Now().UTC()}
+	f := statedir.FailOpen{ID: state.ID, PID: state.Pid, Error: cause.Error(), Time: time.Now().UTC()}
 	if state.Pid > 0 {
 		f.StartTime, _ = process.StartTime(state.Pid)
 	}
-	if err := (record.Store{Dir: h.Config.StateDir}).SaveFailOpen(f); err != nil {
+	if err := (statedir.Store{Dir: h.Config.StateDir}).SaveFailOpen(f); err != nil {
 		h.log().Warn("recording the fail-open start for the refresher's audit", logkey.Container, state.ID, logkey.Error, err)
 	}
 }

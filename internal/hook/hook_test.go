@@ -22,8 +22,8 @@ import (
 	"github.com/noderesource/spiffe-oci-hook/internal/annotations"
 	"github.com/noderesource/spiffe-oci-hook/internal/config"
 	"github.com/noderesource/spiffe-oci-hook/internal/files"
-	"github.com/noderesource/spiffe-oci-hook/internal/record"
 	"github.com/noderesource/spiffe-oci-hook/internal/refresh"
+	"github.com/noderesource/spiffe-oci-hook/internal/statedir"
 	"github.com/noderesource/spiffe-oci-hook/test/fakeagent"
 )
 
@@ -104,7 +104,7 @@ func TestMountLabelSeam(t *testing.T) {
 	if err := h.Create(context.Background(), req); err != nil {
 		t.Fatal(err)
 	}
-	delivery := record.Store{Dir: state}.DeliveryDir("labelled", 0)
+	delivery := statedir.Store{Dir: state}.DeliveryDir("labelled", 0)
 	gen1, _ := os.Readlink(filepath.Join(delivery, files.DataLink))
 	const ownTD = "example.org.trust-bundle.pem"
 	want := []string{"", gen1, gen1 + "/svid.pem", gen1 + "/svid_key.pem", gen1 + "/svid_bundle.pem", gen1 + "/" + ownTD,

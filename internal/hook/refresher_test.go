@@ -11,7 +11,7 @@ import (
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
 	"github.com/noderesource/spiffe-oci-hook/internal/config"
-	"github.com/noderesource/spiffe-oci-hook/internal/record"
+	"github.com/noderesource/spiffe-oci-hook/internal/statedir"
 )
 
 // TestCheckRefresher: with require_refresher, a container is refused when
@@ -19,7 +19,7 @@ import (
 // refresher_grace, and accepted within it; without it, nothing is read.
 func TestCheckRefresher(t *testing.T) {
 	state := t.TempDir()
-	store := record.Store{Dir: state}
+	store := statedir.Store{Dir: state}
 	cfg := config.Default()
 	cfg.StateDir = state
 	cfg.RefresherGrace = time.Minute

@@ -21,8 +21,8 @@ import (
 	"github.com/noderesource/spiffe-oci-hook/internal/files"
 	"github.com/noderesource/spiffe-oci-hook/internal/logkey"
 	"github.com/noderesource/spiffe-oci-hook/internal/process"
-	"github.com/noderesource/spiffe-oci-hook/internal/record"
 	"github.com/noderesource/spiffe-oci-hook/internal/render"
+	"github.com/noderesource/spiffe-oci-hook/internal/statedir"
 )
 
 // container is one served container. One goroutine serves it: run, which
@@ -31,7 +31,7 @@ import (
 // the passes one at a time.
 type container struct {
 	r     *Refresher
-	rec   record.Record
+	rec   statedir.Record
 	proc  *process.Process
 	agent *agentConn
 
@@ -68,7 +68,7 @@ type container struct {
 	view       view   // for Report (status.go)
 }
 
-func newContainer(ctx context.Context, r *Refresher, rec record.Record, proc *process.Process, a *agentConn) *container {
+func newContainer(ctx context.Context, r *Refresher, rec statedir.Record, proc *process.Process, a *agentConn) *container {
 	ctx, cancel := context.WithCancel(ctx)
 	c := &container{
 		r:         r,
@@ -386,7 +386,7 @@ func (c *container) writeLocked(dir string, fs []files.File) error {
 }
 
 // sameInstance reports whether rec names the instance c serves.
-func (c *container) sameInstance(rec record.Record) bool {
+func (c *container) sameInstance(rec statedir.Record) bool {
 	return c.rec.PID == rec.PID && c.rec.StartTime == rec.StartTime
 }
 

@@ -11,7 +11,7 @@ import (
 	"github.com/noderesource/spiffe-oci-hook/internal/annotations"
 	"github.com/noderesource/spiffe-oci-hook/internal/files"
 	"github.com/noderesource/spiffe-oci-hook/internal/logkey"
-	"github.com/noderesource/spiffe-oci-hook/internal/record"
+	"github.com/noderesource/spiffe-oci-hook/internal/statedir"
 )
 
 // JWT-SVIDs do not stream: the refresher asks for them again. It asks at
@@ -117,7 +117,7 @@ func (g generation) File(name string, mode os.FileMode) (files.File, error) {
 	return files.File{Name: name, Data: cur[name], Mode: mode}, nil
 }
 
-func recordDeliveries(rec record.Record) []annotations.Delivery {
+func recordDeliveries(rec statedir.Record) []annotations.Delivery {
 	ds := make([]annotations.Delivery, len(rec.Deliveries))
 	for i, d := range rec.Deliveries {
 		ds[i] = d.Delivery
@@ -126,7 +126,7 @@ func recordDeliveries(rec record.Record) []annotations.Delivery {
 }
 
 // wantsJWTBundles reports whether any delivery of rec writes JWT bundles.
-func wantsJWTBundles(rec record.Record) bool {
+func wantsJWTBundles(rec statedir.Record) bool {
 	_, bundles := annotations.JWTRequests(recordDeliveries(rec))
 	return bundles
 }

@@ -2,7 +2,7 @@
 // container the hook served supplied with fresh SVIDs and bundles for as
 // long as the container lives, and forgets it when it exits.
 //
-// The state directory is its only memory (package record): at start it
+// The state directory is its only memory (package statedir): at start it
 // scans the records, then follows them with inotify and a periodic rescan,
 // so it survives its own restarts and never needs the hook to reach it.
 // For each agent socket it holds one bundle stream; for each container a
@@ -33,7 +33,7 @@ import (
 	"github.com/noderesource/spiffe-oci-hook/internal/logkey"
 	"github.com/noderesource/spiffe-oci-hook/internal/metrics"
 	"github.com/noderesource/spiffe-oci-hook/internal/process"
-	"github.com/noderesource/spiffe-oci-hook/internal/record"
+	"github.com/noderesource/spiffe-oci-hook/internal/statedir"
 	"github.com/noderesource/spiffe-oci-hook/internal/status"
 )
 
@@ -45,7 +45,7 @@ const orphanAge = 2 * time.Minute
 // Refresher keeps the containers of one state directory fresh.
 type Refresher struct {
 	cfg   config.Config
-	store record.Store
+	store statedir.Store
 	log   *slog.Logger
 	// Writer writes every generation; tests and SELinux set its Labeler.
 	Writer files.Writer
@@ -124,7 +124,7 @@ func New(cfg config.Config, log *slog.Logger) *Refresher {
 	r := &Refresher{
 		hooks:      noHooks(),
 		cfg:        cfg,
-		store:      record.Store{Dir: cfg.StateDir},
+		store:      statedir.Store{Dir: cfg.StateDir},
 		log:        log,
 		containers: map[string]*container{},
 		agents:     map[string]*agentConn{},
@@ -244,7 +244,7 @@ func (r *Refresher) Run(ctx context.Context, ready func()) error {
 			if !ok {
 				return errors.New("inotify watcher closed")
 			}
-			id, ok := record.IDFromFileName(filepath.Base(ev.Name))
+			id, ok := statedir.IDFromFileName(filepath.Base(ev.Name))
 			if !ok {
 				continue
 			}
@@ -414,8 +414,8 @@ func (r *Refresher) forgetInstance(c *container, why string) {
 }
 
 // removeInstance deletes the state of the instance rec names, unless the
-// ID's record names another instance by now (record.RemoveInstance).
-func (r *Refresher) removeInstance(rec record.Record, why string) {
+// ID's record names another instance by now (statedir.RemoveInstance).
+func (r *Refresher) removeInstance(rec statedir.Record, why string) {
 	removed, err := r.store.RemoveInstance(rec.ID, rec.PID, rec.StartTime)
 	if err != nil {
 		r.log.Error("removing container state", logkey.Container, rec.ID, logkey.Error, err)

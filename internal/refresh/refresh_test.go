@@ -25,8 +25,8 @@ import (
 	"github.com/noderesource/spiffe-oci-hook/internal/files"
 	"github.com/noderesource/spiffe-oci-hook/internal/metrics"
 	"github.com/noderesource/spiffe-oci-hook/internal/process"
-	"github.com/noderesource/spiffe-oci-hook/internal/record"
 	"github.com/noderesource/spiffe-oci-hook/internal/render"
+	"github.com/noderesource/spiffe-oci-hook/internal/statedir"
 	"github.com/noderesource/spiffe-oci-hook/test/fakeagent"
 	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
@@ -41,7 +41,7 @@ type node struct {
 	socket string
 	agent  *fakeagent.Agent
 	cfg    config.Config
-	store  record.Store
+	store  statedir.Store
 	logs   *syncBuffer
 }
 
@@ -70,7 +70,7 @@ func newNode(t *testing.T) *node {
 	n.cfg.Refresher.BackoffMin = 50 * time.Millisecond
 	n.cfg.Refresher.BackoffMax = 500 * time.Millisecond
 	n.cfg.Refresher.RescanInterval = time.Second
-	n.store = record.Store{Dir: state}
+	n.store = statedir.Store{Dir: state}
 	if err := n.store.Init(); err != nil {
 		t.Fatal(err)
 	}
@@ -135,7 +135,7 @@ func (n *node) deliverInstance(id string, pid int, waitStreams bool, ad annotati
 		}
 		in.JWTBundles = in.JWT.Bundles
 	}
-	d := record.Delivery{Delivery: ad, Delivered: update.SVIDs[0].ID.String()}
+	d := statedir.Delivery{Delivery: ad, Delivered: update.SVIDs[0].ID.String()}
 	fs, err := render.Delivery(ad, in)
 	if err != nil {
 		n.t.Fatal(err)
@@ -144,7 +144,7 @@ func (n *node) deliverInstance(id string, pid int, waitStreams bool, ad annotati
 	if err := (files.Writer{}).Write(n.store.DeliveryDir(id, 0), fs, files.Owner{UID: 1000, GID: 1000}); err != nil {
 		n.t.Fatal(err)
 	}
-	rec := record.Record{ID: id, PID: pid, StartTime: proc.StartTime, AgentSocket: n.socket, Owner: files.Owner{UID: 1000, GID: 1000}, Deliveries: []record.Delivery{d}}
+	rec := statedir.Record{ID: id, PID: pid, StartTime: proc.StartTime, AgentSocket: n.socket, Owner: files.Owner{UID: 1000, GID: 1000}, Deliveries: []statedir.Delivery{d}}
 	if err := n.store.Save(rec); err != nil {
 		n.t.Fatal(err)
 	}

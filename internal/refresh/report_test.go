@@ -21,7 +21,7 @@ import (
 
 	"github.com/noderesource/spiffe-oci-hook/internal/agent"
 	"github.com/noderesource/spiffe-oci-hook/internal/metrics"
-	"github.com/noderesource/spiffe-oci-hook/internal/record"
+	"github.com/noderesource/spiffe-oci-hook/internal/statedir"
 	"github.com/noderesource/spiffe-oci-hook/internal/status"
 	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
@@ -101,7 +101,7 @@ func TestReportAndMetrics(t *testing.T) {
 	testhelp.Eventually(t, 10*time.Second, "ready after the agent's return", func() bool { ok, _ := r.Report().Ready(); return ok })
 }
 
-func mustLoad(t *testing.T, n *node, id string) record.Record {
+func mustLoad(t *testing.T, n *node, id string) statedir.Record {
 	t.Helper()
 	rec, err := n.store.Load(id)
 	if err != nil {

@@ -11,14 +11,14 @@ import (
 
 	"github.com/noderesource/spiffe-oci-hook/internal/annotations"
 	"github.com/noderesource/spiffe-oci-hook/internal/files"
-	"github.com/noderesource/spiffe-oci-hook/internal/record"
 	"github.com/noderesource/spiffe-oci-hook/internal/render"
+	"github.com/noderesource/spiffe-oci-hook/internal/statedir"
 )
 
 // ReadDelivery reads delivery i of rec from the state directory: the
 // leaf certificate of its current generation and when that generation
 // was put in place (the "..data" swap).
-func ReadDelivery(store record.Store, rec record.Record, i int) (leaf *x509.Certificate, written time.Time, err error) {
+func ReadDelivery(store statedir.Store, rec statedir.Record, i int) (leaf *x509.Certificate, written time.Time, err error) {
 	dir := store.DeliveryDir(rec.ID, i)
 	// The leaf is the first certificate of the SVID file or, in a layout
 	// that has none (spiffe-fs), of the credential bundle, where it follows
@@ -59,7 +59,7 @@ func ReadDelivery(store record.Store, rec record.Record, i int) (leaf *x509.Cert
 
 // FromDisk is container rec's report line as the state directory alone
 // tells it: what the status command shows when the refresher is down.
-func FromDisk(store record.Store, rec record.Record) Container {
+func FromDisk(store statedir.Store, rec statedir.Record) Container {
 	c := Container{ID: rec.ID, PID: rec.PID}
 	var errs []error
 	for i, d := range rec.Deliveries {

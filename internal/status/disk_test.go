@@ -14,8 +14,8 @@ import (
 
 	"github.com/noderesource/spiffe-oci-hook/internal/annotations"
 	"github.com/noderesource/spiffe-oci-hook/internal/files"
-	"github.com/noderesource/spiffe-oci-hook/internal/record"
 	"github.com/noderesource/spiffe-oci-hook/internal/render"
+	"github.com/noderesource/spiffe-oci-hook/internal/statedir"
 )
 
 // TestReadDeliveryLayouts: status reads the leaf from svid.pem, and from
@@ -48,8 +48,8 @@ func TestReadDeliveryLayouts(t *testing.T) {
 		{"spiffe-fs", annotations.Delivery{Layout: annotations.LayoutSPIFFEFS}, files.File{Name: annotations.SPIFFEFSCredentialBundle, Data: render.CredentialBundle(keyPEM, certPEM), Mode: files.KeyMode}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			store := record.Store{Dir: t.TempDir()}
-			rec := record.Record{ID: "c1", Deliveries: []record.Delivery{{Delivery: tc.d}}}
+			store := statedir.Store{Dir: t.TempDir()}
+			rec := statedir.Record{ID: "c1", Deliveries: []statedir.Delivery{{Delivery: tc.d}}}
 			dir := store.DeliveryDir(rec.ID, 0)
 			if err := os.MkdirAll(store.ContainerDir(rec.ID), 0o700); err != nil {
 				t.Fatal(err)

@@ -8,7 +8,7 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/noderesource/spiffe-oci-hook/internal/record"
+	"github.com/noderesource/spiffe-oci-hook/internal/statedir"
 )
 
 // Show writes the status command's output: one line about the refresher,
@@ -16,7 +16,7 @@ import (
 // directory. The running refresher tells each container's error and what
 // it last wrote; when it is down, the state directory alone does, and the
 // first line says so. It returns whether the refresher answered.
-func Show(ctx context.Context, w io.Writer, store record.Store, socket string) (running bool, err error) {
+func Show(ctx context.Context, w io.Writer, store statedir.Store, socket string) (running bool, err error) {
 	rep, repErr := NewClient(socket).Report(ctx)
 	running = repErr == nil
 	served := map[string]Container{}

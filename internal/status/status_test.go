@@ -8,7 +8,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/noderesource/spiffe-oci-hook/internal/record"
+	"github.com/noderesource/spiffe-oci-hook/internal/statedir"
 )
 
 func TestReady(t *testing.T) {
@@ -36,7 +36,7 @@ func TestReady(t *testing.T) {
 func TestShowDown(t *testing.T) {
 	dir := t.TempDir()
 	var out bytes.Buffer
-	running, err := Show(context.Background(), &out, record.Store{Dir: dir}, filepath.Join(dir, "refresher.sock"))
+	running, err := Show(context.Background(), &out, statedir.Store{Dir: dir}, filepath.Join(dir, "refresher.sock"))
 	if err != nil || running {
 		t.Fatalf("Show() = %v, %v", running, err)
 	}

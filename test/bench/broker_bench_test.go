@@ -12,7 +12,7 @@ import (
 
 	"github.com/noderesource/spiffe-oci-hook/internal/brokersvid"
 	"github.com/noderesource/spiffe-oci-hook/internal/files"
-	"github.com/noderesource/spiffe-oci-hook/internal/record"
+	"github.com/noderesource/spiffe-oci-hook/internal/statedir"
 	"github.com/noderesource/spiffe-oci-hook/test/spiretest"
 
 	"github.com/noderesource/spiffe-oci-hook/test/benchmd"
@@ -78,7 +78,7 @@ func TestBenchBrokerAPI(t *testing.T) {
 	os.MkdirAll(oneshot, 0o755)
 	helperConf := filepath.Join(dir, "helper.conf")
 	writeFile(t, helperConf, helperConfig(s.WorkloadSocket, oneshot, false))
-	store := record.Store{Dir: stateDir}
+	store := statedir.Store{Dir: stateDir}
 
 	seq := 0
 	run := func(name string) (string, time.Duration) {

@@ -18,7 +18,7 @@ import (
 	"github.com/noderesource/spiffe-oci-hook/internal/annotations"
 	"github.com/noderesource/spiffe-oci-hook/internal/config"
 	"github.com/noderesource/spiffe-oci-hook/internal/hook"
-	"github.com/noderesource/spiffe-oci-hook/internal/record"
+	"github.com/noderesource/spiffe-oci-hook/internal/statedir"
 	"github.com/noderesource/spiffe-oci-hook/test/fakeagent"
 
 	"github.com/noderesource/spiffe-oci-hook/test/benchmd"
@@ -91,7 +91,7 @@ func TestBenchStateBudget(t *testing.T) {
 	cfg.StateDir = state
 	cfg.StateBudgetMiB = budget
 	h := &hook.Hook{Config: cfg}
-	store := record.Store{Dir: state}
+	store := statedir.Store{Dir: state}
 	var dirs []string
 	var refusal error
 	n := 0

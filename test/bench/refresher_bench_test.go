@@ -23,8 +23,8 @@ import (
 	"github.com/noderesource/spiffe-oci-hook/internal/annotations"
 	"github.com/noderesource/spiffe-oci-hook/internal/files"
 	"github.com/noderesource/spiffe-oci-hook/internal/process"
-	"github.com/noderesource/spiffe-oci-hook/internal/record"
 	"github.com/noderesource/spiffe-oci-hook/internal/render"
+	"github.com/noderesource/spiffe-oci-hook/internal/statedir"
 	"github.com/noderesource/spiffe-oci-hook/test/fakeagent"
 	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
@@ -54,7 +54,7 @@ func benchRefresher(t *testing.T, b bins, n int, res *results) scaleResult {
 	t.Cleanup(fake.Stop)
 	workload := spiffeid.RequireFromString(workloadID)
 	fake.Default = []spiffeid.ID{workload}
-	store := record.Store{Dir: state}
+	store := statedir.Store{Dir: state}
 	if err := store.Init(); err != nil {
 		t.Fatal(err)
 	}
@@ -87,7 +87,7 @@ func benchRefresher(t *testing.T, b bins, n int, res *results) scaleResult {
 	if err != nil {
 		t.Fatal(err)
 	}
-	d := record.Delivery{Delivery: ds[0], Delivered: update.SVIDs[0].ID.String()}
+	d := statedir.Delivery{Delivery: ds[0], Delivered: update.SVIDs[0].ID.String()}
 	fs, err := render.Delivery(ds[0], render.Input{SVID: update.SVIDs[0], Bundles: bundles})
 	if err != nil {
 		t.Fatal(err)
@@ -105,7 +105,7 @@ func benchRefresher(t *testing.T, b bins, n int, res *results) scaleResult {
 		if err := (files.Writer{}).Write(dirs[i], fs, files.Owner{}); err != nil {
 			t.Fatal(err)
 		}
-		rec := record.Record{ID: ids[i], PID: pid, StartTime: st, AgentSocket: socket, Deliveries: []record.Delivery{d}, Created: time.Now().UTC()}
+		rec := statedir.Record{ID: ids[i], PID: pid, StartTime: st, AgentSocket: socket, Deliveries: []statedir.Delivery{d}, Created: time.Now().UTC()}
 		if err := store.Save(rec); err != nil {
 			t.Fatal(err)
 		}

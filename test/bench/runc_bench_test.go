@@ -17,7 +17,7 @@ import (
 	"github.com/opencontainers/runtime-tools/generate"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
-	"github.com/noderesource/spiffe-oci-hook/internal/record"
+	"github.com/noderesource/spiffe-oci-hook/internal/statedir"
 	"github.com/noderesource/spiffe-oci-hook/test/spiretest"
 	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
@@ -36,7 +36,7 @@ func benchSPIRE(t *testing.T, b bins, res *results) {
 	writeFile(t, config, fmt.Sprintf("agent_admin_socket: %s\nstate_dir: %s\ntimeout: 10s\n", s.AdminSocket, stateDir))
 	rg := &rig{
 		runcRoot: filepath.Join(dir, "runc"),
-		store:    record.Store{Dir: stateDir},
+		store:    statedir.Store{Dir: stateDir},
 		hookLog:  filepath.Join(dir, "hook-times.log"),
 		fetchLog: filepath.Join(dir, "fetch-times.log"),
 		helper:   b.helper,
@@ -120,7 +120,7 @@ func benchSPIRE(t *testing.T, b bins, res *results) {
 type rig struct {
 	variants           []*variant
 	runcRoot           string
-	store              record.Store
+	store              statedir.Store
 	hookLog, fetchLog  string
 	helper, helperConf string
 	hook               string

@@ -6,8 +6,8 @@
 // It imports only the standard library and golang.org/x/sys, so that any
 // test can import it, in-package tests under internal/ included: an
 // import of this project's packages here could close an import cycle
-// (internal/record's own tests importing testhelp importing a package
-// that imports internal/record). Its name is not testutil, which
+// (internal/statedir's own tests importing testhelp importing a package
+// that imports internal/statedir). Its name is not testutil, which
 // prometheus/client_golang's test helpers, imported beside it, already use.
 package testhelp
 

@@ -1,18 +1,21 @@
-// Package record is the state directory's one format: what the hook
-// recorded about each container it served, for the refresher to pick up.
+// Package statedir is the state directory (on tmpfs) and all the hook
+// and the refresher keep in it: each served container's record, for the
+// refresher to pick up; the per-container locks; the state budget; the
+// refresher's heartbeat; and the fail-open traces.
 //
-// Layout under the state directory (on tmpfs):
+// Layout under the state directory:
 //
-//	records/<container-id>.json        this package's records, root only
+//	records/<container-id>.json        the records (this file), root only
 //	containers/<container-id>/<n>/     delivery n's files (see package files)
 //	containers/<container-id>/.footprint  its reserved share of the state budget (budget.go)
 //	locks/<container-id>.lock          the container's lock (lock.go)
 //	fail-open/<container-id>.json      a fail-open start's trace (failopen.go)
+//	refresher.alive                    the refresher's heartbeat (heartbeat.go)
 //
 // A record is written last, by rename, after the files are in place and
 // mounted; its appearance is the refresher's signal that the container is
 // ready to be kept fresh.
-package record
+package statedir
 
 import (
 	"encoding/json"
