@@ -17,9 +17,9 @@ import (
 	"github.com/noderesource/spiffe-oci-hook/internal/cli"
 	"github.com/noderesource/spiffe-oci-hook/internal/config"
 	"github.com/noderesource/spiffe-oci-hook/internal/hook"
-	"github.com/noderesource/spiffe-oci-hook/internal/label"
 	"github.com/noderesource/spiffe-oci-hook/internal/logkey"
 	"github.com/noderesource/spiffe-oci-hook/internal/ocistate"
+	"github.com/noderesource/spiffe-oci-hook/internal/selinux"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".
@@ -118,5 +118,5 @@ func newHook(flags *config.Flags, id string, stderr io.Writer, log *slog.Logger)
 		fmt.Fprintf(stderr, "spiffe-oci-hook: container %s: %v\n", id, err)
 		return nil, 1
 	}
-	return &hook.Hook{Config: cfg, Log: log, Labeler: label.For}, 0
+	return &hook.Hook{Config: cfg, Log: log, Labeler: selinux.For}, 0
 }

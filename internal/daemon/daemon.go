@@ -17,9 +17,9 @@ import (
 	"github.com/coreos/go-systemd/v22/daemon"
 
 	"github.com/noderesource/spiffe-oci-hook/internal/config"
-	"github.com/noderesource/spiffe-oci-hook/internal/label"
 	"github.com/noderesource/spiffe-oci-hook/internal/logkey"
 	"github.com/noderesource/spiffe-oci-hook/internal/refresh"
+	"github.com/noderesource/spiffe-oci-hook/internal/selinux"
 	"github.com/noderesource/spiffe-oci-hook/internal/status"
 )
 
@@ -56,7 +56,7 @@ func Run(ctx context.Context, o Options) error {
 	setLevel(cfg)
 
 	r := refresh.New(cfg, log)
-	r.Labeler = label.For
+	r.Labeler = selinux.For
 	r.Version = o.Version
 	srv, err := status.Listen(cfg.StatusSocket(), cfg.Refresher.MetricsAddress, r.Metrics.Handler(), r.Report, log)
 	if err != nil {

@@ -62,7 +62,7 @@ func tmpLink(name string) string {
 // receives exactly the delivery directory and every file and symlink
 // written, at first delivery (hook) and after a rotation (refresher). This
 // machine's kernel has no SELinux, so the seam is what can be tested here;
-// internal/label applies the label with go-selinux on a real node.
+// internal/selinux applies the label with go-selinux on a real node.
 func TestMountLabelSeam(t *testing.T) {
 	dir, state := tempNode(t, 16)
 	socket := filepath.Join(dir, "a.sock")
