@@ -35,7 +35,6 @@ import (
 	"github.com/noderesource/spiffe-oci-hook/internal/ocistate"
 	"github.com/noderesource/spiffe-oci-hook/internal/process"
 	"github.com/noderesource/spiffe-oci-hook/internal/statedir"
-	"github.com/noderesource/spiffe-oci-hook/internal/status"
 )
 
 // Pod and container annotations the CRI runtimes set on every container.
@@ -98,9 +97,9 @@ type running struct {
 }
 
 // Run audits the node once.
-func (a *Auditor) Run(ctx context.Context) status.Audit {
+func (a *Auditor) Run(ctx context.Context) Result {
 	set := a.Settings()
-	rep := status.Audit{Time: time.Now()}
+	rep := Result{Time: time.Now()}
 	all, errs := a.containers(set.RuntimeRoots)
 	rep.Errors = errs
 
@@ -250,7 +249,7 @@ func stateStat(dir string) os.FileInfo {
 // has no delivery, why not as far as can be told. A containerd container
 // whose spec does not say and whose pod could not be read from a CRI
 // (criErrs) may have asked: it is checked too, and reported as such.
-func (a *Auditor) check(r running, pods map[string]pod, criErrs []string, traces []statedir.FailOpen) (*status.Unserved, bool) {
+func (a *Auditor) check(r running, pods map[string]pod, criErrs []string, traces []statedir.FailOpen) (*Unserved, bool) {
 	asks := r.Asks
 	viaPod, unknown := false, false
 	if r.Annotations[annotations.ContainerdContainerType] == annotations.ContainerdTypeContainer && !asks.Any {
@@ -283,27 +282,27 @@ func (a *Auditor) check(r running, pods map[string]pod, criErrs []string, traces
 	if recErr == nil && rec.PID == r.PID && rec.StartTime == start {
 		return nil, true
 	}
-	u := &status.Unserved{ID: r.ID, PID: r.PID, Pod: r.pod, Namespace: r.namespace, Name: r.name, Root: r.Root}
+	u := &Unserved{ID: r.ID, PID: r.PID, Pod: r.pod, Namespace: r.namespace, Name: r.name, Root: r.Root}
 	switch {
 	case unknown:
-		u.Cause = status.CauseCRIUnreadable
+		u.Cause = CauseCRIUnreadable
 		u.Detail = fmt.Sprintf("its pod's annotations are only in the CRI, which could not be read (%s), so the audit cannot tell whether it asked for an identity: make the CRI socket readable by the refresher (its answer must stay under %d MiB)",
 			strings.Join(criErrs, "; "), maxCRIMessage>>20)
 	case asks.Empty:
-		u.Cause = status.CauseEmptyAnnotation
+		u.Cause = CauseEmptyAnnotation
 		u.Detail = fmt.Sprintf("annotation %s is empty: the hooks.d \"when\" clause never matches an empty value, so the hook never ran; give it a delivery list", key)
 	case failOpenTrace(traces, r) != nil:
 		f := failOpenTrace(traces, r)
-		u.Cause = status.CauseFailOpen
+		u.Cause = CauseFailOpen
 		u.Detail = fmt.Sprintf("started WITHOUT its identity at %s under failure_policy: fail-open: %s", f.Time.UTC().Format(time.RFC3339), f.Error)
 	case viaPod:
-		u.Cause = status.CauseNRIPluginAbsent
+		u.Cause = CauseNRIPluginAbsent
 		u.Detail = fmt.Sprintf("its pod asks for an identity (%s) but the annotation never reached the container's spec, so containerd ran no hook: spiffe-oci-nri was not running when the container was created and no NRI validator held it; start the plugin, add %s to the pod, and recreate the pod", key, "required-plugins.noderesource.dev/pod: '[\"spiffe-oci-hook\"]'")
 	case r.HasHook:
-		u.Cause = status.CauseNoRecord
+		u.Cause = CauseNoRecord
 		u.Detail = fmt.Sprintf("spiffe-oci-hook is in its spec but left no record for pid %d in %s: check that the hook's state_dir is the refresher's, and the hook's lines in syslog", r.PID, a.Store.Dir)
 	default:
-		u.Cause = status.CauseHookNotConfigured
+		u.Cause = CauseHookNotConfigured
 		u.Detail = "the runtime did not run spiffe-oci-hook: " + hookAdvice(r.Annotations)
 	}
 	return u, true
@@ -361,8 +360,8 @@ type podNames struct {
 // pod that match none of its containers, once that held for two audits in
 // a row while the pod had a running container: the kubelet creates a
 // pod's containers one after the other.
-func (a *Auditor) unmatchedNames(podAsks map[string]podNames, names map[string][]string, podLive map[string]bool) []status.Unmatched {
-	var out []status.Unmatched
+func (a *Auditor) unmatchedNames(podAsks map[string]podNames, names map[string][]string, podLive map[string]bool) []Unmatched {
+	var out []Unmatched
 	now := map[string]int{}
 	for sandbox, p := range podAsks {
 		if !podLive[sandbox] {
@@ -378,11 +377,11 @@ func (a *Auditor) unmatchedNames(podAsks map[string]podNames, names map[string][
 			if now[id] < unmatchedRounds {
 				continue
 			}
-			out = append(out, status.Unmatched{Annotation: k, Containers: slices.Sorted(slices.Values(names[sandbox])), Pod: p.pod, Namespace: p.namespace})
+			out = append(out, Unmatched{Annotation: k, Containers: slices.Sorted(slices.Values(names[sandbox])), Pod: p.pod, Namespace: p.namespace})
 		}
 	}
 	a.unmatched = now
-	slices.SortFunc(out, func(x, y status.Unmatched) int {
+	slices.SortFunc(out, func(x, y Unmatched) int {
 		return strings.Compare(x.Namespace+"/"+x.Pod+"/"+x.Annotation, y.Namespace+"/"+y.Pod+"/"+y.Annotation)
 	})
 	return out
@@ -402,7 +401,7 @@ func (a *Auditor) countFailOpen(traces []statedir.FailOpen) {
 }
 
 // logFindings logs each unserved instance and unmatched annotation once.
-func (a *Auditor) logFindings(rep status.Audit) {
+func (a *Auditor) logFindings(rep Result) {
 	now := map[string]bool{}
 	for _, u := range rep.Unserved {
 		k := fmt.Sprintf("%s/%d/%s", u.ID, u.PID, u.Cause)

@@ -25,7 +25,6 @@ import (
 	"github.com/noderesource/spiffe-oci-hook/internal/config"
 	"github.com/noderesource/spiffe-oci-hook/internal/process"
 	"github.com/noderesource/spiffe-oci-hook/internal/statedir"
-	"github.com/noderesource/spiffe-oci-hook/internal/status"
 	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
@@ -134,8 +133,8 @@ func crio(sandbox, pod, name string, extra map[string]string) map[string]string 
 
 var asks = map[string]string{annotations.Key: "- cert_dir: /certs\n"}
 
-func byID(rep status.Audit) map[string]status.Unserved {
-	m := map[string]status.Unserved{}
+func byID(rep Result) map[string]Unserved {
+	m := map[string]Unserved{}
 	for _, u := range rep.Unserved {
 		m[u.ID] = u
 	}
@@ -167,11 +166,11 @@ func TestAuditCauses(t *testing.T) {
 	rep := a.Run(context.Background())
 	got := byID(rep)
 	want := map[string]string{
-		"nohook":   status.CauseHookNotConfigured,
-		"empty":    status.CauseEmptyAnnotation,
-		"norecord": status.CauseNoRecord,
-		"failopen": status.CauseFailOpen,
-		"podman":   status.CauseHookNotConfigured,
+		"nohook":   CauseHookNotConfigured,
+		"empty":    CauseEmptyAnnotation,
+		"norecord": CauseNoRecord,
+		"failopen": CauseFailOpen,
+		"podman":   CauseHookNotConfigured,
 	}
 	for id, cause := range want {
 		if got[id].Cause != cause {
@@ -273,7 +272,7 @@ func TestAuditContainerdPodAnnotation(t *testing.T) {
 
 	rep := n.auditor().Run(context.Background())
 	u := byID(rep)["app"]
-	if u.Cause != status.CauseNRIPluginAbsent || u.Pod != "web" || u.Namespace != "shop" || !strings.Contains(u.Detail, "spiffe-oci-nri") {
+	if u.Cause != CauseNRIPluginAbsent || u.Pod != "web" || u.Namespace != "shop" || !strings.Contains(u.Detail, "spiffe-oci-nri") {
 		t.Errorf("containerd container of a pod that asked: %+v (report %+v)", u, rep)
 	}
 	if len(rep.Errors) != 0 {

@@ -14,7 +14,6 @@ import (
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/noderesource/spiffe-oci-hook/internal/annotations"
-	"github.com/noderesource/spiffe-oci-hook/internal/status"
 )
 
 // TestAuditKeepsNoAnnotationText (issue 24, defect 3): tenants choose
@@ -132,7 +131,7 @@ func TestAuditCRIBigSandboxes(t *testing.T) {
 	serveCRI(n, slices.Concat(bigPods(20, runtimeapi.PodSandboxState_SANDBOX_READY), bigPods(50, runtimeapi.PodSandboxState_SANDBOX_NOTREADY), []*runtimeapi.PodSandbox{webPod}))
 	n.container("app", ctrdApp, false, false)
 	rep := n.auditor().Run(context.Background())
-	if u := byID(rep)["app"]; u.Cause != status.CauseNRIPluginAbsent || u.Pod != "web" {
+	if u := byID(rep)["app"]; u.Cause != CauseNRIPluginAbsent || u.Pod != "web" {
 		t.Errorf("the container of a pod that asked: %+v; report: unserved %+v, errors %q", u, rep.Unserved, rep.Errors)
 	}
 	if len(rep.Errors) != 0 {
@@ -153,7 +152,7 @@ func TestAuditCRIUnreadable(t *testing.T) {
 	n.serve(served)
 	rep := n.auditor().Run(context.Background())
 	u := byID(rep)["app"]
-	if u.Cause != status.CauseCRIUnreadable || !strings.Contains(u.Detail, n.cri[0]) {
+	if u.Cause != CauseCRIUnreadable || !strings.Contains(u.Detail, n.cri[0]) {
 		t.Errorf("the container whose pod could not be read: %+v; report: unserved %+v, errors %q", u, rep.Unserved, rep.Errors)
 	}
 	if len(rep.Unserved) != 1 || rep.Checked != 2 {

@@ -16,6 +16,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/noderesource/spiffe-oci-hook/internal/audit"
 	"github.com/noderesource/spiffe-oci-hook/internal/status"
 )
 
@@ -195,7 +196,7 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 	for _, u := range r.Audit.Unserved {
 		byCause[u.Cause]++
 	}
-	for _, c := range status.Causes {
+	for _, c := range audit.Causes {
 		gauge(descUnserved, float64(byCause[c]), c)
 	}
 	gauge(descUnmatched, float64(len(r.Audit.Unmatched)))

@@ -27,6 +27,7 @@ import (
 	"github.com/fsnotify/fsnotify"
 
 	"github.com/noderesource/spiffe-oci-hook/internal/agent"
+	"github.com/noderesource/spiffe-oci-hook/internal/audit"
 	"github.com/noderesource/spiffe-oci-hook/internal/brokersvid"
 	"github.com/noderesource/spiffe-oci-hook/internal/config"
 	"github.com/noderesource/spiffe-oci-hook/internal/files"
@@ -66,7 +67,7 @@ type Refresher struct {
 
 	// audit is the last audit of the node's containers (audit.go);
 	// auditReloaded tells the audit loop its interval may have changed.
-	audit         atomic.Pointer[status.Audit]
+	audit         atomic.Pointer[audit.Result]
 	auditReloaded chan struct{}
 
 	// writeSlots bounds how many containers render and write at once: a

@@ -8,6 +8,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/noderesource/spiffe-oci-hook/internal/audit"
 	"github.com/noderesource/spiffe-oci-hook/internal/statedir"
 )
 
@@ -71,7 +72,7 @@ func Show(ctx context.Context, w io.Writer, store statedir.Store, socket string)
 }
 
 // auditSummary is the status line about the last audit.
-func auditSummary(a Audit) string {
+func auditSummary(a audit.Result) string {
 	if a.Time.IsZero() {
 		return "audit: not run yet"
 	}
@@ -85,7 +86,7 @@ func auditSummary(a Audit) string {
 
 // auditRows adds a row for each container the last audit found running
 // without its identity, and for each annotation that names no container.
-func auditRows(w io.Writer, a Audit) {
+func auditRows(w io.Writer, a audit.Result) {
 	for _, u := range a.Unserved {
 		where := ""
 		if u.Pod != "" {

@@ -16,6 +16,8 @@ import (
 	"net/http"
 	"strings"
 	"time"
+
+	"github.com/noderesource/spiffe-oci-hook/internal/audit"
 )
 
 // Paths served on the socket.
@@ -36,7 +38,7 @@ type Report struct {
 	Agents     []Agent     `json:"agents"`
 	Containers []Container `json:"containers"`
 	// Audit is the last audit of the node's running containers.
-	Audit Audit `json:"audit"`
+	Audit audit.Result `json:"audit"`
 }
 
 // Agent is one agent admin socket.

@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/noderesource/spiffe-oci-hook/internal/audit"
 	"github.com/noderesource/spiffe-oci-hook/internal/statedir"
 )
 
@@ -49,13 +50,13 @@ func TestShowDown(t *testing.T) {
 // TestAuditRows: the last audit's summary line, and one row per container
 // without its identity and per annotation naming no container.
 func TestAuditRows(t *testing.T) {
-	if got := auditSummary(Audit{}); got != "audit: not run yet" {
+	if got := auditSummary(audit.Result{}); got != "audit: not run yet" {
 		t.Errorf("before the first audit: %q", got)
 	}
-	a := Audit{
+	a := audit.Result{
 		Time: time.Date(2026, 12, 5, 3, 0, 0, 0, time.UTC), Checked: 3, FailOpen: 1,
-		Unserved:  []Unserved{{ID: "abc", Pod: "web", Namespace: "shop", Name: "app", Cause: CauseHookNotConfigured, Detail: "the runtime did not\nrun it"}},
-		Unmatched: []Unmatched{{Pod: "web", Namespace: "shop", Annotation: "identity.noderesource.dev/container.ap", Containers: []string{"app", "side"}}},
+		Unserved:  []audit.Unserved{{ID: "abc", Pod: "web", Namespace: "shop", Name: "app", Cause: audit.CauseHookNotConfigured, Detail: "the runtime did not\nrun it"}},
+		Unmatched: []audit.Unmatched{{Pod: "web", Namespace: "shop", Annotation: "identity.noderesource.dev/container.ap", Containers: []string{"app", "side"}}},
 	}
 	if got, want := auditSummary(a), "audit: 2026-12-05T03:00:00Z: 3 running containers asked for an identity, 1 WITHOUT one; 1 annotations name no container; 1 fail-open starts"; got != want {
 		t.Errorf("summary %q, want %q", got, want)

@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/noderesource/spiffe-oci-hook/internal/audit"
 	"github.com/noderesource/spiffe-oci-hook/internal/status"
 )
 
@@ -26,18 +27,18 @@ const auditConfig = `refresher:
 `
 
 // report is the running refresher's last audit.
-func (n *node) report(t *testing.T) status.Audit {
+func (n *node) report(t *testing.T) audit.Result {
 	t.Helper()
 	rep, err := status.NewClient(filepath.Join(n.stateDir, "refresher.sock")).Report(context.Background())
 	if err != nil {
-		return status.Audit{}
+		return audit.Result{}
 	}
 	return rep.Audit
 }
 
 // waitUnserved waits until the audit reports container id, and returns
 // the finding; the time it took is logged, not asserted.
-func (n *node) waitUnserved(t *testing.T, id string) status.Unserved {
+func (n *node) waitUnserved(t *testing.T, id string) audit.Unserved {
 	t.Helper()
 	start := time.Now()
 	deadline := start.Add(30 * time.Second)
@@ -143,7 +144,7 @@ func hooksDirMissing(t *testing.T, r *runtime) {
 	}
 	n.expected.Store(app.id, true)
 	u := n.waitUnserved(t, app.id)
-	if u.Cause != status.CauseHookNotConfigured || !strings.Contains(u.Detail, "CRI-O") || u.Pod != "nohooks" || u.Namespace != "shop" || u.Name != "app" {
+	if u.Cause != audit.CauseHookNotConfigured || !strings.Contains(u.Detail, "CRI-O") || u.Pod != "nohooks" || u.Namespace != "shop" || u.Name != "app" {
 		t.Errorf("finding %+v", u)
 	}
 	app.stop(t)
@@ -164,7 +165,7 @@ func pluginAbsent(t *testing.T, c *containerd) {
 	app.waitLog(t, "STARTED")
 	n.expected.Store(app.id, true)
 	u := n.waitUnserved(t, app.id)
-	if u.Cause != status.CauseNRIPluginAbsent || !strings.Contains(u.Detail, "spiffe-oci-nri") || u.Pod != "noplugin" || u.Namespace != "shop" || u.Name != "app" {
+	if u.Cause != audit.CauseNRIPluginAbsent || !strings.Contains(u.Detail, "spiffe-oci-nri") || u.Pod != "noplugin" || u.Namespace != "shop" || u.Name != "app" {
 		t.Errorf("finding %+v", u)
 	}
 	app.stop(t)

@@ -11,7 +11,7 @@ import (
 	"github.com/containers/common/pkg/hooks"
 	"gopkg.in/yaml.v3"
 
-	"github.com/noderesource/spiffe-oci-hook/internal/status"
+	"github.com/noderesource/spiffe-oci-hook/internal/audit"
 )
 
 // TestCRIOStockHooks: CRI-O with its stock hooks configuration (no
@@ -80,8 +80,8 @@ func TestCRIOStockHooks(t *testing.T) {
 	// node's audit reports the container that started without its
 	// identity, and says the runtime never ran the hook.
 	n.expected.Store(c.id, true)
-	if u := n.waitUnserved(t, c.id); u.Cause != status.CauseHookNotConfigured {
-		t.Errorf("audit finding %+v, want cause %s", u, status.CauseHookNotConfigured)
+	if u := n.waitUnserved(t, c.id); u.Cause != audit.CauseHookNotConfigured {
+		t.Errorf("audit finding %+v, want cause %s", u, audit.CauseHookNotConfigured)
 	}
 	c.stop(t)
 	before.remove()

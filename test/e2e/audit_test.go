@@ -17,6 +17,7 @@ import (
 	rspec "github.com/opencontainers/runtime-spec/specs-go"
 	dto "github.com/prometheus/client_model/go"
 
+	"github.com/noderesource/spiffe-oci-hook/internal/audit"
 	"github.com/noderesource/spiffe-oci-hook/internal/status"
 	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
@@ -53,10 +54,10 @@ func sleeping(t *testing.T, hooks ...rspec.Hook) *bundle {
 
 // waitUnserved waits until the refresher's audit reports container id
 // without its identity, and returns the finding.
-func waitUnserved(t *testing.T, socket, id string) status.Unserved {
+func waitUnserved(t *testing.T, socket, id string) audit.Unserved {
 	t.Helper()
 	start := time.Now()
-	var found *status.Unserved
+	var found *audit.Unserved
 	testhelp.Eventually(t, 10*auditInterval+10*time.Second, "the audit reports container "+id, func() bool {
 		rep, err := status.NewClient(socket).Report(context.Background())
 		if err != nil {
@@ -113,11 +114,11 @@ func TestAuditFindsUnserved(t *testing.T) {
 	e.expectUnserved(p.id(t, "elsewhere"))
 
 	u := waitUnserved(t, socket, noHook.id)
-	if u.Cause != status.CauseHookNotConfigured || !strings.Contains(u.Detail, "config.json") {
+	if u.Cause != audit.CauseHookNotConfigured || !strings.Contains(u.Detail, "config.json") {
 		t.Errorf("runc without the hook: %+v", u)
 	}
 	u = waitUnserved(t, socket, p.id(t, "elsewhere"))
-	if u.Cause != status.CauseHookNotConfigured || !strings.Contains(u.Detail, "Podman") {
+	if u.Cause != audit.CauseHookNotConfigured || !strings.Contains(u.Detail, "Podman") {
 		t.Errorf("Podman with --hooks-dir elsewhere: %+v", u)
 	}
 
@@ -136,7 +137,7 @@ func TestAuditFindsUnserved(t *testing.T) {
 		exec.Command("kill", "-9", strconv.Itoa(pid)).Run()
 		testhelp.Eventually(t, 30*time.Second, "restarted by its policy", func() bool { n := flagged.pid(t, "flagged"); return n != 0 && n != pid })
 		u := waitUnserved(t, socket, id)
-		if u.Cause != status.CauseHookNotConfigured || u.PID == pid {
+		if u.Cause != audit.CauseHookNotConfigured || u.PID == pid {
 			t.Errorf("the restarted instance: %+v", u)
 		}
 	})
@@ -147,7 +148,7 @@ func TestAuditFindsUnserved(t *testing.T) {
 		detached(t, b, "runc")
 		e.expectUnserved(b.id)
 		u := waitUnserved(t, socket, b.id)
-		if u.Cause != status.CauseFailOpen || !strings.Contains(u.Detail, "fail-open") {
+		if u.Cause != audit.CauseFailOpen || !strings.Contains(u.Detail, "fail-open") {
 			t.Errorf("fail-open start: %+v", u)
 		}
 		m := newMetricsClient(socket)
@@ -161,7 +162,7 @@ func TestAuditFindsUnserved(t *testing.T) {
 	t.Run("metrics and status", func(t *testing.T) {
 		m := newMetricsClient(socket)
 		fams := m.waitMetric(t, 10*time.Second, "unserved containers counted", func(f map[string]*dto.MetricFamily) bool {
-			v, _ := value(f, "spiffe_oci_unserved_containers", "cause", status.CauseHookNotConfigured)
+			v, _ := value(f, "spiffe_oci_unserved_containers", "cause", audit.CauseHookNotConfigured)
 			return v >= 2
 		})
 		// The subtests' containers are gone.
@@ -173,7 +174,7 @@ func TestAuditFindsUnserved(t *testing.T) {
 			t.Fatalf("status: exit %d: %s", code, errOut)
 		}
 		for _, id := range []string{noHook.id, p.id(t, "elsewhere")} {
-			if line := grepLine(out, id); !strings.Contains(line, "NO IDENTITY") || !strings.Contains(line, status.CauseHookNotConfigured) {
+			if line := grepLine(out, id); !strings.Contains(line, "NO IDENTITY") || !strings.Contains(line, audit.CauseHookNotConfigured) {
 				t.Errorf("status row for %s: %q\n%s", id, line, out)
 			}
 		}

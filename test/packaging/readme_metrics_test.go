@@ -11,6 +11,7 @@ import (
 
 	"gopkg.in/yaml.v3"
 
+	"github.com/noderesource/spiffe-oci-hook/internal/audit"
 	"github.com/noderesource/spiffe-oci-hook/internal/metrics"
 	"github.com/noderesource/spiffe-oci-hook/internal/status"
 	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
@@ -28,7 +29,7 @@ func TestReadmeMetrics(t *testing.T) {
 			Version: "test", Scanned: true,
 			Agents:     []status.Agent{{Socket: "/run/admin.sock", Reachable: true}},
 			Containers: []status.Container{{ID: "c", NotBefore: now.Add(-time.Minute), NotAfter: now.Add(time.Minute)}},
-			Audit:      status.Audit{Time: now},
+			Audit:      audit.Result{Time: now},
 		}
 	})
 	fams, err := m.Registry.Gather()

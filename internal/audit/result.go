@@ -1,11 +1,12 @@
-package status
+package audit
 
 import "time"
 
-// Audit is the last audit of the node's running containers: every one
-// that asked for an identity, found in the runtimes' own state, checked
-// against the deliveries recorded (package audit).
-type Audit struct {
+// Result is one audit of the node's running containers: every one that
+// asked for an identity, found in the runtimes' own state, checked against
+// the deliveries recorded. The refresher's status report serves the last
+// (status.Report.Audit): its JSON field names are that report's format.
+type Result struct {
 	// Time the audit ran; zero before the first.
 	Time time.Time `json:"time"`
 	// Checked counts the running containers that asked for an identity,
