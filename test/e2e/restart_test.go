@@ -215,7 +215,7 @@ func TestPodmanRestartKeepsIdentity(t *testing.T) {
 // files, does not send the signal, and says why in the status command.
 func TestRenewSignalBehindInit(t *testing.T) {
 	e := startEnv(t)
-	const ttl = 30 * time.Second
+	const ttl = 20 * time.Second // a rotation in about 10 s
 	e.spire.CreateEntry(t, rotatingID, []string{"unix:uid:0"}, ttl)
 	e.waitSynced()
 	r := e.startRefresher(t)
