@@ -152,13 +152,13 @@ test-integration: tools build
 test-deps:
 	test/deps.sh
 
-# The pinned third-party tools, one target a tools module, so that make
-# can build two modules at a time (TOOLS_JOBS): a Go link is
-# single-threaded and a cgo or download step leaves a core idle, so two
-# builds side by side keep both cores busy. Longest first. Each script
-# takes its own module's lock and skips what is up to date (seconds once
-# built).
-TOOLS_JOBS ?= 2
+# The pinned third-party tools, one target a tools module, longest first.
+# Each script takes its own module's lock and skips what is up to date
+# (seconds once built). TOOLS_JOBS modules are built at a time; one by
+# default: each go build already keeps both cores busy, and on this 2-core
+# machine two at a time took the cold tools build to 50 min, against
+# 36 min one at a time (docs/development.md, "How long a run takes").
+TOOLS_JOBS ?= 1
 SPIRE_TOOLS := tool-spire115 tool-spire
 CRI_TOOLS := tool-crio tool-containerd tool-crictl
 CLUSTER_TOOLS := tool-kubernetes tool-helm tool-spire-controller-manager tool-cni
