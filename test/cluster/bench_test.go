@@ -43,9 +43,10 @@ func TestBenchRegistration(t *testing.T) {
 	if v, err := strconv.Atoi(os.Getenv("BENCH_REG_PODS")); err == nil && v > 0 {
 		n = v
 	}
-	if v, err := strconv.Atoi(os.Getenv("BENCH_REG_BATCH")); err == nil && v > 0 && v <= n {
+	if v, err := strconv.Atoi(os.Getenv("BENCH_REG_BATCH")); err == nil && v > 0 {
 		batch = v
 	}
+	batch = min(batch, n) // BENCH_REG_PODS below the batch: one batch of them
 	n -= n % batch
 	runtimes := []string{"crio"}
 	if v := os.Getenv("BENCH_REG_RUNTIMES"); v != "" {
