@@ -82,10 +82,15 @@ NEEDS_ROOT := needs root: its tests mount tmpfs state directories, run runc, Pod
 
 all: build
 
-build binary: bin/spiffe-oci-hook bin/spiffe-oci-refresher bin/spiffe-oci-nri
+build binary: bin/spiffe-oci-hook bin/spiffe-oci-hook-direct bin/spiffe-oci-refresher bin/spiffe-oci-nri
 
 bin/spiffe-oci-hook: FORCE
 	$(GOBUILD) -o $@ ./hook
+
+# What spiffe-oci-hook runs, from its own directory, when no refresher
+# takes the container over: it asks the agent itself.
+bin/spiffe-oci-hook-direct: FORCE
+	$(GOBUILD) -o $@ ./hook/direct
 
 bin/spiffe-oci-refresher: FORCE
 	$(GOBUILD) -o $@ ./refresher
@@ -283,12 +288,14 @@ bench: spire cri-tools build
 
 install: build install.nobuild
 
-# The hook binary goes in before the JSON that points at it: a runtime that
-# reads hooks.d must never find a hook whose binary is missing. The JSON is
+# The hook binaries go in before the JSON that points at them (the direct
+# one first, as the hook runs it): a runtime that reads hooks.d must never
+# find a hook whose binary is missing. The JSON is
 # written aside and renamed into place (runtimes read only *.json), and
 # install fails if the rendering did not take. An existing node config (an
 # admin's edits) is never overwritten.
 install.nobuild:
+	install -D -m 0755 bin/spiffe-oci-hook-direct $(DESTDIR)$(HOOK_DIR)/spiffe-oci-hook-direct
 	install -D -m 0755 bin/spiffe-oci-hook $(DESTDIR)$(HOOK_DIR)/spiffe-oci-hook
 	install -d -m 0755 $(DESTDIR)$(HOOKS_JSON_DIR)
 	sed '$(HOOK_JSON_SED)' hooks.d/spiffe-oci-hook.json > $(DESTDIR)$(HOOKS_JSON_DIR)/.spiffe-oci-hook.json.tmp
@@ -316,7 +323,7 @@ install.nobuild:
 # hand. Stop the service first: systemctl disable --now spiffe-oci-refresher
 uninstall:
 	rm -f $(DESTDIR)$(HOOKS_JSON_DIR)/spiffe-oci-hook.json $(DESTDIR)$(HOOKS_JSON_DIR)/.spiffe-oci-hook.json.tmp
-	rm -f $(DESTDIR)$(HOOK_DIR)/spiffe-oci-hook
+	rm -f $(DESTDIR)$(HOOK_DIR)/spiffe-oci-hook $(DESTDIR)$(HOOK_DIR)/spiffe-oci-hook-direct
 	rm -f $(DESTDIR)$(BINDIR)/spiffe-oci-refresher
 	rm -f $(DESTDIR)$(UNITDIR)/spiffe-oci-refresher.service
 	rm -f $(DESTDIR)$(TMPFILESDIR)/spiffe-oci-hook.conf

@@ -29,7 +29,9 @@ func runHook(t *testing.T, ann map[string]string, args ...string) (int, string) 
 	}
 	state, _ := json.Marshal(map[string]any{"ociVersion": "1.2.1", "id": "ctr1", "status": "created", "pid": os.Getpid(), "bundle": dir, "annotations": ann})
 	var stderr bytes.Buffer
-	code := run(append(args, "createRuntime"), bytes.NewReader(state), &stderr)
+	cmd := command()
+	cmd.Fallback = nil // it would replace the test's process
+	code := cmd.Run(append(args, "createRuntime"), bytes.NewReader(state), &stderr)
 	return code, stderr.String()
 }
 

@@ -260,6 +260,11 @@ type Wait struct {
 	// Alive, when set, reports whether the pid's process still lives: an
 	// attestation that failed because it exited is not retried.
 	Alive func() error
+	// Bundles, when set, are the agent's current X.509 bundles, which the
+	// caller follows on a stream of its own (the refresher): the fetch then
+	// asks for the SVIDs alone, and the Delegated Identity API attests the
+	// caller once instead of twice.
+	Bundles *x509bundle.Set
 }
 
 // ErrWaited wraps the last error once a Wait has run out, so that the
@@ -301,7 +306,7 @@ func (c *Client) FetchX509(ctx context.Context, pid int, w Wait) (*X509SVIDs, *x
 	deadline := time.Now().Add(w.For)
 	delay := retryMin
 	for {
-		svids, set, err := c.fetchX509(ctx, pid, deadline)
+		svids, set, err := c.fetchX509(ctx, pid, deadline, w.Bundles)
 		if err == nil || !Retryable(err) || ctx.Err() != nil {
 			return svids, set, err
 		}
@@ -328,7 +333,7 @@ func (c *Client) FetchX509(ctx context.Context, pid int, w Wait) (*X509SVIDs, *x
 
 // fetchX509 is one attempt: it opens the streams and reads SVID updates
 // until one holds an SVID. Empty updates are read past until deadline.
-func (c *Client) fetchX509(ctx context.Context, pid int, deadline time.Time) (*X509SVIDs, *x509bundle.Set, error) {
+func (c *Client) fetchX509(ctx context.Context, pid int, deadline time.Time, known *x509bundle.Set) (*X509SVIDs, *x509bundle.Set, error) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 
@@ -337,7 +342,9 @@ func (c *Client) fetchX509(ctx context.Context, pid int, deadline time.Time) (*X
 		err error
 	}
 	bundles := make(chan bundleResult, 1)
-	if !c.bundlesInUpdates {
+	if known != nil {
+		bundles <- bundleResult{known, nil}
+	} else if !c.bundlesInUpdates {
 		go func() {
 			s, err := c.subscribeX509Bundles(ctx, pid)
 			if err == nil {

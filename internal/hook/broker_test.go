@@ -106,7 +106,7 @@ func TestBrokerCreate(t *testing.T) {
 	n := newFakeNode(t)
 	n.cfg.AgentAPI = config.APIBroker
 	n.writeBrokerSVID(t, time.Hour)
-	h := &Hook{Config: n.cfg}
+	h := directHook(n.cfg)
 	if err := h.Create(context.Background(), n.req); err != nil {
 		t.Fatal(err)
 	}
@@ -136,7 +136,7 @@ func TestBrokerCreate(t *testing.T) {
 func TestBrokerSVIDMissing(t *testing.T) {
 	n := newFakeNode(t)
 	n.cfg.AgentAPI = config.APIBroker
-	h := &Hook{Config: n.cfg}
+	h := directHook(n.cfg)
 	err := h.Create(context.Background(), n.req)
 	if !errors.Is(err, brokersvid.ErrMissing) {
 		t.Fatalf("error = %v, want ErrMissing", err)
@@ -155,7 +155,7 @@ func TestBrokerSVIDExpired(t *testing.T) {
 	n := newFakeNode(t)
 	n.cfg.AgentAPI = config.APIBroker
 	n.writeBrokerSVID(t, -30*time.Second)
-	h := &Hook{Config: n.cfg}
+	h := directHook(n.cfg)
 	err := h.Create(context.Background(), n.req)
 	if !errors.Is(err, brokersvid.ErrMissing) || !strings.Contains(err.Error(), "expired at") || !strings.Contains(err.Error(), nodeBroker.String()) {
 		t.Fatalf("error = %v, want the expired broker SVID named", err)
@@ -176,7 +176,7 @@ func TestAttestationFailedLine(t *testing.T) {
 	})
 	// Retried within registration_wait while the process lives.
 	n.cfg.RegistrationWait = 300 * time.Millisecond
-	h := &Hook{Config: n.cfg}
+	h := directHook(n.cfg)
 	err := h.Create(context.Background(), n.req)
 	if !errors.Is(err, agent.ErrAttestationFailed) || errors.Is(err, agent.ErrUnavailable) {
 		t.Fatalf("error = %v, want ErrAttestationFailed", err)
@@ -205,7 +205,7 @@ func TestCreateWaitsForEntry(t *testing.T) {
 				time.Sleep(500 * time.Millisecond)
 				n.fake.Set(pid, web)
 			}()
-			h := &Hook{Config: n.cfg}
+			h := directHook(n.cfg)
 			if err := h.Create(context.Background(), n.req); err != nil {
 				t.Fatal(err)
 			}
@@ -228,7 +228,7 @@ func TestCreateWaitRunsOut(t *testing.T) {
 	n := newFakeNode(t)
 	n.cfg.RegistrationWait = 400 * time.Millisecond
 	n.fake.Set(n.req.State.Pid)
-	h := &Hook{Config: n.cfg}
+	h := directHook(n.cfg)
 	err := h.Create(context.Background(), n.req)
 	if !errors.Is(err, agent.ErrNoIdentity) {
 		t.Fatalf("error = %v, want ErrNoIdentity", err)

@@ -49,7 +49,7 @@ func TestStateBudget(t *testing.T) {
 	cfg := config.Default()
 	cfg.AgentAdminSocket = socket
 	cfg.StateDir = state
-	h := &Hook{Config: cfg}
+	h := directHook(cfg)
 	create := func(id, value string) error {
 		pid := initStandIn(t)
 		req, err := Find(&specs.State{ID: id, Pid: pid, Bundle: bundle, Annotations: map[string]string{annotations.Key: value}})

@@ -160,7 +160,34 @@ func TestHookRefresherEquivalence(t *testing.T) {
 	}
 }
 
-func (c equivCase) run(t *testing.T) {
+// TestHandoffEquivalence: a container the refresher takes over from the
+// hook (package handoff) gets what the hook itself would write: the same
+// names, each a link through ..data, with the same modes, owners and
+// content shapes, for every layout.
+func TestHandoffEquivalence(t *testing.T) {
+	for _, c := range equivCases {
+		t.Run(c.name, func(t *testing.T) {
+			_, cfg, req, _ := c.deliverFirst(t, false)
+			direct, _ := describeDeliveries(t, statedir.Store{Dir: cfg.StateDir}, "c", len(req.Deliveries))
+			_, cfg, req, _ = c.deliverFirst(t, true)
+			store := statedir.Store{Dir: cfg.StateDir}
+			handed, _ := describeDeliveries(t, store, "c", len(req.Deliveries))
+			compareDeliveries(t, "taken over by the refresher", direct, handed)
+			rec, err := store.Load("c")
+			if err != nil {
+				t.Fatalf("no record after the handoff: %v", err)
+			}
+			if len(rec.Deliveries) != len(req.Deliveries) || rec.PID != req.State.Pid {
+				t.Fatalf("record %+v; want pid %d and %d deliveries", rec, req.State.Pid, len(req.Deliveries))
+			}
+		})
+	}
+}
+
+// deliverFirst makes a node with the fake agent and the case's container,
+// and delivers its identity: by the hook itself, or through a refresher
+// (viaRefresher) that takes it over on the handoff socket.
+func (c equivCase) deliverFirst(t *testing.T, viaRefresher bool) (_ *fakeagent.Agent, cfg config.Config, req *Request, owner files.Owner) {
 	dir, state := tempNode(t, 16)
 	socket := filepath.Join(dir, "a.sock")
 	fake, err := fakeagent.New("example.org", socket)
@@ -181,7 +208,7 @@ func (c equivCase) run(t *testing.T) {
 		}
 	}
 	spec := specs.Spec{Root: &specs.Root{Path: "rootfs"}, Process: &specs.Process{User: specs.User{UID: 1000, GID: 1000}}}
-	owner := files.Owner{UID: 1000, GID: 1000}
+	owner = files.Owner{UID: 1000, GID: 1000}
 	if c.uidMap {
 		m := []specs.LinuxIDMapping{{ContainerID: 0, HostID: 100000, Size: 65536}}
 		spec.Linux = &specs.Linux{UIDMappings: m, GIDMappings: m}
@@ -192,16 +219,27 @@ func (c equivCase) run(t *testing.T) {
 	data, _ := json.Marshal(spec)
 	os.WriteFile(filepath.Join(bundle, "config.json"), data, 0o644)
 
-	cfg := config.Default()
+	cfg = config.Default()
 	cfg.AgentAdminSocket = socket
 	cfg.StateDir = state
-	req, err := Find(&specs.State{ID: "c", Pid: initStandIn(t), Bundle: bundle, Annotations: map[string]string{annotations.Key: c.annotation}})
+	req, err = Find(&specs.State{ID: "c", Pid: initStandIn(t), Bundle: bundle, Annotations: map[string]string{annotations.Key: c.annotation}})
 	if err != nil || req == nil {
 		t.Fatalf("Find: %v %v", req, err)
 	}
-	if err := (&Hook{Config: cfg}).Create(context.Background(), req); err != nil {
+	h := directHook(cfg)
+	if viaRefresher {
+		startRefresher(t, cfg, nil)
+		h.Deliver = h.Handoff
+	}
+	if err := h.Create(context.Background(), req); err != nil {
 		t.Fatal(err)
 	}
+	return fake, cfg, req, owner
+}
+
+func (c equivCase) run(t *testing.T) {
+	fake, cfg, req, owner := c.deliverFirst(t, false)
+	state := cfg.StateDir
 	store := statedir.Store{Dir: state}
 	first, firstData := describeDeliveries(t, store, "c", len(req.Deliveries))
 	if got := slices.Sorted(maps.Keys(first)); !slices.Equal(got, slices.Sorted(slices.Values(c.files))) {

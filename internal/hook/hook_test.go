@@ -21,6 +21,7 @@ import (
 
 	"github.com/noderesource/spiffe-oci-hook/internal/annotations"
 	"github.com/noderesource/spiffe-oci-hook/internal/config"
+	"github.com/noderesource/spiffe-oci-hook/internal/deliver"
 	"github.com/noderesource/spiffe-oci-hook/internal/files"
 	"github.com/noderesource/spiffe-oci-hook/internal/refresh"
 	"github.com/noderesource/spiffe-oci-hook/internal/statedir"
@@ -96,7 +97,7 @@ func TestMountLabelSeam(t *testing.T) {
 		}
 		return rec
 	}
-	h := &Hook{Config: cfg, Labeler: labelerFor}
+	h := directHook(cfg, func(d *deliver.Deliverer) { d.Labeler = labelerFor })
 	req, err := Find(&specs.State{ID: "labelled", Pid: pid, Bundle: bundle, Annotations: map[string]string{annotations.Key: "- cert_dir: /certs\n"}})
 	if err != nil || req == nil {
 		t.Fatalf("Find: %v %v", req, err)
@@ -157,8 +158,14 @@ func startRefresher(t *testing.T, cfg config.Config, configure func(*refresh.Ref
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- r.Run(ctx, nil) }()
+	ready := make(chan struct{})
+	go func() { done <- r.Run(ctx, func() { close(ready) }) }()
 	t.Cleanup(func() { cancel(); <-done })
+	select {
+	case <-ready:
+	case err := <-done:
+		t.Fatalf("refresher: %v", err)
+	}
 }
 
 func checkLabelled(t *testing.T, when string, got []string, dir string, want []string) {

@@ -22,7 +22,9 @@ const program = "spiffe-oci-hook"
 // hook fails, and to syslog (journald) when there is one, because runtimes
 // drop a successful hook's output. Syslog is opened at the first line, once
 // for the process: a hook that has nothing to say never dials it. Without
-// syslog the lines go to stderr alone.
+// syslog the lines go to stderr alone. An info line (the hook running
+// spiffe-oci-hook-direct as no refresher answered) goes to syslog alone:
+// stderr holds the one line that says why a container was refused.
 //
 // A line is not slog's text format but the one that the runtime's error,
 // docs/troubleshooting.md and the tests quote:
@@ -68,7 +70,9 @@ type sink struct {
 func (s *sink) write(level slog.Level, line string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	fmt.Fprintln(s.stderr, program+": "+line)
+	if level >= slog.LevelWarn {
+		fmt.Fprintln(s.stderr, program+": "+line)
+	}
 	if !s.opened {
 		s.opened = true
 		if w, err := s.open(); err == nil {

@@ -9,6 +9,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/noderesource/spiffe-oci-hook/internal/config"
+	"github.com/noderesource/spiffe-oci-hook/internal/deliver"
 	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
@@ -49,4 +51,14 @@ func initStandIn(t *testing.T) int {
 			t.Fatal("unshare did not enter a new mount namespace")
 		}
 	}
+}
+
+// directHook is the hook that asks the agent itself (spiffe-oci-hook-direct),
+// with each of set applied to its deliverer.
+func directHook(cfg config.Config, set ...func(*deliver.Deliverer)) *Hook {
+	d := &deliver.Deliverer{Config: cfg}
+	for _, f := range set {
+		f(d)
+	}
+	return &Hook{Config: cfg, Deliver: d.Direct}
 }

@@ -23,7 +23,7 @@ func TestCheckRefresher(t *testing.T) {
 	cfg := config.Default()
 	cfg.StateDir = state
 	cfg.RefresherGrace = time.Minute
-	h := &Hook{Config: cfg}
+	h := directHook(cfg)
 	now := time.Now()
 
 	if err := h.CheckRefresher(now); err != nil {
@@ -66,7 +66,7 @@ func TestCreateChecksRefresherFirst(t *testing.T) {
 	cfg.StateDir = state
 	cfg.AgentAdminSocket = filepath.Join(t.TempDir(), "missing.sock")
 	cfg.RequireRefresher = true
-	h := &Hook{Config: cfg}
+	h := directHook(cfg)
 	req := &Request{
 		State:      &specs.State{ID: "c1", Pid: os.Getpid()},
 		Spec:       &specs.Spec{Process: &specs.Process{}},

@@ -55,11 +55,21 @@ func ReadFile(name string, max int64) ([]byte, error) {
 
 // ReadState decodes the OCI state a runtime writes to a hook's stdin.
 func ReadState(r io.Reader) (*specs.State, error) {
+	data, err := ReadRaw(r)
+	if err != nil {
+		return nil, err
+	}
+	return ParseState(data)
+}
+
+// ReadRaw reads the OCI state from r, undecoded (ParseState decodes it),
+// for a hook that passes it on as it came.
+func ReadRaw(r io.Reader) ([]byte, error) {
 	data, err := io.ReadAll(io.LimitReader(r, maxStateSize+1))
 	if err != nil {
 		return nil, fmt.Errorf("reading OCI state from stdin: %w", err)
 	}
-	return ParseState(data)
+	return data, nil
 }
 
 // ParseState decodes and checks an OCI state document.

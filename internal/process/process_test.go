@@ -7,6 +7,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"syscall"
 	"testing"
 )
@@ -181,5 +182,58 @@ func TestAliveWithoutPermission(t *testing.T) {
 	helper.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
 	if out, err := helper.CombinedOutput(); err != nil {
 		t.Fatalf("uid 65534 pinning uid 65533's process: %v\n%s", err, out)
+	}
+}
+
+func TestFromPidfd(t *testing.T) {
+	self, err := Open(os.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer self.Close()
+	fd, err := self.Dup()
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := FromPidfd(fd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	if p.PID != self.PID || p.StartTime != self.StartTime {
+		t.Fatalf("FromPidfd = pid %d start %d; want %d, %d", p.PID, p.StartTime, self.PID, self.StartTime)
+	}
+
+	// A file that is not a pidfd is refused, and closed.
+	f, err := os.Open("/dev/null")
+	if err != nil {
+		t.Fatal(err)
+	}
+	nfd, err := syscall.Dup(int(f.Fd()))
+	f.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := FromPidfd(nfd); err == nil || !strings.Contains(err.Error(), "not a pidfd") {
+		t.Fatalf("FromPidfd(/dev/null) = %v; want not a pidfd", err)
+	}
+
+	// A pidfd whose process exited is refused as gone.
+	cmd := exec.Command("true")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	child, err := Open(cmd.Process.Pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd.Wait()
+	cfd, err := child.Dup()
+	child.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := FromPidfd(cfd); !errors.Is(err, ErrGone) {
+		t.Fatalf("FromPidfd(exited) = %v; want ErrGone", err)
 	}
 }

@@ -212,6 +212,14 @@ func (r *Refresher) Run(ctx context.Context, ready func()) error {
 	// (require_refresher). The last one is written at the stop, so that
 	// refresher_grace counts from then.
 	r.heartbeat()
+	// The hook hands containers over from here on.
+	if ln := r.listenHandoff(); ln != nil {
+		r.wg.Add(1)
+		go func() {
+			defer r.wg.Done()
+			r.serveHandoff(ctx, ln)
+		}()
+	}
 	if ready != nil {
 		ready()
 	}

@@ -11,6 +11,7 @@
 //	locks/<container-id>.lock          the container's lock (lock.go)
 //	fail-open/<container-id>.json      a fail-open start's trace (failopen.go)
 //	refresher.alive                    the refresher's heartbeat (heartbeat.go)
+//	refresher.sock                     the refresher's handoff socket (package handoff), root only
 //
 // A record is written last, by rename, after the files are in place and
 // mounted; its appearance is the refresher's signal that the container is
@@ -71,6 +72,10 @@ func (s Store) RecordPath(id string) string { return filepath.Join(s.RecordsDir(
 
 // ContainerDir holds all of container id's deliveries.
 func (s Store) ContainerDir(id string) string { return filepath.Join(s.Dir, "containers", id) }
+
+// HandoffSocket is where the refresher takes containers over from the hook
+// (package handoff).
+func (s Store) HandoffSocket() string { return filepath.Join(s.Dir, "refresher.sock") }
 
 // DeliveryDir is the directory of delivery n of container id.
 func (s Store) DeliveryDir(id string, n int) string {

@@ -1,0 +1,63 @@
+package refresh
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/noderesource/spiffe-oci-hook/internal/deliver"
+	"github.com/noderesource/spiffe-oci-hook/internal/handoff"
+	"github.com/noderesource/spiffe-oci-hook/internal/logkey"
+	"github.com/noderesource/spiffe-oci-hook/internal/process"
+	"github.com/noderesource/spiffe-oci-hook/internal/statedir"
+)
+
+// handoffSlots bounds the containers the refresher delivers for the hook
+// at once; more wait in the socket's backlog. Each holds an agent stream
+// and a pidfd for the length of one fetch.
+const handoffSlots = 16
+
+// listenHandoff binds the state directory's handoff socket (package
+// handoff), or logs why not: the hook asks the agent itself then, as with
+// no refresher.
+func (r *Refresher) listenHandoff() *handoff.Listener {
+	ln, err := handoff.Listen(r.store.HandoffSocket())
+	if err != nil {
+		r.log.Error("not taking containers over from the hook", logkey.Error, err)
+		return nil
+	}
+	return ln
+}
+
+// serveHandoff takes containers over from the hook on ln until ctx ends.
+func (r *Refresher) serveHandoff(ctx context.Context, ln *handoff.Listener) {
+	s := handoff.Server{
+		Handler:       r.deliver,
+		Log:           r.log,
+		MaxConcurrent: handoffSlots,
+		ReadTimeout:   5 * time.Second,
+	}
+	if err := s.Serve(ctx, ln); err != nil {
+		r.log.Error("handoff socket", logkey.Error, err)
+	}
+}
+
+// deliver serves a container the hook handed over: the same delivery the
+// hook would make (package deliver), over the refresher's open connection
+// to the agent and with the bundles it follows. The hook mounts the files
+// and records the container; the record's appearance makes the refresher
+// keep it fresh, as for any container.
+func (r *Refresher) deliver(ctx context.Context, req handoff.Request, proc *process.Process) (statedir.Record, error) {
+	d := deliver.Deliverer{Config: *r.live.Load(), Writer: r.Writer, Labeler: r.Labeler, Log: r.log}
+	return d.Deliver(ctx, func(socket string) (deliver.Agent, error) {
+		a := r.agent(ctx, socket)
+		if a.client == nil {
+			return deliver.Agent{}, fmt.Errorf("agent %s: no client", socket)
+		}
+		to := deliver.Agent{Client: a.client}
+		if a.reachable() {
+			to.Bundles, _ = a.Bundles(ctx)
+		}
+		return to, nil
+	}, proc, req)
+}
