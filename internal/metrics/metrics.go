@@ -42,6 +42,8 @@ type Metrics struct {
 	StreamsOpened prometheus.Counter
 	// StreamErrors counts SVID stream failures by kind.
 	StreamErrors *prometheus.CounterVec
+	// Handoffs counts containers the hook handed over, by result.
+	Handoffs *prometheus.CounterVec
 
 	reloads          *prometheus.CounterVec
 	reloadSuccessful prometheus.Gauge
@@ -68,6 +70,10 @@ func New(report func() status.Report) *Metrics {
 			Namespace: namespace, Name: "svid_stream_errors_total",
 			Help: "SVID stream failures by kind: unavailable, not_authorized, no_identity, other.",
 		}, []string{"kind"}),
+		Handoffs: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: namespace, Name: "handoffs_total",
+			Help: "Containers the hook handed over for their first delivery, by result: delivered or refused (the hook prints why).",
+		}, []string{"result"}),
 		reloads: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: namespace, Name: "config_reloads_total",
 			Help: "Configuration reloads (SIGHUP) by result: success or failure.",
@@ -84,12 +90,14 @@ func New(report func() status.Report) *Metrics {
 	for _, k := range []string{KindUnavailable, KindNotAuthorized, KindNoIdentity, KindOther} {
 		m.StreamErrors.WithLabelValues(k)
 	}
+	m.Handoffs.WithLabelValues("delivered")
+	m.Handoffs.WithLabelValues("refused")
 	m.reloads.WithLabelValues("success")
 	m.reloads.WithLabelValues("failure")
 	m.reloadSuccessful.Set(1)
 	m.reloadTime.SetToCurrentTime()
 	m.Registry.MustRegister(
-		m.Rotations, m.WriteFailures, m.StreamsOpened, m.StreamErrors,
+		m.Rotations, m.WriteFailures, m.StreamsOpened, m.StreamErrors, m.Handoffs,
 		m.reloads, m.reloadSuccessful, m.reloadTime,
 		&stateCollector{report: report},
 		collectors.NewGoCollector(),

@@ -49,7 +49,9 @@ func (r *Refresher) serveHandoff(ctx context.Context, ln *handoff.Listener) {
 // keep it fresh, as for any container.
 func (r *Refresher) deliver(ctx context.Context, req handoff.Request, proc *process.Process) (statedir.Record, error) {
 	d := deliver.Deliverer{Config: *r.live.Load(), Writer: r.Writer, Labeler: r.Labeler, Log: r.log}
-	return d.Deliver(ctx, func(socket string) (deliver.Agent, error) {
+	result := "refused"
+	defer func() { r.Metrics.Handoffs.WithLabelValues(result).Inc() }()
+	rec, err := d.Deliver(ctx, func(socket string) (deliver.Agent, error) {
 		a := r.agent(ctx, socket)
 		if a.client == nil {
 			return deliver.Agent{}, fmt.Errorf("agent %s: no client", socket)
@@ -60,4 +62,8 @@ func (r *Refresher) deliver(ctx context.Context, req handoff.Request, proc *proc
 		}
 		return to, nil
 	}, proc, req)
+	if err == nil {
+		result = "delivered"
+	}
+	return rec, err
 }

@@ -128,7 +128,9 @@ func newNodeAPI(t *testing.T, dir, api string) *node {
 	}
 	refresherBin := filepath.Join(n.prefix, "bin", "spiffe-oci-refresher")
 
-	n.spire.CreateEntry(t, hookID, []string{"unix:uid:0", "unix:path:" + n.hookBin}, time.Hour)
+	// The delegate is spiffe-oci-hook-direct, which the hook runs when no
+	// refresher takes the container over.
+	n.spire.CreateEntry(t, hookID, []string{"unix:uid:0", "unix:path:" + filepath.Join(filepath.Dir(n.hookBin), "spiffe-oci-hook-direct")}, time.Hour)
 	n.spire.CreateEntry(t, refresherID, []string{"unix:uid:0", "unix:path:" + refresherBin}, time.Hour)
 	n.startRefresher(t, refresherBin)
 	if api == config.APIBroker {

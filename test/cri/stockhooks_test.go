@@ -45,7 +45,8 @@ func TestCRIOStockHooks(t *testing.T) {
 	}
 	r := startCRIOWith(t, n, h)
 
-	// The hook is attested at the path the JSON names.
+	// spiffe-oci-hook-direct, the delegate, is attested beside the hook
+	// the JSON names.
 	var doc struct {
 		Hook struct {
 			Path string `json:"path"`
@@ -54,9 +55,13 @@ func TestCRIOStockHooks(t *testing.T) {
 	if err := json.Unmarshal(js, &doc); err != nil {
 		t.Fatalf("the ConfigMap's hooks JSON: %v", err)
 	}
-	n.spire.CreateEntry(t, hookID, []string{"unix:uid:0", "unix:path:" + doc.Hook.Path}, time.Hour)
+	n.spire.CreateEntry(t, hookID, []string{"unix:uid:0", "unix:path:" + filepath.Join(filepath.Dir(doc.Hook.Path), "spiffe-oci-hook-direct")}, time.Hour)
 	id := n.register(t, "stock", "default", time.Hour)
 	bin, err := os.ReadFile(n.hookBin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	direct, err := os.ReadFile(filepath.Join(filepath.Dir(n.hookBin), "spiffe-oci-hook-direct"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -64,8 +69,9 @@ func TestCRIOStockHooks(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// The installer's order: the binary, the node config, the JSON last,
+	// The installer's order: the binaries, the node config, the JSON last,
 	// each written aside and renamed into place.
+	installFile(t, filepath.Join(h.hookBin, "spiffe-oci-hook-direct"), direct, 0o755)
 	installFile(t, filepath.Join(h.hookBin, filepath.Base(doc.Hook.Path)), bin, 0o755)
 	installFile(t, filepath.Join(h.config, "config.yaml"), cfg, 0o644)
 

@@ -44,11 +44,12 @@ const (
 )
 
 var (
-	repoRoot     string
-	hookBin      string
-	refresherBin string
-	buildErr     error
-	once         sync.Once
+	repoRoot      string
+	hookBin       string
+	hookDirectBin string // beside hookBin, which runs it with no refresher
+	refresherBin  string
+	buildErr      error
+	once          sync.Once
 )
 
 // requireRoot skips tests that cannot run without root and builds the hook.
@@ -69,8 +70,9 @@ func requireRoot(t *testing.T) {
 		wd, _ := os.Getwd()
 		repoRoot = filepath.Dir(filepath.Dir(wd))
 		hookBin = filepath.Join(repoRoot, "bin", "test", "spiffe-oci-hook")
+		hookDirectBin = filepath.Join(repoRoot, "bin", "test", "spiffe-oci-hook-direct")
 		refresherBin = filepath.Join(repoRoot, "bin", "test", "spiffe-oci-refresher")
-		for bin, pkg := range map[string]string{hookBin: "hook", refresherBin: "refresher"} {
+		for bin, pkg := range map[string]string{hookBin: "hook", hookDirectBin: "hook/direct", refresherBin: "refresher"} {
 			out, err := exec.Command("go", "build", "-o", bin, filepath.Join(repoRoot, pkg)).CombinedOutput()
 			if err != nil {
 				buildErr = fmt.Errorf("building %s: %v\n%s", pkg, err, out)
@@ -158,7 +160,10 @@ func startEnvOptions(t *testing.T, opts spiretest.Options) *env {
 		}
 	}
 	e.config = e.writeConfig("")
-	s.CreateEntry(t, hookID, []string{"unix:uid:0", "unix:path:" + hookBin}, time.Hour)
+	// The delegate is spiffe-oci-hook-direct, which spiffe-oci-hook runs
+	// when no refresher takes the container over: the hook itself never
+	// speaks to the agent.
+	s.CreateEntry(t, hookID, []string{"unix:uid:0", "unix:path:" + hookDirectBin}, time.Hour)
 	s.CreateEntry(t, refresherID, []string{"unix:uid:0", "unix:path:" + refresherBin}, time.Hour)
 	return e
 }

@@ -316,8 +316,10 @@ func startAs(t *testing.T, uid uint32) int {
 // container and what to do, and leaves nothing behind.
 func TestHookFailures(t *testing.T) {
 	e := newEnv(t)
-	unregistered := filepath.Join(shortTempDir(t), "spiffe-oci-hook")
-	data, err := os.ReadFile(hookBin)
+	// spiffe-oci-hook-direct where no entry names it: what speaks to the
+	// agent is not an authorized delegate.
+	unregistered := filepath.Join(shortTempDir(t), "spiffe-oci-hook-direct")
+	data, err := os.ReadFile(hookDirectBin)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -25,6 +25,7 @@ import (
 // hooks.d JSON names the same hook path.
 const (
 	rpmHookPath      = "/usr/libexec/oci/hooks.d/spiffe-oci-hook"
+	rpmHookDirect    = "/usr/libexec/oci/hooks.d/spiffe-oci-hook-direct" // beside the hook, which runs it
 	rpmHooksJSON     = "/usr/share/containers/oci/hooks.d/spiffe-oci-hook.json"
 	rpmRefresherPath = "/usr/bin/spiffe-oci-refresher"
 	rpmUnitPath      = "/usr/lib/systemd/system/spiffe-oci-refresher.service"

@@ -49,13 +49,13 @@ func TestMakeInstall(t *testing.T) {
 	dest := makeInstall(t, "PREFIX=/usr", "VERSION="+version)
 
 	want := sorted(append([]string{
-		rpmHookPath, rpmHooksJSON, rpmRefresherPath, rpmUnitPath, rpmConfigPath, rpmTmpfilesPath,
+		rpmHookPath, rpmHookDirect, rpmHooksJSON, rpmRefresherPath, rpmUnitPath, rpmConfigPath, rpmTmpfilesPath,
 	}, docFiles(t, "/usr/share/doc/spiffe-oci-hook", "/usr/share/doc/spiffe-oci-hook")...))
 	if got := listTree(t, dest); !slices.Equal(got, want) {
 		t.Fatalf("make install PREFIX=/usr installed\n  %q\nwant\n  %q", got, want)
 	}
 	for path, mode := range map[string]os.FileMode{
-		rpmHookPath: 0o755, rpmRefresherPath: 0o755,
+		rpmHookPath: 0o755, rpmHookDirect: 0o755, rpmRefresherPath: 0o755,
 		rpmHooksJSON: 0o644, rpmUnitPath: 0o644, rpmConfigPath: 0o644, rpmTmpfilesPath: 0o644,
 	} {
 		st, err := os.Stat(dest + path)
@@ -80,8 +80,8 @@ func TestMakeInstall(t *testing.T) {
 		t.Errorf("installed JSON differs from hooks.d/spiffe-oci-hook.json:\n%s", data)
 	}
 
-	// Both binaries carry the version make was given.
-	for _, bin := range []string{rpmHookPath, rpmRefresherPath} {
+	// The binaries carry the version make was given.
+	for _, bin := range []string{rpmHookPath, rpmHookDirect, rpmRefresherPath} {
 		if got := binaryVersion(t, dest+bin); !strings.HasSuffix(got, " "+version) {
 			t.Errorf("%s --version = %q, want version %s", bin, got, version)
 		}
@@ -146,7 +146,7 @@ func TestMakeInstallRendersPaths(t *testing.T) {
 		config = "/opt/soh/etc/spiffe-oci-hook/config.yaml"
 		tmpf   = "/opt/soh/lib/tmpfiles.d/spiffe-oci-hook.conf"
 	)
-	want := sorted(append([]string{hook, js, bin, unit, config, tmpf},
+	want := sorted(append([]string{hook, hook + "-direct", js, bin, unit, config, tmpf},
 		docFiles(t, "/opt/soh/share/doc/spiffe-oci-hook", "/opt/soh/share/doc/spiffe-oci-hook")...))
 	if got := listTree(t, dest); !slices.Equal(got, want) {
 		t.Fatalf("installed\n  %q\nwant\n  %q", got, want)
@@ -197,6 +197,13 @@ func TestInstallOrder(t *testing.T) {
 	}
 	if binAt > jsonAt {
 		t.Errorf("install touches %s (line %d) before installing the hook binary (line %d)", rpmHooksJSON, jsonAt, binAt)
+	}
+	// The hook runs spiffe-oci-hook-direct: it goes in first.
+	directAt := first(func(l string) bool {
+		return strings.HasPrefix(l, "install ") && strings.HasSuffix(l, " "+dest+rpmHookDirect)
+	})
+	if directAt < 0 || directAt > binAt {
+		t.Errorf("install puts spiffe-oci-hook-direct in at line %d, the hook at line %d; want it first", directAt, binAt)
 	}
 	if !strings.HasPrefix(lines[jsonLive], "mv ") {
 		t.Errorf("the JSON is not renamed into place (written in place, readable half-written): %q", lines[jsonLive])

@@ -81,12 +81,14 @@ func newInstallerRoot(t *testing.T) *installerRoot {
 	return r
 }
 
-// image puts a stand-in hook binary of version v where the image has it.
+// image puts stand-in hook binaries of version v where the image has them.
 func (r *installerRoot) image(t *testing.T, v string) {
 	t.Helper()
-	hook := "#!/bin/sh\necho spiffe-oci-hook " + v + " >&2\n"
-	if err := os.WriteFile(filepath.Join(r.dir, "usr", "bin", "spiffe-oci-hook"), []byte(hook), 0o755); err != nil {
-		t.Fatal(err)
+	for _, name := range []string{"spiffe-oci-hook", "spiffe-oci-hook-direct"} {
+		hook := "#!/bin/sh\necho " + name + " " + v + " >&2\n"
+		if err := os.WriteFile(filepath.Join(r.dir, "usr", "bin", name), []byte(hook), 0o755); err != nil {
+			t.Fatal(err)
+		}
 	}
 }
 
@@ -126,9 +128,10 @@ func TestInstallerUpgrade(t *testing.T) {
 	hook := r.host("opt/spiffe-oci-hook/bin/spiffe-oci-hook")
 	for p, want := range map[string]os.FileMode{
 		hook: 0o755,
-		r.host("etc/spiffe-oci-hook/config.yaml"): 0o644,
-		r.host("hooks.d/spiffe-oci-hook.json"):    0o644,
-		r.host("run/spiffe-oci-hook"):             os.ModeDir | 0o700,
+		r.host("opt/spiffe-oci-hook/bin/spiffe-oci-hook-direct"): 0o755,
+		r.host("etc/spiffe-oci-hook/config.yaml"):                0o644,
+		r.host("hooks.d/spiffe-oci-hook.json"):                   0o644,
+		r.host("run/spiffe-oci-hook"):                            os.ModeDir | 0o700,
 	} {
 		st, err := os.Stat(p)
 		if err != nil {

@@ -67,7 +67,7 @@ func TestPathsAgree(t *testing.T) {
 		}
 	}
 	for p, attr := range map[string]string{
-		rpmHookPath: "", rpmHooksJSON: "", rpmRefresherPath: "", rpmUnitPath: "", rpmTmpfilesPath: "",
+		rpmHookPath: "", rpmHookDirect: "", rpmHooksJSON: "", rpmRefresherPath: "", rpmUnitPath: "", rpmTmpfilesPath: "",
 		rpmConfigPath: "%config(noreplace)",
 	} {
 		got, ok := listed[p]

@@ -138,6 +138,7 @@ func TestRPM(t *testing.T) {
 		rpmUnitPath,
 		rpmTmpfilesPath,
 		rpmHookPath,
+		rpmHookDirect,
 		rpmHooksJSON,
 		"/usr/share/doc/spiffe-oci-hook",
 		"/usr/share/licenses/spiffe-oci-hook",

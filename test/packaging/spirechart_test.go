@@ -148,7 +148,7 @@ func TestHelmRegistration(t *testing.T) {
 		t.Errorf("node alias %+v", alias)
 	}
 	if hook.SPIFFEID != "spiffe://td.example/spiffe-oci-hook" || hook.ParentID != alias.SPIFFEID ||
-		!slices.Equal(hook.Selectors, []string{"unix:uid:0", "unix:path:/opt/spiffe-oci-hook/bin/spiffe-oci-hook"}) {
+		!slices.Equal(hook.Selectors, []string{"unix:uid:0", "unix:path:/opt/spiffe-oci-hook/bin/spiffe-oci-hook-direct"}) {
 		t.Errorf("hook entry %+v", hook)
 	}
 	if refresher.SPIFFEIDTemplate != "spiffe://td.example/spiffe-oci-refresher" ||

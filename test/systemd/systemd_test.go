@@ -100,7 +100,7 @@ func TestSystemdNode(t *testing.T) {
 		t.Fatalf("%s exists before the refresher starts: %s", stateDir, out)
 	}
 	agentID := startSPIRE(t, n)
-	createEntry(t, n, agentID, hookID, 0, "unix:uid:0", "unix:path:/usr/libexec/oci/hooks.d/spiffe-oci-hook")
+	createEntry(t, n, agentID, hookID, 0, "unix:uid:0", "unix:path:/usr/libexec/oci/hooks.d/spiffe-oci-hook-direct")
 	createEntry(t, n, agentID, refresherID, 0, "unix:uid:0", "unix:path:/usr/bin/spiffe-oci-refresher")
 	for _, svc := range []string{"web", "db", "api"} {
 		createEntry(t, n, agentID, "spiffe://"+trustDomain+"/"+svc, svidTTL, "systemd:id:"+svc+".service")

@@ -52,6 +52,7 @@ const UpgradeVersion = "v0.0.0-cluster-upgrade"
 // destinations of deploy/Containerfile's COPY lines (a test compares them).
 var ProjectFiles = map[string]string{
 	"/usr/bin/spiffe-oci-hook":               "bin/spiffe-oci-hook",
+	"/usr/bin/spiffe-oci-hook-direct":        "bin/spiffe-oci-hook-direct",
 	"/usr/bin/spiffe-oci-refresher":          "bin/spiffe-oci-refresher",
 	"/usr/bin/spiffe-oci-nri":                "bin/spiffe-oci-nri",
 	"/usr/share/doc/spiffe-oci-hook/LICENSE": "LICENSE",
@@ -274,7 +275,7 @@ func (c *Cluster) upgradeRoot() string { return filepath.Join(c.Dir, "upgrade") 
 // buildUpgradeBinaries builds the project's binaries as the Makefile does
 // but stamped UpgradeVersion (a link from the build cache after make build).
 func (c *Cluster) buildUpgradeBinaries() error {
-	for _, b := range []string{"spiffe-oci-hook:./hook", "spiffe-oci-refresher:./refresher", "spiffe-oci-nri:./nri"} {
+	for _, b := range []string{"spiffe-oci-hook:./hook", "spiffe-oci-hook-direct:./hook/direct", "spiffe-oci-refresher:./refresher", "spiffe-oci-nri:./nri"} {
 		name, pkg, _ := strings.Cut(b, ":")
 		cmd := exec.Command("go", "build", "-trimpath", "-tags", "grpcnotrace",
 			"-ldflags", "-s -w -X main.version="+UpgradeVersion, "-o", filepath.Join(c.upgradeRoot(), "bin", name), pkg)

@@ -42,14 +42,15 @@ const DefaultClusterSPIFFEID = "spire-spire-default"
 // default ClusterSPIFFEID from selecting it.
 const NoDefaultIdentityLabel = "spiffe-oci-hook.test/default-identity"
 
-// The hook as the DaemonSet installs it on the host, and the refresher in
-// the project image: the agent authorizes them as delegates (and the
-// refresher as a broker) by these SPIFFE IDs.
+// spiffe-oci-hook-direct as the DaemonSet installs it on the host (the
+// hook runs it when no refresher takes a container over), and the
+// refresher in the project image: the agent authorizes them as delegates
+// (and the refresher as a broker) by these SPIFFE IDs.
 const (
-	HookPath      = "/opt/spiffe-oci-hook/bin/spiffe-oci-hook"
-	RefresherPath = "/usr/bin/spiffe-oci-refresher"
-	HookID        = "spiffe://" + TrustDomain + "/spiffe-oci-hook"
-	RefresherID   = "spiffe://" + TrustDomain + "/spiffe-oci-refresher"
+	HookDirectPath = "/opt/spiffe-oci-hook/bin/spiffe-oci-hook-direct"
+	RefresherPath  = "/usr/bin/spiffe-oci-refresher"
+	HookID         = "spiffe://" + TrustDomain + "/spiffe-oci-hook"
+	RefresherID    = "spiffe://" + TrustDomain + "/spiffe-oci-refresher"
 )
 
 // The SPIRE agent's sockets on the host, where SPIRE's Helm chart puts

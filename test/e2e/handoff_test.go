@@ -1,0 +1,127 @@
+package e2e
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	rspec "github.com/opencontainers/runtime-spec/specs-go"
+
+	"github.com/noderesource/spiffe-oci-hook/internal/status"
+	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
+)
+
+// metricSum reads the sum of a metric's series from the refresher's
+// metrics socket.
+func metricSum(t *testing.T, socket, name string) float64 {
+	t.Helper()
+	code, body, err := status.NewClient(socket).Get(context.Background(), status.PathMetrics)
+	if err != nil || code != 200 {
+		t.Fatalf("GET %s on %s: HTTP %d, %v", status.PathMetrics, socket, code, err)
+	}
+	return testhelp.MetricSum(t, body, name)
+}
+
+// TestHandoff: with a refresher on the node, the hook hands the container
+// over (the refresher counts it), and the container's own process reads
+// its SVID; the same annotation with no refresher is served by
+// spiffe-oci-hook-direct, which the hook runs.
+func TestHandoff(t *testing.T) {
+	e := newEnv(t)
+	run := func(t *testing.T) {
+		t.Helper()
+		const certDir = "/certs"
+		b := newBundle(t, []string{"/bin/sh", "-c", printFiles(certDir)})
+		b.SetProcessUID(1000)
+		b.SetProcessGID(1000)
+		b.AddAnnotation(annotation, "- cert_dir: "+certDir+"\n")
+		b.Config.Hooks = &rspec.Hooks{CreateRuntime: []rspec.Hook{e.hook(e.config)}}
+		out, stderr, err := b.runc(t)
+		if err != nil {
+			t.Fatalf("runc run: %v\nstderr: %s", err, stderr)
+		}
+		checkSVID(t, section(t, out, "cert"), section(t, out, "key"), section(t, out, "bundle"), workloadID)
+		if got := strings.TrimSpace(section(t, out, "keystat")); got != "600 1000 1000" {
+			t.Errorf("key mode/owner inside the container = %q, want \"600 1000 1000\"", got)
+		}
+	}
+
+	t.Run("no refresher: spiffe-oci-hook-direct", run)
+
+	metrics := filepath.Join(e.dir, "refresher-metrics.sock")
+	r := e.startRefresherWith(t, e.writeConfig("refresher:\n  metrics_socket: "+metrics+"\n"))
+	t.Run("handed to the refresher", func(t *testing.T) {
+		before := metricSum(t, metrics, "spiffe_oci_handoffs_total")
+		run(t)
+		if got := metricSum(t, metrics, "spiffe_oci_handoffs_total"); got != before+1 {
+			t.Fatalf("the refresher delivered %v containers handed over, want %v:\n%s", got, before+1, readFile(r.log))
+		}
+	})
+}
+
+// TestRefresherKilledMidHandoff: the refresher is killed while it waits,
+// for a handed-over container, for the container's entry to reach the
+// agent. The hook finds the connection closed without an answer, removes
+// what the refresher may have written, and runs spiffe-oci-hook-direct,
+// which waits for the entry itself: the container starts with its
+// identity, never without.
+func TestRefresherKilledMidHandoff(t *testing.T) {
+	e := startEnv(t)
+	e.waitSynced() // the delegates' entries, not the workload's
+	config := e.writeConfig("registration_wait: 8s\n")
+	r := e.startRefresherWith(t, config)
+
+	const certDir = "/certs"
+	b := newBundle(t, []string{"/bin/sh", "-c", printFiles(certDir)})
+	b.AddAnnotation(annotation, "- cert_dir: "+certDir+"\n")
+	b.Config.Hooks = &rspec.Hooks{CreateRuntime: []rspec.Hook{e.hook(config)}}
+	type result struct {
+		out, stderr string
+		err         error
+	}
+	done := make(chan result, 1)
+	go func() {
+		out, stderr, err := b.runc(t)
+		done <- result{out, stderr, err}
+	}()
+
+	// The hook is connected and the refresher is waiting for the entry:
+	// the refresher holds the request.
+	testhelp.Eventually(t, 20*time.Second, "the refresher holding the handed-over request", func() bool {
+		return handoffConnections(t) > 0
+	})
+	r.cmd.Process.Kill()
+	r.cmd.Wait()
+
+	// Now the entry: spiffe-oci-hook-direct, waiting on its own stream,
+	// receives it.
+	e.spire.CreateEntry(t, workloadID, []string{"unix:uid:0", "unix:path:" + runcInitPath(t)}, time.Hour)
+	res := <-done
+	if res.err != nil {
+		t.Fatalf("runc run: %v\nstderr: %s", res.err, res.stderr)
+	}
+	checkSVID(t, section(t, res.out, "cert"), section(t, res.out, "key"), section(t, res.out, "bundle"), workloadID)
+}
+
+// handoffConnections counts the connections accepted on handoff sockets.
+func handoffConnections(t *testing.T) int {
+	t.Helper()
+	data, err := os.ReadFile("/proc/net/unix")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Inodes of sockets bound at a path ending in refresher.sock that are
+	// connected (state 03, SS_CONNECTED): the accepted end shows the
+	// listener's path too.
+	n := 0
+	for _, line := range strings.Split(string(data), "\n") {
+		f := strings.Fields(line)
+		if len(f) >= 8 && strings.HasSuffix(f[7], "/refresher.sock") && f[5] == "03" {
+			n++
+		}
+	}
+	return n
+}
