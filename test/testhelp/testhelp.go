@@ -1,7 +1,7 @@
 // Package testhelp holds the small helpers that several test packages
 // used to carry copies of: polling for a condition, the repository root,
-// a tmpfs state directory, and summing a metric from the refresher's
-// exposition.
+// a tmpfs state directory, summing a metric from the refresher's
+// exposition, and a log buffer that goroutines may write to.
 //
 // It imports only the standard library and golang.org/x/sys, so that any
 // test can import it, in-package tests under internal/ included: an
@@ -18,6 +18,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -134,4 +135,24 @@ func MetricSum(t testing.TB, exposition []byte, name string) float64 {
 		}
 	}
 	return sum
+}
+
+// SyncBuffer is a log destination that several goroutines may write to
+// while the test reads what they wrote.
+type SyncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *SyncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+// String returns what was written so far.
+func (s *SyncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }
