@@ -147,12 +147,9 @@ func (s Store) Load(id string) (Record, error) {
 
 // IDs lists the containers that have a record.
 func (s Store) IDs() ([]string, error) {
-	entries, err := os.ReadDir(s.RecordsDir())
+	entries, err := readStateDir(s.RecordsDir())
 	if err != nil {
-		if errors.Is(err, fs.ErrNotExist) {
-			return nil, nil
-		}
-		return nil, fmt.Errorf("state directory: %w", err)
+		return nil, err
 	}
 	var ids []string
 	for _, e := range entries {
@@ -161,6 +158,19 @@ func (s Store) IDs() ([]string, error) {
 		}
 	}
 	return ids, nil
+}
+
+// readStateDir lists dir, a directory of the state directory that may not
+// have been made yet: then it is empty.
+func readStateDir(dir string) ([]os.DirEntry, error) {
+	entries, err := os.ReadDir(dir)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("state directory: %w", err)
+	}
+	return entries, nil
 }
 
 // IDFromFileName returns the container ID a file in RecordsDir belongs to.
@@ -175,12 +185,9 @@ func IDFromFileName(name string) (string, bool) {
 // Orphans lists container directories that have no record: left behind by
 // a hook that was killed mid-way, or by a container whose poststop never ran.
 func (s Store) Orphans() ([]string, error) {
-	entries, err := os.ReadDir(filepath.Join(s.Dir, "containers"))
+	entries, err := readStateDir(filepath.Join(s.Dir, "containers"))
 	if err != nil {
-		if errors.Is(err, fs.ErrNotExist) {
-			return nil, nil
-		}
-		return nil, fmt.Errorf("state directory: %w", err)
+		return nil, err
 	}
 	var ids []string
 	for _, e := range entries {
