@@ -29,22 +29,14 @@ import (
 //   - a broker SVID whose ID the agent does not list;
 //   - a pid without entry.
 func TestBrokerAPI(t *testing.T) {
-	for _, tc := range []struct {
-		name string
-		test func(*testing.T)
-	}{
+	runAgainst(t, spiretest.V115, config.APIBroker, []namedTest{
 		{"RuncDeliversSVID", TestRuncDeliversSVID},
 		{"JWTDelivery", TestJWTDelivery},
 		{"RefresherLifecycle", TestRefresherLifecycle},
 		{"RefresherKeepsBrokerSVID", testBrokerRefresherSVID},
 		{"BrokerNotListed", testBrokerNotListed},
 		{"NoEntry", testBrokerNoEntry},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			withSPIRE(t, spiretest.V115, config.APIBroker)
-			tc.test(t)
-		})
-	}
+	})
 }
 
 // waitBrokerSVID waits until the state directory's broker SVID is id's.

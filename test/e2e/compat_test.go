@@ -13,17 +13,9 @@ import (
 // (1.13 has no Broker API). The rest of the package runs on 1.15.3 only:
 // running every suite on both lines would double the CI time.
 func TestCompatSPIRE113(t *testing.T) {
-	for _, tc := range []struct {
-		name string
-		test func(*testing.T)
-	}{
+	runAgainst(t, spiretest.V113, config.APIDelegated, []namedTest{
 		{"RuncDeliversSVID", TestRuncDeliversSVID},
 		{"JWTDelivery", TestJWTDelivery},
 		{"RefresherLifecycle", TestRefresherLifecycle},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			withSPIRE(t, spiretest.V113, config.APIDelegated)
-			tc.test(t)
-		})
-	}
+	})
 }

@@ -134,6 +134,24 @@ func withSPIRE(t *testing.T, version, api string) {
 	t.Cleanup(func() { spireVersion, agentAPI = oldV, oldA })
 }
 
+// namedTest is a test that another runs again, as a subtest, under
+// other conditions (runAgainst).
+type namedTest struct {
+	name string
+	test func(*testing.T)
+}
+
+// runAgainst runs each of tests as a subtest of t against SPIRE version
+// with agent API api (withSPIRE).
+func runAgainst(t *testing.T, version, api string, tests []namedTest) {
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			withSPIRE(t, version, api)
+			tc.test(t)
+		})
+	}
+}
+
 // startEnvOptions is startEnv with SPIRE options; the trust domain and the
 // delegates are always this package's.
 func startEnvOptions(t *testing.T, opts spiretest.Options) *env {
@@ -316,6 +334,30 @@ func (b *bundle) run(t *testing.T, runtime string) (stdout, stderr string, err e
 	err = cmd.Run()
 	t.Cleanup(func() { exec.Command(runtime, "--root", root, "delete", "--force", b.id).Run() })
 	return out.String(), errb.String(), err
+}
+
+// runDetached saves the bundle and starts it with `<runtime> run
+// --detach` (runc or crun), and returns the file its output goes to; the
+// container is deleted at cleanup.
+func (b *bundle) runDetached(t *testing.T, runtime string) string {
+	t.Helper()
+	b.save(t)
+	// The container inherits the runtime's stdout and stderr: a file, not
+	// a pipe that Run would wait on until the container exits.
+	out := filepath.Join(b.dir, "out")
+	f, err := os.Create(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	root := filepath.Join(b.dir, runtime+"-root")
+	cmd := exec.Command(runtime, "--root", root, "run", "--detach", "--bundle", b.dir, b.id)
+	cmd.Stdout, cmd.Stderr = f, f
+	if err := cmd.Run(); err != nil {
+		t.Fatalf("%s run --detach: %v: %s", runtime, err, readFile(out))
+	}
+	t.Cleanup(func() { exec.Command(runtime, "--root", root, "delete", "--force", b.id).Run() })
+	return out
 }
 
 var busyboxApplets = []string{"sh", "cat", "ls", "stat", "grep", "sed", "base64", "strings", "touch", "sleep", "id", "echo", "true", "head", "test", "readlink", "mkdir", "od", "awk"}
