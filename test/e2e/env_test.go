@@ -17,7 +17,6 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -186,23 +185,10 @@ func startEnvOptions(t *testing.T, opts spiretest.Options) *env {
 // means the earlier ones are too.
 func (e *env) waitSynced() {
 	e.t.Helper()
-	id := fmt.Sprintf("spiffe://%s/sentinel/%d", trustDomain, time.Now().UnixNano())
-	// A uid of its own, so that the sentinel entry (deleted below, but
-	// gone from the agent only at its next sync) matches no test process.
+	// A uid of its own, so that the sentinel entry (deleted, but gone
+	// from the agent only at its next sync) matches no test process.
 	const sentinelUID = 4242
-	sleep := exec.Command("sleep", "60")
-	sleep.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: sentinelUID, Gid: sentinelUID}}
-	if err := sleep.Start(); err != nil {
-		e.t.Fatal(err)
-	}
-	defer func() { sleep.Process.Kill(); sleep.Wait() }()
-	exe, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", sleep.Process.Pid))
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	entry := e.spire.CreateEntry(e.t, id, []string{fmt.Sprintf("unix:uid:%d", sentinelUID), "unix:path:" + exe}, time.Hour)
-	e.spire.WaitForSVID(e.t, sleep.Process.Pid, id, 60*time.Second)
-	e.spire.DeleteEntry(e.t, entry)
+	e.spire.WaitSynced(e.t, sentinelUID)
 }
 
 // writeConfig writes a node configuration for the hook; extra is appended.
