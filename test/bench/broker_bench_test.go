@@ -33,10 +33,7 @@ type apiResult struct {
 // configurations (A: executable hashing, B: none), with spiffe-helper
 // one-shot as the yardstick. It writes its own section of BENCHMARKS.md.
 func TestBenchBrokerAPI(t *testing.T) {
-	benchmd.On(t)
-	if os.Getuid() != 0 {
-		t.Skip("benchmarks: need root (runc, mounts, SPIRE's unix attestor)")
-	}
+	benchAsRoot(t, "runc, mounts, SPIRE's unix attestor")
 	root := testhelp.RepoRoot(t)
 	work := tempDir(t, "bench-")
 	b := build(t, root, work)

@@ -215,15 +215,24 @@ func runc(bundle, root, id string) (time.Duration, string, error) {
 	return d, stderr.String(), err
 }
 
-// fetchTimes reads the agent round-trips hookwrap fetch measured for id.
-func fetchTimes(t *testing.T, log, id string) []time.Duration {
+// logFields reads one of hookwrap's logs: the fields of each line.
+func logFields(t *testing.T, log string) [][]string {
 	t.Helper()
 	data, err := os.ReadFile(log)
 	if err != nil {
 		t.Fatal(err)
 	}
+	var lines [][]string
 	for _, line := range strings.Split(string(data), "\n") {
-		f := strings.Fields(line)
+		lines = append(lines, strings.Fields(line))
+	}
+	return lines
+}
+
+// fetchTimes reads the agent round-trips hookwrap fetch measured for id.
+func fetchTimes(t *testing.T, log, id string) []time.Duration {
+	t.Helper()
+	for _, f := range logFields(t, log) {
 		if len(f) < 3 || f[0] != id {
 			continue
 		}
@@ -243,12 +252,7 @@ func fetchTimes(t *testing.T, log, id string) []time.Duration {
 
 func hookTime(t *testing.T, log, id string) time.Duration {
 	t.Helper()
-	data, err := os.ReadFile(log)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, line := range strings.Split(string(data), "\n") {
-		f := strings.Fields(line)
+	for _, f := range logFields(t, log) {
 		if len(f) == 4 && f[0] == id {
 			if f[3] != "0" {
 				t.Fatalf("hook exited %s for %s", f[3], id)
