@@ -34,11 +34,7 @@ func socketPath(t *testing.T) string {
 func start(t *testing.T) (*fakeagent.Agent, *Client) {
 	t.Helper()
 	socket := socketPath(t)
-	a, err := fakeagent.New("example.org", socket)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(a.Stop)
+	a := fakeagent.Start(t, "example.org", socket)
 	c, err := New(socket)
 	if err != nil {
 		t.Fatal(err)

@@ -35,11 +35,7 @@ var hookBroker = spiffeid.RequireFromString("spiffe://example.org/node/broker")
 // allowed, and returns a client presenting an SVID for me.
 func startBroker(t *testing.T, me spiffeid.ID, allowed ...spiffeid.ID) (*fakeagent.Agent, *fakeagent.Broker, *Client) {
 	t.Helper()
-	a, err := fakeagent.New("example.org", socketPath(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(a.Stop)
+	a := fakeagent.Start(t, "example.org", socketPath(t))
 	socket := socketPath(t)
 	b, err := a.ServeBroker(socket, allowed...)
 	if err != nil {
@@ -197,11 +193,7 @@ func TestBrokerJWT(t *testing.T) {
 // TestBrokerMissingSocket names the agent setting that makes the socket.
 func TestBrokerMissingSocket(t *testing.T) {
 	socket := socketPath(t)
-	a, err := fakeagent.New("example.org", socketPath(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(a.Stop)
+	a := fakeagent.Start(t, "example.org", socketPath(t))
 	svid, _ := a.MintSVID(hookBroker)
 	c, err := NewBroker(socket, brokerID{svid, x509bundle.FromX509Authorities(a.TrustDomain, []*x509.Certificate{a.CA()})})
 	if err != nil {

@@ -43,11 +43,7 @@ func newFakeNode(t *testing.T) *fakeNode {
 	dir, state := tempNode(t, 16)
 	n := &fakeNode{broker: filepath.Join(dir, "b.sock")}
 	admin := filepath.Join(dir, "a.sock")
-	var err error
-	if n.fake, err = fakeagent.New("example.org", admin); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(n.fake.Stop)
+	n.fake = fakeagent.Start(t, "example.org", admin)
 	b, err := n.fake.ServeBroker(n.broker, nodeBroker)
 	if err != nil {
 		t.Fatal(err)

@@ -31,11 +31,7 @@ const defaultBudget = config.DefaultStateBudgetMiB << 20
 func TestStateBudget(t *testing.T) {
 	dir, state := tempNode(t, 128)
 	socket := filepath.Join(dir, "a.sock")
-	fake, err := fakeagent.New("example.org", socket)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(fake.Stop)
+	fake := fakeagent.Start(t, "example.org", socket)
 	fake.Default = []spiffeid.ID{spiffeid.RequireFromString("spiffe://example.org/tenant")}
 	bundle := filepath.Join(dir, "bundle")
 	os.MkdirAll(filepath.Join(bundle, "rootfs"), 0o755)
@@ -79,7 +75,7 @@ func TestStateBudget(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(state, "others"), make([]byte, defaultBudget-used-64<<10), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	err = create("past", sixteen.String())
+	err := create("past", sixteen.String())
 	t.Logf("past the budget: %v", err)
 	if err == nil || !strings.Contains(err.Error(), "state_budget_mib") {
 		unix.Statfs(state, &st)

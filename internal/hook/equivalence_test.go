@@ -163,11 +163,7 @@ func TestHookRefresherEquivalence(t *testing.T) {
 func (c equivCase) run(t *testing.T) {
 	dir, state := tempNode(t, 16)
 	socket := filepath.Join(dir, "a.sock")
-	fake, err := fakeagent.New("example.org", socket)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(fake.Stop)
+	fake := fakeagent.Start(t, "example.org", socket)
 	ids := c.ids
 	if ids == nil {
 		ids = []string{equivWorkload}

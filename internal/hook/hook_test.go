@@ -66,11 +66,7 @@ func tmpLink(name string) string {
 func TestMountLabelSeam(t *testing.T) {
 	dir, state := tempNode(t, 16)
 	socket := filepath.Join(dir, "a.sock")
-	fake, err := fakeagent.New("example.org", socket)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(fake.Stop)
+	fake := fakeagent.Start(t, "example.org", socket)
 	fake.Default = []spiffeid.ID{spiffeid.RequireFromString("spiffe://example.org/labelled")}
 
 	bundle := filepath.Join(dir, "bundle")

@@ -56,11 +56,7 @@ func TestBenchStateBudget(t *testing.T) {
 	state := filepath.Join(dir, "state")
 	testhelp.MountTmpfs(t, state, fmt.Sprintf("mode=0700,size=%dm", budget*3/2))
 	socket := filepath.Join(dir, "admin.sock")
-	fake, err := fakeagent.New(trustDomain, socket)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(fake.Stop)
+	fake := fakeagent.Start(t, trustDomain, socket)
 	fake.Default = []spiffeid.ID{spiffeid.RequireFromString(workloadID)}
 	bundle := filepath.Join(dir, "bundle")
 	os.MkdirAll(filepath.Join(bundle, "rootfs"), 0o755)

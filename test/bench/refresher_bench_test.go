@@ -47,11 +47,7 @@ func benchRefresher(t *testing.T, b bins, n int, res *results) scaleResult {
 	state := filepath.Join(dir, "state")
 	testhelp.MountTmpfs(t, state, "mode=0700,size=256m")
 	socket := filepath.Join(dir, "admin.sock")
-	fake, err := fakeagent.New(trustDomain, socket)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(fake.Stop)
+	fake := fakeagent.Start(t, trustDomain, socket)
 	workload := spiffeid.RequireFromString(workloadID)
 	fake.Default = []spiffeid.ID{workload}
 	store := statedir.Store{Dir: state}

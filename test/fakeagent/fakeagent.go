@@ -18,6 +18,7 @@ import (
 	"net/url"
 	"sync"
 	"sync/atomic"
+	"testing"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -156,6 +157,18 @@ func (a *Agent) Stop() {
 	srv := a.srv
 	a.mu.Unlock()
 	srv.Stop()
+}
+
+// Start is New for a test: it fails t if the agent cannot serve, and
+// stops it when t ends.
+func Start(t testing.TB, trustDomain, socket string) *Agent {
+	t.Helper()
+	a, err := New(trustDomain, socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(a.Stop)
+	return a
 }
 
 // Set gives pid the SPIFFE IDs ids (first is the default).
