@@ -17,17 +17,7 @@ import (
 // removed when t ends.
 func tempNode(t *testing.T, sizeMiB int) (dir, state string) {
 	t.Helper()
-	if os.Getuid() != 0 {
-		t.Skip("needs root: tmpfs state directory and a mount namespace")
-	}
-	dir, err := os.MkdirTemp("/tmp", "hook-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	state = filepath.Join(dir, "state")
-	testhelp.MountTmpfs(t, state, fmt.Sprintf("size=%dm", sizeMiB))
-	return dir, state
+	return testhelp.TempNode(t, "needs root: tmpfs state directory and a mount namespace", "hook-", fmt.Sprintf("size=%dm", sizeMiB))
 }
 
 // initStandIn starts a process in a mount namespace of its own, standing

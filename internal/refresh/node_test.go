@@ -46,22 +46,9 @@ type node struct {
 
 func newNode(t *testing.T) *node {
 	t.Helper()
-	if os.Getuid() != 0 {
-		t.Skip("needs root: the state directory must be a tmpfs mount")
-	}
-	dir, err := os.MkdirTemp("/tmp", "refresh-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	state := filepath.Join(dir, "state")
-	testhelp.MountTmpfs(t, state, "size=256m")
+	dir, state := testhelp.TempNode(t, "needs root: the state directory must be a tmpfs mount", "refresh-", "size=256m")
 	n := &node{t: t, dir: dir, socket: filepath.Join(dir, "admin.sock"), logs: &testhelp.SyncBuffer{}}
-	n.agent, err = fakeagent.New("example.org", n.socket)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(n.agent.Stop)
+	n.agent = fakeagent.Start(t, "example.org", n.socket)
 	n.agent.Default = []spiffeid.ID{workload}
 	n.cfg = config.Default()
 	n.cfg.AgentAdminSocket = n.socket

@@ -119,6 +119,26 @@ func MountTmpfs(t testing.TB, dir, options string) {
 	t.Cleanup(func() { unix.Unmount(dir, unix.MNT_DETACH) })
 }
 
+// TempNode skips t without root, with the message skip (each caller's
+// own, saying what it needs root for), and otherwise makes a directory
+// under /tmp (short enough for unix sockets) named after prefix, and a
+// tmpfs mounted at its subdirectory "state" with the mount data options;
+// both are removed when t ends.
+func TempNode(t testing.TB, skip, prefix, options string) (dir, state string) {
+	t.Helper()
+	if os.Getuid() != 0 {
+		t.Skip(skip)
+	}
+	dir, err := os.MkdirTemp("/tmp", prefix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	state = filepath.Join(dir, "state")
+	MountTmpfs(t, state, options)
+	return dir, state
+}
+
 // MetricSum adds up the samples of the labelled metric name in a
 // Prometheus text exposition (every label set), failing t on a value it
 // cannot read.
