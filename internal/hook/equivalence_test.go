@@ -21,7 +21,6 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/noderesource/spiffe-oci-hook/internal/annotations"
-	"github.com/noderesource/spiffe-oci-hook/internal/config"
 	"github.com/noderesource/spiffe-oci-hook/internal/files"
 	"github.com/noderesource/spiffe-oci-hook/internal/statedir"
 	"github.com/noderesource/spiffe-oci-hook/test/fakeagent"
@@ -161,9 +160,7 @@ func TestHookRefresherEquivalence(t *testing.T) {
 }
 
 func (c equivCase) run(t *testing.T) {
-	dir, state := tempNode(t, 16)
-	socket := filepath.Join(dir, "a.sock")
-	fake := fakeagent.Start(t, "example.org", socket)
+	dir, state, fake, cfg := agentNode(t, 16)
 	ids := c.ids
 	if ids == nil {
 		ids = []string{equivWorkload}
@@ -183,14 +180,8 @@ func (c equivCase) run(t *testing.T) {
 		spec.Linux = &specs.Linux{UIDMappings: m, GIDMappings: m}
 		owner = files.Owner{UID: 101000, GID: 101000}
 	}
-	bundle := filepath.Join(dir, "bundle")
-	os.MkdirAll(filepath.Join(bundle, "rootfs"), 0o755)
-	data, _ := json.Marshal(spec)
-	os.WriteFile(filepath.Join(bundle, "config.json"), data, 0o644)
+	bundle := writeBundle(dir, spec)
 
-	cfg := config.Default()
-	cfg.AgentAdminSocket = socket
-	cfg.StateDir = state
 	req, err := Find(&specs.State{ID: "c", Pid: initStandIn(t), Bundle: bundle, Annotations: map[string]string{annotations.Key: c.annotation}})
 	if err != nil || req == nil {
 		t.Fatalf("Find: %v %v", req, err)

@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
-	"encoding/json"
 	"io"
 	"log/slog"
 	"os"
@@ -24,7 +23,6 @@ import (
 	"github.com/noderesource/spiffe-oci-hook/internal/files"
 	"github.com/noderesource/spiffe-oci-hook/internal/refresh"
 	"github.com/noderesource/spiffe-oci-hook/internal/statedir"
-	"github.com/noderesource/spiffe-oci-hook/test/fakeagent"
 )
 
 const mountLabel = "system_u:object_r:container_file_t:s0:c12,c34"
@@ -64,27 +62,18 @@ func tmpLink(name string) string {
 // machine's kernel has no SELinux, so the seam is what can be tested here;
 // internal/selinux applies the label with go-selinux on a real node.
 func TestMountLabelSeam(t *testing.T) {
-	dir, state := tempNode(t, 16)
-	socket := filepath.Join(dir, "a.sock")
-	fake := fakeagent.Start(t, "example.org", socket)
+	dir, state, fake, cfg := agentNode(t, 16)
 	fake.Default = []spiffeid.ID{spiffeid.RequireFromString("spiffe://example.org/labelled")}
 
-	bundle := filepath.Join(dir, "bundle")
-	os.MkdirAll(filepath.Join(bundle, "rootfs"), 0o755)
-	spec := specs.Spec{
+	bundle := writeBundle(dir, specs.Spec{
 		Root:    &specs.Root{Path: "rootfs"},
 		Process: &specs.Process{User: specs.User{UID: 1000, GID: 1000}},
 		Linux:   &specs.Linux{MountLabel: mountLabel},
-	}
-	data, _ := json.Marshal(spec)
-	os.WriteFile(filepath.Join(bundle, "config.json"), data, 0o644)
+	})
 
 	// A process in a mount namespace of its own stands in for "runc init".
 	pid := initStandIn(t)
 
-	cfg := config.Default()
-	cfg.AgentAdminSocket = socket
-	cfg.StateDir = state
 	rec := &recorder{}
 	labelerFor := func(l string) files.Labeler {
 		if l != mountLabel {

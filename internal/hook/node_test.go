@@ -1,6 +1,7 @@
 package hook
 
 import (
+	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -9,6 +10,10 @@ import (
 	"testing"
 	"time"
 
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+
+	"github.com/noderesource/spiffe-oci-hook/internal/config"
+	"github.com/noderesource/spiffe-oci-hook/test/fakeagent"
 	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
@@ -18,6 +23,29 @@ import (
 func tempNode(t *testing.T, sizeMiB int) (dir, state string) {
 	t.Helper()
 	return testhelp.TempNode(t, "needs root: tmpfs state directory and a mount namespace", "hook-", fmt.Sprintf("size=%dm", sizeMiB))
+}
+
+// agentNode is tempNode with a fake agent serving on the node's admin
+// socket, and the hook's configuration for the two.
+func agentNode(t *testing.T, sizeMiB int) (dir, state string, fake *fakeagent.Agent, cfg config.Config) {
+	t.Helper()
+	dir, state = tempNode(t, sizeMiB)
+	socket := filepath.Join(dir, "a.sock")
+	fake = fakeagent.Start(t, "example.org", socket)
+	cfg = config.Default()
+	cfg.AgentAdminSocket = socket
+	cfg.StateDir = state
+	return dir, state, fake, cfg
+}
+
+// writeBundle writes an OCI bundle under dir, its config.json spec and
+// its root "rootfs", and returns its path.
+func writeBundle(dir string, spec specs.Spec) string {
+	bundle := filepath.Join(dir, "bundle")
+	os.MkdirAll(filepath.Join(bundle, "rootfs"), 0o755)
+	data, _ := json.Marshal(spec)
+	os.WriteFile(filepath.Join(bundle, "config.json"), data, 0o644)
+	return bundle
 }
 
 // initStandIn starts a process in a mount namespace of its own, standing
