@@ -46,6 +46,19 @@ func start(t *testing.T) (*fakeagent.Agent, *Client) {
 	return a, c
 }
 
+// waitStreamsClosed fails t unless every stream to a closes within 5 s
+// (the server side closes them asynchronously once the client has).
+func waitStreamsClosed(t *testing.T, a *fakeagent.Agent) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for a.SVIDStreams() != 0 || a.BundleStreams() != 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("streams left open: %d SVID, %d bundle", a.SVIDStreams(), a.BundleStreams())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
 func ctx(t *testing.T, d time.Duration) context.Context {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), d)
@@ -214,13 +227,7 @@ func TestFetchX509Hang(t *testing.T) {
 		t.Fatalf("FetchX509 took %s with a 200ms deadline", d)
 	}
 	// Streams are closed once FetchX509 returns.
-	deadline := time.Now().Add(5 * time.Second)
-	for a.SVIDStreams() != 0 || a.BundleStreams() != 0 {
-		if time.Now().After(deadline) {
-			t.Fatalf("streams left open: %d SVID, %d bundle", a.SVIDStreams(), a.BundleStreams())
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	waitStreamsClosed(t, a)
 }
 
 func TestFetchX509ClosesStreams(t *testing.T) {
@@ -229,13 +236,7 @@ func TestFetchX509ClosesStreams(t *testing.T) {
 	if _, _, err := c.FetchX509(ctx(t, 10*time.Second), 1, Wait{}); err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(5 * time.Second)
-	for a.SVIDStreams() != 0 || a.BundleStreams() != 0 {
-		if time.Now().After(deadline) {
-			t.Fatalf("streams left open: %d SVID, %d bundle", a.SVIDStreams(), a.BundleStreams())
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	waitStreamsClosed(t, a)
 }
 
 func svidsFor(t *testing.T, ids ...string) []*x509svid.SVID {

@@ -7,7 +7,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/spiffe/go-spiffe/v2/bundle/jwtbundle"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/jwtsvid"
@@ -168,15 +167,7 @@ func TestBrokerJWT(t *testing.T) {
 	a, _, c := startBroker(t, hookBroker, hookBroker)
 	web := spiffeid.RequireFromString("spiffe://example.org/web")
 	a.Set(9, web)
-	j, err := c.FetchJWT(ctx(t, 10*time.Second), 9, JWTRequest{Audiences: [][]string{{"a", "b"}}, Bundles: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	td := spiffeid.RequireTrustDomainFromString("example.org")
-	b, err := jwtbundle.Parse(td, j.Bundles[td])
-	if err != nil {
-		t.Fatalf("bundle: %v", err)
-	}
+	j, b := fetchJWTWithBundle(t, c, 9, [][]string{{"a", "b"}})
 	s, err := SelectJWT(j.For([]string{"a", "b"}), web)
 	if err != nil {
 		t.Fatal(err)
