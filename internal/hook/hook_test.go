@@ -11,7 +11,6 @@ import (
 	"slices"
 	"sort"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -23,30 +22,10 @@ import (
 	"github.com/noderesource/spiffe-oci-hook/internal/files"
 	"github.com/noderesource/spiffe-oci-hook/internal/refresh"
 	"github.com/noderesource/spiffe-oci-hook/internal/statedir"
+	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 const mountLabel = "system_u:object_r:container_file_t:s0:c12,c34"
-
-// recorder is a files.Labeler that remembers every path it was given.
-type recorder struct {
-	mu    sync.Mutex
-	paths []string
-}
-
-func (r *recorder) Label(path string) error {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	r.paths = append(r.paths, path)
-	return nil
-}
-
-func (r *recorder) take() []string {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	p := r.paths
-	r.paths = nil
-	return p
-}
 
 // tmpLink is the name under which the writer makes the link for name
 // before renaming it into place: "..tmp." and 16 hex digits of the name's
@@ -74,7 +53,7 @@ func TestMountLabelSeam(t *testing.T) {
 	// A process in a mount namespace of its own stands in for "runc init".
 	pid := initStandIn(t)
 
-	rec := &recorder{}
+	rec := &testhelp.LabelRecorder{}
 	labelerFor := func(l string) files.Labeler {
 		if l != mountLabel {
 			t.Errorf("labeler asked for %q, want %q", l, mountLabel)
@@ -94,7 +73,7 @@ func TestMountLabelSeam(t *testing.T) {
 	const ownTD = "example.org.trust-bundle.pem"
 	want := []string{"", gen1, gen1 + "/svid.pem", gen1 + "/svid_key.pem", gen1 + "/svid_bundle.pem", gen1 + "/" + ownTD,
 		tmpLink(files.DataLink), tmpLink("svid.pem"), tmpLink("svid_key.pem"), tmpLink("svid_bundle.pem"), tmpLink(ownTD)}
-	checkLabelled(t, "first delivery", rec.take(), delivery, want)
+	checkLabelled(t, "first delivery", rec.Take(), delivery, want)
 	// Every entry in the directory now carries the label: the tmp
 	// symlinks were labelled before being renamed to these names.
 	for _, e := range mustReadDir(t, delivery) {
@@ -109,11 +88,11 @@ func TestMountLabelSeam(t *testing.T) {
 	// refresher's first update is itself a rotation; wait for it. Every
 	// label of a write is given before its "..data" moves.
 	genA := waitDataMoved(t, delivery, gen1)
-	rec.take()
+	rec.Take()
 	fake.Rotate()
 	gen2 := waitDataMoved(t, delivery, genA)
 	time.Sleep(100 * time.Millisecond) // the bundle update may follow; it must not relabel anything unchanged
-	checkLabelled(t, "rotation", rec.take(), delivery, []string{gen2, gen2 + "/svid.pem", gen2 + "/svid_key.pem", gen2 + "/svid_bundle.pem", gen2 + "/" + ownTD, tmpLink(files.DataLink)})
+	checkLabelled(t, "rotation", rec.Take(), delivery, []string{gen2, gen2 + "/svid.pem", gen2 + "/svid_key.pem", gen2 + "/svid_bundle.pem", gen2 + "/" + ownTD, tmpLink(files.DataLink)})
 }
 
 // waitDataMoved waits until the "..data" link of delivery dir names

@@ -14,6 +14,7 @@ package testhelp
 import (
 	"bufio"
 	"bytes"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -155,6 +156,35 @@ func MetricSum(t testing.TB, exposition []byte, name string) float64 {
 		}
 	}
 	return sum
+}
+
+// LabelRecorder is a labeler (what internal/files calls a Labeler:
+// Label(path) error) that remembers every path it is given, and refuses
+// to label one whose base name is Fail.
+type LabelRecorder struct {
+	mu    sync.Mutex
+	paths []string
+	Fail  string
+}
+
+// Label records path.
+func (l *LabelRecorder) Label(path string) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.paths = append(l.paths, path)
+	if l.Fail != "" && filepath.Base(path) == l.Fail {
+		return errors.New("labelling refused")
+	}
+	return nil
+}
+
+// Take returns the paths recorded since the last Take.
+func (l *LabelRecorder) Take() []string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	p := l.paths
+	l.paths = nil
+	return p
 }
 
 // SyncBuffer is a log destination that several goroutines may write to
