@@ -2,7 +2,6 @@ package main
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -21,6 +20,7 @@ import (
 	"github.com/containerd/nri/pkg/api"
 
 	"github.com/noderesource/spiffe-oci-hook/internal/annotations"
+	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 // These tests run the real spiffe-oci-nri binary against NRI's runtime side
@@ -193,28 +193,17 @@ func binary(t *testing.T) string {
 // pluginProc is a running spiffe-oci-nri.
 type pluginProc struct {
 	cmd    *exec.Cmd
-	mu     sync.Mutex
-	stderr bytes.Buffer
+	stderr testhelp.SyncBuffer
 	done   chan struct{}
 }
 
-func (p *pluginProc) Write(b []byte) (int, error) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.stderr.Write(b)
-}
-
-func (p *pluginProc) log() string {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.stderr.String()
-}
+func (p *pluginProc) log() string { return p.stderr.String() }
 
 func startPlugin(t *testing.T, socket string) *pluginProc {
 	t.Helper()
 	p := &pluginProc{done: make(chan struct{})}
 	p.cmd = exec.Command(binary(t), "--nri-socket", socket, "--hook-path", "/opt/spiffe-oci-hook/bin/spiffe-oci-hook")
-	p.cmd.Stderr = p
+	p.cmd.Stderr = &p.stderr
 	if err := p.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}

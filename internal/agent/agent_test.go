@@ -34,11 +34,7 @@ func socketPath(t *testing.T) string {
 func start(t *testing.T) (*fakeagent.Agent, *Client) {
 	t.Helper()
 	socket := socketPath(t)
-	a, err := fakeagent.New("example.org", socket)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(a.Stop)
+	a := fakeagent.Start(t, "example.org", socket)
 	c, err := New(socket)
 	if err != nil {
 		t.Fatal(err)
@@ -48,6 +44,19 @@ func start(t *testing.T) (*fakeagent.Agent, *Client) {
 		t.Fatalf("Socket() = %q", c.Socket())
 	}
 	return a, c
+}
+
+// waitStreamsClosed fails t unless every stream to a closes within 5 s
+// (the server side closes them asynchronously once the client has).
+func waitStreamsClosed(t *testing.T, a *fakeagent.Agent) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for a.SVIDStreams() != 0 || a.BundleStreams() != 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("streams left open: %d SVID, %d bundle", a.SVIDStreams(), a.BundleStreams())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 }
 
 func ctx(t *testing.T, d time.Duration) context.Context {
@@ -218,13 +227,7 @@ func TestFetchX509Hang(t *testing.T) {
 		t.Fatalf("FetchX509 took %s with a 200ms deadline", d)
 	}
 	// Streams are closed once FetchX509 returns.
-	deadline := time.Now().Add(5 * time.Second)
-	for a.SVIDStreams() != 0 || a.BundleStreams() != 0 {
-		if time.Now().After(deadline) {
-			t.Fatalf("streams left open: %d SVID, %d bundle", a.SVIDStreams(), a.BundleStreams())
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	waitStreamsClosed(t, a)
 }
 
 func TestFetchX509ClosesStreams(t *testing.T) {
@@ -233,13 +236,7 @@ func TestFetchX509ClosesStreams(t *testing.T) {
 	if _, _, err := c.FetchX509(ctx(t, 10*time.Second), 1, Wait{}); err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(5 * time.Second)
-	for a.SVIDStreams() != 0 || a.BundleStreams() != 0 {
-		if time.Now().After(deadline) {
-			t.Fatalf("streams left open: %d SVID, %d bundle", a.SVIDStreams(), a.BundleStreams())
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	waitStreamsClosed(t, a)
 }
 
 func svidsFor(t *testing.T, ids ...string) []*x509svid.SVID {

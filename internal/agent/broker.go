@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
-	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -188,15 +187,9 @@ func reason(st *status.Status) string {
 // its own wordings, the message decide where the reason is missing.
 func (b *broker) explain(err error, pid int) error {
 	socket := b.socket
-	if errors.Is(err, ErrNoIdentity) {
-		return err
-	}
-	if errors.Is(err, context.DeadlineExceeded) {
-		return fmt.Errorf("agent %s did not answer in time: %w", socket, err)
-	}
-	st, ok := status.FromError(err)
-	if !ok {
-		return fmt.Errorf("agent %s: %w", socket, err)
+	st, explained := statusOf(socket, err)
+	if explained != nil {
+		return explained
 	}
 	msg := oneLine(st.Message())
 	r := reason(st)

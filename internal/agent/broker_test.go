@@ -7,7 +7,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/spiffe/go-spiffe/v2/bundle/jwtbundle"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/jwtsvid"
@@ -35,11 +34,7 @@ var hookBroker = spiffeid.RequireFromString("spiffe://example.org/node/broker")
 // allowed, and returns a client presenting an SVID for me.
 func startBroker(t *testing.T, me spiffeid.ID, allowed ...spiffeid.ID) (*fakeagent.Agent, *fakeagent.Broker, *Client) {
 	t.Helper()
-	a, err := fakeagent.New("example.org", socketPath(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(a.Stop)
+	a := fakeagent.Start(t, "example.org", socketPath(t))
 	socket := socketPath(t)
 	b, err := a.ServeBroker(socket, allowed...)
 	if err != nil {
@@ -172,15 +167,7 @@ func TestBrokerJWT(t *testing.T) {
 	a, _, c := startBroker(t, hookBroker, hookBroker)
 	web := spiffeid.RequireFromString("spiffe://example.org/web")
 	a.Set(9, web)
-	j, err := c.FetchJWT(ctx(t, 10*time.Second), 9, JWTRequest{Audiences: [][]string{{"a", "b"}}, Bundles: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	td := spiffeid.RequireTrustDomainFromString("example.org")
-	b, err := jwtbundle.Parse(td, j.Bundles[td])
-	if err != nil {
-		t.Fatalf("bundle: %v", err)
-	}
+	j, b := fetchJWTWithBundle(t, c, 9, [][]string{{"a", "b"}})
 	s, err := SelectJWT(j.For([]string{"a", "b"}), web)
 	if err != nil {
 		t.Fatal(err)
@@ -197,11 +184,7 @@ func TestBrokerJWT(t *testing.T) {
 // TestBrokerMissingSocket names the agent setting that makes the socket.
 func TestBrokerMissingSocket(t *testing.T) {
 	socket := socketPath(t)
-	a, err := fakeagent.New("example.org", socketPath(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(a.Stop)
+	a := fakeagent.Start(t, "example.org", socketPath(t))
 	svid, _ := a.MintSVID(hookBroker)
 	c, err := NewBroker(socket, brokerID{svid, x509bundle.FromX509Authorities(a.TrustDomain, []*x509.Certificate{a.CA()})})
 	if err != nil {

@@ -96,15 +96,9 @@ func (d *delegated) subscribeJWTBundles(ctx context.Context, _ int) (func() (map
 // look at. The agent reports most failures on the first Recv, not on open.
 func (d *delegated) explain(err error, pid int) error {
 	socket := d.socket
-	if errors.Is(err, ErrNoIdentity) {
-		return err
-	}
-	if errors.Is(err, context.DeadlineExceeded) {
-		return fmt.Errorf("agent %s did not answer in time: %w", socket, err)
-	}
-	st, ok := status.FromError(err)
-	if !ok {
-		return fmt.Errorf("agent %s: %w", socket, err)
+	st, explained := statusOf(socket, err)
+	if explained != nil {
+		return explained
 	}
 	switch st.Code() {
 	case codes.Unavailable:
@@ -123,6 +117,23 @@ func (d *delegated) explain(err error, pid int) error {
 			socket, oneLine(st.Message()), os.Getuid(), exe, ErrNotAuthorized)
 	}
 	return commonExplain(socket, st)
+}
+
+// statusOf is where both APIs' explain start: an error that already
+// says what it is (ErrNoIdentity), a timeout, or one without a gRPC
+// status comes back explained; any other, as the status to explain.
+func statusOf(socket string, err error) (st *status.Status, explained error) {
+	if errors.Is(err, ErrNoIdentity) {
+		return nil, err
+	}
+	if errors.Is(err, context.DeadlineExceeded) {
+		return nil, fmt.Errorf("agent %s did not answer in time: %w", socket, err)
+	}
+	st, ok := status.FromError(err)
+	if !ok {
+		return nil, fmt.Errorf("agent %s: %w", socket, err)
+	}
+	return st, nil
 }
 
 // attestationFailed is the one line for a pid the agent could not attest.

@@ -15,12 +15,11 @@ import (
 	"github.com/noderesource/spiffe-oci-hook/test/fakeagent"
 )
 
-func TestFetchJWT(t *testing.T) {
-	a, c := start(t)
-	web := spiffeid.RequireFromString("spiffe://example.org/web")
-	db := spiffeid.RequireFromString("spiffe://example.org/db")
-	a.Set(100, web, db)
-	j, err := c.FetchJWT(ctx(t, 10*time.Second), 100, JWTRequest{Audiences: [][]string{{"a"}, {"a", "b"}}, Bundles: true})
+// fetchJWTWithBundle fetches pid's JWT-SVIDs for audiences with the
+// JWT bundles, and returns them with the parsed example.org bundle.
+func fetchJWTWithBundle(t *testing.T, c *Client, pid int, audiences [][]string) (*JWT, *jwtbundle.Bundle) {
+	t.Helper()
+	j, err := c.FetchJWT(ctx(t, 10*time.Second), pid, JWTRequest{Audiences: audiences, Bundles: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -29,6 +28,15 @@ func TestFetchJWT(t *testing.T) {
 	if err != nil {
 		t.Fatalf("bundle: %v", err)
 	}
+	return j, b
+}
+
+func TestFetchJWT(t *testing.T) {
+	a, c := start(t)
+	web := spiffeid.RequireFromString("spiffe://example.org/web")
+	db := spiffeid.RequireFromString("spiffe://example.org/db")
+	a.Set(100, web, db)
+	j, b := fetchJWTWithBundle(t, c, 100, [][]string{{"a"}, {"a", "b"}})
 	for _, aud := range [][]string{{"a"}, {"a", "b"}} {
 		svids := j.For(aud)
 		if len(svids) != 2 {

@@ -70,13 +70,7 @@ func TestFetchX509WaitRunsOut(t *testing.T) {
 					t.Fatalf("error %q lacks %q", err, want)
 				}
 			}
-			deadline := time.Now().Add(5 * time.Second)
-			for a.SVIDStreams() != 0 || a.BundleStreams() != 0 {
-				if time.Now().After(deadline) {
-					t.Fatalf("streams left open: %d SVID, %d bundle", a.SVIDStreams(), a.BundleStreams())
-				}
-				time.Sleep(10 * time.Millisecond)
-			}
+			waitStreamsClosed(t, a)
 		})
 	}
 }

@@ -46,16 +46,7 @@ type node struct {
 
 func newNode(t testing.TB) *node {
 	t.Helper()
-	if os.Getuid() != 0 {
-		t.Skip("needs root: the state directory is a tmpfs mount")
-	}
-	dir, err := os.MkdirTemp("/tmp", "audit-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	state := filepath.Join(dir, "state")
-	testhelp.MountTmpfs(t, state, "size=16m")
+	dir, state := testhelp.TempNode(t, "needs root: the state directory is a tmpfs mount", "audit-", "size=16m")
 	n := &node{t: t, dir: dir, root: filepath.Join(dir, "runc"), store: statedir.Store{Dir: state}}
 	os.MkdirAll(n.root, 0o700)
 	if err := n.store.Init(); err != nil {

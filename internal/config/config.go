@@ -377,6 +377,13 @@ func (f *Flags) BindRefresher() {
 	})
 }
 
+// override sets *setting to flag, when the flag named name was given.
+func override[T any](explicit map[string]bool, name string, setting *T, flag T) {
+	if explicit[name] {
+		*setting = flag
+	}
+}
+
 // Path is the configuration file Load reads.
 func (f *Flags) Path() string { return f.path }
 
@@ -399,72 +406,28 @@ func (f *Flags) Load() (Config, error) {
 		return Config{}, fmt.Errorf("config: %w", err)
 	}
 
-	if explicit["agent-api"] {
-		c.AgentAPI = f.set.AgentAPI
-	}
-	if explicit["agent-admin-socket"] {
-		c.AgentAdminSocket = f.set.AgentAdminSocket
-	}
-	if explicit["broker-socket"] {
-		c.BrokerSocket = f.set.BrokerSocket
-	}
-	if explicit["workload-api-socket"] {
-		c.WorkloadAPISocket = f.set.WorkloadAPISocket
-	}
-	if explicit["broker-spiffe-id"] {
-		c.BrokerSPIFFEID = f.set.BrokerSPIFFEID
-	}
-	if explicit["state-dir"] {
-		c.StateDir = f.set.StateDir
-	}
-	if explicit["allowed-agent-sockets"] {
-		c.AllowedAgentSockets = f.set.AllowedAgentSockets
-	}
-	if explicit["timeout"] {
-		c.Timeout = f.set.Timeout
-	}
-	if explicit["registration-wait"] {
-		c.RegistrationWait = f.set.RegistrationWait
-	}
-	if explicit["state-budget-mib"] {
-		c.StateBudgetMiB = f.set.StateBudgetMiB
-	}
-	if explicit["failure-policy"] {
-		c.FailurePolicy = f.set.FailurePolicy
-	}
-	if explicit["require-refresher"] {
-		c.RequireRefresher = f.set.RequireRefresher
-	}
-	if explicit["refresher-grace"] {
-		c.RefresherGrace = f.set.RefresherGrace
-	}
-	if explicit["backoff-min"] {
-		c.Refresher.BackoffMin = f.set.Refresher.BackoffMin
-	}
-	if explicit["backoff-max"] {
-		c.Refresher.BackoffMax = f.set.Refresher.BackoffMax
-	}
-	if explicit["rescan-interval"] {
-		c.Refresher.RescanInterval = f.set.Refresher.RescanInterval
-	}
-	if explicit["log-level"] {
-		c.Refresher.LogLevel = f.set.Refresher.LogLevel
-	}
-	if explicit["metrics-socket"] {
-		c.Refresher.MetricsSocket = f.set.Refresher.MetricsSocket
-	}
-	if explicit["metrics-address"] {
-		c.Refresher.MetricsAddress = f.set.Refresher.MetricsAddress
-	}
-	if explicit["audit-interval"] {
-		c.Refresher.Audit.Interval = f.set.Refresher.Audit.Interval
-	}
-	if explicit["runtime-roots"] {
-		c.Refresher.Audit.RuntimeRoots = f.set.Refresher.Audit.RuntimeRoots
-	}
-	if explicit["cri-sockets"] {
-		c.Refresher.Audit.CRISockets = f.set.Refresher.Audit.CRISockets
-	}
+	override(explicit, "agent-api", &c.AgentAPI, f.set.AgentAPI)
+	override(explicit, "agent-admin-socket", &c.AgentAdminSocket, f.set.AgentAdminSocket)
+	override(explicit, "broker-socket", &c.BrokerSocket, f.set.BrokerSocket)
+	override(explicit, "workload-api-socket", &c.WorkloadAPISocket, f.set.WorkloadAPISocket)
+	override(explicit, "broker-spiffe-id", &c.BrokerSPIFFEID, f.set.BrokerSPIFFEID)
+	override(explicit, "state-dir", &c.StateDir, f.set.StateDir)
+	override(explicit, "allowed-agent-sockets", &c.AllowedAgentSockets, f.set.AllowedAgentSockets)
+	override(explicit, "timeout", &c.Timeout, f.set.Timeout)
+	override(explicit, "registration-wait", &c.RegistrationWait, f.set.RegistrationWait)
+	override(explicit, "state-budget-mib", &c.StateBudgetMiB, f.set.StateBudgetMiB)
+	override(explicit, "failure-policy", &c.FailurePolicy, f.set.FailurePolicy)
+	override(explicit, "require-refresher", &c.RequireRefresher, f.set.RequireRefresher)
+	override(explicit, "refresher-grace", &c.RefresherGrace, f.set.RefresherGrace)
+	override(explicit, "backoff-min", &c.Refresher.BackoffMin, f.set.Refresher.BackoffMin)
+	override(explicit, "backoff-max", &c.Refresher.BackoffMax, f.set.Refresher.BackoffMax)
+	override(explicit, "rescan-interval", &c.Refresher.RescanInterval, f.set.Refresher.RescanInterval)
+	override(explicit, "log-level", &c.Refresher.LogLevel, f.set.Refresher.LogLevel)
+	override(explicit, "metrics-socket", &c.Refresher.MetricsSocket, f.set.Refresher.MetricsSocket)
+	override(explicit, "metrics-address", &c.Refresher.MetricsAddress, f.set.Refresher.MetricsAddress)
+	override(explicit, "audit-interval", &c.Refresher.Audit.Interval, f.set.Refresher.Audit.Interval)
+	override(explicit, "runtime-roots", &c.Refresher.Audit.RuntimeRoots, f.set.Refresher.Audit.RuntimeRoots)
+	override(explicit, "cri-sockets", &c.Refresher.Audit.CRISockets, f.set.Refresher.Audit.CRISockets)
 	if err := c.Validate(); err != nil {
 		return Config{}, fmt.Errorf("config %s: %w", f.path, err)
 	}

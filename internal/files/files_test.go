@@ -13,6 +13,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 const (
@@ -326,34 +328,10 @@ func TestConcurrentRead(t *testing.T) {
 	}
 }
 
-type recordingLabeler struct {
-	mu    sync.Mutex
-	paths []string
-	fail  string
-}
-
-func (l *recordingLabeler) Label(p string) error {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	l.paths = append(l.paths, p)
-	if l.fail != "" && filepath.Base(p) == l.fail {
-		return errors.New("labelling refused")
-	}
-	return nil
-}
-
-func (l *recordingLabeler) take() []string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	p := l.paths
-	l.paths = nil
-	return p
-}
-
 func TestLabeler(t *testing.T) {
 	requireRoot(t)
 	dir := filepath.Join(t.TempDir(), "certs")
-	l := &recordingLabeler{}
+	l := &testhelp.LabelRecorder{}
 	w := Writer{Labeler: l}
 	files := genFiles("1")
 
@@ -399,17 +377,17 @@ func TestLabeler(t *testing.T) {
 	if err := w.Write(dir, files, testOwner); err != nil {
 		t.Fatal(err)
 	}
-	check(1, l.take(), true, []string{DataLink, "svid.pem", "svid_key.pem", "svid_bundle.pem"})
+	check(1, l.Take(), true, []string{DataLink, "svid.pem", "svid_key.pem", "svid_bundle.pem"})
 
 	// Second write: a new generation and its files, and the ..data symlink
 	// that now points to it; the name symlinks already point through ..data.
 	if err := w.Write(dir, files, testOwner); err != nil {
 		t.Fatal(err)
 	}
-	check(2, l.take(), false, []string{DataLink})
+	check(2, l.Take(), false, []string{DataLink})
 
 	// A labelling failure fails the write and names the path.
-	l.fail = "svid_key.pem"
+	l.Fail = "svid_key.pem"
 	err := w.Write(dir, files, testOwner)
 	if err == nil || !strings.Contains(err.Error(), "labelling") || !strings.Contains(err.Error(), "svid_key.pem") {
 		t.Fatalf("labelling failure: error = %v", err)

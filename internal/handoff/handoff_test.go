@@ -31,7 +31,7 @@ func serve(t *testing.T, handler Handler, maxConcurrent int) string {
 
 func serveIn(t *testing.T, dir string, handler Handler, maxConcurrent int) string {
 	t.Helper()
-	path := filepath.Join(dir, "refresher.sock")
+	path := filepath.Join(dir, "handoff.sock")
 	ln, err := Listen(path)
 	if err != nil {
 		t.Fatal(err)

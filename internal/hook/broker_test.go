@@ -3,7 +3,6 @@ package hook
 import (
 	"context"
 	"crypto/x509"
-	"encoding/json"
 	"errors"
 	"os"
 	"path/filepath"
@@ -40,31 +39,19 @@ type fakeNode struct {
 
 func newFakeNode(t *testing.T) *fakeNode {
 	t.Helper()
-	dir, state := tempNode(t, 16)
-	n := &fakeNode{broker: filepath.Join(dir, "b.sock")}
-	admin := filepath.Join(dir, "a.sock")
-	var err error
-	if n.fake, err = fakeagent.New("example.org", admin); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(n.fake.Stop)
+	dir, _, fake, cfg := agentNode(t, 16)
+	n := &fakeNode{fake: fake, cfg: cfg, broker: filepath.Join(dir, "b.sock")}
+	n.cfg.BrokerSocket = n.broker
 	b, err := n.fake.ServeBroker(n.broker, nodeBroker)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(b.Stop)
 
-	bundle := filepath.Join(dir, "bundle")
-	os.MkdirAll(filepath.Join(bundle, "rootfs"), 0o755)
-	data, _ := json.Marshal(specs.Spec{Root: &specs.Root{Path: "rootfs"}, Process: &specs.Process{User: specs.User{UID: 1000, GID: 1000}}})
-	os.WriteFile(filepath.Join(bundle, "config.json"), data, 0o644)
+	bundle := writeBundle(dir, specs.Spec{Root: &specs.Root{Path: "rootfs"}, Process: &specs.Process{User: specs.User{UID: 1000, GID: 1000}}})
 	pid := initStandIn(t)
 	n.fake.Set(pid, spiffeid.RequireFromString("spiffe://example.org/web"))
 
-	n.cfg = config.Default()
-	n.cfg.AgentAdminSocket = admin
-	n.cfg.BrokerSocket = n.broker
-	n.cfg.StateDir = state
 	n.req, err = Find(&specs.State{ID: "c1", Pid: pid, Bundle: bundle, Annotations: map[string]string{
 		annotations.Key: "- cert_dir: /certs\n  jwt_svids: [{jwt_audience: db, jwt_svid_file_name: db.token}]\n  jwt_bundle_file_name: jwt_bundle.json\n",
 	}})

@@ -2,7 +2,6 @@ package hook
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -16,7 +15,6 @@ import (
 	"github.com/noderesource/spiffe-oci-hook/internal/annotations"
 	"github.com/noderesource/spiffe-oci-hook/internal/config"
 	"github.com/noderesource/spiffe-oci-hook/internal/statedir"
-	"github.com/noderesource/spiffe-oci-hook/test/fakeagent"
 )
 
 // defaultBudget is the node's default state budget (state_budget_mib).
@@ -29,26 +27,14 @@ const defaultBudget = config.DefaultStateBudgetMiB << 20
 // more, with a line naming the budget, and leaves nothing behind; a
 // container that fits is served.
 func TestStateBudget(t *testing.T) {
-	dir, state := tempNode(t, 128)
-	socket := filepath.Join(dir, "a.sock")
-	fake, err := fakeagent.New("example.org", socket)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(fake.Stop)
+	dir, state, fake, cfg := agentNode(t, 128)
 	fake.Default = []spiffeid.ID{spiffeid.RequireFromString("spiffe://example.org/tenant")}
-	bundle := filepath.Join(dir, "bundle")
-	os.MkdirAll(filepath.Join(bundle, "rootfs"), 0o755)
-	data, _ := json.Marshal(specs.Spec{Root: &specs.Root{Path: "rootfs"}, Process: &specs.Process{}})
-	os.WriteFile(filepath.Join(bundle, "config.json"), data, 0o644)
+	bundle := writeBundle(dir, specs.Spec{Root: &specs.Root{Path: "rootfs"}, Process: &specs.Process{}})
 
 	var sixteen strings.Builder
 	for i := range annotations.MaxDeliveries {
 		fmt.Fprintf(&sixteen, "- cert_dir: /certs/%d\n  credential_bundle_file_name: all.pem\n", i)
 	}
-	cfg := config.Default()
-	cfg.AgentAdminSocket = socket
-	cfg.StateDir = state
 	h := directHook(cfg)
 	create := func(id, value string) error {
 		pid := initStandIn(t)
@@ -79,7 +65,7 @@ func TestStateBudget(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(state, "others"), make([]byte, defaultBudget-used-64<<10), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	err = create("past", sixteen.String())
+	err := create("past", sixteen.String())
 	t.Logf("past the budget: %v", err)
 	if err == nil || !strings.Contains(err.Error(), "state_budget_mib") {
 		unix.Statfs(state, &st)

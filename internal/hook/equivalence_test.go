@@ -188,13 +188,7 @@ func TestHandoffEquivalence(t *testing.T) {
 // and delivers its identity: by the hook itself, or through a refresher
 // (viaRefresher) that takes it over on the handoff socket.
 func (c equivCase) deliverFirst(t *testing.T, viaRefresher bool) (_ *fakeagent.Agent, cfg config.Config, req *Request, owner files.Owner) {
-	dir, state := tempNode(t, 16)
-	socket := filepath.Join(dir, "a.sock")
-	fake, err := fakeagent.New("example.org", socket)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(fake.Stop)
+	dir, _, fake, cfg := agentNode(t, 16)
 	ids := c.ids
 	if ids == nil {
 		ids = []string{equivWorkload}
@@ -214,15 +208,9 @@ func (c equivCase) deliverFirst(t *testing.T, viaRefresher bool) (_ *fakeagent.A
 		spec.Linux = &specs.Linux{UIDMappings: m, GIDMappings: m}
 		owner = files.Owner{UID: 101000, GID: 101000}
 	}
-	bundle := filepath.Join(dir, "bundle")
-	os.MkdirAll(filepath.Join(bundle, "rootfs"), 0o755)
-	data, _ := json.Marshal(spec)
-	os.WriteFile(filepath.Join(bundle, "config.json"), data, 0o644)
+	bundle := writeBundle(dir, spec)
 
-	cfg = config.Default()
-	cfg.AgentAdminSocket = socket
-	cfg.StateDir = state
-	req, err = Find(&specs.State{ID: "c", Pid: initStandIn(t), Bundle: bundle, Annotations: map[string]string{annotations.Key: c.annotation}})
+	req, err := Find(&specs.State{ID: "c", Pid: initStandIn(t), Bundle: bundle, Annotations: map[string]string{annotations.Key: c.annotation}})
 	if err != nil || req == nil {
 		t.Fatalf("Find: %v %v", req, err)
 	}

@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
-	"encoding/json"
 	"io"
 	"log/slog"
 	"os"
@@ -12,7 +11,6 @@ import (
 	"slices"
 	"sort"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -25,31 +23,10 @@ import (
 	"github.com/noderesource/spiffe-oci-hook/internal/files"
 	"github.com/noderesource/spiffe-oci-hook/internal/refresh"
 	"github.com/noderesource/spiffe-oci-hook/internal/statedir"
-	"github.com/noderesource/spiffe-oci-hook/test/fakeagent"
+	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 const mountLabel = "system_u:object_r:container_file_t:s0:c12,c34"
-
-// recorder is a files.Labeler that remembers every path it was given.
-type recorder struct {
-	mu    sync.Mutex
-	paths []string
-}
-
-func (r *recorder) Label(path string) error {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	r.paths = append(r.paths, path)
-	return nil
-}
-
-func (r *recorder) take() []string {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	p := r.paths
-	r.paths = nil
-	return p
-}
 
 // tmpLink is the name under which the writer makes the link for name
 // before renaming it into place: "..tmp." and 16 hex digits of the name's
@@ -65,32 +42,19 @@ func tmpLink(name string) string {
 // machine's kernel has no SELinux, so the seam is what can be tested here;
 // internal/selinux applies the label with go-selinux on a real node.
 func TestMountLabelSeam(t *testing.T) {
-	dir, state := tempNode(t, 16)
-	socket := filepath.Join(dir, "a.sock")
-	fake, err := fakeagent.New("example.org", socket)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(fake.Stop)
+	dir, state, fake, cfg := agentNode(t, 16)
 	fake.Default = []spiffeid.ID{spiffeid.RequireFromString("spiffe://example.org/labelled")}
 
-	bundle := filepath.Join(dir, "bundle")
-	os.MkdirAll(filepath.Join(bundle, "rootfs"), 0o755)
-	spec := specs.Spec{
+	bundle := writeBundle(dir, specs.Spec{
 		Root:    &specs.Root{Path: "rootfs"},
 		Process: &specs.Process{User: specs.User{UID: 1000, GID: 1000}},
 		Linux:   &specs.Linux{MountLabel: mountLabel},
-	}
-	data, _ := json.Marshal(spec)
-	os.WriteFile(filepath.Join(bundle, "config.json"), data, 0o644)
+	})
 
 	// A process in a mount namespace of its own stands in for "runc init".
 	pid := initStandIn(t)
 
-	cfg := config.Default()
-	cfg.AgentAdminSocket = socket
-	cfg.StateDir = state
-	rec := &recorder{}
+	rec := &testhelp.LabelRecorder{}
 	labelerFor := func(l string) files.Labeler {
 		if l != mountLabel {
 			t.Errorf("labeler asked for %q, want %q", l, mountLabel)
@@ -110,7 +74,7 @@ func TestMountLabelSeam(t *testing.T) {
 	const ownTD = "example.org.trust-bundle.pem"
 	want := []string{"", gen1, gen1 + "/svid.pem", gen1 + "/svid_key.pem", gen1 + "/svid_bundle.pem", gen1 + "/" + ownTD,
 		tmpLink(files.DataLink), tmpLink("svid.pem"), tmpLink("svid_key.pem"), tmpLink("svid_bundle.pem"), tmpLink(ownTD)}
-	checkLabelled(t, "first delivery", rec.take(), delivery, want)
+	checkLabelled(t, "first delivery", rec.Take(), delivery, want)
 	// Every entry in the directory now carries the label: the tmp
 	// symlinks were labelled before being renamed to these names.
 	for _, e := range mustReadDir(t, delivery) {
@@ -125,11 +89,11 @@ func TestMountLabelSeam(t *testing.T) {
 	// refresher's first update is itself a rotation; wait for it. Every
 	// label of a write is given before its "..data" moves.
 	genA := waitDataMoved(t, delivery, gen1)
-	rec.take()
+	rec.Take()
 	fake.Rotate()
 	gen2 := waitDataMoved(t, delivery, genA)
 	time.Sleep(100 * time.Millisecond) // the bundle update may follow; it must not relabel anything unchanged
-	checkLabelled(t, "rotation", rec.take(), delivery, []string{gen2, gen2 + "/svid.pem", gen2 + "/svid_key.pem", gen2 + "/svid_bundle.pem", gen2 + "/" + ownTD, tmpLink(files.DataLink)})
+	checkLabelled(t, "rotation", rec.Take(), delivery, []string{gen2, gen2 + "/svid.pem", gen2 + "/svid_key.pem", gen2 + "/svid_bundle.pem", gen2 + "/" + ownTD, tmpLink(files.DataLink)})
 }
 
 // waitDataMoved waits until the "..data" link of delivery dir names

@@ -1,6 +1,7 @@
 package hook
 
 import (
+	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -9,8 +10,11 @@ import (
 	"testing"
 	"time"
 
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+
 	"github.com/noderesource/spiffe-oci-hook/internal/config"
 	"github.com/noderesource/spiffe-oci-hook/internal/deliver"
+	"github.com/noderesource/spiffe-oci-hook/test/fakeagent"
 	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
@@ -19,17 +23,30 @@ import (
 // removed when t ends.
 func tempNode(t *testing.T, sizeMiB int) (dir, state string) {
 	t.Helper()
-	if os.Getuid() != 0 {
-		t.Skip("needs root: tmpfs state directory and a mount namespace")
-	}
-	dir, err := os.MkdirTemp("/tmp", "hook-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	state = filepath.Join(dir, "state")
-	testhelp.MountTmpfs(t, state, fmt.Sprintf("size=%dm", sizeMiB))
-	return dir, state
+	return testhelp.TempNode(t, "needs root: tmpfs state directory and a mount namespace", "hook-", fmt.Sprintf("size=%dm", sizeMiB))
+}
+
+// agentNode is tempNode with a fake agent serving on the node's admin
+// socket, and the hook's configuration for the two.
+func agentNode(t *testing.T, sizeMiB int) (dir, state string, fake *fakeagent.Agent, cfg config.Config) {
+	t.Helper()
+	dir, state = tempNode(t, sizeMiB)
+	socket := filepath.Join(dir, "a.sock")
+	fake = fakeagent.Start(t, "example.org", socket)
+	cfg = config.Default()
+	cfg.AgentAdminSocket = socket
+	cfg.StateDir = state
+	return dir, state, fake, cfg
+}
+
+// writeBundle writes an OCI bundle under dir, its config.json spec and
+// its root "rootfs", and returns its path.
+func writeBundle(dir string, spec specs.Spec) string {
+	bundle := filepath.Join(dir, "bundle")
+	os.MkdirAll(filepath.Join(bundle, "rootfs"), 0o755)
+	data, _ := json.Marshal(spec)
+	os.WriteFile(filepath.Join(bundle, "config.json"), data, 0o644)
+	return bundle
 }
 
 // initStandIn starts a process in a mount namespace of its own, standing

@@ -54,38 +54,22 @@ type Metrics struct {
 func New(report func() status.Report) *Metrics {
 	m := &Metrics{
 		Registry: prometheus.NewRegistry(),
-		Rotations: prometheus.NewCounter(prometheus.CounterOpts{
-			Namespace: namespace, Name: "rotations_total",
-			Help: "Deliveries whose files were rewritten with a new SVID or bundle.",
-		}),
-		WriteFailures: prometheus.NewCounter(prometheus.CounterOpts{
-			Namespace: namespace, Name: "write_failures_total",
-			Help: "Failed writes of a delivery's files (each is retried with backoff).",
-		}),
-		StreamsOpened: prometheus.NewCounter(prometheus.CounterOpts{
-			Namespace: namespace, Name: "svid_streams_opened_total",
-			Help: "SVID streams the agent answered; a rise without new containers means streams were reopened.",
-		}),
-		StreamErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Namespace: namespace, Name: "svid_stream_errors_total",
-			Help: "SVID stream failures by kind: unavailable, not_authorized, no_identity, other.",
-		}, []string{"kind"}),
-		Handoffs: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Namespace: namespace, Name: "handoffs_total",
-			Help: "Containers the hook handed over for their first delivery, by result: delivered or refused (the hook prints why).",
-		}, []string{"result"}),
-		reloads: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Namespace: namespace, Name: "config_reloads_total",
-			Help: "Configuration reloads (SIGHUP) by result: success or failure.",
-		}, []string{"result"}),
-		reloadSuccessful: prometheus.NewGauge(prometheus.GaugeOpts{
-			Namespace: namespace, Name: "config_last_reload_successful",
-			Help: "1 if the last configuration reload was applied, 0 if it was refused.",
-		}),
-		reloadTime: prometheus.NewGauge(prometheus.GaugeOpts{
-			Namespace: namespace, Name: "config_last_reload_success_timestamp_seconds",
-			Help: "When the configuration in force was loaded (start or reload), Unix time.",
-		}),
+		Rotations: newCounter("rotations_total",
+			"Deliveries whose files were rewritten with a new SVID or bundle."),
+		WriteFailures: newCounter("write_failures_total",
+			"Failed writes of a delivery's files (each is retried with backoff)."),
+		StreamsOpened: newCounter("svid_streams_opened_total",
+			"SVID streams the agent answered; a rise without new containers means streams were reopened."),
+		StreamErrors: newCounterVec("svid_stream_errors_total",
+			"SVID stream failures by kind: unavailable, not_authorized, no_identity, other.", "kind"),
+		Handoffs: newCounterVec("handoffs_total",
+			"Containers the hook handed over for their first delivery, by result: delivered or refused (the hook prints why).", "result"),
+		reloads: newCounterVec("config_reloads_total",
+			"Configuration reloads (SIGHUP) by result: success or failure.", "result"),
+		reloadSuccessful: newGauge("config_last_reload_successful",
+			"1 if the last configuration reload was applied, 0 if it was refused."),
+		reloadTime: newGauge("config_last_reload_success_timestamp_seconds",
+			"When the configuration in force was loaded (start or reload), Unix time."),
 	}
 	for _, k := range []string{KindUnavailable, KindNotAuthorized, KindNoIdentity, KindOther} {
 		m.StreamErrors.WithLabelValues(k)
@@ -119,33 +103,51 @@ func (m *Metrics) Reloaded(err error) {
 }
 
 var (
-	descContainers = prometheus.NewDesc(namespace+"_containers",
-		"Containers being served (kept supplied with fresh SVIDs).", nil, nil)
-	descErrored = prometheus.NewDesc(namespace+"_containers_with_errors",
-		"Served containers whose stream or files are in trouble now (see the status command).", nil, nil)
-	descStreams = prometheus.NewDesc(namespace+"_svid_streams_open",
-		"SVID streams open to an agent, one per served container when healthy.", nil, nil)
-	descAgentUp = prometheus.NewDesc(namespace+"_agent_up",
-		"1 if the agent at this admin socket answers, else 0.", []string{"socket"}, nil)
-	descReady = prometheus.NewDesc(namespace+"_ready",
-		"1 if the refresher is ready (first scan done, every agent answers), as /readyz.", nil, nil)
-	descExpiry = prometheus.NewDesc(namespace+"_svid_earliest_expiry_timestamp_seconds",
-		"NotAfter of the delivered SVID that expires first, Unix time; absent while none is known.", nil, nil)
-	descRatio = prometheus.NewDesc(namespace+"_svid_lowest_remaining_lifetime_ratio",
-		"Smallest (NotAfter - now) / (NotAfter - NotBefore) over delivered SVIDs; the agent renews at about 0.5. Absent while none is known.", nil, nil)
-	descUnserved = prometheus.NewDesc(namespace+"_unserved_containers",
-		"Running containers that asked for an identity and have none, by likely cause, at the last audit (see the status command).", []string{"cause"}, nil)
-	descUnmatched = prometheus.NewDesc(namespace+"_unmatched_container_annotations",
-		"Named annotations (container.<name>) that match no container of their pod, at the last audit.", nil, nil)
-	descFailOpen = prometheus.NewDesc(namespace+"_fail_open_starts_total",
-		"Containers seen started without their identity under failure_policy: fail-open.", nil, nil)
-	descChecked = prometheus.NewDesc(namespace+"_audit_checked_containers",
-		"Running containers that asked for an identity, found in the runtimes' state at the last audit.", nil, nil)
-	descAuditTime = prometheus.NewDesc(namespace+"_audit_last_run_timestamp_seconds",
-		"When the last audit of the node's containers ran, Unix time; absent before the first.", nil, nil)
-	descBuild = prometheus.NewDesc(namespace+"_build_info",
-		"The refresher's version, as a label; always 1.", []string{"version"}, nil)
+	descContainers = newDesc("containers",
+		"Containers being served (kept supplied with fresh SVIDs).")
+	descErrored = newDesc("containers_with_errors",
+		"Served containers whose stream or files are in trouble now (see the status command).")
+	descStreams = newDesc("svid_streams_open",
+		"SVID streams open to an agent, one per served container when healthy.")
+	descAgentUp = newDesc("agent_up",
+		"1 if the agent at this admin socket answers, else 0.", "socket")
+	descReady = newDesc("ready",
+		"1 if the refresher is ready (first scan done, every agent answers), as /readyz.")
+	descExpiry = newDesc("svid_earliest_expiry_timestamp_seconds",
+		"NotAfter of the delivered SVID that expires first, Unix time; absent while none is known.")
+	descRatio = newDesc("svid_lowest_remaining_lifetime_ratio",
+		"Smallest (NotAfter - now) / (NotAfter - NotBefore) over delivered SVIDs; the agent renews at about 0.5. Absent while none is known.")
+	descUnserved = newDesc("unserved_containers",
+		"Running containers that asked for an identity and have none, by likely cause, at the last audit (see the status command).", "cause")
+	descUnmatched = newDesc("unmatched_container_annotations",
+		"Named annotations (container.<name>) that match no container of their pod, at the last audit.")
+	descFailOpen = newDesc("fail_open_starts_total",
+		"Containers seen started without their identity under failure_policy: fail-open.")
+	descChecked = newDesc("audit_checked_containers",
+		"Running containers that asked for an identity, found in the runtimes' state at the last audit.")
+	descAuditTime = newDesc("audit_last_run_timestamp_seconds",
+		"When the last audit of the node's containers ran, Unix time; absent before the first.")
+	descBuild = newDesc("build_info",
+		"The refresher's version, as a label; always 1.", "version")
 )
+
+// newCounter, newCounterVec, newGauge and newDesc make the refresher's
+// metrics, all named under namespace.
+func newCounter(name, help string) prometheus.Counter {
+	return prometheus.NewCounter(prometheus.CounterOpts{Namespace: namespace, Name: name, Help: help})
+}
+
+func newCounterVec(name, help, label string) *prometheus.CounterVec {
+	return prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: name, Help: help}, []string{label})
+}
+
+func newGauge(name, help string) prometheus.Gauge {
+	return prometheus.NewGauge(prometheus.GaugeOpts{Namespace: namespace, Name: name, Help: help})
+}
+
+func newDesc(name, help string, labels ...string) *prometheus.Desc {
+	return prometheus.NewDesc(namespace+"_"+name, help, labels, nil)
+}
 
 // stateCollector turns a status.Report into gauges at scrape time.
 type stateCollector struct {

@@ -1,7 +1,6 @@
 package nriplugin
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"log/slog"
@@ -10,7 +9,6 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -19,6 +17,7 @@ import (
 	validator "github.com/containerd/nri/plugins/default-validator/builtin"
 
 	"github.com/noderesource/spiffe-oci-hook/internal/annotations"
+	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 var hook = &api.Hook{Path: "/opt/spiffe-oci-hook/bin/spiffe-oci-hook", Args: []string{"spiffe-oci-hook"}, Timeout: api.Int(50)}
@@ -53,29 +52,11 @@ func startRuntime(t *testing.T, opts ...adaptation.Option) (*adaptation.Adaptati
 	return rt, socket
 }
 
-// syncBuffer is a log destination the runner's goroutines write to.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.String()
-}
-
 // connect runs the plugin through Runner against socket, as on a node,
 // and waits until rt lists it.
-func connect(t *testing.T, rt *adaptation.Adaptation, socket string) *syncBuffer {
+func connect(t *testing.T, rt *adaptation.Adaptation, socket string) *testhelp.SyncBuffer {
 	t.Helper()
-	logs := &syncBuffer{}
+	logs := &testhelp.SyncBuffer{}
 	r := &Runner{Plugin: &Plugin{Hook: hook}, Socket: socket, Name: Name, Index: "10", Log: slog.New(slog.NewTextHandler(logs, nil))}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
@@ -222,7 +203,7 @@ func TestRunnerSilentRuntime(t *testing.T) {
 			accepted <- c // read nothing, answer nothing
 		}
 	}()
-	logs := &syncBuffer{}
+	logs := &testhelp.SyncBuffer{}
 	r := &Runner{Plugin: &Plugin{Hook: hook}, Socket: socket, Name: Name, Index: "10", Log: slog.New(slog.NewTextHandler(logs, nil)),
 		StartTimeout: 300 * time.Millisecond, MinRetry: 10 * time.Millisecond, MaxRetry: 50 * time.Millisecond}
 	ctx, cancel := context.WithCancel(context.Background())

@@ -32,30 +32,15 @@ func TestCredentialBundleNeverTorn(t *testing.T) {
 	d := classic
 	d.CredentialBundleFileName = "credential-bundle.pem"
 	id := n.deliverDelivery(p.Process.Pid, true, d)
-	r, _ := n.start()
-	testhelp.Eventually(t, 5*time.Second, "container served", func() bool { return r.Count() == 1 })
+	n.startServing()
 	dir := n.store.DeliveryDir(id, 0)
 
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
 	var oneReads, oneBad, twoReads, twoBad atomic.Int64
 	var firstBad atomic.Value
-	loop := func(read func()) {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				read()
-			}
-		}()
-	}
 	for range 2 {
-		loop(func() {
+		readUntil(&wg, stop, func() {
 			data, err := os.ReadFile(filepath.Join(dir, "credential-bundle.pem"))
 			oneReads.Add(1)
 			if err == nil {
@@ -67,7 +52,7 @@ func TestCredentialBundleNeverTorn(t *testing.T) {
 			}
 		})
 	}
-	loop(func() {
+	readUntil(&wg, stop, func() {
 		twoReads.Add(1)
 		if !naiveTwoFileRead(dir) {
 			twoBad.Add(1)

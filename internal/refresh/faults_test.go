@@ -71,22 +71,25 @@ func (n *node) startSettled(ids []string) (*Refresher, map[string][]byte) {
 	}
 	r, _ := n.start()
 	testhelp.Eventually(n.t, 10*time.Second, "every container served and rewritten once", func() bool {
-		if r.Count() != len(ids) || n.agent.SVIDStreams() != int64(len(ids)) {
-			return false
-		}
-		for _, id := range ids {
-			fs, err := files.Read(n.store.DeliveryDir(id, 0), "svid.pem")
-			if err != nil || bytes.Equal(fs["svid.pem"], delivered[id]) {
-				return false
-			}
-		}
-		return true
+		return r.Count() == len(ids) && n.agent.SVIDStreams() == int64(len(ids)) && n.allRewritten(ids, delivered)
 	})
 	now := map[string][]byte{}
 	for _, id := range ids {
 		now[id] = n.validCert(id)
 	}
 	return r, now
+}
+
+// allRewritten reports whether every container in ids has a certificate
+// on disk other than the one in old; one that cannot be read yet has not.
+func (n *node) allRewritten(ids []string, old map[string][]byte) bool {
+	for _, id := range ids {
+		fs, err := files.Read(n.store.DeliveryDir(id, 0), "svid.pem")
+		if err != nil || bytes.Equal(fs["svid.pem"], old[id]) {
+			return false
+		}
+	}
+	return true
 }
 
 func openFDs(t *testing.T) int {
@@ -160,15 +163,7 @@ func TestFaultAgentHang(t *testing.T) {
 		t.Fatal(err)
 	}
 	back := time.Now()
-	testhelp.Eventually(t, 15*time.Second, "every container rotated after the agent answered again", func() bool {
-		for _, id := range ids {
-			fs, err := files.Read(n.store.DeliveryDir(id, 0), "svid.pem")
-			if err != nil || bytes.Equal(fs["svid.pem"], before[id]) {
-				return false
-			}
-		}
-		return true
-	})
+	testhelp.Eventually(t, 15*time.Second, "every container rotated after the agent answered again", func() bool { return n.allRewritten(ids, before) })
 	t.Logf("all %d containers rotated %s after the agent answered", manyContainers, time.Since(back).Round(time.Millisecond))
 	for _, id := range ids {
 		n.validCert(id)
@@ -176,13 +171,7 @@ func TestFaultAgentHang(t *testing.T) {
 	testhelp.Eventually(t, 5*time.Second, "goroutines and fds back to the healthy level", func() bool {
 		return runtime.NumGoroutine() <= healthyG+5 && openFDs(t) <= healthyFD+2
 	})
-	logs := n.logs.String()
-	if c := strings.Count(logs, "agent unreachable"); c != 1 {
-		t.Errorf("outage logged %d times, want once:\n%s", c, logs)
-	}
-	if c := strings.Count(logs, "agent reachable again"); c != 1 {
-		t.Errorf("recovery logged %d times, want once:\n%s", c, logs)
-	}
+	logs := n.checkOutageLoggedOnce()
 	if c := strings.Count(logs, "container stream"); c != 0 {
 		t.Errorf("containers logged %d stream errors of their own:\n%s", c, logs)
 	}
@@ -322,15 +311,7 @@ func TestFaultStateDirFull(t *testing.T) {
 	}
 	freed := time.Now()
 	n.agent.Rotate()
-	testhelp.Eventually(t, 10*time.Second, "every container rewritten after space was freed", func() bool {
-		for _, id := range ids {
-			fs, err := files.Read(n.store.DeliveryDir(id, 0), "svid.pem")
-			if err != nil || bytes.Equal(fs["svid.pem"], before[id]) {
-				return false
-			}
-		}
-		return true
-	})
+	testhelp.Eventually(t, 10*time.Second, "every container rewritten after space was freed", func() bool { return n.allRewritten(ids, before) })
 	t.Logf("all %d rewritten %s after space was freed", manyContainers, time.Since(freed).Round(time.Millisecond))
 	close(stop)
 	wg.Wait()

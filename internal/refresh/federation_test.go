@@ -57,10 +57,7 @@ func gone(dir, name string) bool {
 func TestFederatedBundlesFollowTheAgent(t *testing.T) {
 	t.Parallel()
 	n := newNode(t)
-	partnerCA, err := n.agent.Federate("partner.test")
-	if err != nil {
-		t.Fatal(err)
-	}
+	partnerCA := n.federate("partner.test")
 	p := n.workloadProcess()
 	id := n.deliver(p.Process.Pid)
 	dir := n.store.DeliveryDir(id, 0)
@@ -72,20 +69,13 @@ func TestFederatedBundlesFollowTheAgent(t *testing.T) {
 		t.Fatal("per-trust-domain files missing or wrong after delivery")
 	}
 
-	r, stop := n.start()
-	testhelp.Eventually(t, 5*time.Second, "container served", func() bool { return r.Count() == 1 })
-	rotated, err := n.agent.Federate("partner.test")
-	if err != nil {
-		t.Fatal(err)
-	}
+	r, stop := n.startServing()
+	rotated := n.federate("partner.test")
 	testhelp.Eventually(t, 5*time.Second, "foreign CA rotation written", func() bool { return holds(dir, "partner.test.trust-bundle.pem", rotated) })
 	if !holds(dir, "svid_bundle.pem", own) {
 		t.Fatal("a foreign CA entered svid_bundle.pem without include_federated_domains")
 	}
-	thirdCA, err := n.agent.Federate("third.test")
-	if err != nil {
-		t.Fatal(err)
-	}
+	thirdCA := n.federate("third.test")
 	testhelp.Eventually(t, 5*time.Second, "new federation's file", func() bool { return holds(dir, "third.test.trust-bundle.pem", thirdCA) })
 	n.agent.Defederate("partner.test")
 	testhelp.Eventually(t, 5*time.Second, "ended federation's file removed", func() bool { return gone(dir, "partner.test.trust-bundle.pem") })
@@ -107,10 +97,7 @@ func TestFederatedBundlesFollowTheAgent(t *testing.T) {
 func TestIncludeFederatedDomains(t *testing.T) {
 	t.Parallel()
 	n := newNode(t)
-	partnerCA, err := n.agent.Federate("partner.test")
-	if err != nil {
-		t.Fatal(err)
-	}
+	partnerCA := n.federate("partner.test")
 	p := n.workloadProcess()
 	d := classic
 	d.IncludeFederatedDomains = true
@@ -120,12 +107,8 @@ func TestIncludeFederatedDomains(t *testing.T) {
 	if !holds(dir, "svid_bundle.pem", own, partnerCA) {
 		t.Fatal("merged svid_bundle.pem does not hold own then partner CA")
 	}
-	r, _ := n.start()
-	testhelp.Eventually(t, 5*time.Second, "container served", func() bool { return r.Count() == 1 })
-	rotated, err := n.agent.Federate("partner.test")
-	if err != nil {
-		t.Fatal(err)
-	}
+	n.startServing()
+	rotated := n.federate("partner.test")
 	testhelp.Eventually(t, 5*time.Second, "rotation in the merged file", func() bool { return holds(dir, "svid_bundle.pem", own, rotated) })
 	if !holds(dir, "partner.test.trust-bundle.pem", rotated) {
 		t.Fatal("per-trust-domain file not current beside the merged one")
@@ -138,10 +121,7 @@ func TestIncludeFederatedDomains(t *testing.T) {
 func TestSPIFFEFSLayout(t *testing.T) {
 	t.Parallel()
 	n := newNode(t)
-	partnerCA, err := n.agent.Federate("partner.test")
-	if err != nil {
-		t.Fatal(err)
-	}
+	partnerCA := n.federate("partner.test")
 	p := n.workloadProcess()
 	id := n.deliverDelivery(p.Process.Pid, true, annotations.Delivery{CertDir: "/run/secrets/spiffe", Layout: annotations.LayoutSPIFFEFS})
 	dir := n.store.DeliveryDir(id, 0)
@@ -170,8 +150,7 @@ func TestSPIFFEFSLayout(t *testing.T) {
 		t.Fatalf("credential bundle: %v", err)
 	}
 
-	r, _ := n.start()
-	testhelp.Eventually(t, 5*time.Second, "container served", func() bool { return r.Count() == 1 })
+	n.startServing()
 	n.agent.Rotate()
 	testhelp.Eventually(t, 5*time.Second, "credential bundle rotated", func() bool { c := credential(); return c != nil && !bytes.Equal(c, first) })
 	if err := checkCredentialBundle(credential()); err != nil {
@@ -187,9 +166,6 @@ func TestSPIFFEFSLayout(t *testing.T) {
 		t.Fatalf("after the redaction the delivery holds %v, want %v", got, want)
 	}
 	// Re-federating fills it again.
-	back, err := n.agent.Federate("partner.test")
-	if err != nil {
-		t.Fatal(err)
-	}
+	back := n.federate("partner.test")
 	testhelp.Eventually(t, 5*time.Second, "re-federated trust domain filled again", func() bool { return holds(dir, "partner.test.spiffe-trust-bundle.x509.pem", back) })
 }

@@ -76,8 +76,7 @@ func TestJWTRefresh(t *testing.T) {
 	id := n.deliverJWT(p.Process.Pid)
 	first := n.token(id)
 	n.agent.Configure(func(a *fakeagent.Agent) { a.JWTHold = hold })
-	r, _ := n.start()
-	testhelp.Eventually(t, 5*time.Second, "container served", func() bool { return r.Count() == 1 })
+	n.startServing()
 
 	// The refresher's first token request waits at the agent; meanwhile
 	// the certificate rotates and the token file must survive it.

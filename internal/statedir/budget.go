@@ -1,9 +1,7 @@
 package statedir
 
 import (
-	"errors"
 	"fmt"
-	"io/fs"
 	"os"
 	"path/filepath"
 
@@ -83,12 +81,9 @@ func (s Store) Reserve(id string, need int64) error {
 // already counts.
 func (s Store) Reserved() (int64, error) {
 	dir := filepath.Join(s.Dir, "containers")
-	entries, err := os.ReadDir(dir)
+	entries, err := readStateDir(dir)
 	if err != nil {
-		if errors.Is(err, fs.ErrNotExist) {
-			return 0, nil
-		}
-		return 0, fmt.Errorf("state directory: %w", err)
+		return 0, err
 	}
 	var n int64
 	for _, e := range entries {

@@ -11,7 +11,7 @@
 //	locks/<container-id>.lock          the container's lock (lock.go)
 //	fail-open/<container-id>.json      a fail-open start's trace (failopen.go)
 //	refresher.alive                    the refresher's heartbeat (heartbeat.go)
-//	refresher.sock                     the refresher's handoff socket (package handoff), root only
+//	handoff.sock                       the refresher's handoff socket (package handoff), root only
 //
 // A record is written last, by rename, after the files are in place and
 // mounted; its appearance is the refresher's signal that the container is
@@ -75,7 +75,7 @@ func (s Store) ContainerDir(id string) string { return filepath.Join(s.Dir, "con
 
 // HandoffSocket is where the refresher takes containers over from the hook
 // (package handoff).
-func (s Store) HandoffSocket() string { return filepath.Join(s.Dir, "refresher.sock") }
+func (s Store) HandoffSocket() string { return filepath.Join(s.Dir, "handoff.sock") }
 
 // DeliveryDir is the directory of delivery n of container id.
 func (s Store) DeliveryDir(id string, n int) string {
@@ -152,12 +152,9 @@ func (s Store) Load(id string) (Record, error) {
 
 // IDs lists the containers that have a record.
 func (s Store) IDs() ([]string, error) {
-	entries, err := os.ReadDir(s.RecordsDir())
+	entries, err := readStateDir(s.RecordsDir())
 	if err != nil {
-		if errors.Is(err, fs.ErrNotExist) {
-			return nil, nil
-		}
-		return nil, fmt.Errorf("state directory: %w", err)
+		return nil, err
 	}
 	var ids []string
 	for _, e := range entries {
@@ -166,6 +163,19 @@ func (s Store) IDs() ([]string, error) {
 		}
 	}
 	return ids, nil
+}
+
+// readStateDir lists dir, a directory of the state directory that may not
+// have been made yet: then it is empty.
+func readStateDir(dir string) ([]os.DirEntry, error) {
+	entries, err := os.ReadDir(dir)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("state directory: %w", err)
+	}
+	return entries, nil
 }
 
 // IDFromFileName returns the container ID a file in RecordsDir belongs to.
@@ -180,12 +190,9 @@ func IDFromFileName(name string) (string, bool) {
 // Orphans lists container directories that have no record: left behind by
 // a hook that was killed mid-way, or by a container whose poststop never ran.
 func (s Store) Orphans() ([]string, error) {
-	entries, err := os.ReadDir(filepath.Join(s.Dir, "containers"))
+	entries, err := readStateDir(filepath.Join(s.Dir, "containers"))
 	if err != nil {
-		if errors.Is(err, fs.ErrNotExist) {
-			return nil, nil
-		}
-		return nil, fmt.Errorf("state directory: %w", err)
+		return nil, err
 	}
 	var ids []string
 	for _, e := range entries {

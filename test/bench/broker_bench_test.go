@@ -33,10 +33,7 @@ type apiResult struct {
 // configurations (A: executable hashing, B: none), with spiffe-helper
 // one-shot as the yardstick. It writes its own section of BENCHMARKS.md.
 func TestBenchBrokerAPI(t *testing.T) {
-	benchmd.On(t)
-	if os.Getuid() != 0 {
-		t.Skip("benchmarks: need root (runc, mounts, SPIRE's unix attestor)")
-	}
+	benchAsRoot(t, "runc, mounts, SPIRE's unix attestor")
 	root := testhelp.RepoRoot(t)
 	work := tempDir(t, "bench-")
 	b := build(t, root, work)
@@ -63,7 +60,7 @@ func TestBenchBrokerAPI(t *testing.T) {
 	s.CreateEntry(t, hookID, []string{"unix:uid:0", "unix:path:" + b.hook}, time.Hour)
 	s.CreateEntry(t, workloadID, []string{"unix:uid:0", "unix:path:" + initPath}, time.Hour)
 	s.CreateEntry(t, helperID, []string{"unix:uid:0", "unix:path:" + b.helper}, time.Hour)
-	waitSynced(t, s)
+	s.WaitSynced(t, 0)
 
 	apis := []string{"delegated", "broker"}
 	logs := map[string]string{}
@@ -110,7 +107,7 @@ func TestBenchBrokerAPI(t *testing.T) {
 	var helper [][]time.Duration
 	var baseline [][]time.Duration
 	for i, ac := range []string{"A (executable hashing)", "B (workload_size_limit = -1)"} {
-		if i == 1 && !noHashing(t, s) {
+		if i == 1 && !noHashing(t, s, "configuration B") {
 			break
 		}
 		progress("%s: %d interleaved rounds (+%d warm-up) of no hook, delegated, broker, spiffe-helper one-shot", ac, rounds, warmup)
@@ -155,9 +152,11 @@ func TestBenchBrokerAPI(t *testing.T) {
 	writeBenchSection(t, root, "broker-api", md)
 }
 
-// noHashing restarts the agent with workload_size_limit = -1, as the runc
-// part does; false if the agent's configuration is not as expected.
-func noHashing(t *testing.T, s *spiretest.SPIRE) bool {
+// noHashing restarts the agent with workload_size_limit = -1 (the runc
+// part's last pass, the broker part's configuration B); false, after
+// saying that it skips what (the pass that needs it), if the agent's
+// configuration is not as expected.
+func noHashing(t *testing.T, s *spiretest.SPIRE, what string) bool {
 	conf := filepath.Join(s.Dir, "agent.conf")
 	data, err := os.ReadFile(conf)
 	if err != nil {
@@ -165,14 +164,14 @@ func noHashing(t *testing.T, s *spiretest.SPIRE) bool {
 	}
 	const key = "discover_workload_path = true"
 	if strings.Count(string(data), key) != 1 {
-		progress("agent.conf has no single %q; skipping configuration B", key)
+		progress("agent.conf has no single %q; skipping %s", key, what)
 		return false
 	}
 	progress("restarting the agent with workload_size_limit = -1 (no executable hashing)")
 	s.StopAgent(t)
 	writeFile(t, conf, strings.Replace(string(data), key, key+"\n            workload_size_limit = -1", 1))
 	s.StartAgent(t)
-	waitSynced(t, s)
+	s.WaitSynced(t, 0)
 	return true
 }
 

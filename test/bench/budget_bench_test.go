@@ -21,7 +21,6 @@ import (
 	"github.com/noderesource/spiffe-oci-hook/internal/statedir"
 	"github.com/noderesource/spiffe-oci-hook/test/fakeagent"
 
-	"github.com/noderesource/spiffe-oci-hook/test/benchmd"
 	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
@@ -40,10 +39,7 @@ import (
 //
 //	SPIFFE_OCI_BENCH=1 go test -run '^TestBenchStateBudget$' -v ./test/bench
 func TestBenchStateBudget(t *testing.T) {
-	benchmd.On(t)
-	if os.Getuid() != 0 {
-		t.Skip("benchmarks: need root (tmpfs, mount namespaces, cgroups)")
-	}
+	benchAsRoot(t, "tmpfs, mount namespaces, cgroups")
 	root := testhelp.RepoRoot(t)
 	dir := tempDir(t, "bbud-")
 	bin := filepath.Join(dir, "spiffe-oci-refresher")
@@ -60,11 +56,7 @@ func TestBenchStateBudget(t *testing.T) {
 	state := filepath.Join(dir, "state")
 	testhelp.MountTmpfs(t, state, fmt.Sprintf("mode=0700,size=%dm", budget*3/2))
 	socket := filepath.Join(dir, "admin.sock")
-	fake, err := fakeagent.New(trustDomain, socket)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(fake.Stop)
+	fake := fakeagent.Start(t, trustDomain, socket)
 	fake.Default = []spiffeid.ID{spiffeid.RequireFromString(workloadID)}
 	bundle := filepath.Join(dir, "bundle")
 	os.MkdirAll(filepath.Join(bundle, "rootfs"), 0o755)

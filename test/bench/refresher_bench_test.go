@@ -47,11 +47,7 @@ func benchRefresher(t *testing.T, b bins, n int, res *results) scaleResult {
 	state := filepath.Join(dir, "state")
 	testhelp.MountTmpfs(t, state, "mode=0700,size=256m")
 	socket := filepath.Join(dir, "admin.sock")
-	fake, err := fakeagent.New(trustDomain, socket)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(fake.Stop)
+	fake := fakeagent.Start(t, trustDomain, socket)
 	workload := spiffeid.RequireFromString(workloadID)
 	fake.Default = []spiffeid.ID{workload}
 	store := statedir.Store{Dir: state}
@@ -321,37 +317,27 @@ func readMem(t *testing.T, pid int) mem {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, line := range strings.Split(string(status), "\n") {
+	s := procValues(status)
+	m.RSS, m.HWM, m.Threads = s["VmRSS:"], s["VmHWM:"], int(s["Threads:"])
+	if rollup, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps_rollup", pid)); err == nil {
+		r := procValues(rollup)
+		m.PSS, m.Private = r["Pss:"], r["Private_Clean:"]+r["Private_Dirty:"]
+	}
+	return m
+}
+
+// procValues reads the "Name: value [kB]" lines of a /proc file (status,
+// smaps_rollup) into their values by name, colon included.
+func procValues(data []byte) map[string]int64 {
+	values := map[string]int64{}
+	for _, line := range strings.Split(string(data), "\n") {
 		f := strings.Fields(line)
 		if len(f) < 2 {
 			continue
 		}
-		v, _ := strconv.ParseInt(f[1], 10, 64)
-		switch f[0] {
-		case "VmRSS:":
-			m.RSS = v
-		case "VmHWM:":
-			m.HWM = v
-		case "Threads:":
-			m.Threads = int(v)
-		}
+		values[f[0]], _ = strconv.ParseInt(f[1], 10, 64)
 	}
-	if rollup, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps_rollup", pid)); err == nil {
-		for _, line := range strings.Split(string(rollup), "\n") {
-			f := strings.Fields(line)
-			if len(f) < 2 {
-				continue
-			}
-			v, _ := strconv.ParseInt(f[1], 10, 64)
-			switch f[0] {
-			case "Pss:":
-				m.PSS = v
-			case "Private_Clean:", "Private_Dirty:":
-				m.Private += v
-			}
-		}
-	}
-	return m
+	return values
 }
 
 // cpuTicks is utime+stime of pid, in clock ticks.

@@ -50,7 +50,7 @@ func benchSPIRE(t *testing.T, b bins, res *results) {
 	s.CreateEntry(t, fetchID, []string{"unix:uid:0", "unix:path:" + b.wrap}, time.Hour)
 	s.CreateEntry(t, workloadID, []string{"unix:uid:0", "unix:path:" + initPath}, time.Hour)
 	s.CreateEntry(t, helperID, []string{"unix:uid:0", "unix:path:" + b.helper}, time.Hour)
-	waitSynced(t, s)
+	s.WaitSynced(t, 0)
 
 	hook := rspec.Hook{Path: b.hook, Args: []string{"spiffe-oci-hook", "--config", config}}
 	rg.variants = []*variant{
@@ -98,21 +98,9 @@ func benchSPIRE(t *testing.T, b bins, res *results) {
 
 	// The same comparison with the agent's executable hashing off, which
 	// is most of the agent's time per call (see BENCHMARKS.md).
-	conf := filepath.Join(s.Dir, "agent.conf")
-	data, err := os.ReadFile(conf)
-	if err != nil {
-		t.Fatal(err)
-	}
-	const key = "discover_workload_path = true"
-	if strings.Count(string(data), key) != 1 {
-		progress("agent.conf has no single %q; skipping the no-hashing pass", key)
+	if !noHashing(t, s, "the no-hashing pass") {
 		return
 	}
-	progress("restarting the agent with workload_size_limit = -1 (no executable hashing)")
-	s.StopAgent(t)
-	writeFile(t, conf, strings.Replace(string(data), key, key+"\n            workload_size_limit = -1", 1))
-	s.StartAgent(t)
-	waitSynced(t, s)
 	res.Create = append(res.Create, rg.pass(t, "same agent, workload_size_limit = -1 (no executable hashing)", res.Rounds))
 }
 
@@ -227,15 +215,24 @@ func runc(bundle, root, id string) (time.Duration, string, error) {
 	return d, stderr.String(), err
 }
 
-// fetchTimes reads the agent round-trips hookwrap fetch measured for id.
-func fetchTimes(t *testing.T, log, id string) []time.Duration {
+// logFields reads one of hookwrap's logs: the fields of each line.
+func logFields(t *testing.T, log string) [][]string {
 	t.Helper()
 	data, err := os.ReadFile(log)
 	if err != nil {
 		t.Fatal(err)
 	}
+	var lines [][]string
 	for _, line := range strings.Split(string(data), "\n") {
-		f := strings.Fields(line)
+		lines = append(lines, strings.Fields(line))
+	}
+	return lines
+}
+
+// fetchTimes reads the agent round-trips hookwrap fetch measured for id.
+func fetchTimes(t *testing.T, log, id string) []time.Duration {
+	t.Helper()
+	for _, f := range logFields(t, log) {
 		if len(f) < 3 || f[0] != id {
 			continue
 		}
@@ -255,12 +252,7 @@ func fetchTimes(t *testing.T, log, id string) []time.Duration {
 
 func hookTime(t *testing.T, log, id string) time.Duration {
 	t.Helper()
-	data, err := os.ReadFile(log)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, line := range strings.Split(string(data), "\n") {
-		f := strings.Fields(line)
+	for _, f := range logFields(t, log) {
 		if len(f) == 4 && f[0] == id {
 			if f[3] != "0" {
 				t.Fatalf("hook exited %s for %s", f[3], id)
@@ -389,23 +381,4 @@ func runcInitPath(t *testing.T, dir, root string) string {
 		t.Fatal(err)
 	}
 	return strings.TrimSpace(string(data))
-}
-
-// waitSynced blocks until every entry created so far has reached the agent
-// (an entry created last being there means the earlier ones are too).
-func waitSynced(t *testing.T, s *spiretest.SPIRE) {
-	t.Helper()
-	sleep := exec.Command("sleep", "60")
-	if err := sleep.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() { sleep.Process.Kill(); sleep.Wait() }()
-	exe, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", sleep.Process.Pid))
-	if err != nil {
-		t.Fatal(err)
-	}
-	id := fmt.Sprintf("spiffe://%s/sentinel/%d", trustDomain, time.Now().UnixNano())
-	entry := s.CreateEntry(t, id, []string{"unix:uid:0", "unix:path:" + exe}, time.Hour)
-	s.WaitForSVID(t, sleep.Process.Pid, id, 60*time.Second)
-	s.DeleteEntry(t, entry)
 }

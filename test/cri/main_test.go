@@ -34,17 +34,7 @@ func TestMain(m *testing.M) {
 	// conmon and containerd-shim-runc-v2 daemonize; without a subreaper
 	// they (and the containers under them) would be reparented to PID 1,
 	// which on this kind of machine does not reap.
-	if err := subreaper.Become(); err != nil {
-		fmt.Fprintf(os.Stderr, "cri: %v\n", err)
-		os.Exit(1)
-	}
-	code := m.Run()
-	if left := subreaper.KillOrphans(nil); len(left) > 0 && code == 0 {
-		// Every test stops what it started; an orphan here is a leak.
-		fmt.Fprintf(os.Stderr, "cri: processes outlived the tests (killed): %q\n", left)
-		code = 1
-	}
-	os.Exit(code)
+	subreaper.Main(m, "cri")
 }
 
 // Paths of the binaries under test and the tools, set by requireTools.

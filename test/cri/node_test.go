@@ -12,7 +12,6 @@ import (
 	"slices"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -214,21 +213,8 @@ func (n *node) register(t *testing.T, ns, sa string, ttl time.Duration) string {
 // being served means the earlier ones are too.
 func (n *node) waitSynced(t *testing.T) {
 	t.Helper()
-	id := fmt.Sprintf("spiffe://%s/sentinel/%d", trustDomain, time.Now().UnixNano())
 	const sentinelUID = 4243
-	sleep := exec.Command("sleep", "60")
-	sleep.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: sentinelUID, Gid: sentinelUID}}
-	if err := sleep.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() { sleep.Process.Kill(); sleep.Wait() }()
-	exe, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", sleep.Process.Pid))
-	if err != nil {
-		t.Fatal(err)
-	}
-	entry := n.spire.CreateEntry(t, id, []string{fmt.Sprintf("unix:uid:%d", sentinelUID), "unix:path:" + exe}, time.Hour)
-	n.spire.WaitForSVID(t, sleep.Process.Pid, id, 60*time.Second)
-	n.spire.DeleteEntry(t, entry)
+	n.spire.WaitSynced(t, sentinelUID)
 }
 
 // statePaths lists every path under the state directory that names one of

@@ -22,26 +22,6 @@ import (
 	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
-// detached starts bundle b detached under runtime (runc or crun) and
-// deletes it at cleanup.
-func detached(t *testing.T, b *bundle, runtime string) {
-	t.Helper()
-	b.save(t)
-	out := filepath.Join(b.dir, "out")
-	f, err := os.Create(out)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	root := filepath.Join(b.dir, runtime+"-root")
-	cmd := exec.Command(runtime, "--root", root, "run", "--detach", "--bundle", b.dir, b.id)
-	cmd.Stdout, cmd.Stderr = f, f
-	if err := cmd.Run(); err != nil {
-		t.Fatalf("%s run --detach: %v: %s", runtime, err, readFile(out))
-	}
-	t.Cleanup(func() { exec.Command(runtime, "--root", root, "delete", "--force", b.id).Run() })
-}
-
 // sleeping returns an annotated bundle that sleeps, with hooks.
 func sleeping(t *testing.T, hooks ...rspec.Hook) *bundle {
 	b := newBundle(t, []string{"/bin/sleep", "600"})
@@ -90,20 +70,20 @@ func TestAuditFindsUnserved(t *testing.T) {
 
 	// Served: runc, crun and Podman.
 	servedRunc := sleeping(t, e.hook(e.config))
-	detached(t, servedRunc, "runc")
+	servedRunc.runDetached(t, "runc")
 	running := 4 // served under runc and Podman, two without the hook
 	if _, err := exec.LookPath("crun"); err == nil {
 		running++
 		b := sleeping(t, e.hook(e.config))
 		b.Config.Version = "1.1.0" // Debian's crun refuses 1.2.x (see TestCrun)
-		detached(t, b, "crun")
+		b.runDetached(t, "crun")
 	}
 	p := e.podmanNode(t, renderHooksDir(t, e.config))
 	p.run(t, "served", "while :; do sleep 1; done", "--annotation", annotation+"=- cert_dir: /certs")
 
 	// No hook in the bundle.
 	noHook := sleeping(t)
-	detached(t, noHook, "runc")
+	noHook.runDetached(t, "runc")
 	e.expectUnserved(noHook.id)
 	before := snapshot(t, noHook.dir)
 
@@ -145,7 +125,7 @@ func TestAuditFindsUnserved(t *testing.T) {
 	t.Run("fail-open with the agent down", func(t *testing.T) {
 		e.spire.KillAgent(t)
 		b := sleeping(t, e.hook(failOpen))
-		detached(t, b, "runc")
+		b.runDetached(t, "runc")
 		e.expectUnserved(b.id)
 		u := waitUnserved(t, socket, b.id)
 		if u.Cause != audit.CauseFailOpen || !strings.Contains(u.Detail, "fail-open") {

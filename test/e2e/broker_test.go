@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -29,22 +30,11 @@ import (
 //   - a broker SVID whose ID the agent does not list;
 //   - a pid without entry.
 func TestBrokerAPI(t *testing.T) {
-	for _, tc := range []struct {
-		name string
-		test func(*testing.T)
-	}{
-		{"RuncDeliversSVID", TestRuncDeliversSVID},
-		{"JWTDelivery", TestJWTDelivery},
-		{"RefresherLifecycle", TestRefresherLifecycle},
+	runAgainst(t, spiretest.V115, config.APIBroker, slices.Concat(compatSubset, []namedTest{
 		{"RefresherKeepsBrokerSVID", testBrokerRefresherSVID},
 		{"BrokerNotListed", testBrokerNotListed},
 		{"NoEntry", testBrokerNoEntry},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			withSPIRE(t, spiretest.V115, config.APIBroker)
-			tc.test(t)
-		})
-	}
+	}))
 }
 
 // waitBrokerSVID waits until the state directory's broker SVID is id's.

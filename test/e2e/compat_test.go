@@ -13,17 +13,14 @@ import (
 // (1.13 has no Broker API). The rest of the package runs on 1.15.3 only:
 // running every suite on both lines would double the CI time.
 func TestCompatSPIRE113(t *testing.T) {
-	for _, tc := range []struct {
-		name string
-		test func(*testing.T)
-	}{
-		{"RuncDeliversSVID", TestRuncDeliversSVID},
-		{"JWTDelivery", TestJWTDelivery},
-		{"RefresherLifecycle", TestRefresherLifecycle},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			withSPIRE(t, spiretest.V113, config.APIDelegated)
-			tc.test(t)
-		})
-	}
+	runAgainst(t, spiretest.V113, config.APIDelegated, compatSubset)
+}
+
+// compatSubset is what runs again on another SPIRE line or agent API:
+// hook delivery of X.509 and JWT-SVIDs, rotation, and agent and
+// refresher restarts.
+var compatSubset = []namedTest{
+	{"RuncDeliversSVID", TestRuncDeliversSVID},
+	{"JWTDelivery", TestJWTDelivery},
+	{"RefresherLifecycle", TestRefresherLifecycle},
 }

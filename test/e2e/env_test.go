@@ -17,7 +17,6 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -136,6 +135,24 @@ func withSPIRE(t *testing.T, version, api string) {
 	t.Cleanup(func() { spireVersion, agentAPI = oldV, oldA })
 }
 
+// namedTest is a test that another runs again, as a subtest, under
+// other conditions (runAgainst).
+type namedTest struct {
+	name string
+	test func(*testing.T)
+}
+
+// runAgainst runs each of tests as a subtest of t against SPIRE version
+// with agent API api (withSPIRE).
+func runAgainst(t *testing.T, version, api string, tests []namedTest) {
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			withSPIRE(t, version, api)
+			tc.test(t)
+		})
+	}
+}
+
 // startEnvOptions is startEnv with SPIRE options; the trust domain and the
 // delegates are always this package's.
 func startEnvOptions(t *testing.T, opts spiretest.Options) *env {
@@ -173,23 +190,10 @@ func startEnvOptions(t *testing.T, opts spiretest.Options) *env {
 // means the earlier ones are too.
 func (e *env) waitSynced() {
 	e.t.Helper()
-	id := fmt.Sprintf("spiffe://%s/sentinel/%d", trustDomain, time.Now().UnixNano())
-	// A uid of its own, so that the sentinel entry (deleted below, but
-	// gone from the agent only at its next sync) matches no test process.
+	// A uid of its own, so that the sentinel entry (deleted, but gone
+	// from the agent only at its next sync) matches no test process.
 	const sentinelUID = 4242
-	sleep := exec.Command("sleep", "60")
-	sleep.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: sentinelUID, Gid: sentinelUID}}
-	if err := sleep.Start(); err != nil {
-		e.t.Fatal(err)
-	}
-	defer func() { sleep.Process.Kill(); sleep.Wait() }()
-	exe, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", sleep.Process.Pid))
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	entry := e.spire.CreateEntry(e.t, id, []string{fmt.Sprintf("unix:uid:%d", sentinelUID), "unix:path:" + exe}, time.Hour)
-	e.spire.WaitForSVID(e.t, sleep.Process.Pid, id, 60*time.Second)
-	e.spire.DeleteEntry(e.t, entry)
+	e.spire.WaitSynced(e.t, sentinelUID)
 }
 
 // writeConfig writes a node configuration for the hook; extra is appended.
@@ -321,6 +325,30 @@ func (b *bundle) run(t *testing.T, runtime string) (stdout, stderr string, err e
 	err = cmd.Run()
 	t.Cleanup(func() { exec.Command(runtime, "--root", root, "delete", "--force", b.id).Run() })
 	return out.String(), errb.String(), err
+}
+
+// runDetached saves the bundle and starts it with `<runtime> run
+// --detach` (runc or crun), and returns the file its output goes to; the
+// container is deleted at cleanup.
+func (b *bundle) runDetached(t *testing.T, runtime string) string {
+	t.Helper()
+	b.save(t)
+	// The container inherits the runtime's stdout and stderr: a file, not
+	// a pipe that Run would wait on until the container exits.
+	out := filepath.Join(b.dir, "out")
+	f, err := os.Create(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	root := filepath.Join(b.dir, runtime+"-root")
+	cmd := exec.Command(runtime, "--root", root, "run", "--detach", "--bundle", b.dir, b.id)
+	cmd.Stdout, cmd.Stderr = f, f
+	if err := cmd.Run(); err != nil {
+		t.Fatalf("%s run --detach: %v: %s", runtime, err, readFile(out))
+	}
+	t.Cleanup(func() { exec.Command(runtime, "--root", root, "delete", "--force", b.id).Run() })
+	return out
 }
 
 var busyboxApplets = []string{"sh", "cat", "ls", "stat", "grep", "sed", "base64", "strings", "touch", "sleep", "id", "echo", "true", "head", "test", "readlink", "mkdir", "od", "awk"}

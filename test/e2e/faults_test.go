@@ -29,7 +29,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -274,23 +273,8 @@ func pidReusedDuringFetch(t *testing.T, e *env, ann string) {
 	resume()
 
 	code, stderr := h.wait(t)
-	if code != 1 {
-		t.Errorf("exit code %d, want 1 (stderr %q)", code, stderr)
-	}
-	if lines := strings.Split(strings.TrimSpace(stderr), "\n"); len(lines) != 1 {
-		t.Errorf("want one line, got %d: %q", len(lines), stderr)
-	}
-	for _, w := range []string{"container " + b.id + ":", "exited while its identity was fetched", "nothing delivered", fmt.Sprintf("pid %d", pid), "gone"} {
-		if !strings.Contains(stderr, w) {
-			t.Errorf("message lacks %q: %q", w, stderr)
-		}
-	}
-	if got := e.listState(); !clean(got) {
-		t.Errorf("state directory holds %v", got)
-	}
-	if after := listTree(b.rootfs); !slices.Equal(rootfsBefore, after) {
-		t.Errorf("rootfs changed: %v -> %v", rootfsBefore, after)
-	}
+	e.checkHookRefused(t, b, rootfsBefore, code, stderr,
+		"container "+b.id+":", "exited while its identity was fetched", "nothing delivered", fmt.Sprintf("pid %d", pid), "gone")
 	if mounts, _ := os.ReadFile(fmt.Sprintf("/proc/%d/mountinfo", impostor.Process.Pid)); strings.Contains(string(mounts), b.dir) {
 		t.Errorf("something was mounted under %s in the impostor's mount namespace", b.dir)
 	}

@@ -119,7 +119,7 @@ func handoffConnections(t *testing.T) int {
 	n := 0
 	for _, line := range strings.Split(string(data), "\n") {
 		f := strings.Fields(line)
-		if len(f) >= 8 && strings.HasSuffix(f[7], "/refresher.sock") && f[5] == "03" {
+		if len(f) >= 8 && strings.HasSuffix(f[7], "/handoff.sock") && f[5] == "03" {
 			n++
 		}
 	}

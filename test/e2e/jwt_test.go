@@ -5,8 +5,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"maps"
-	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -213,26 +211,5 @@ func (e *env) startLooper(t *testing.T, ann, script string) *looper {
 	b := newBundle(t, []string{"/bin/sh", "-c", script})
 	b.AddAnnotation(annotation, ann)
 	b.Config.Hooks = &rspec.Hooks{CreateRuntime: []rspec.Hook{e.hook(e.config)}}
-	return &looper{id: b.id, out: e.runDetached(t, b)}
-}
-
-// runDetached starts bundle b with `runc run --detach` and returns the
-// file its output goes to; the container is deleted at cleanup.
-func (e *env) runDetached(t *testing.T, b *bundle) string {
-	t.Helper()
-	b.save(t)
-	out := filepath.Join(b.dir, "out")
-	f, err := os.Create(out)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	root := filepath.Join(b.dir, "runc-root")
-	cmd := exec.Command("runc", "--root", root, "run", "--detach", "--bundle", b.dir, b.id)
-	cmd.Stdout, cmd.Stderr = f, f
-	if err := cmd.Run(); err != nil {
-		t.Fatalf("runc run --detach: %v: %s", err, readFile(out))
-	}
-	t.Cleanup(func() { exec.Command("runc", "--root", root, "delete", "--force", b.id).Run() })
-	return out
+	return &looper{id: b.id, out: b.runDetached(t, "runc")}
 }

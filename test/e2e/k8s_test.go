@@ -103,27 +103,6 @@ func (b *bundle) inPod(t *testing.T, podUID string) {
 	})
 }
 
-// runDetached starts the bundle with runc run --detach.
-func (b *bundle) runDetached(t *testing.T) {
-	t.Helper()
-	b.save(t)
-	root := filepath.Join(b.dir, "runc-root")
-	// The container inherits runc's stdout and stderr: a file, not a pipe
-	// that Output would wait on until the container exits.
-	out := filepath.Join(b.dir, "out")
-	f, err := os.Create(out)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	cmd := exec.Command("runc", "--root", root, "run", "--detach", "--bundle", b.dir, b.id)
-	cmd.Stdout, cmd.Stderr = f, f
-	if err := cmd.Run(); err != nil {
-		t.Fatalf("runc run --detach: %v: %s", err, readFile(out))
-	}
-	t.Cleanup(func() { exec.Command("runc", "--root", root, "delete", "--force", b.id).Run() })
-}
-
 // TestTwoPodsOwnIdentities: two containers in different pods each get
 // only their own SVID; the second's annotation can neither obtain the
 // first's identity (spiffe_id) nor reach its files: each delivery is its
@@ -143,7 +122,7 @@ func TestTwoPodsOwnIdentities(t *testing.T) {
 	a.inPod(t, podA.uid)
 	a.AddAnnotation(annotation, "- cert_dir: /certs\n")
 	a.Config.Hooks = &rspec.Hooks{CreateRuntime: []rspec.Hook{e.hook(e.config)}}
-	a.runDetached(t)
+	a.runDetached(t, "runc")
 	aState := filepath.Join(e.stateDir, "containers", a.id)
 	aFiles := snapshot(t, aState)
 	if len(aFiles) == 0 {

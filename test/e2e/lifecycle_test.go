@@ -26,12 +26,8 @@ import (
 //     passed, an annotated container is refused with the line that says
 //     what to do, and nothing of it is left.
 func TestRequireRefresher(t *testing.T) {
-	e := startEnv(t)
 	const ttl = 20 * time.Second
-	// uid 0 matches "runc init" at createRuntime and the container's
-	// process when the refresher attests it again.
-	e.spire.CreateEntry(t, rotatingID, []string{"unix:uid:0"}, ttl)
-	e.waitSynced()
+	e := rotatingEnv(t, ttl)
 	const grace = 4 * time.Second
 	e.config = e.writeConfig(fmt.Sprintf("require_refresher: true\nrefresher_grace: %s\n", grace))
 

@@ -163,7 +163,7 @@ func TestNginxMutualTLS(t *testing.T) {
 	}
 	server.AddAnnotation(annotation, "- cert_dir: /certs\n  spiffe_id: "+nginxID+"\n  renew_signal: SIGHUP\n")
 	server.Config.Hooks = &rspec.Hooks{CreateRuntime: []rspec.Hook{e.hook(e.config)}}
-	log := e.runDetached(t, server)
+	log := server.runDetached(t, "runc")
 	runcState := func() string {
 		out, _ := exec.Command("runc", "--root", filepath.Join(server.dir, "runc-root"), "state", server.id).Output()
 		return strings.TrimSpace(string(out))

@@ -19,10 +19,8 @@ import (
 // and after it stopped; SIGHUP applies a changed config without reopening
 // any stream, and refuses a bad one with one line.
 func TestRefresherOperatorView(t *testing.T) {
-	e := startEnv(t)
 	const ttl = 30 * time.Second
-	e.spire.CreateEntry(t, rotatingID, []string{"unix:uid:0"}, ttl)
-	e.waitSynced()
+	e := rotatingEnv(t, ttl)
 	cfg := e.writeConfig("refresher:\n  log_level: info\n")
 	r := e.startRefresherWith(t, cfg)
 	socket := filepath.Join(e.stateDir, "refresher.sock")

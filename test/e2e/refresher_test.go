@@ -24,6 +24,17 @@ import (
 
 const rotatingID = "spiffe://example.org/workload/rotating"
 
+// rotatingEnv is startEnv with rotatingID registered for every process
+// of uid 0, with X.509-SVIDs that live ttl. The container's process keeps
+// uid 0 after exec, so the entry matches both "runc init" at
+// createRuntime and the container when the refresher attests it again.
+func rotatingEnv(t *testing.T, ttl time.Duration) *env {
+	e := startEnv(t)
+	e.spire.CreateEntry(t, rotatingID, []string{"unix:uid:0"}, ttl)
+	e.waitSynced()
+	return e
+}
+
 // refresher is a running spiffe-oci-refresher binary.
 type refresher struct {
 	cmd *exec.Cmd
@@ -96,7 +107,7 @@ func (e *env) startWatcher(t *testing.T) *watcher {
 	b := newBundle(t, []string{"/bin/sh", "-c", script})
 	b.AddAnnotation(annotation, "- cert_dir: /certs\n")
 	b.Config.Hooks = &rspec.Hooks{CreateRuntime: []rspec.Hook{e.hook(e.config)}}
-	out := e.runDetached(t, b)
+	out := b.runDetached(t, "runc")
 	return &watcher{b: b, out: out}
 }
 
@@ -180,12 +191,8 @@ func (w *watcher) waitVersions(t *testing.T, e *env, n int, d time.Duration) []s
 // agent's return; a SIGKILLed refresher resumes on restart and cleans up a
 // container that exited meanwhile.
 func TestRefresherLifecycle(t *testing.T) {
-	e := startEnv(t)
 	const ttl = 30 * time.Second
-	// The container's process keeps uid 0 after exec, so this entry
-	// matches it both at createRuntime and when the refresher re-attests.
-	e.spire.CreateEntry(t, rotatingID, []string{"unix:uid:0"}, ttl)
-	e.waitSynced()
+	e := rotatingEnv(t, ttl)
 	// The first refresher serves metrics: the outage below counts its
 	// failed reconnects.
 	metricsSocket := filepath.Join(e.dir, "refresher-metrics.sock")

@@ -154,12 +154,10 @@ func (e *env) servedAndRotating(t *testing.T, id string, pid int, ttl time.Durat
 // --restart=always restart, the container (same ID, new process) has
 // valid files that keep rotating.
 func TestPodmanRestartKeepsIdentity(t *testing.T) {
-	e := startEnv(t)
 	// Short, so that each of the four rotations waited for comes in
 	// about 10 s.
 	const ttl = 20 * time.Second
-	e.spire.CreateEntry(t, rotatingID, []string{"unix:uid:0"}, ttl)
-	e.waitSynced()
+	e := rotatingEnv(t, ttl)
 	r := e.startRefresher(t)
 	p := e.podmanNode(t, renderHooksDir(t, e.config))
 	ann := []string{"--annotation", annotation + "=- cert_dir: /certs"}
@@ -214,10 +212,8 @@ func TestPodmanRestartKeepsIdentity(t *testing.T) {
 // and end the container at the first rotation. The refresher rotates the
 // files, does not send the signal, and says why in the status command.
 func TestRenewSignalBehindInit(t *testing.T) {
-	e := startEnv(t)
 	const ttl = 20 * time.Second // a rotation in about 10 s
-	e.spire.CreateEntry(t, rotatingID, []string{"unix:uid:0"}, ttl)
-	e.waitSynced()
+	e := rotatingEnv(t, ttl)
 	r := e.startRefresher(t)
 	p := e.podmanNode(t, renderHooksDir(t, e.config))
 	// Podman 4.3 reads --annotation as CSV: quotes keep the commas.

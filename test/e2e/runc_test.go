@@ -360,27 +360,36 @@ func TestHookFailures(t *testing.T) {
 				Annotations: map[string]string{annotation: c.ann},
 			})
 			code, stderr := runBinary(t, c.bin, string(state), "--config", c.config)
-			if code != 1 {
-				t.Errorf("exit code %d, want 1 (stderr %q)", code, stderr)
-			}
-			if lines := strings.Split(strings.TrimSpace(stderr), "\n"); len(lines) != 1 {
-				t.Errorf("want one line, got %d: %q", len(lines), stderr)
-			}
 			if !strings.Contains(stderr, "container "+b.id+":") {
 				t.Errorf("message does not name the container: %q", stderr)
 			}
-			for _, w := range c.want {
-				if !strings.Contains(stderr, w) {
-					t.Errorf("message lacks %q: %q", w, stderr)
-				}
-			}
-			if got := e.listState(); !clean(got) {
-				t.Errorf("state directory holds %v", got)
-			}
-			if after := listTree(b.rootfs); !slices.Equal(before, after) {
-				t.Errorf("rootfs changed: %v -> %v", before, after)
-			}
+			e.checkHookRefused(t, b, before, code, stderr, c.want...)
 		})
+	}
+}
+
+// checkHookRefused checks a hook run that refused b's container: exit
+// code 1, one line on stderr that holds each of words, nothing in the
+// state directory, and b's rootfs as listed before the run
+// (rootfsBefore).
+func (e *env) checkHookRefused(t *testing.T, b *bundle, rootfsBefore []string, code int, stderr string, words ...string) {
+	t.Helper()
+	if code != 1 {
+		t.Errorf("exit code %d, want 1 (stderr %q)", code, stderr)
+	}
+	if lines := strings.Split(strings.TrimSpace(stderr), "\n"); len(lines) != 1 {
+		t.Errorf("want one line, got %d: %q", len(lines), stderr)
+	}
+	for _, w := range words {
+		if !strings.Contains(stderr, w) {
+			t.Errorf("message lacks %q: %q", w, stderr)
+		}
+	}
+	if got := e.listState(); !clean(got) {
+		t.Errorf("state directory holds %v", got)
+	}
+	if after := listTree(b.rootfs); !slices.Equal(rootfsBefore, after) {
+		t.Errorf("rootfs changed: %v -> %v", rootfsBefore, after)
 	}
 }
 

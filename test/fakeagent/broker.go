@@ -120,42 +120,28 @@ func (b *Broker) SubscribeToX509SVID(req *brokerv1.SubscribeToX509SVIDRequest, s
 	if refuse := a.refuseSVIDs(); refuse != nil {
 		return refuse
 	}
-	for {
-		a.mu.Lock()
-		ids, ok := a.identities[pid]
-		if !ok {
-			ids = a.Default
-		}
-		changed := a.changed
-		resp := &brokerv1.SubscribeToX509SVIDResponse{FederatedBundles: map[string][]byte{}}
-		for td, cert := range a.federated {
-			resp.FederatedBundles[spiffeid.RequireTrustDomainFromString(td).IDString()] = cert.Raw
-		}
-		a.mu.Unlock()
-		if len(ids) == 0 && b.Spec {
-			return ReasonError(codes.PermissionDenied, "WORKLOAD_NOT_ENTITLED", "no identity issued")
-		}
-		for _, id := range ids {
-			sv, err := a.mint(id)
-			if err != nil {
-				return status.Error(codes.Internal, err.Error())
+	return a.sendOnChange(stream.Context(), func() func() error {
+		ids := a.identitiesOf(pid)
+		resp := &brokerv1.SubscribeToX509SVIDResponse{FederatedBundles: a.addFederated(map[string][]byte{})}
+		return func() error {
+			if len(ids) == 0 && b.Spec {
+				return ReasonError(codes.PermissionDenied, "WORKLOAD_NOT_ENTITLED", "no identity issued")
 			}
-			resp.Svids = append(resp.Svids, &brokerv1.X509SVID{
-				SpiffeId:    id.String(),
-				X509Svid:    sv.X509Svid.CertChain[0],
-				X509SvidKey: sv.X509SvidKey,
-				Bundle:      a.caCert.Raw,
-			})
+			for _, id := range ids {
+				sv, err := a.mint(id)
+				if err != nil {
+					return status.Error(codes.Internal, err.Error())
+				}
+				resp.Svids = append(resp.Svids, &brokerv1.X509SVID{
+					SpiffeId:    id.String(),
+					X509Svid:    sv.X509Svid.CertChain[0],
+					X509SvidKey: sv.X509SvidKey,
+					Bundle:      a.caCert.Raw,
+				})
+			}
+			return stream.Send(resp)
 		}
-		if err := stream.Send(resp); err != nil {
-			return err
-		}
-		select {
-		case <-changed:
-		case <-stream.Context().Done():
-			return nil
-		}
-	}
+	})
 }
 
 // SubscribeToX509Bundles implements the API.
@@ -169,23 +155,10 @@ func (b *Broker) SubscribeToX509Bundles(req *brokerv1.SubscribeToX509BundlesRequ
 	if refuse, _, _ := a.wait(stream.Context()); refuse != nil {
 		return refuse
 	}
-	for {
-		a.mu.Lock()
-		changed := a.changed
-		resp := &brokerv1.SubscribeToX509BundlesResponse{Bundles: map[string][]byte{a.TrustDomain.IDString(): a.caCert.Raw}}
-		for td, cert := range a.federated {
-			resp.Bundles[spiffeid.RequireTrustDomainFromString(td).IDString()] = cert.Raw
-		}
-		a.mu.Unlock()
-		if err := stream.Send(resp); err != nil {
-			return err
-		}
-		select {
-		case <-changed:
-		case <-stream.Context().Done():
-			return nil
-		}
-	}
+	return a.sendOnChange(stream.Context(), func() func() error {
+		resp := &brokerv1.SubscribeToX509BundlesResponse{Bundles: a.bundles()}
+		return func() error { return stream.Send(resp) }
+	})
 }
 
 // FetchJWTSVID implements the API with the Delegated Identity API's tokens.

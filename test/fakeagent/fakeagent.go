@@ -18,6 +18,7 @@ import (
 	"net/url"
 	"sync"
 	"sync/atomic"
+	"testing"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -158,6 +159,18 @@ func (a *Agent) Stop() {
 	srv.Stop()
 }
 
+// Start is New for a test: it fails t if the agent cannot serve, and
+// stops it when t ends.
+func Start(t testing.TB, trustDomain, socket string) *Agent {
+	t.Helper()
+	a, err := New(trustDomain, socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(a.Stop)
+	return a
+}
+
 // Set gives pid the SPIFFE IDs ids (first is the default).
 func (a *Agent) Set(pid int, ids ...spiffeid.ID) {
 	a.mu.Lock()
@@ -222,34 +235,23 @@ func (a *Agent) SubscribeToX509SVIDs(req *delegatedidentityv1.SubscribeToX509SVI
 		<-stream.Context().Done()
 		return stream.Context().Err()
 	}
-	for {
-		a.mu.Lock()
-		ids, ok := a.identities[int(req.Pid)]
-		if !ok {
-			ids = a.Default
-		}
-		changed := a.changed
+	return a.sendOnChange(stream.Context(), func() func() error {
+		ids := a.identitiesOf(int(req.Pid))
 		resp := &delegatedidentityv1.SubscribeToX509SVIDsResponse{}
 		for td := range a.federated {
 			resp.FederatesWith = append(resp.FederatesWith, td)
 		}
-		a.mu.Unlock()
-		for _, id := range ids {
-			sv, err := a.mint(id)
-			if err != nil {
-				return status.Error(codes.Internal, err.Error())
+		return func() error {
+			for _, id := range ids {
+				sv, err := a.mint(id)
+				if err != nil {
+					return status.Error(codes.Internal, err.Error())
+				}
+				resp.X509Svids = append(resp.X509Svids, sv)
 			}
-			resp.X509Svids = append(resp.X509Svids, sv)
+			return stream.Send(resp)
 		}
-		if err := stream.Send(resp); err != nil {
-			return err
-		}
-		select {
-		case <-changed:
-		case <-stream.Context().Done():
-			return nil
-		}
-	}
+	})
 }
 
 // SubscribeToX509Bundles implements the API.
@@ -264,25 +266,57 @@ func (a *Agent) SubscribeToX509Bundles(_ *delegatedidentityv1.SubscribeToX509Bun
 		<-stream.Context().Done()
 		return stream.Context().Err()
 	}
+	return a.sendOnChange(stream.Context(), func() func() error {
+		resp := &delegatedidentityv1.SubscribeToX509BundlesResponse{CaCertificates: a.bundles()}
+		return func() error { return stream.Send(resp) }
+	})
+}
+
+// sendOnChange is the loop of the agent's streams: snapshot runs under
+// a.mu and returns what sends that state (it mints, if it must, after
+// the lock is released); the send happens again each time the state
+// changes (Rotate, Set, Federate, …), until it fails or the stream's
+// context ends. The change channel is taken under the same lock as the
+// snapshot, so a change after the snapshot is never missed.
+func (a *Agent) sendOnChange(ctx context.Context, snapshot func() (send func() error)) error {
 	for {
 		a.mu.Lock()
 		changed := a.changed
-		resp := &delegatedidentityv1.SubscribeToX509BundlesResponse{
-			CaCertificates: map[string][]byte{a.TrustDomain.IDString(): a.caCert.Raw},
-		}
-		for td, cert := range a.federated {
-			resp.CaCertificates[spiffeid.RequireTrustDomainFromString(td).IDString()] = cert.Raw
-		}
+		send := snapshot()
 		a.mu.Unlock()
-		if err := stream.Send(resp); err != nil {
+		if err := send(); err != nil {
 			return err
 		}
 		select {
 		case <-changed:
-		case <-stream.Context().Done():
+		case <-ctx.Done():
 			return nil
 		}
 	}
+}
+
+// identitiesOf is the SPIFFE IDs pid gets: its own, or Default. a.mu is
+// held.
+func (a *Agent) identitiesOf(pid int) []spiffeid.ID {
+	if ids, ok := a.identities[pid]; ok {
+		return ids
+	}
+	return a.Default
+}
+
+// bundles is the trust domain's CA and every federated one, by trust
+// domain ID. a.mu is held.
+func (a *Agent) bundles() map[string][]byte {
+	return a.addFederated(map[string][]byte{a.TrustDomain.IDString(): a.caCert.Raw})
+}
+
+// addFederated adds every federated trust domain's CA to bundles, by
+// trust domain ID, and returns it. a.mu is held.
+func (a *Agent) addFederated(bundles map[string][]byte) map[string][]byte {
+	for td, cert := range a.federated {
+		bundles[spiffeid.RequireTrustDomainFromString(td).IDString()] = cert.Raw
+	}
+	return bundles
 }
 
 var serial atomic.Int64

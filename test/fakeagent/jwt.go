@@ -25,10 +25,7 @@ const jwtKeyID = "fakeagent"
 func (a *Agent) FetchJWTSVIDs(ctx context.Context, req *delegatedidentityv1.FetchJWTSVIDsRequest) (*delegatedidentityv1.FetchJWTSVIDsResponse, error) {
 	a.mu.Lock()
 	hold, refuse, ttl := a.JWTHold, a.Refuse, a.JWTTTL
-	ids, ok := a.identities[int(req.Pid)]
-	if !ok {
-		ids = a.Default
-	}
+	ids := a.identitiesOf(int(req.Pid))
 	a.mu.Unlock()
 	if refuse != nil {
 		return nil, refuse

@@ -42,26 +42,18 @@ func (w *WorkloadAPI) FetchX509SVID(_ *workload.X509SVIDRequest, stream workload
 		return status.Error(codes.InvalidArgument, "security header missing from request")
 	}
 	a := w.a
-	for {
-		a.mu.Lock()
-		changed := a.changed
-		a.mu.Unlock()
-		sv, err := a.mint(w.ID)
-		if err != nil {
-			return status.Error(codes.Internal, err.Error())
+	return a.sendOnChange(stream.Context(), func() func() error {
+		return func() error {
+			sv, err := a.mint(w.ID)
+			if err != nil {
+				return status.Error(codes.Internal, err.Error())
+			}
+			return stream.Send(&workload.X509SVIDResponse{Svids: []*workload.X509SVID{{
+				SpiffeId:    w.ID.String(),
+				X509Svid:    sv.X509Svid.CertChain[0],
+				X509SvidKey: sv.X509SvidKey,
+				Bundle:      a.caCert.Raw,
+			}}})
 		}
-		if err := stream.Send(&workload.X509SVIDResponse{Svids: []*workload.X509SVID{{
-			SpiffeId:    w.ID.String(),
-			X509Svid:    sv.X509Svid.CertChain[0],
-			X509SvidKey: sv.X509SvidKey,
-			Bundle:      a.caCert.Raw,
-		}}}); err != nil {
-			return err
-		}
-		select {
-		case <-changed:
-		case <-stream.Context().Done():
-			return nil
-		}
-	}
+	})
 }

@@ -3,9 +3,12 @@ package spiretest
 import (
 	"bytes"
 	"encoding/json"
+	"fmt"
+	"os"
 	"os/exec"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -83,6 +86,33 @@ func (s *SPIRE) CreateEntryArgs(t testing.TB, spiffeID string, selectors []strin
 func (s *SPIRE) DeleteEntry(t testing.TB, entryID string) {
 	t.Helper()
 	s.ServerCLI(t, "entry", "delete", "-socketPath", s.ServerSocket, "-entryID", entryID)
+}
+
+// WaitSynced blocks until every entry created so far has reached the
+// agent: the agent syncs a full snapshot, so a sentinel entry created
+// last being served means the earlier ones are too. The sentinel is for a
+// sleep run as uid (0: as the caller, root); deleted at the end, but gone
+// from the agent only at its next sync, it matches any process of that
+// uid and executable meanwhile, so a caller whose tests run sleep as root
+// gives a uid of its own.
+func (s *SPIRE) WaitSynced(t testing.TB, uid uint32) {
+	t.Helper()
+	id := fmt.Sprintf("spiffe://%s/sentinel/%d", s.TrustDomain, time.Now().UnixNano())
+	sleep := exec.Command("sleep", "60")
+	if uid != 0 {
+		sleep.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: uid}}
+	}
+	if err := sleep.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { sleep.Process.Kill(); sleep.Wait() }()
+	exe, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", sleep.Process.Pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	entry := s.CreateEntry(t, id, []string{fmt.Sprintf("unix:uid:%d", uid), "unix:path:" + exe}, time.Hour)
+	s.WaitForSVID(t, sleep.Process.Pid, id, 60*time.Second)
+	s.DeleteEntry(t, entry)
 }
 
 // BundlePEM returns the server's X.509 trust bundle (CA certificates) as PEM.

@@ -9,10 +9,28 @@ import (
 	"fmt"
 	"os"
 	"strings"
+	"testing"
 	"time"
 
 	"golang.org/x/sys/unix"
 )
+
+// Main is a harness's TestMain: it makes the test binary the subreaper,
+// runs the tests, and fails the run when a process outlived them (every
+// test stops what it started, so an orphan is a leak), after killing it.
+// harness prefixes its lines (cri, cluster).
+func Main(m *testing.M, harness string) {
+	if err := Become(); err != nil {
+		fmt.Fprintf(os.Stderr, "%s: %v\n", harness, err)
+		os.Exit(1)
+	}
+	code := m.Run()
+	if left := KillOrphans(nil); len(left) > 0 && code == 0 {
+		fmt.Fprintf(os.Stderr, "%s: processes outlived the tests (killed): %q\n", harness, left)
+		code = 1
+	}
+	os.Exit(code)
+}
 
 // Become makes the calling process the reaper of its descendants' orphans.
 func Become() error {

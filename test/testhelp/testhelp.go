@@ -1,7 +1,7 @@
 // Package testhelp holds the small helpers that several test packages
 // used to carry copies of: polling for a condition, the repository root,
-// a tmpfs state directory, and summing a metric from the refresher's
-// exposition.
+// a tmpfs state directory, summing a metric from the refresher's
+// exposition, and a log buffer that goroutines may write to.
 //
 // It imports only the standard library and golang.org/x/sys, so that any
 // test can import it, in-package tests under internal/ included: an
@@ -14,10 +14,12 @@ package testhelp
 import (
 	"bufio"
 	"bytes"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -118,6 +120,26 @@ func MountTmpfs(t testing.TB, dir, options string) {
 	t.Cleanup(func() { unix.Unmount(dir, unix.MNT_DETACH) })
 }
 
+// TempNode skips t without root, with the message skip (each caller's
+// own, saying what it needs root for), and otherwise makes a directory
+// under /tmp (short enough for unix sockets) named after prefix, and a
+// tmpfs mounted at its subdirectory "state" with the mount data options;
+// both are removed when t ends.
+func TempNode(t testing.TB, skip, prefix, options string) (dir, state string) {
+	t.Helper()
+	if os.Getuid() != 0 {
+		t.Skip(skip)
+	}
+	dir, err := os.MkdirTemp("/tmp", prefix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	state = filepath.Join(dir, "state")
+	MountTmpfs(t, state, options)
+	return dir, state
+}
+
 // MetricSum adds up the samples of the labelled metric name in a
 // Prometheus text exposition (every label set), failing t on a value it
 // cannot read.
@@ -134,4 +156,53 @@ func MetricSum(t testing.TB, exposition []byte, name string) float64 {
 		}
 	}
 	return sum
+}
+
+// LabelRecorder is a labeler (what internal/files calls a Labeler:
+// Label(path) error) that remembers every path it is given, and refuses
+// to label one whose base name is Fail.
+type LabelRecorder struct {
+	mu    sync.Mutex
+	paths []string
+	Fail  string
+}
+
+// Label records path.
+func (l *LabelRecorder) Label(path string) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.paths = append(l.paths, path)
+	if l.Fail != "" && filepath.Base(path) == l.Fail {
+		return errors.New("labelling refused")
+	}
+	return nil
+}
+
+// Take returns the paths recorded since the last Take.
+func (l *LabelRecorder) Take() []string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	p := l.paths
+	l.paths = nil
+	return p
+}
+
+// SyncBuffer is a log destination that several goroutines may write to
+// while the test reads what they wrote.
+type SyncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *SyncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+// String returns what was written so far.
+func (s *SyncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }
