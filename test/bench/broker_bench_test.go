@@ -30,7 +30,9 @@ type apiResult struct {
 // TestBenchBrokerAPI (make bench, BENCH_PARTS=broker) compares the hook
 // speaking the Delegated Identity API with the hook speaking the SPIFFE
 // Broker API, against one SPIRE 1.15.3 agent serving both, on both agent
-// configurations (A: executable hashing, B: none), with spiffe-helper
+// configurations (A: executable hashing, B: none), each API two ways:
+// handed to a refresher that speaks it over its open connection, and with
+// no refresher (spiffe-oci-hook-direct speaking it), with spiffe-helper
 // one-shot as the yardstick. It writes its own section of BENCHMARKS.md.
 func TestBenchBrokerAPI(t *testing.T) {
 	benchAsRoot(t, "runc, mounts, SPIRE's unix attestor")
@@ -40,7 +42,7 @@ func TestBenchBrokerAPI(t *testing.T) {
 	rounds := envInt("BENCH_ROUNDS", 60)
 
 	progress("starting SPIRE %s with the admin socket and the broker endpoint", spiretest.V115)
-	s := spiretest.Start(t, spiretest.Options{TrustDomain: trustDomain, AuthorizedDelegates: []string{hookID}, Broker: true})
+	s := spiretest.Start(t, spiretest.Options{TrustDomain: trustDomain, AuthorizedDelegates: []string{hookID, refresherID}, Broker: true, Brokers: []string{refresherID}})
 	dir := tempDir(t, "bbr-")
 	stateDir := filepath.Join(dir, "state")
 	testhelp.MountTmpfs(t, stateDir, "mode=0700,size=64m")
@@ -51,31 +53,46 @@ func TestBenchBrokerAPI(t *testing.T) {
 	if err := brokersvid.Write(files.Writer{}, brokersvid.Dir(stateDir), s.HarnessIdentity(t)); err != nil {
 		t.Fatal(err)
 	}
+	// The handed-over paths: a state directory per API that a refresher
+	// speaking it serves.
+	servedDirs := map[string]string{}
+	for _, api := range []string{"delegated", "broker"} {
+		servedDirs[api] = filepath.Join(dir, "served-"+api)
+		testhelp.MountTmpfs(t, servedDirs[api], "mode=0700,size=64m")
+	}
 	configs := map[string]string{
-		"delegated": fmt.Sprintf("agent_admin_socket: %s\nstate_dir: %s\ntimeout: 10s\n", s.AdminSocket, stateDir),
-		"broker":    fmt.Sprintf("agent_api: broker\nbroker_socket: %s\nstate_dir: %s\ntimeout: 10s\n", s.BrokerSocket, stateDir),
+		"delegated":              fmt.Sprintf("agent_admin_socket: %s\nstate_dir: %s\ntimeout: 10s\n", s.AdminSocket, stateDir),
+		"broker":                 fmt.Sprintf("agent_api: broker\nbroker_socket: %s\nstate_dir: %s\ntimeout: 10s\n", s.BrokerSocket, stateDir),
+		"delegated, handed over": fmt.Sprintf("agent_admin_socket: %s\nstate_dir: %s\ntimeout: 10s\n", s.AdminSocket, servedDirs["delegated"]),
+		"broker, handed over": fmt.Sprintf("agent_api: broker\nbroker_socket: %s\nworkload_api_socket: %s\nbroker_spiffe_id: %s\nstate_dir: %s\ntimeout: 10s\n",
+			s.BrokerSocket, s.WorkloadSocket, refresherID, servedDirs["broker"]),
+	}
+	stores := map[string]statedir.Store{
+		"delegated": {Dir: stateDir}, "broker": {Dir: stateDir},
+		"delegated, handed over": {Dir: servedDirs["delegated"]}, "broker, handed over": {Dir: servedDirs["broker"]},
 	}
 	runcRoot := filepath.Join(dir, "runc")
 	initPath := runcInitPath(t, dir, runcRoot)
-	s.CreateEntry(t, hookID, []string{"unix:uid:0", "unix:path:" + b.hook}, time.Hour)
+	s.CreateEntry(t, hookID, []string{"unix:uid:0", "unix:path:" + b.hookDirect}, time.Hour)
+	s.CreateEntry(t, refresherID, []string{"unix:uid:0", "unix:path:" + b.refresher}, time.Hour)
 	s.CreateEntry(t, workloadID, []string{"unix:uid:0", "unix:path:" + initPath}, time.Hour)
 	s.CreateEntry(t, helperID, []string{"unix:uid:0", "unix:path:" + b.helper}, time.Hour)
 	s.WaitSynced(t, 0)
 
-	apis := []string{"delegated", "broker"}
+	apis := []string{"delegated", "broker", "delegated, handed over", "broker, handed over"}
 	logs := map[string]string{}
 	bundles := map[string]string{"no hook": newBundle(t, dir, "nohook", nil, false)}
 	for _, api := range apis {
-		config := filepath.Join(dir, api+".yaml")
+		file := strings.ReplaceAll(strings.ReplaceAll(api, ",", ""), " ", "-")
+		config := filepath.Join(dir, file+".yaml")
 		writeFile(t, config, configs[api])
-		logs[api] = filepath.Join(dir, "hook-"+api+".log")
-		bundles[api] = newBundle(t, dir, api, []rspec.Hook{{Path: b.wrap, Args: []string{"hookwrap", "time", logs[api], b.hook, "spiffe-oci-hook", "--config", config}}}, true)
+		logs[api] = filepath.Join(dir, "hook-"+file+".log")
+		bundles[api] = newBundle(t, dir, file, []rspec.Hook{{Path: b.wrap, Args: []string{"hookwrap", "time", logs[api], b.hook, "spiffe-oci-hook", "--config", config}}}, true)
 	}
 	oneshot := filepath.Join(helperDir, "oneshot")
 	os.MkdirAll(oneshot, 0o755)
 	helperConf := filepath.Join(dir, "helper.conf")
 	writeFile(t, helperConf, helperConfig(s.WorkloadSocket, oneshot, false))
-	store := statedir.Store{Dir: stateDir}
 
 	seq := 0
 	run := func(name string) (string, time.Duration) {
@@ -110,37 +127,48 @@ func TestBenchBrokerAPI(t *testing.T) {
 		if i == 1 && !noHashing(t, s, "configuration B") {
 			break
 		}
-		progress("%s: %d interleaved rounds (+%d warm-up) of no hook, delegated, broker, spiffe-helper one-shot", ac, rounds, warmup)
+		var stops []func()
+		for _, api := range []string{"delegated, handed over", "broker, handed over"} {
+			stops = append(stops, startServing(t, b.refresher, filepath.Join(dir, strings.ReplaceAll(strings.ReplaceAll(api, ",", ""), " ", "-")+".yaml"), stores[api]))
+		}
+		progress("%s: %d interleaved rounds (+%d warm-up) of no hook, %s, spiffe-helper one-shot", ac, rounds, warmup, strings.Join(apis, "; "))
 		res := map[string]*apiResult{}
 		for _, api := range apis {
 			res[api] = &apiResult{agent: ac, api: api, attestations: attestations(api, 10)}
 		}
 		var none, help []time.Duration
+		n := len(apis) + 2 // no hook, each path, spiffe-helper
 		for round := -warmup; round < rounds; round++ {
-			for k := range 4 {
-				switch (k + round + warmup) % 4 {
+			for k := range n {
+				switch v := (k + round + warmup) % n; v {
 				case 0:
 					_, d := run("no hook")
 					if round >= 0 {
 						none = append(none, d)
 					}
-				case 1, 2:
-					api := apis[(k+round+warmup)%4-1]
+				case n - 1:
+					d := runHelper(t, b.helper, "-config", helperConf)
+					if round >= 0 {
+						help = append(help, d)
+					}
+				default:
+					api := apis[v-1]
 					id, d := run(api)
 					if round == 0 {
-						checkFiles(t, store.DeliveryDir(id, 0), workloadID)
+						checkFiles(t, stores[api].DeliveryDir(id, 0), workloadID)
+					}
+					if err := stores[api].Remove(id); err != nil {
+						t.Fatal(err)
 					}
 					if round >= 0 {
 						res[api].create = append(res[api].create, d)
 						res[api].hook = append(res[api].hook, hookTime(t, logs[api], id))
 					}
-				case 3:
-					d := runHelper(t, b.helper, "-config", helperConf)
-					if round >= 0 {
-						help = append(help, d)
-					}
 				}
 			}
+		}
+		for _, stop := range stops {
+			stop()
 		}
 		for _, api := range apis {
 			results = append(results, *res[api])
@@ -182,7 +210,7 @@ func brokerReport(rs []apiResult, baseline, helper [][]time.Duration, rounds int
 		time.Now().UTC().Format("2006-01-02 15:04 UTC"), spiretest.V115, rounds, warmup)
 	b.WriteString("| Agent | API | runc run, median | hook-added create latency, median | hook wall time, median (p90) | spiffe-helper one-shot, median | hook / spiffe-helper | agent attestations per delivery |\n|---|---|---:|---:|---:|---:|---:|---:|\n")
 	for i, r := range rs {
-		cfg := i / 2
+		cfg := i / 4
 		create, hook, help := median(r.create), median(r.hook), median(helper[cfg])
 		fmt.Fprintf(&b, "| %s | %s | %s | %s | %s (%s) | %s | %.2f | %.1f |\n", r.agent, r.api, ms(create), ms(create-median(baseline[cfg])),
 			ms(hook), ms(stat{Samples: r.hook}.P(0.9)), ms(help), float64(hook)/float64(help), r.attestations)
@@ -193,8 +221,9 @@ func brokerReport(rs []apiResult, baseline, helper [][]time.Duration, rounds int
 }
 
 // brokerReading says, from the numbers, whether the broker path's fewer
-// attestations show in the hook's wall time, per agent configuration
-// (rs holds delegated then broker for each).
+// attestations show in the hook's wall time, per agent configuration and
+// path (rs holds, for each configuration, delegated and broker with no
+// refresher, then delegated and broker handed over).
 func brokerReading(rs []apiResult) string {
 	var b strings.Builder
 	b.WriteString("\n**What it shows.**")
@@ -202,7 +231,11 @@ func brokerReading(rs []apiResult) string {
 		del, brk := rs[i], rs[i+1]
 		fewer := brk.attestations < del.attestations
 		delta := median(brk.hook) - median(del.hook)
-		fmt.Fprintf(&b, " %s: the broker path made %.1f attestations per delivery against %.1f", del.agent, brk.attestations, del.attestations)
+		path := "no refresher"
+		if strings.Contains(del.api, "handed over") {
+			path = "handed to the refresher"
+		}
+		fmt.Fprintf(&b, " %s, %s: the broker path made %.1f attestations per delivery against %.1f", del.agent, path, brk.attestations, del.attestations)
 		switch {
 		case !fewer:
 			b.WriteString(", so it did not need fewer here;")

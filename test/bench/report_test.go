@@ -78,6 +78,24 @@ type machineInfo struct {
 	Helper       string
 	RuncInitPath string
 	Date         string
+	// HookInits and DirectInits are the package initialisers each hook
+	// binary runs before main (GODEBUG=inittrace=1).
+	HookInits, DirectInits int
+}
+
+// inits counts the package initialisers bin runs before main: the lines
+// GODEBUG=inittrace=1 prints, one per package with init work.
+func inits(bin string) int {
+	cmd := exec.Command(bin, "--version")
+	cmd.Env = append(os.Environ(), "GODEBUG=inittrace=1")
+	out, _ := cmd.CombinedOutput()
+	n := 0
+	for _, line := range strings.Split(string(out), "\n") {
+		if strings.HasPrefix(line, "init ") {
+			n++
+		}
+	}
+	return n
 }
 
 func machine(root string) machineInfo {
@@ -147,6 +165,12 @@ type createResult struct {
 	NoAnnWall              stat
 	PairedNoAnn, PairedAnn stat
 	PairedJWT              stat
+	// The same annotated container handed over to a running refresher:
+	// the hook's wall time, the agent round-trip measured beside it, and
+	// their difference; the runc-level paired Δ.
+	HandoffWall, HandoffFetch stat
+	HandoffOverhead           stat
+	PairedHandoff             stat
 }
 
 type helperResult struct {
@@ -184,7 +208,8 @@ func gib(kb int64) string { return fmt.Sprintf("%.1f GiB", float64(kb)/(1<<20)) 
 const (
 	targetNoAnn     = 3 * time.Millisecond
 	targetOverhead  = 5 * time.Millisecond
-	targetRatio     = 0.7
+	targetRatio     = 0.7 // the hook asking the agent itself (spiffe-oci-hook-direct)
+	targetHandoff   = 0.5 // the hook handing the container to the refresher (issue 26)
 	targetRSSKiB    = 58 * 1024
 	targetRotateP99 = time.Second
 	targetScale     = 1000
@@ -197,12 +222,17 @@ func verdict(ok bool, miss string) string {
 	return "**missed** by " + miss
 }
 
-func (c createResult) ratio() float64 {
+func (c createResult) ratio() float64 { return c.helperRatio(c.HookWall) }
+
+// handoffRatio is ratio for the container handed over to the refresher.
+func (c createResult) handoffRatio() float64 { return c.helperRatio(c.HandoffWall) }
+
+func (c createResult) helperRatio(hook stat) float64 {
 	h := c.Variants[4].Median()
 	if h == 0 {
 		return 0
 	}
-	return float64(c.HookWall.Median()) / float64(h)
+	return float64(hook.Median()) / float64(h)
 }
 
 var passLabel = []string{"A", "B"}
@@ -227,7 +257,7 @@ func (r *results) table() string {
 	b.WriteString("| Agent | Variant | median | p95 | median − no hook | paired Δ (median of per-round differences) |\n|---|---|---:|---:|---:|---:|\n")
 	for k, c := range r.Create {
 		base := c.Variants[0].Median()
-		for i, name := range []string{"no hook", "hook configured, no annotation", "hook + annotation (SVID delivered)"} {
+		for i, name := range []string{"no hook", "hook configured, no annotation", "hook + annotation, no refresher (spiffe-oci-hook-direct)"} {
 			v := c.Variants[i]
 			delta, pd := "—", "—"
 			if i == 1 {
@@ -240,7 +270,11 @@ func (r *results) table() string {
 		}
 		if len(c.Variants) > jwtVariant {
 			v := c.Variants[jwtVariant]
-			fmt.Fprintf(&b, "| %s | hook + annotation with a JWT-SVID and JWT bundles | %s | %s | %s | %s |\n", passLabel[k], ms(v.Median()), ms(v.P(0.95)), signedMS(v.Median()-base), signedMS(c.PairedJWT.Median()))
+			fmt.Fprintf(&b, "| %s | hook + annotation with a JWT-SVID and JWT bundles, no refresher | %s | %s | %s | %s |\n", passLabel[k], ms(v.Median()), ms(v.P(0.95)), signedMS(v.Median()-base), signedMS(c.PairedJWT.Median()))
+		}
+		if len(c.Variants) > handoffVariant {
+			v := c.Variants[handoffVariant]
+			fmt.Fprintf(&b, "| %s | **hook + annotation, handed to the refresher** | %s | %s | %s | %s |\n", passLabel[k], ms(v.Median()), ms(v.P(0.95)), signedMS(v.Median()-base), signedMS(c.PairedHandoff.Median()))
 		}
 	}
 
@@ -262,13 +296,22 @@ func (r *results) table() string {
 		}
 		b.WriteString("\n")
 	}
-	row("hook process wall time at createRuntime (fork → reaped: fetch + write + mount + record)", func(c createResult) (string, string) {
+	row("**handed to the refresher**: hook process wall time at createRuntime (fork → reaped: pidfd + handoff, the refresher's fetch over its open connection and write, mount, record)", func(c createResult) (string, string) {
+		return ms(c.HandoffWall.Median()), ms(c.HandoffWall.P(0.95))
+	})
+	row("handed over: agent round-trip alone, `agent.FetchX509` over a new connection, same pid, same moment", func(c createResult) (string, string) {
+		return ms(c.HandoffFetch.Median()), ms(c.HandoffFetch.P(0.95))
+	})
+	row("handed over: **hook's own overhead** = wall − round-trip (per round; the refresher's own fetch, on its open connection with the bundles it follows, is shorter than this round-trip)", func(c createResult) (string, string) {
+		return "**" + ms(c.HandoffOverhead.Median()) + "**", ms(c.HandoffOverhead.P(0.95))
+	})
+	row("no refresher (spiffe-oci-hook runs spiffe-oci-hook-direct): hook process wall time at createRuntime (fork → reaped: handoff refused, exec, fetch + write + mount + record)", func(c createResult) (string, string) {
 		return ms(c.HookWall.Median()), ms(c.HookWall.P(0.95))
 	})
-	row("agent round-trip alone: `agent.FetchX509` over a new connection, same pid, same moment", func(c createResult) (string, string) {
+	row("no refresher: agent round-trip alone, `agent.FetchX509` over a new connection, same pid, same moment", func(c createResult) (string, string) {
 		return ms(c.Fetch.Median()), ms(c.Fetch.P(0.95))
 	})
-	row("**hook's own overhead** = wall − round-trip (per round)", func(c createResult) (string, string) {
+	row("no refresher: **hook's own overhead** = wall − round-trip (per round)", func(c createResult) (string, string) {
 		return "**" + ms(c.Overhead.Median()) + "**", ms(c.Overhead.P(0.95))
 	})
 	row("spiffe-helper one-shot wall time (start → exit: Workload API fetch + write)", func(c createResult) (string, string) {
@@ -277,14 +320,23 @@ func (r *results) table() string {
 	row("hook process wall time, no annotation (reads config and state, exits)", func(c createResult) (string, string) {
 		return ms(c.NoAnnWall.Median()), ms(c.NoAnnWall.P(0.95))
 	})
-	row("exec floor: `spiffe-oci-hook --version` (fork, exec, Go runtime and package init, exit)", func(c createResult) (string, string) {
+	row(fmt.Sprintf("exec floor: `spiffe-oci-hook --version` (fork, exec, Go runtime and package init, exit; %d package initialisers)", r.Machine.HookInits), func(c createResult) (string, string) {
 		return ms(c.Variants[6].Median()), ms(c.Variants[6].P(0.95))
+	})
+	row(fmt.Sprintf("exec floor: `spiffe-oci-hook-direct --version` (%d package initialisers)", r.Machine.DirectInits), func(c createResult) (string, string) {
+		if len(c.Variants) <= directFloorVariant {
+			return "—", "—"
+		}
+		return ms(c.Variants[directFloorVariant].Median()), ms(c.Variants[directFloorVariant].P(0.95))
 	})
 	row("exec floor: `spiffe-helper -version`", func(c createResult) (string, string) {
 		return ms(c.Variants[7].Median()), ms(c.Variants[7].P(0.95))
 	})
-	row("**ratio hook / spiffe-helper** (medians)", func(c createResult) (string, string) {
-		return fmt.Sprintf("**%.2f**", c.ratio()), ""
+	row("**ratio hook / spiffe-helper, handed to the refresher** (medians)", func(c createResult) (string, string) {
+		return fmt.Sprintf("**%.2f**", c.handoffRatio()), ""
+	})
+	row("ratio hook / spiffe-helper, no refresher (medians)", func(c createResult) (string, string) {
+		return fmt.Sprintf("%.2f", c.ratio()), ""
 	})
 
 	fmt.Fprintf(&b, "\n### Keeping SVIDs fresh: spiffe-oci-refresher (fake agent, in-process) vs spiffe-helper daemons (real SPIRE agent)\n\n")
@@ -307,12 +359,16 @@ func (r *results) table() string {
 			passLabel[k], signedMS(noAnn), signedMS(c.Variants[1].Median()-c.Variants[0].Median()), verdict(noAnn <= targetNoAnn, ms(noAnn-targetNoAnn)))
 	}
 	for k, c := range r.Create {
-		ov := c.Overhead.Median()
-		fmt.Fprintf(&b, "| %s: hook's own overhead ≤ 5 ms | median %s (p95 %s) | %s |\n", passLabel[k], ms(ov), ms(c.Overhead.P(0.95)), verdict(ov <= targetOverhead, ms(ov-targetOverhead)))
+		ov := c.HandoffOverhead.Median()
+		fmt.Fprintf(&b, "| %s, handed to the refresher: hook's own overhead ≤ 5 ms | median %s (p95 %s) | %s |\n", passLabel[k], ms(ov), ms(c.HandoffOverhead.P(0.95)), verdict(ov <= targetOverhead, ms(ov-targetOverhead)))
+	}
+	for k, c := range r.Create {
+		ratio := c.handoffRatio()
+		fmt.Fprintf(&b, "| %s, handed to the refresher: hook / spiffe-helper one-shot ≤ 0.5 | %.2f (%s / %s) | %s |\n", passLabel[k], ratio, ms(c.HandoffWall.Median()), ms(c.Variants[4].Median()), verdict(ratio <= targetHandoff, fmt.Sprintf("%.2f", ratio-targetHandoff)))
 	}
 	for k, c := range r.Create {
 		ratio := c.ratio()
-		fmt.Fprintf(&b, "| %s: hook / spiffe-helper one-shot ≤ 0.7 | %.2f (%s / %s) | %s |\n", passLabel[k], ratio, ms(c.HookWall.Median()), ms(c.Variants[4].Median()), verdict(ratio <= targetRatio, fmt.Sprintf("%.2f", ratio-targetRatio)))
+		fmt.Fprintf(&b, "| %s, no refresher (spiffe-oci-hook-direct): hook / spiffe-helper one-shot ≤ 0.7 | %.2f (%s / %s) | %s |\n", passLabel[k], ratio, ms(c.HookWall.Median()), ms(c.Variants[4].Median()), verdict(ratio <= targetRatio, fmt.Sprintf("%.2f", ratio-targetRatio)))
 	}
 	if s := r.scale(targetScale); s != nil {
 		peak := max(s.Mem.HWM, s.MemAfter.HWM)

@@ -26,33 +26,48 @@ import (
 
 func benchSPIRE(t *testing.T, b bins, res *results) {
 	progress("starting SPIRE server and agent")
-	s := spiretest.Start(t, spiretest.Options{TrustDomain: trustDomain, AuthorizedDelegates: []string{hookID, fetchID}})
+	s := spiretest.Start(t, spiretest.Options{TrustDomain: trustDomain, AuthorizedDelegates: []string{hookID, fetchID, refresherID}})
 	dir := tempDir(t, "bsp-")
+	// Two state directories: one a refresher serves (the hook hands the
+	// container over), one no refresher serves (the hook runs
+	// spiffe-oci-hook-direct).
 	stateDir := filepath.Join(dir, "state")
 	testhelp.MountTmpfs(t, stateDir, "mode=0700,size=64m")
+	servedDir := filepath.Join(dir, "served")
+	testhelp.MountTmpfs(t, servedDir, "mode=0700,size=64m")
 	helperDir := filepath.Join(dir, "helper")
 	testhelp.MountTmpfs(t, helperDir, "mode=0700,size=16m")
 	config := filepath.Join(dir, "config.yaml")
 	writeFile(t, config, fmt.Sprintf("agent_admin_socket: %s\nstate_dir: %s\ntimeout: 10s\n", s.AdminSocket, stateDir))
+	servedConfig := filepath.Join(dir, "served.yaml")
+	writeFile(t, servedConfig, fmt.Sprintf("agent_admin_socket: %s\nstate_dir: %s\ntimeout: 10s\n", s.AdminSocket, servedDir))
 	rg := &rig{
-		runcRoot: filepath.Join(dir, "runc"),
-		store:    statedir.Store{Dir: stateDir},
-		hookLog:  filepath.Join(dir, "hook-times.log"),
-		fetchLog: filepath.Join(dir, "fetch-times.log"),
-		helper:   b.helper,
-		hook:     b.hook,
-		oneshot:  filepath.Join(helperDir, "oneshot"),
+		runcRoot:       filepath.Join(dir, "runc"),
+		store:          statedir.Store{Dir: stateDir},
+		served:         statedir.Store{Dir: servedDir},
+		hookLog:        filepath.Join(dir, "hook-times.log"),
+		fetchLog:       filepath.Join(dir, "fetch-times.log"),
+		handoffLog:     filepath.Join(dir, "handoff-times.log"),
+		handoffFetches: filepath.Join(dir, "handoff-fetch-times.log"),
+		helper:         b.helper,
+		hook:           b.hook,
+		hookDirect:     b.hookDirect,
+		refresher:      b.refresher,
+		servedConfig:   servedConfig,
+		oneshot:        filepath.Join(helperDir, "oneshot"),
 	}
 
 	initPath := runcInitPath(t, dir, rg.runcRoot)
 	res.Machine.RuncInitPath = initPath
-	s.CreateEntry(t, hookID, []string{"unix:uid:0", "unix:path:" + b.hook}, time.Hour)
+	s.CreateEntry(t, hookID, []string{"unix:uid:0", "unix:path:" + b.hookDirect}, time.Hour)
+	s.CreateEntry(t, refresherID, []string{"unix:uid:0", "unix:path:" + b.refresher}, time.Hour)
 	s.CreateEntry(t, fetchID, []string{"unix:uid:0", "unix:path:" + b.wrap}, time.Hour)
 	s.CreateEntry(t, workloadID, []string{"unix:uid:0", "unix:path:" + initPath}, time.Hour)
 	s.CreateEntry(t, helperID, []string{"unix:uid:0", "unix:path:" + b.helper}, time.Hour)
 	s.WaitSynced(t, 0)
 
 	hook := rspec.Hook{Path: b.hook, Args: []string{"spiffe-oci-hook", "--config", config}}
+	served := rspec.Hook{Path: b.hook, Args: []string{"spiffe-oci-hook", "--config", servedConfig}}
 	rg.variants = []*variant{
 		{name: "no hook", bundle: newBundle(t, dir, "nohook", nil, false)},
 		{name: "hook, no annotation", bundle: newBundle(t, dir, "noann", []rspec.Hook{hook}, false)},
@@ -68,12 +83,20 @@ func benchSPIRE(t *testing.T, b bins, res *results) {
 		{name: "spiffe-oci-hook --version"},
 		{name: "spiffe-helper -version"},
 		{name: "hook + annotation with a JWT-SVID and JWT bundles", bundle: newBundleWith(t, dir, "jwt", []rspec.Hook{hook}, jwtAnnValue)},
+		{name: "hook + annotation, handed to the refresher", bundle: newBundle(t, dir, "handoff", []rspec.Hook{served}, true)},
+		{name: "hook + annotation, handed to the refresher, timed", bundle: newBundle(t, dir, "handofftimed", []rspec.Hook{
+			{Path: b.wrap, Args: append([]string{"hookwrap", "time", rg.handoffLog, b.hook}, served.Args...)},
+			{Path: b.wrap, Args: []string{"hookwrap", "fetch", rg.handoffFetches, s.AdminSocket, "3"}},
+		}, true)},
+		{name: "spiffe-oci-hook-direct --version"},
 	}
 	rg.helperConf = filepath.Join(dir, "helper.conf")
 	writeFile(t, rg.helperConf, helperConfig(s.WorkloadSocket, rg.oneshot, false))
 	os.MkdirAll(rg.oneshot, 0o755)
 
+	stop := rg.startRefresher(t)
 	res.Create = append(res.Create, rg.pass(t, "agent as test/e2e runs it (unix attestor: discover_workload_path, default workload_size_limit: hashes executables)", res.Rounds))
+	stop()
 
 	// The per-pod sidecar anchor: one spiffe-helper daemon.
 	progress("spiffe-helper daemon: memory and %s idle CPU", res.Idle)
@@ -101,7 +124,43 @@ func benchSPIRE(t *testing.T, b bins, res *results) {
 	if !noHashing(t, s, "the no-hashing pass") {
 		return
 	}
+	stop = rg.startRefresher(t)
 	res.Create = append(res.Create, rg.pass(t, "same agent, workload_size_limit = -1 (no executable hashing)", res.Rounds))
+	stop()
+}
+
+// startRefresher runs spiffe-oci-refresher on the served state directory
+// until the returned func stops it: started for each pass, so that it
+// meets the agent as the pass's configuration has it.
+func (rg *rig) startRefresher(t *testing.T) (stop func()) {
+	return startServing(t, rg.refresher, rg.servedConfig, rg.served)
+}
+
+// startServing runs the refresher at bin with config, which serves store,
+// until it listens on the handoff socket, and returns what stops it.
+func startServing(t *testing.T, bin, config string, store statedir.Store) (stop func()) {
+	t.Helper()
+	cmd := exec.Command(bin, "--config", config, "--metrics-socket", strings.TrimSuffix(config, ".yaml")+"-metrics.sock")
+	var log bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &log, &log
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan struct{})
+	go func() { cmd.Wait(); close(exited) }()
+	poll.Eventually(t, 30*time.Second, "the refresher listening on its handoff socket", func() bool {
+		select {
+		case <-exited:
+			t.Fatalf("the refresher exited:\n%s", log.String())
+		default:
+		}
+		_, err := os.Stat(store.HandoffSocket())
+		return err == nil
+	})
+	return func() {
+		cmd.Process.Signal(syscall.SIGTERM)
+		<-exited
+	}
 }
 
 // rig is what the runc passes share.
@@ -112,8 +171,14 @@ type rig struct {
 	hookLog, fetchLog  string
 	helper, helperConf string
 	hook               string
-	oneshot            string
-	seq                int
+	// The handed-over variants: the state directory the refresher serves,
+	// its configuration, the hook's and the fetcher's logs.
+	served                     statedir.Store
+	servedConfig               string
+	handoffLog, handoffFetches string
+	hookDirect, refresher      string
+	oneshot                    string
+	seq                        int
 }
 
 // pass runs every variant once per round, in a new random order each round.
@@ -122,6 +187,7 @@ func (rg *rig) pass(t *testing.T, name string, rounds int) createResult {
 	progress("runc create latency, %s: %d interleaved rounds (+%d warm-up) of %d variants", name, rounds, warmup, len(rg.variants))
 	samples := make([][]time.Duration, len(rg.variants))
 	var hookWall, fetch, overhead, noAnnWall []time.Duration
+	var handoffWall, handoffFetch, handoffOverhead []time.Duration
 	checked := map[int]bool{}
 	rnd := rand.New(rand.NewPCG(1, uint64(len(name))))
 	for round := -warmup; round < rounds; round++ {
@@ -143,6 +209,8 @@ func (rg *rig) pass(t *testing.T, name string, rounds int) createResult {
 				d = runHelper(t, rg.hook, "--version")
 			case 7:
 				d = runHelper(t, rg.helper, "-version")
+			case directFloorVariant:
+				d = runHelper(t, rg.hookDirect, "--version")
 			default:
 				var err error
 				var stderr string
@@ -151,15 +219,19 @@ func (rg *rig) pass(t *testing.T, name string, rounds int) createResult {
 					t.Fatalf("runc run (%s): %v\n%s", v.name, err, stderr)
 				}
 			}
-			if i == 2 || i == 3 || i == jwtVariant {
+			if i == 2 || i == 3 || i == jwtVariant || i == handoffVariant || i == handoffTimedVariant {
+				store := rg.store
+				if i == handoffVariant || i == handoffTimedVariant {
+					store = rg.served
+				}
 				if !checked[i] {
 					checked[i] = true
-					checkFiles(t, rg.store.DeliveryDir(id, 0), workloadID)
-					if tok, err := os.ReadFile(filepath.Join(rg.store.DeliveryDir(id, 0), "jwt.token")); i == jwtVariant && len(tok) == 0 {
+					checkFiles(t, store.DeliveryDir(id, 0), workloadID)
+					if tok, err := os.ReadFile(filepath.Join(store.DeliveryDir(id, 0), "jwt.token")); i == jwtVariant && len(tok) == 0 {
 						t.Fatalf("the JWT variant delivered no token: %v", err)
 					}
 				}
-				if err := rg.store.Remove(id); err != nil {
+				if err := store.Remove(id); err != nil {
 					t.Fatal(err)
 				}
 			}
@@ -176,6 +248,13 @@ func (rg *rig) pass(t *testing.T, name string, rounds int) createResult {
 				fetch = append(fetch, f...)
 				overhead = append(overhead, w-median(f))
 			}
+			if i == handoffTimedVariant {
+				w := hookTime(t, rg.handoffLog, id)
+				f := fetchTimes(t, rg.handoffFetches, id)
+				handoffWall = append(handoffWall, w)
+				handoffFetch = append(handoffFetch, f...)
+				handoffOverhead = append(handoffOverhead, w-median(f))
+			}
 			samples[i] = append(samples[i], d)
 		}
 	}
@@ -190,8 +269,13 @@ func (rg *rig) pass(t *testing.T, name string, rounds int) createResult {
 	r.PairedNoAnn = paired(samples[1], samples[0])
 	r.PairedAnn = paired(samples[2], samples[0])
 	r.PairedJWT = paired(samples[jwtVariant], samples[0])
-	progress("  no hook %s, no annotation %s, annotated %s; hook wall %s, agent round-trip %s, spiffe-helper %s",
-		ms(r.Variants[0].Median()), ms(r.Variants[1].Median()), ms(r.Variants[2].Median()), ms(r.HookWall.Median()), ms(r.Fetch.Median()), ms(r.Variants[4].Median()))
+	r.HandoffWall = stat{Name: "hook wall, handed over", Samples: handoffWall}
+	r.HandoffFetch = stat{Name: "agent fetch, handed over", Samples: handoffFetch}
+	r.HandoffOverhead = stat{Name: "hook overhead, handed over", Samples: handoffOverhead}
+	r.PairedHandoff = paired(samples[handoffVariant], samples[0])
+	progress("  no hook %s, no annotation %s, annotated %s (handed over %s); hook wall %s (handed over %s), agent round-trip %s, spiffe-helper %s",
+		ms(r.Variants[0].Median()), ms(r.Variants[1].Median()), ms(r.Variants[2].Median()), ms(r.Variants[handoffVariant].Median()),
+		ms(r.HookWall.Median()), ms(r.HandoffWall.Median()), ms(r.Fetch.Median()), ms(r.Variants[4].Median()))
 	return r
 }
 
@@ -305,7 +389,13 @@ func checkFiles(t *testing.T, dir, want string) {
 
 // jwtVariant is the index of the variant whose annotation asks for a
 // JWT-SVID too.
-const jwtVariant = 8
+// The variants the pass treats apart, by their index in rig.variants.
+const (
+	jwtVariant          = 8
+	handoffVariant      = 9
+	handoffTimedVariant = 10
+	directFloorVariant  = 11
+)
 
 // newBundleWith is newBundle annotated with value.
 func newBundleWith(t *testing.T, dir, name string, hooks []rspec.Hook, value string) string {

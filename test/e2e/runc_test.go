@@ -456,10 +456,11 @@ func TestFailOpen(t *testing.T) {
 }
 
 // clean reports whether paths hold no container's state. A refresher's
-// socket (refresher.sock) and heartbeat (refresher.alive) may be there too.
+// sockets (refresher.sock, handoff.sock) and heartbeat (refresher.alive)
+// may be there too.
 func clean(paths []string) bool {
 	for _, p := range paths {
-		if !slices.Contains(emptyState, p) && p != "/refresher.sock" && p != "/refresher.alive" && p != "/fail-open" {
+		if !slices.Contains(emptyState, p) && p != "/refresher.sock" && p != "/handoff.sock" && p != "/refresher.alive" && p != "/fail-open" {
 			return false
 		}
 	}
