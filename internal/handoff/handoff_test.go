@@ -180,6 +180,34 @@ func TestUnavailable(t *testing.T) {
 	}
 }
 
+// TestStopping: a refresher that stops while it serves a request closes
+// the connection without an answer, so that the hook delivers by itself
+// instead of refusing the container.
+func TestStopping(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "handoff.sock")
+	ln, err := Listen(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	asked := make(chan struct{})
+	s := &Server{Handler: func(ctx context.Context, req Request, proc *process.Process) (statedir.Record, error) {
+		close(asked)
+		<-ctx.Done()
+		return statedir.Record{}, ctx.Err()
+	}, Log: slog.New(slog.DiscardHandler), MaxConcurrent: 1}
+	done := make(chan error, 1)
+	go func() { done <- s.Serve(ctx, ln) }()
+	go func() { <-asked; cancel() }()
+	_, err = Deliver(context.Background(), path, request, self(t).FD())
+	if !errors.Is(err, ErrUnavailable) {
+		t.Fatalf("Deliver to a stopping refresher = %v; want ErrUnavailable", err)
+	}
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+}
+
 // TestTimeout: a refresher that does not answer within the hook's time
 // is a timeout, not ErrUnavailable: it may still be writing, so the hook
 // must not deliver over its head.

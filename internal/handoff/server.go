@@ -126,6 +126,13 @@ func (s *Server) serve(ctx context.Context, conn *net.UnixConn) {
 		if err == nil {
 			resp.Record = &rec
 		}
+		if err != nil && ctx.Err() != nil {
+			// The refresher is stopping (a rolling update, a restart):
+			// no answer, so that the hook delivers by itself
+			// (ErrUnavailable) rather than refuse the container.
+			s.Log.Info("stopping: handed-over container left to the hook", logkey.Container, req.ID)
+			return
+		}
 	}
 	if err != nil {
 		resp.Error = err.Error()
