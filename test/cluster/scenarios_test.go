@@ -1,12 +1,16 @@
 package cluster
 
 import (
+	"context"
 	"fmt"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/noderesource/spiffe-oci-hook/internal/status"
 	"github.com/noderesource/spiffe-oci-hook/test/cluster/localcluster"
+	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 // certDir is where the test pods ask for their identity.
@@ -144,6 +148,23 @@ func twoNamespaces(t *testing.T, e *env) {
 			}
 		}
 	}
+	// The hook handed the containers to the DaemonSet's refresher, whose
+	// metrics socket is in the host's state directory.
+	if got := handoffs(t); got < 6 {
+		t.Errorf("the refresher took %v containers over from the hook, want at least the 6 pods'", got)
+	}
+}
+
+// handoffs reads how many containers the node's refresher took over from
+// the hook since it started.
+func handoffs(t *testing.T) float64 {
+	t.Helper()
+	socket := filepath.Join(localcluster.StateDir, "refresher.sock")
+	code, body, err := status.NewClient(socket).Get(context.Background(), status.PathMetrics)
+	if err != nil || code != 200 {
+		t.Fatalf("GET %s on %s: HTTP %d, %v", status.PathMetrics, socket, code, err)
+	}
+	return testhelp.MetricSum(t, body, "spiffe_oci_handoffs_total")
 }
 
 // serial reads the serial number of the certificate in a pod's files.

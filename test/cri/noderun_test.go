@@ -91,10 +91,16 @@ func TestCRIONodeRun(t *testing.T) {
 // streamErrors reads the refresher's count of failed SVID streams (all
 // kinds) from its metrics socket.
 func streamErrors(t *testing.T, socket string) float64 {
+	return metricSum(t, socket, "spiffe_oci_svid_stream_errors_total")
+}
+
+// metricSum reads the sum of a metric's series from the refresher's
+// metrics socket.
+func metricSum(t *testing.T, socket, name string) float64 {
 	t.Helper()
 	code, body, err := status.NewClient(socket).Get(context.Background(), status.PathMetrics)
 	if err != nil || code != 200 {
 		t.Fatalf("GET %s on %s: HTTP %d, %v", status.PathMetrics, socket, code, err)
 	}
-	return testhelp.MetricSum(t, body, "spiffe_oci_svid_stream_errors_total")
+	return testhelp.MetricSum(t, body, name)
 }

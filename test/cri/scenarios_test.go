@@ -3,6 +3,7 @@ package cri
 import (
 	"crypto/x509"
 	"encoding/pem"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -107,6 +108,8 @@ func twoNamespaces(t *testing.T, r *runtime) {
 	n := r.node
 	idA := n.register(t, "shop", "default", time.Hour)
 	idB := n.register(t, "bank", "default", time.Hour)
+	metrics := filepath.Join(n.stateDir, "refresher.sock")
+	handedOver := metricSum(t, metrics, "spiffe_oci_handoffs_total")
 	a := r.runPod(t, "web", "shop", unnamed)
 	b := r.runPod(t, "web", "bank", unnamed)
 	ca := a.mustRun(t, "app", 0, printCert+"echo DONE")
@@ -116,6 +119,10 @@ func twoNamespaces(t *testing.T, r *runtime) {
 	}
 	if got := certID(t, cb.waitLog(t, "DONE")); got != idB {
 		t.Errorf("pod in bank read %s, want %s", got, idB)
+	}
+	// The hook handed both containers to the node's refresher.
+	if got := metricSum(t, metrics, "spiffe_oci_handoffs_total"); got < handedOver+2 {
+		t.Errorf("the refresher took %v containers over from the hook, want at least 2", got-handedOver)
 	}
 }
 
