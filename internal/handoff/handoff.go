@@ -18,6 +18,7 @@ package handoff
 import (
 	"errors"
 	"fmt"
+	"time"
 
 	"github.com/noderesource/spiffe-oci-hook/internal/annotations"
 	"github.com/noderesource/spiffe-oci-hook/internal/files"
@@ -36,7 +37,15 @@ type Request struct {
 	// user namespace); MountLabel the container's SELinux mount label.
 	Owner      files.Owner `json:"owner"`
 	MountLabel string      `json:"mount_label,omitempty"`
+	// Timeout and RegistrationWait are the hook's (its node configuration,
+	// which may have been edited apart from the refresher's): how long the
+	// hook waits for the answer, and for an entry on its way within it.
+	Timeout          time.Duration `json:"timeout"`
+	RegistrationWait time.Duration `json:"registration_wait"`
 }
+
+// MaxTimeout bounds the Timeout a request may ask the refresher to spend.
+const MaxTimeout = 5 * time.Minute
 
 // response is the refresher's answer: the record, or why not.
 type response struct {
@@ -70,6 +79,9 @@ func (r Request) Validate() ([]annotations.Delivery, error) {
 	}
 	if r.Owner.UID < 0 || r.Owner.GID < 0 {
 		return nil, fmt.Errorf("owner %d:%d is not a host user", r.Owner.UID, r.Owner.GID)
+	}
+	if r.Timeout < 0 || r.Timeout > MaxTimeout || r.RegistrationWait < 0 {
+		return nil, fmt.Errorf("timeout %s, registration_wait %s: want a timeout within %s", r.Timeout, r.RegistrationWait, MaxTimeout)
 	}
 	return annotations.Parse(r.Key, r.Value)
 }

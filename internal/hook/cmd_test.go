@@ -13,6 +13,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/noderesource/spiffe-oci-hook/internal/statedir"
 )
@@ -121,14 +122,17 @@ func TestRefresherDiesMidRequest(t *testing.T) {
 
 // TestRefresherRefusal: a refresher's refusal (here: no entry for the
 // pid) is the container's one failure line, and no fallback runs: the
-// agent would say the same to the hook.
+// agent would say the same to the hook. The refresher waits for the entry
+// as long as the hook's configuration says (here not at all), not its own.
 func TestRefresherRefusal(t *testing.T) {
 	n := newFakeNode(t)
 	n.fake.Set(n.req.State.Pid)
+	refresherCfg := n.cfg
+	refresherCfg.RegistrationWait = time.Minute
+	startRefresher(t, refresherCfg, nil)
 	n.cfg.RegistrationWait = 0
-	startRefresher(t, n.cfg, nil)
 	code, stderr, fellBack, _ := runCommand(t, n)
-	if code != 1 || fellBack != nil || strings.Count(stderr, "\n") != 1 || !strings.Contains(stderr, "container c1: ") || !strings.Contains(stderr, "registration entry") {
+	if code != 1 || fellBack != nil || strings.Count(stderr, "\n") != 1 || !strings.Contains(stderr, "container c1: ") || !strings.Contains(stderr, "registration entry") || strings.Contains(stderr, "waited") {
 		t.Fatalf("exit %d, fallback %v, stderr %q; want one line naming the container and the missing entry", code, fellBack != nil, stderr)
 	}
 	n.nothingDelivered(t)

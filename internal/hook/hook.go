@@ -171,7 +171,7 @@ func (h *Hook) Create(ctx context.Context, req *Request) (err error) {
 			}
 		}
 	}()
-	hr := handoff.Request{ID: id, Key: req.Key, Value: req.Value, Owner: owner}
+	hr := handoff.Request{ID: id, Key: req.Key, Value: req.Value, Owner: owner, Timeout: h.Config.Timeout, RegistrationWait: h.Config.RegistrationWait}
 	if req.Spec.Linux != nil {
 		hr.MountLabel = req.Spec.Linux.MountLabel
 	}

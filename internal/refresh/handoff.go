@@ -48,7 +48,13 @@ func (r *Refresher) serveHandoff(ctx context.Context, ln *handoff.Listener) {
 // and records the container; the record's appearance makes the refresher
 // keep it fresh, as for any container.
 func (r *Refresher) deliver(ctx context.Context, req handoff.Request, proc *process.Process) (statedir.Record, error) {
-	d := deliver.Deliverer{Config: *r.live.Load(), Writer: r.Writer, Labeler: r.Labeler, Log: r.log}
+	cfg := *r.live.Load()
+	// The hook's waits, not the refresher's: the hook waits for the
+	// answer, and its node configuration may have been edited apart.
+	if req.Timeout > 0 {
+		cfg.Timeout, cfg.RegistrationWait = req.Timeout, req.RegistrationWait
+	}
+	d := deliver.Deliverer{Config: cfg, Writer: r.Writer, Labeler: r.Labeler, Log: r.log}
 	result := "refused"
 	defer func() { r.Metrics.Handoffs.WithLabelValues(result).Inc() }()
 	rec, err := d.Deliver(ctx, func(socket string) (deliver.Agent, error) {
