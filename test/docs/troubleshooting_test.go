@@ -19,8 +19,8 @@ type message struct {
 	where  string // file:line
 }
 
-// hookMessages returns the messages of the hook binary and of every
-// package of this module it links (go list -deps ./hook): the format of
+// hookMessages returns the messages of the hook's binaries and of every
+// package of this module they link (go list -deps ./hook ./hook/direct): the format of
 // each errors.New and fmt.Errorf, and of each line package main writes to
 // stderr. A message counts if it says something of its own: a leaf (no
 // %w), or a wrapper with a phrase of four words or more (advice such as
@@ -28,11 +28,11 @@ type message struct {
 // only name a step ("files: creating %s: %w") read as their cause does.
 func hookMessages(t *testing.T) []message {
 	t.Helper()
-	list := exec.Command("go", "list", "-deps", "-f", "{{if not .Standard}}{{.ImportPath}} {{.Dir}}{{end}}", "./hook")
+	list := exec.Command("go", "list", "-deps", "-f", "{{if not .Standard}}{{.ImportPath}} {{.Dir}}{{end}}", "./hook", "./hook/direct")
 	list.Dir = repoRoot
 	out, err := list.Output()
 	if err != nil {
-		t.Fatalf("go list -deps ./hook: %v", err)
+		t.Fatalf("go list -deps ./hook ./hook/direct: %v", err)
 	}
 	module := ""
 	mod := exec.Command("go", "list", "-m")
