@@ -154,7 +154,10 @@ func TestBenchBrokerAPI(t *testing.T) {
 				default:
 					api := apis[v-1]
 					id, d := run(api)
-					if round == 0 {
+					// A handed-over container's state is the refresher's,
+					// which removes it once /bin/true exits: its delivery
+					// shows in the refresher's count (startServing).
+					if round == 0 && !strings.Contains(api, "handed over") {
 						checkFiles(t, stores[api].DeliveryDir(id, 0), workloadID)
 					}
 					if err := stores[api].Remove(id); err != nil {

@@ -2,6 +2,7 @@ package bench
 
 import (
 	"bytes"
+	"context"
 	"fmt"
 	"math/rand/v2"
 	"os"
@@ -18,6 +19,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
 	"github.com/noderesource/spiffe-oci-hook/internal/statedir"
+	"github.com/noderesource/spiffe-oci-hook/internal/status"
 	"github.com/noderesource/spiffe-oci-hook/test/spiretest"
 	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
@@ -138,9 +140,12 @@ func (rg *rig) startRefresher(t *testing.T) (stop func()) {
 
 // startServing runs the refresher at bin with config, which serves store,
 // until it listens on the handoff socket, and returns what stops it.
+//
+// When stopped it checks that it took containers over and refused none.
 func startServing(t *testing.T, bin, config string, store statedir.Store) (stop func()) {
 	t.Helper()
-	cmd := exec.Command(bin, "--config", config, "--metrics-socket", strings.TrimSuffix(config, ".yaml")+"-metrics.sock")
+	metrics := strings.TrimSuffix(config, ".yaml") + "-metrics.sock"
+	cmd := exec.Command(bin, "--config", config, "--metrics-socket", metrics)
 	var log bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &log, &log
 	if err := cmd.Start(); err != nil {
@@ -158,9 +163,32 @@ func startServing(t *testing.T, bin, config string, store statedir.Store) (stop 
 		return err == nil
 	})
 	return func() {
+		delivered, refused := handoffs(t, metrics)
+		progress("  the refresher took %v containers over from the hook, refused %v", delivered, refused)
+		if delivered == 0 || refused != 0 {
+			t.Errorf("the refresher took %v containers over and refused %v; want some and none:\n%s", delivered, refused, log.String())
+		}
 		cmd.Process.Signal(syscall.SIGTERM)
 		<-exited
 	}
+}
+
+// handoffs reads spiffe_oci_handoffs_total by result from the refresher's
+// metrics socket.
+func handoffs(t *testing.T, socket string) (delivered, refused float64) {
+	t.Helper()
+	code, body, err := status.NewClient(socket).Get(context.Background(), status.PathMetrics)
+	if err != nil || code != 200 {
+		t.Fatalf("GET %s on %s: HTTP %d, %v", status.PathMetrics, socket, code, err)
+	}
+	for _, line := range strings.Split(string(body), "\n") {
+		for result, v := range map[string]*float64{"delivered": &delivered, "refused": &refused} {
+			if n, ok := strings.CutPrefix(line, `spiffe_oci_handoffs_total{result="`+result+`"} `); ok {
+				*v, _ = strconv.ParseFloat(n, 64)
+			}
+		}
+	}
+	return delivered, refused
 }
 
 // rig is what the runc passes share.
@@ -224,7 +252,10 @@ func (rg *rig) pass(t *testing.T, name string, rounds int) createResult {
 				if i == handoffVariant || i == handoffTimedVariant {
 					store = rg.served
 				}
-				if !checked[i] {
+				// A handed-over container's state is the refresher's once
+				// recorded, and it removes it as soon as /bin/true exits:
+				// its delivery shows in the refresher's count (startServing).
+				if !checked[i] && store != rg.served {
 					checked[i] = true
 					checkFiles(t, store.DeliveryDir(id, 0), workloadID)
 					if tok, err := os.ReadFile(filepath.Join(store.DeliveryDir(id, 0), "jwt.token")); i == jwtVariant && len(tok) == 0 {

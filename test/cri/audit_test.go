@@ -79,7 +79,7 @@ func (n *node) checkAudit(t *testing.T) {
 		t.Errorf("audit false positive: container %s reported without its identity", m[1])
 	}
 	t.Logf("audit: up to %d running annotated containers checked at once over the scenarios; %d false positives", checked, bad)
-	if checked == 0 {
+	if checked == 0 && !n.shortLived {
 		t.Errorf("the audit never saw an annotated container: it did not read this runtime's state")
 	}
 }

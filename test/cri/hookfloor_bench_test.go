@@ -37,6 +37,7 @@ func TestBenchHookFloor(t *testing.T) {
 	requireTools(t)
 	rounds := envInt("BENCH_ROUNDS", 60)
 	n := newNode(t, tempDir(t, "bf-"))
+	n.shortLived = true // its pods' containers exit at once
 	dir := filepath.Join(n.dir, "floor")
 	os.MkdirAll(dir, 0o755)
 
