@@ -27,8 +27,8 @@ func metricSum(t *testing.T, socket, name string) float64 {
 
 // TestHandoff: with a refresher on the node, the hook hands the container
 // over (the refresher counts it), and the container's own process reads
-// its SVID; the same annotation with no refresher is served by
-// spiffe-oci-hook-direct, which the hook runs.
+// its SVID, under runc and under Podman; the same annotation with no
+// refresher is served by spiffe-oci-hook-direct, which the hook runs.
 func TestHandoff(t *testing.T) {
 	e := newEnv(t)
 	run := func(t *testing.T) {
@@ -56,6 +56,21 @@ func TestHandoff(t *testing.T) {
 	t.Run("handed to the refresher", func(t *testing.T) {
 		before := metricSum(t, metrics, "spiffe_oci_handoffs_total")
 		run(t)
+		if got := metricSum(t, metrics, "spiffe_oci_handoffs_total"); got != before+1 {
+			t.Fatalf("the refresher delivered %v containers handed over, want %v:\n%s", got, before+1, readFile(r.log))
+		}
+	})
+	t.Run("Podman, handed to the refresher", func(t *testing.T) {
+		rootfs := filepath.Join(shortTempDir(t), "rootfs")
+		makeBusyboxRootfs(t, rootfs)
+		before := metricSum(t, metrics, "spiffe_oci_handoffs_total")
+		out, err := podman(t, podmanStore(t), renderHooksDir(t, e.config), rootfs, "--annotation", annotation+"=- cert_dir: /certs", printSPIFFEID)
+		if err != nil {
+			t.Fatalf("podman run: %v\n%s", err, out)
+		}
+		if got := strings.TrimSpace(out); got != workloadID {
+			t.Errorf("the container printed %q, want its SPIFFE ID %s", got, workloadID)
+		}
 		if got := metricSum(t, metrics, "spiffe_oci_handoffs_total"); got != before+1 {
 			t.Fatalf("the refresher delivered %v containers handed over, want %v:\n%s", got, before+1, readFile(r.log))
 		}
