@@ -31,23 +31,7 @@ func metricSum(t *testing.T, socket, name string) float64 {
 // refresher is served by spiffe-oci-hook-direct, which the hook runs.
 func TestHandoff(t *testing.T) {
 	e := newEnv(t)
-	run := func(t *testing.T) {
-		t.Helper()
-		const certDir = "/certs"
-		b := newBundle(t, []string{"/bin/sh", "-c", printFiles(certDir)})
-		b.SetProcessUID(1000)
-		b.SetProcessGID(1000)
-		b.AddAnnotation(annotation, "- cert_dir: "+certDir+"\n")
-		b.Config.Hooks = &rspec.Hooks{CreateRuntime: []rspec.Hook{e.hook(e.config)}}
-		out, stderr, err := b.runc(t)
-		if err != nil {
-			t.Fatalf("runc run: %v\nstderr: %s", err, stderr)
-		}
-		checkSVID(t, section(t, out, "cert"), section(t, out, "key"), section(t, out, "bundle"), workloadID)
-		if got := strings.TrimSpace(section(t, out, "keystat")); got != "600 1000 1000" {
-			t.Errorf("key mode/owner inside the container = %q, want \"600 1000 1000\"", got)
-		}
-	}
+	run := func(t *testing.T) { e.runPrinting(t, "/certs", nil) }
 
 	t.Run("no refresher: spiffe-oci-hook-direct", run)
 
@@ -119,6 +103,31 @@ func TestRefresherKilledMidHandoff(t *testing.T) {
 		t.Fatalf("runc run: %v\nstderr: %s", res.err, res.stderr)
 	}
 	checkSVID(t, section(t, res.out, "cert"), section(t, res.out, "key"), section(t, res.out, "bundle"), workloadID)
+}
+
+// runPrinting runs under runc, with the hook and e's configuration, a
+// container of uid 1000 annotated for certDir that prints its files, with
+// edit applied to its bundle, and checks that it read a valid SVID for
+// workloadID with a key only its user reads.
+func (e *env) runPrinting(t *testing.T, certDir string, edit func(*bundle)) (*bundle, string) {
+	t.Helper()
+	b := newBundle(t, []string{"/bin/sh", "-c", printFiles(certDir)})
+	b.SetProcessUID(1000)
+	b.SetProcessGID(1000)
+	b.AddAnnotation(annotation, "- cert_dir: "+certDir+"\n")
+	b.Config.Hooks = &rspec.Hooks{CreateRuntime: []rspec.Hook{e.hook(e.config)}}
+	if edit != nil {
+		edit(b)
+	}
+	out, stderr, err := b.runc(t)
+	if err != nil {
+		t.Fatalf("runc run: %v\nstderr: %s", err, stderr)
+	}
+	checkSVID(t, section(t, out, "cert"), section(t, out, "key"), section(t, out, "bundle"), workloadID)
+	if got := strings.TrimSpace(section(t, out, "keystat")); got != "600 1000 1000" {
+		t.Errorf("key mode/owner inside the container = %q, want \"600 1000 1000\"", got)
+	}
+	return b, out
 }
 
 // handoffConnections counts the connections accepted on handoff sockets.

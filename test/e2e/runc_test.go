@@ -25,21 +25,7 @@ func TestRuncDeliversSVID(t *testing.T) {
 	for _, readonly := range []bool{false, true} {
 		t.Run(fmt.Sprintf("readonly-rootfs=%v", readonly), func(t *testing.T) {
 			const certDir = "/var/run/secrets/spiffe"
-			b := newBundle(t, []string{"/bin/sh", "-c", printFiles(certDir)})
-			b.SetRootReadonly(readonly)
-			b.SetProcessUID(1000)
-			b.SetProcessGID(1000)
-			b.AddAnnotation(annotation, "- cert_dir: "+certDir+"\n")
-			b.Config.Hooks = &rspec.Hooks{CreateRuntime: []rspec.Hook{e.hook(e.config)}}
-			out, stderr, err := b.runc(t)
-			if err != nil {
-				t.Fatalf("runc run: %v\nstderr: %s", err, stderr)
-			}
-
-			checkSVID(t, section(t, out, "cert"), section(t, out, "key"), section(t, out, "bundle"), workloadID)
-			if got := strings.TrimSpace(section(t, out, "keystat")); got != "600 1000 1000" {
-				t.Errorf("key mode/owner inside the container = %q, want \"600 1000 1000\"", got)
-			}
+			b, out := e.runPrinting(t, certDir, func(b *bundle) { b.SetRootReadonly(readonly) })
 			mnt := section(t, out, "mount")
 			opts := strings.Fields(mnt)[5]
 			for _, o := range []string{"ro", "nosuid", "nodev", "noexec"} {
