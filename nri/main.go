@@ -6,6 +6,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"io"
 	"log/slog"
@@ -14,6 +15,7 @@ import (
 	"syscall"
 
 	"github.com/containerd/nri/pkg/api"
+	"github.com/containerd/ttrpc"
 	"github.com/sirupsen/logrus"
 
 	"github.com/noderesource/spiffe-oci-hook/internal/cli"
@@ -71,7 +73,11 @@ func run(args []string, stderr io.Writer) int {
 }
 
 // logrusToSlog forwards the lines NRI's stub and ttrpc log through
-// logrus to slog, their informational ones at debug.
+// logrus to slog, their informational ones at debug. So are ttrpc's errors
+// of a server that is closing: when the runtime goes away, ttrpc may still
+// be setting up a connection it then refuses; the runner says once that
+// the connection was lost, and an error line for the same event would be
+// a false alarm.
 type logrusToSlog struct{ log *slog.Logger }
 
 func (logrusToSlog) Levels() []logrus.Level { return logrus.AllLevels }
@@ -83,6 +89,9 @@ func (h logrusToSlog) Fire(e *logrus.Entry) error {
 		level = slog.LevelError
 	case e.Level == logrus.WarnLevel:
 		level = slog.LevelWarn
+	}
+	if err, ok := e.Data[logrus.ErrorKey].(error); ok && errors.Is(err, ttrpc.ErrServerClosed) {
+		level = slog.LevelDebug
 	}
 	attrs := make([]any, 0, 2*len(e.Data))
 	for k, v := range e.Data {

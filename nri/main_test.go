@@ -4,12 +4,15 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -18,6 +21,8 @@ import (
 
 	"github.com/containerd/nri/pkg/adaptation"
 	"github.com/containerd/nri/pkg/api"
+	"github.com/containerd/ttrpc"
+	"github.com/sirupsen/logrus"
 
 	"github.com/noderesource/spiffe-oci-hook/internal/annotations"
 	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
@@ -359,3 +364,36 @@ func hangUpOn(t *testing.T, socket string, n int) {
 		c.Close()
 	}
 }
+
+// TestLogrusLevels: NRI's and ttrpc's lines reach slog at their level,
+// except ttrpc's errors of a server that is closing, which belong to the
+// lost connection the runner reports once (TestRuntimeRestart wants no
+// error line for a runtime restart).
+func TestLogrusLevels(t *testing.T) {
+	var got []slog.Level
+	h := logrusToSlog{log: slog.New(levelRecorder{&got})}
+	for _, e := range []*logrus.Entry{
+		{Level: logrus.ErrorLevel, Message: "ttrpc: create connection failed", Data: logrus.Fields{logrus.ErrorKey: ttrpc.ErrServerClosed}},
+		{Level: logrus.ErrorLevel, Message: "ttrpc: failed accept", Data: logrus.Fields{logrus.ErrorKey: errors.New("accept: too many open files")}},
+		{Level: logrus.WarnLevel, Message: "warned"},
+		{Level: logrus.InfoLevel, Message: "informed"},
+	} {
+		if err := h.Fire(e); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if want := []slog.Level{slog.LevelDebug, slog.LevelError, slog.LevelWarn, slog.LevelDebug}; !slices.Equal(got, want) {
+		t.Fatalf("levels %v, want %v", got, want)
+	}
+}
+
+// levelRecorder is a slog.Handler that records each record's level.
+type levelRecorder struct{ levels *[]slog.Level }
+
+func (levelRecorder) Enabled(context.Context, slog.Level) bool { return true }
+func (r levelRecorder) Handle(_ context.Context, rec slog.Record) error {
+	*r.levels = append(*r.levels, rec.Level)
+	return nil
+}
+func (r levelRecorder) WithAttrs([]slog.Attr) slog.Handler { return r }
+func (r levelRecorder) WithGroup(string) slog.Handler      { return r }

@@ -60,8 +60,14 @@ func initStandIn(t *testing.T) int {
 	}
 	t.Cleanup(func() { proc.Process.Kill(); proc.Wait() })
 	own, _ := os.Readlink("/proc/self/ns/mnt")
+	dir := filepath.Join("/proc", strconv.Itoa(proc.Process.Pid))
 	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(5 * time.Millisecond) {
-		if ns, _ := os.Readlink(filepath.Join("/proc", strconv.Itoa(proc.Process.Pid), "ns/mnt")); ns != "" && ns != own {
+		// In a namespace of its own, and already sleep: unshare makes the
+		// namespace's mounts private only after entering it, and a mount
+		// made before that would propagate to this test's namespace.
+		ns, _ := os.Readlink(filepath.Join(dir, "ns/mnt"))
+		comm, _ := os.ReadFile(filepath.Join(dir, "comm"))
+		if ns != "" && ns != own && string(comm) == "sleep\n" {
 			return proc.Process.Pid
 		}
 		if time.Now().After(deadline) {
