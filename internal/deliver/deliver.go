@@ -51,9 +51,9 @@ type Deliverer struct {
 	Log *slog.Logger
 }
 
-// AgentSocket returns the admin socket a request's deliveries will use: the
+// agentSocket returns the admin socket a request's deliveries will use: the
 // node's, unless an annotation names another one the node allows.
-func AgentSocket(cfg config.Config, key string, ds []annotations.Delivery) (string, error) {
+func agentSocket(cfg config.Config, key string, ds []annotations.Delivery) (string, error) {
 	socket := ""
 	for i, d := range ds {
 		s := cfg.NodeAgentSocket()
@@ -81,7 +81,7 @@ func (d *Deliverer) Deliver(ctx context.Context, connect func(socket string) (Ag
 	if err != nil {
 		return statedir.Record{}, err
 	}
-	socket, err := AgentSocket(d.Config, req.Key, ds)
+	socket, err := agentSocket(d.Config, req.Key, ds)
 	if err != nil {
 		return statedir.Record{}, err
 	}

@@ -24,6 +24,7 @@ import (
 	"github.com/noderesource/spiffe-oci-hook/internal/files"
 	"github.com/noderesource/spiffe-oci-hook/internal/statedir"
 	"github.com/noderesource/spiffe-oci-hook/test/fakeagent"
+	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 var nodeBroker = spiffeid.RequireFromString("spiffe://example.org/node/refresher")
@@ -49,7 +50,7 @@ func newFakeNode(t *testing.T) *fakeNode {
 	t.Cleanup(b.Stop)
 
 	bundle := writeBundle(dir, specs.Spec{Root: &specs.Root{Path: "rootfs"}, Process: &specs.Process{User: specs.User{UID: 1000, GID: 1000}}})
-	pid := initStandIn(t)
+	pid := testhelp.StandIn(t)
 	n.fake.Set(pid, spiffeid.RequireFromString("spiffe://example.org/web"))
 
 	n.req, err = Find(&specs.State{ID: "c1", Pid: pid, Bundle: bundle, Annotations: map[string]string{

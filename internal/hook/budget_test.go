@@ -15,6 +15,7 @@ import (
 	"github.com/noderesource/spiffe-oci-hook/internal/annotations"
 	"github.com/noderesource/spiffe-oci-hook/internal/config"
 	"github.com/noderesource/spiffe-oci-hook/internal/statedir"
+	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 // defaultBudget is the node's default state budget (state_budget_mib).
@@ -37,7 +38,7 @@ func TestStateBudget(t *testing.T) {
 	}
 	h := directHook(cfg)
 	create := func(id, value string) error {
-		pid := initStandIn(t)
+		pid := testhelp.StandIn(t)
 		req, err := Find(&specs.State{ID: id, Pid: pid, Bundle: bundle, Annotations: map[string]string{annotations.Key: value}})
 		if err != nil {
 			t.Fatal(err)

@@ -25,6 +25,7 @@ import (
 	"github.com/noderesource/spiffe-oci-hook/internal/files"
 	"github.com/noderesource/spiffe-oci-hook/internal/statedir"
 	"github.com/noderesource/spiffe-oci-hook/test/fakeagent"
+	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 // equivCase is one annotation whose first delivery (the hook) and
@@ -210,7 +211,7 @@ func (c equivCase) deliverFirst(t *testing.T, viaRefresher bool) (_ *fakeagent.A
 	}
 	bundle := writeBundle(dir, spec)
 
-	req, err := Find(&specs.State{ID: "c", Pid: initStandIn(t), Bundle: bundle, Annotations: map[string]string{annotations.Key: c.annotation}})
+	req, err := Find(&specs.State{ID: "c", Pid: testhelp.StandIn(t), Bundle: bundle, Annotations: map[string]string{annotations.Key: c.annotation}})
 	if err != nil || req == nil {
 		t.Fatalf("Find: %v %v", req, err)
 	}

@@ -52,7 +52,7 @@ func TestMountLabelSeam(t *testing.T) {
 	})
 
 	// A process in a mount namespace of its own stands in for "runc init".
-	pid := initStandIn(t)
+	pid := testhelp.StandIn(t)
 
 	rec := &testhelp.LabelRecorder{}
 	labelerFor := func(l string) files.Labeler {

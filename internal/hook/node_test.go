@@ -4,11 +4,8 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"strconv"
 	"testing"
-	"time"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
@@ -47,33 +44,6 @@ func writeBundle(dir string, spec specs.Spec) string {
 	data, _ := json.Marshal(spec)
 	os.WriteFile(filepath.Join(bundle, "config.json"), data, 0o644)
 	return bundle
-}
-
-// initStandIn starts a process in a mount namespace of its own, standing
-// in for "runc init", and returns its pid once it is in that namespace;
-// it is killed when t ends.
-func initStandIn(t *testing.T) int {
-	t.Helper()
-	proc := exec.Command("unshare", "--mount", "--propagation", "private", "sleep", "300")
-	if err := proc.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { proc.Process.Kill(); proc.Wait() })
-	own, _ := os.Readlink("/proc/self/ns/mnt")
-	dir := filepath.Join("/proc", strconv.Itoa(proc.Process.Pid))
-	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(5 * time.Millisecond) {
-		// In a namespace of its own, and already sleep: unshare makes the
-		// namespace's mounts private only after entering it, and a mount
-		// made before that would propagate to this test's namespace.
-		ns, _ := os.Readlink(filepath.Join(dir, "ns/mnt"))
-		comm, _ := os.ReadFile(filepath.Join(dir, "comm"))
-		if ns != "" && ns != own && string(comm) == "sleep\n" {
-			return proc.Process.Pid
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("unshare did not enter a new mount namespace")
-		}
-	}
 }
 
 // directHook is the hook that asks the agent itself (spiffe-oci-hook-direct),

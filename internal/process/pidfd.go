@@ -7,8 +7,6 @@ import (
 	"fmt"
 	"os"
 	"strconv"
-
-	"golang.org/x/sys/unix"
 )
 
 // FromPidfd takes over a pidfd that another process passed (package
@@ -63,14 +61,4 @@ func pidfdPID(fd int) (int, error) {
 		return pid, nil
 	}
 	return 0, errors.New("the file descriptor passed is not a pidfd")
-}
-
-// Dup returns a new file descriptor for the pidfd, for a caller that must
-// hand it on (and closes it itself).
-func (p *Process) Dup() (int, error) {
-	fd, err := unix.FcntlInt(uintptr(p.fd), unix.F_DUPFD_CLOEXEC, 0)
-	if err != nil {
-		return -1, fmt.Errorf("duplicating the pidfd of pid %d: %w", p.PID, err)
-	}
-	return fd, nil
 }

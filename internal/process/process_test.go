@@ -191,7 +191,7 @@ func TestFromPidfd(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer self.Close()
-	fd, err := self.Dup()
+	fd, err := dupPidfd(self)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -228,7 +228,7 @@ func TestFromPidfd(t *testing.T) {
 		t.Fatal(err)
 	}
 	cmd.Wait()
-	cfd, err := child.Dup()
+	cfd, err := dupPidfd(child)
 	child.Close()
 	if err != nil {
 		t.Fatal(err)
@@ -236,4 +236,10 @@ func TestFromPidfd(t *testing.T) {
 	if _, err := FromPidfd(cfd); !errors.Is(err, ErrGone) {
 		t.Fatalf("FromPidfd(exited) = %v; want ErrGone", err)
 	}
+}
+
+// dupPidfd returns a new descriptor for p's pidfd, as another process
+// would receive it, for FromPidfd to take over.
+func dupPidfd(p *Process) (int, error) {
+	return syscall.Dup(p.FD())
 }

@@ -88,20 +88,9 @@ func TestBenchStateBudget(t *testing.T) {
 	var refusal error
 	n := 0
 	for ; refusal == nil; n++ {
-		proc := exec.Command("unshare", "--mount", "--propagation", "private", "sleep", "3600")
-		// No Pdeathsig: the hook's mount enters namespaces on a locked
-		// thread that then exits, which would kill what it started.
-		if err := proc.Start(); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { proc.Process.Kill(); proc.Wait() })
-		poll.Eventually(t, 5*time.Second, "unshare's own mount namespace", func() bool {
-			own, _ := os.Readlink("/proc/self/ns/mnt")
-			ns, _ := os.Readlink(filepath.Join("/proc", strconv.Itoa(proc.Process.Pid), "ns/mnt"))
-			return ns != "" && ns != own
-		})
+		pid := testhelp.StandIn(t)
 		id := fmt.Sprintf("tenant-%03d", n)
-		req, err := hook.Find(&specs.State{ID: id, Pid: proc.Process.Pid, Bundle: bundle, Annotations: map[string]string{annotations.Key: value.String()}})
+		req, err := hook.Find(&specs.State{ID: id, Pid: pid, Bundle: bundle, Annotations: map[string]string{annotations.Key: value.String()}})
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -17,7 +17,9 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -205,4 +207,32 @@ func (s *SyncBuffer) String() string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.b.String()
+}
+
+// StandIn starts `sleep` in a mount namespace of its own, standing in for
+// a container's "runc init", and returns its pid once it sleeps there; it
+// is killed when t ends. Ready means sleeping, not only unshared: unshare
+// makes the namespace's mounts private after entering it, and a mount made
+// into the namespace before that would propagate back to the caller's.
+func StandIn(t testing.TB) int {
+	t.Helper()
+	proc := exec.Command("unshare", "--mount", "--propagation", "private", "sleep", "3600")
+	// No Pdeathsig: the hook's mount enters namespaces on a locked
+	// thread that then exits, which would kill what it started.
+	if err := proc.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { proc.Process.Kill(); proc.Wait() })
+	own, _ := os.Readlink("/proc/self/ns/mnt")
+	dir := filepath.Join("/proc", strconv.Itoa(proc.Process.Pid))
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		ns, _ := os.Readlink(filepath.Join(dir, "ns/mnt"))
+		comm, _ := os.ReadFile(filepath.Join(dir, "comm"))
+		if ns != "" && ns != own && string(comm) == "sleep\n" {
+			return proc.Process.Pid
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("unshare did not sleep in a new mount namespace within 5 s")
+		}
+	}
 }
