@@ -22,6 +22,6 @@ tools_init "$@"
 export CGO_ENABLED=0
 tags="no_btrfs no_devmapper no_zfs"
 
-tools_build containerd github.com/containerd/containerd/v2/cmd/containerd -trimpath -tags "$tags"
-tools_build containerd-shim-runc-v2 github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2 -trimpath -tags "$tags"
-tools_build ctr github.com/containerd/containerd/v2/cmd/ctr -trimpath -tags "$tags"
+tools_build containerd github.com/containerd/containerd/v2/cmd/containerd -trimpath -tags "$tags" -ldflags "-s -w"
+tools_build containerd-shim-runc-v2 github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2 -trimpath -tags "$tags" -ldflags "-s -w"
+tools_build ctr github.com/containerd/containerd/v2/cmd/ctr -trimpath -tags "$tags" -ldflags "-s -w"

@@ -17,4 +17,4 @@ tools_init "$@"
 
 export CGO_ENABLED=0
 
-tools_build crictl sigs.k8s.io/cri-tools/cmd/crictl -trimpath
+tools_build crictl sigs.k8s.io/cri-tools/cmd/crictl -trimpath -ldflags "-s -w"

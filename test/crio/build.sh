@@ -33,7 +33,7 @@ export CGO_ENABLED=1
 # devicemapper, gpgme or ostree headers, plus seccomp.
 tags="containers_image_ostree_stub containers_image_openpgp exclude_graphdriver_btrfs exclude_graphdriver_devicemapper btrfs_noversion seccomp"
 
-tools_build crio github.com/cri-o/cri-o/cmd/crio -trimpath -tags "$tags"
+tools_build crio github.com/cri-o/cri-o/cmd/crio -trimpath -tags "$tags" -ldflags "-s -w"
 
 dst="$out/pinns"
 if tools_fresh "$dst"; then

@@ -20,4 +20,4 @@ tools_init "$@"
 
 export CGO_ENABLED=0
 
-tools_build gotestsum gotest.tools/gotestsum -trimpath
+tools_build gotestsum gotest.tools/gotestsum -trimpath -ldflags "-s -w"

@@ -18,5 +18,5 @@ tools_init "$@"
 
 export CGO_ENABLED=0
 
-tools_build helm helm.sh/helm/v3/cmd/helm -trimpath
-tools_build kustomize ./kustomize -trimpath
+tools_build helm helm.sh/helm/v3/cmd/helm -trimpath -ldflags "-s -w"
+tools_build kustomize ./kustomize -trimpath -ldflags "-s -w"

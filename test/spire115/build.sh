@@ -19,5 +19,5 @@ tools_init "$@"
 
 export CGO_ENABLED="${CGO_ENABLED:-1}"
 
-tools_build spire-server github.com/spiffe/spire/cmd/spire-server
-tools_build spire-agent github.com/spiffe/spire/cmd/spire-agent
+tools_build spire-server github.com/spiffe/spire/cmd/spire-server -ldflags "-s -w"
+tools_build spire-agent github.com/spiffe/spire/cmd/spire-agent -ldflags "-s -w"
