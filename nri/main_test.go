@@ -253,12 +253,7 @@ func (p *pluginProc) stopWith(t *testing.T, sig syscall.Signal) time.Duration {
 }
 
 func socketPath(t *testing.T) string {
-	dir, err := os.MkdirTemp("/tmp", "nri-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	return filepath.Join(dir, "nri.sock")
+	return filepath.Join(testhelp.ShortTempDir(t, "nri-"), "nri.sock")
 }
 
 // TestSignalStops: SIGTERM (a DaemonSet rollout) and SIGINT stop the

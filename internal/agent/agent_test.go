@@ -5,7 +5,6 @@ import (
 	"crypto/x509"
 	"errors"
 	"net"
-	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -17,18 +16,14 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/noderesource/spiffe-oci-hook/test/fakeagent"
+	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 // socketPath returns a socket path short enough for a unix socket (108
 // bytes); t.TempDir() can be too long under some test runners.
 func socketPath(t *testing.T) string {
 	t.Helper()
-	dir, err := os.MkdirTemp("/tmp", "agt")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	return filepath.Join(dir, "a.sock")
+	return filepath.Join(testhelp.ShortTempDir(t, "agt"), "a.sock")
 }
 
 func start(t *testing.T) (*fakeagent.Agent, *Client) {

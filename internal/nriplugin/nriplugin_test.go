@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
-	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -26,11 +25,7 @@ var hook = &api.Hook{Path: "/opt/spiffe-oci-hook/bin/spiffe-oci-hook", Args: []s
 // socket in a fresh directory, with extra options (the default validator).
 func startRuntime(t *testing.T, opts ...adaptation.Option) (*adaptation.Adaptation, string) {
 	t.Helper()
-	dir, err := os.MkdirTemp("/tmp", "nri-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
+	dir := testhelp.ShortTempDir(t, "nri-")
 	socket := filepath.Join(dir, "nri.sock")
 	syncFn := func(ctx context.Context, cb adaptation.SyncCB) error {
 		_, err := cb(ctx, nil, nil)

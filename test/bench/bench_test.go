@@ -69,7 +69,7 @@ func TestBench(t *testing.T) {
 		}
 	}
 	root := testhelp.RepoRoot(t)
-	work := tempDir(t, "bench-")
+	work := testhelp.ShortTempDir(t, "bench-")
 	b := build(t, root, work)
 	res := &results{
 		Rounds:    envInt("BENCH_ROUNDS", 60),

@@ -37,13 +37,13 @@ type apiResult struct {
 func TestBenchBrokerAPI(t *testing.T) {
 	benchAsRoot(t, "runc, mounts, SPIRE's unix attestor")
 	root := testhelp.RepoRoot(t)
-	work := tempDir(t, "bench-")
+	work := testhelp.ShortTempDir(t, "bench-")
 	b := build(t, root, work)
 	rounds := envInt("BENCH_ROUNDS", 60)
 
 	progress("starting SPIRE %s with the admin socket and the broker endpoint", spiretest.V115)
 	s := spiretest.Start(t, spiretest.Options{TrustDomain: trustDomain, AuthorizedDelegates: []string{hookID, refresherID}, Broker: true, Brokers: []string{refresherID}})
-	dir := tempDir(t, "bbr-")
+	dir := testhelp.ShortTempDir(t, "bbr-")
 	stateDir := filepath.Join(dir, "state")
 	testhelp.MountTmpfs(t, stateDir, "mode=0700,size=64m")
 	helperDir := filepath.Join(dir, "helper")

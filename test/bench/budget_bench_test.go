@@ -41,7 +41,7 @@ import (
 func TestBenchStateBudget(t *testing.T) {
 	benchAsRoot(t, "tmpfs, mount namespaces, cgroups")
 	root := testhelp.RepoRoot(t)
-	dir := tempDir(t, "bbud-")
+	dir := testhelp.ShortTempDir(t, "bbud-")
 	bin := filepath.Join(dir, "spiffe-oci-refresher")
 	build := exec.Command("go", "build", "-trimpath", "-tags", "grpcnotrace", "-ldflags", "-s -w -X main.version=bench", "-o", bin, "./refresher")
 	build.Dir = root

@@ -18,16 +18,6 @@ import (
 
 // Helpers.
 
-func tempDir(t *testing.T, prefix string) string {
-	t.Helper()
-	dir, err := os.MkdirTemp("/tmp", prefix)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	return dir
-}
-
 func writeFile(t *testing.T, path, content string) {
 	t.Helper()
 	writeFileMode(t, path, []byte(content), 0o600)

@@ -43,7 +43,7 @@ type scaleResult struct {
 
 func benchRefresher(t *testing.T, b bins, n int, res *results) scaleResult {
 	out := scaleResult{N: n}
-	dir := tempDir(t, "brf-")
+	dir := testhelp.ShortTempDir(t, "brf-")
 	state := filepath.Join(dir, "state")
 	testhelp.MountTmpfs(t, state, "mode=0700,size=256m")
 	socket := filepath.Join(dir, "admin.sock")

@@ -29,7 +29,7 @@ import (
 func benchSPIRE(t *testing.T, b bins, res *results) {
 	progress("starting SPIRE server and agent")
 	s := spiretest.Start(t, spiretest.Options{TrustDomain: trustDomain, AuthorizedDelegates: []string{hookID, fetchID, refresherID}})
-	dir := tempDir(t, "bsp-")
+	dir := testhelp.ShortTempDir(t, "bsp-")
 	// Two state directories: one a refresher serves (the hook hands the
 	// container over), one no refresher serves (the hook runs
 	// spiffe-oci-hook-direct).

@@ -15,7 +15,6 @@ package cri
 
 import (
 	"fmt"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"sync"
@@ -84,15 +83,11 @@ func requireTools(t *testing.T) {
 // under it before removing it.
 func tempDir(t *testing.T, prefix string) string {
 	t.Helper()
-	dir, err := os.MkdirTemp("/tmp", prefix)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
+	dir := testhelp.ShortTempDir(t, prefix)
+	t.Cleanup(func() { // before the removal, which was registered first
 		for _, m := range mountsUnder(dir) {
 			unix.Unmount(m, unix.MNT_DETACH)
 		}
-		os.RemoveAll(dir)
 	})
 	return dir
 }

@@ -256,12 +256,7 @@ func (e *env) hook(config string) rspec.Hook {
 // socket paths are limited to 108 bytes).
 func shortTempDir(t *testing.T) string {
 	t.Helper()
-	dir, err := os.MkdirTemp("/tmp", "e2e-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	return dir
+	return testhelp.ShortTempDir(t, "e2e-")
 }
 
 // podmanStore returns a temp dir for a private Podman store (--root

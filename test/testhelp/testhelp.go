@@ -1,7 +1,8 @@
 // Package testhelp holds the small helpers that several test packages
 // used to carry copies of: polling for a condition, the repository root,
-// a tmpfs state directory, summing a metric from the refresher's
-// exposition, and a log buffer that goroutines may write to.
+// a short temporary directory, a tmpfs state directory, summing a metric
+// from the refresher's exposition, and a log buffer that goroutines may
+// write to.
 //
 // It imports only the standard library and golang.org/x/sys, so that any
 // test can import it, in-package tests under internal/ included: an
@@ -122,6 +123,19 @@ func MountTmpfs(t testing.TB, dir, options string) {
 	t.Cleanup(func() { unix.Unmount(dir, unix.MNT_DETACH) })
 }
 
+// ShortTempDir makes a directory under /tmp named after prefix, removed
+// when t ends: its path is short enough for unix sockets (108 bytes),
+// which t.TempDir() can exceed under some test runners.
+func ShortTempDir(t testing.TB, prefix string) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("/tmp", prefix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
+}
+
 // TempNode skips t without root, with the message skip (each caller's
 // own, saying what it needs root for), and otherwise makes a directory
 // under /tmp (short enough for unix sockets) named after prefix, and a
@@ -132,11 +146,7 @@ func TempNode(t testing.TB, skip, prefix, options string) (dir, state string) {
 	if os.Getuid() != 0 {
 		t.Skip(skip)
 	}
-	dir, err := os.MkdirTemp("/tmp", prefix)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
+	dir = ShortTempDir(t, prefix)
 	state = filepath.Join(dir, "state")
 	MountTmpfs(t, state, options)
 	return dir, state

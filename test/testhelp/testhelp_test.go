@@ -65,6 +65,19 @@ x_total_other{kind="a"} 100
 	}
 }
 
+func TestShortTempDir(t *testing.T) {
+	var dir string
+	t.Run("made", func(t *testing.T) {
+		dir = ShortTempDir(t, "th-")
+		if st, err := os.Stat(dir); err != nil || !st.IsDir() || filepath.Dir(dir) != "/tmp" || !strings.HasPrefix(filepath.Base(dir), "th-") {
+			t.Fatalf("ShortTempDir = %s (%v): want a new directory /tmp/th-…", dir, err)
+		}
+	})
+	if _, err := os.Stat(dir); !os.IsNotExist(err) {
+		t.Fatalf("%s still there after the test that made it ended (%v)", dir, err)
+	}
+}
+
 func TestMountTmpfs(t *testing.T) {
 	if os.Getuid() != 0 {
 		t.Skip("needs root to mount a tmpfs")
