@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 // TestOnKernelFS: with this machine's root standing for a container's
@@ -97,30 +99,14 @@ func TestBindIsPrivate(t *testing.T) {
 	if err := Bind(pidfd, rootfs, src, "/certs"); err != nil {
 		t.Fatal(err)
 	}
-	before := mountsUnder(t, src)
+	before := testhelp.MountsUnder(t, src)
 	for i := range 3 {
 		out, err := exec.Command("nsenter", "-t", strconv.Itoa(c.Process.Pid), "-m", "mount", "-t", "tmpfs", fmt.Sprint("evil", i), filepath.Join(rootfs, "certs")).CombinedOutput()
 		if err != nil {
 			t.Fatalf("mounting over the bound directory inside: %v: %s", err, out)
 		}
 	}
-	if after := mountsUnder(t, src); len(after) != len(before) {
+	if after := testhelp.MountsUnder(t, src); len(after) != len(before) {
 		t.Errorf("mounts made over the bound directory reached the source's namespace: %d mounts at or under %s before, %d after", len(before), src, len(after))
 	}
-}
-
-// mountsUnder lists this namespace's mount points at or under dir.
-func mountsUnder(t *testing.T, dir string) []string {
-	t.Helper()
-	data, err := os.ReadFile("/proc/self/mountinfo")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var out []string
-	for _, line := range strings.Split(string(data), "\n") {
-		if f := strings.Fields(line); len(f) > 4 && (f[4] == dir || strings.HasPrefix(f[4], dir+"/")) {
-			out = append(out, f[4])
-		}
-	}
-	return out
 }

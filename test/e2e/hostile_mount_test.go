@@ -16,6 +16,8 @@ import (
 	rspec "github.com/opencontainers/runtime-spec/specs-go"
 	"github.com/opencontainers/runtime-tools/generate/seccomp"
 	"golang.org/x/sys/unix"
+
+	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 // TestHostileMountPropagation: on a node whose state directory is a shared
@@ -33,7 +35,9 @@ func TestHostileMountPropagation(t *testing.T) {
 	if err := unix.Mount("", e.stateDir, "", unix.MS_SHARED, ""); err != nil {
 		t.Fatalf("making the state directory a shared mount: %v", err)
 	}
-	before := mountsUnder(t, e.stateDir)
+	// The host's mounts under the state directory only: other tests on
+	// the node mount too.
+	before := testhelp.MountsUnder(t, e.stateDir)
 
 	const stacked = 20
 	script := fmt.Sprintf(`cat /certs/svid.pem >/dev/null || exit 1
@@ -77,7 +81,7 @@ echo MOUNTED
 	if err != nil {
 		t.Errorf("runc run: %v\nstderr: %s", err, stderr)
 	}
-	after := mountsUnder(t, e.stateDir)
+	after := testhelp.MountsUnder(t, e.stateDir)
 	if len(after) != len(before) {
 		t.Errorf("the container's mounts reached the host: %d mounts under the state directory before, %d after: %v", len(before), len(after), after)
 	}
@@ -123,12 +127,12 @@ func TestHostileKernelFilesystems(t *testing.T) {
 			b.AddAnnotation(annotation, "- cert_dir: "+c.certDir+"\n")
 			b.Config.Hooks = &rspec.Hooks{CreateRuntime: []rspec.Hook{e.hook(e.config)}}
 			rootfsBefore := snapshot(t, b.rootfs)
-			mountsBefore := mountsUnder(t, b.dir, e.stateDir)
+			mountsBefore := testhelp.MountsUnder(t, b.dir, e.stateDir)
 
 			out, stderr, err := b.runc(t)
 			t.Logf("stderr: %s", strings.TrimSpace(stderr))
 			refusedCleanly(t, e, b, rootfsBefore, out, stderr, err, "container "+b.id+":", "annotation "+annotation, "cert_dir", c.certDir, "kernel filesystem")
-			if m := mountsUnder(t, b.dir, e.stateDir); len(m) != len(mountsBefore) {
+			if m := testhelp.MountsUnder(t, b.dir, e.stateDir); len(m) != len(mountsBefore) {
 				t.Errorf("mounted on the host: %v", m)
 			}
 		})

@@ -20,6 +20,8 @@ import (
 	"time"
 
 	rspec "github.com/opencontainers/runtime-spec/specs-go"
+
+	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 const hostileID = "spiffe://example.org/workload/hostile"
@@ -85,29 +87,6 @@ func diffSnapshots(before, after map[string]string) []string {
 	}
 	slices.Sort(d)
 	return d
-}
-
-// mountsUnder returns the host's mount points under any of dirs. (The
-// whole table is not compared: other tests on the node mount too.)
-func mountsUnder(t *testing.T, dirs ...string) []string {
-	t.Helper()
-	data, err := os.ReadFile("/proc/self/mountinfo")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var out []string
-	for _, line := range strings.Split(string(data), "\n") {
-		f := strings.Fields(line)
-		if len(f) < 5 {
-			continue
-		}
-		for _, d := range dirs {
-			if f[4] == d || strings.HasPrefix(f[4], d+"/") {
-				out = append(out, f[4])
-			}
-		}
-	}
-	return out
 }
 
 // TestHostileAnnotations: each hostile value is refused with one line that
@@ -298,7 +277,7 @@ func TestHostileAnnotations(t *testing.T) {
 			if d := diffSnapshots(host, snapshot(t, hostDir)); len(d) > 0 {
 				t.Errorf("host directory changed: %v", d)
 			}
-			if m := mountsUnder(t, b.dir, filepath.Dir(hostDir)); len(m) > 0 {
+			if m := testhelp.MountsUnder(t, b.dir, filepath.Dir(hostDir)); len(m) > 0 {
 				t.Errorf("mounted on the host: %v", m)
 			}
 		})
@@ -461,7 +440,7 @@ func TestHostileImages(t *testing.T) {
 					t.Errorf("the hook created %s on the host", p)
 				}
 			}
-			if m := mountsUnder(t, b.dir, hostParent); len(m) > 0 {
+			if m := testhelp.MountsUnder(t, b.dir, hostParent); len(m) > 0 {
 				t.Errorf("mounted on the host: %v", m)
 			}
 			t.Logf("stderr: %s", strings.TrimSpace(stderr))

@@ -152,6 +152,29 @@ func TempNode(t testing.TB, skip, prefix, options string) (dir, state string) {
 	return dir, state
 }
 
+// MountsUnder lists the mount points of the caller's mount namespace at
+// or under each of dirs (one under two of them is listed twice).
+func MountsUnder(t testing.TB, dirs ...string) []string {
+	t.Helper()
+	data, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, line := range strings.Split(string(data), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 5 {
+			continue
+		}
+		for _, d := range dirs {
+			if f[4] == d || strings.HasPrefix(f[4], d+"/") {
+				out = append(out, f[4])
+			}
+		}
+	}
+	return out
+}
+
 // MetricSum adds up the samples of the labelled metric name in a
 // Prometheus text exposition (every label set), failing t on a value it
 // cannot read.

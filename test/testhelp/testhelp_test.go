@@ -5,6 +5,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -88,6 +89,9 @@ func TestMountTmpfs(t *testing.T) {
 		var st unix.Statfs_t
 		if err := unix.Statfs(dir, &st); err != nil || st.Type != unix.TMPFS_MAGIC {
 			t.Fatalf("%s: statfs type %#x, %v; want a tmpfs", dir, st.Type, err)
+		}
+		if m := MountsUnder(t, filepath.Dir(dir)); !slices.Equal(m, []string{dir}) {
+			t.Fatalf("MountsUnder(%s) = %q, want the tmpfs alone", filepath.Dir(dir), m)
 		}
 	})
 	mounts, err := os.ReadFile("/proc/self/mountinfo")
