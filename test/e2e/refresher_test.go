@@ -3,7 +3,6 @@ package e2e
 import (
 	"bufio"
 	"bytes"
-	"context"
 	"fmt"
 	"net"
 	"os"
@@ -17,9 +16,6 @@ import (
 	rspec "github.com/opencontainers/runtime-spec/specs-go"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
-
-	"github.com/noderesource/spiffe-oci-hook/internal/status"
-	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 const rotatingID = "spiffe://example.org/workload/rotating"
@@ -261,9 +257,5 @@ func TestRefresherLifecycle(t *testing.T) {
 // kinds) from its metrics socket.
 func streamErrors(t *testing.T, socket string) float64 {
 	t.Helper()
-	code, body, err := status.NewClient(socket).Get(context.Background(), status.PathMetrics)
-	if err != nil || code != 200 {
-		t.Fatalf("GET %s on %s: HTTP %d, %v", status.PathMetrics, socket, code, err)
-	}
-	return testhelp.MetricSum(t, body, "spiffe_oci_svid_stream_errors_total")
+	return metricSum(t, socket, "spiffe_oci_svid_stream_errors_total")
 }
