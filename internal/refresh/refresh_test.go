@@ -268,9 +268,7 @@ func TestIdentityChange(t *testing.T) {
 	// Two rotations after the change, each written: neither may log the
 	// change again.
 	for range 2 {
-		seen := passes.serials()
-		n.agent.Rotate()
-		testhelp.Eventually(t, 10*time.Second, "a write pass over the rotated SVID", func() bool { return passes.sawOtherThan(seen) })
+		passes.rotate(t, n)
 	}
 	logs := n.logs.String()
 	line := "container identity changed"

@@ -219,11 +219,7 @@ func TestDeliveryErrorStaysReported(t *testing.T) {
 	})
 	// Wait for a write pass over the rotated SVIDs: the one that would
 	// log "written again" if the trouble were cleared wrongly.
-	seen := passes.serials()
-	n.agent.Rotate()
-	testhelp.Eventually(t, 10*time.Second, "a write pass over the rotated SVIDs", func() bool {
-		return passes.sawOtherThan(seen)
-	})
+	passes.rotate(t, n)
 	if c := r.Report().Containers[0]; !strings.Contains(c.Error, workload.String()) {
 		t.Errorf("report error %q, want the missing %s", c.Error, workload)
 	}
@@ -280,4 +276,12 @@ func (w *writePasses) sawOtherThan(old []string) bool {
 		}
 	}
 	return false
+}
+
+// rotate rotates n's agent's SVIDs and waits for a write pass over them.
+func (w *writePasses) rotate(t *testing.T, n *node) {
+	t.Helper()
+	seen := w.serials()
+	n.agent.Rotate()
+	testhelp.Eventually(t, 10*time.Second, "a write pass over the rotated SVIDs", func() bool { return w.sawOtherThan(seen) })
 }
