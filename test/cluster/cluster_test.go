@@ -98,15 +98,9 @@ func runCluster(t *testing.T, runtime string, lc lifecycle) {
 // SpiffeHelperBin, and installs the project; the cluster goes down, and
 // the host is restored, when t ends.
 func startCluster(t *testing.T, runtime string, lc lifecycle, extra localcluster.Options) *env {
-	if testing.Short() {
-		t.Skip("cluster: skipped in -short mode")
-	}
+	testhelp.SkipShort(t, "cluster")
 	spiretest.RequireRoot(t)
-	for _, tool := range []string{"runc", "conmon", "podman", "iptables-save"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			t.Fatalf("cluster: %s is missing: run test/deps.sh", tool)
-		}
-	}
+	testhelp.Installed(t, "cluster", "runc", "conmon", "podman", "iptables-save")
 	root := testhelp.RepoRoot(t)
 	toolDir := filepath.Join(root, "bin", "test")
 	buildTools(t, root, toolDir, runtime)

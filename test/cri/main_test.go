@@ -49,15 +49,9 @@ var (
 // pinned runtimes and crictl, one at a time, and the NRI plugin.
 func requireTools(t *testing.T) {
 	t.Helper()
-	if testing.Short() {
-		t.Skip("cri: skipped in -short mode")
-	}
+	testhelp.SkipShort(t, "cri")
 	spiretest.RequireRoot(t)
-	for _, tool := range []string{"runc", "conmon", "podman", "make"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			t.Fatalf("cri: %s is missing: run test/deps.sh", tool)
-		}
-	}
+	testhelp.Installed(t, "cri", "runc", "conmon", "podman", "make")
 	toolOnce.Do(func() {
 		repoRoot = testhelp.RepoRoot(t)
 		toolDir = filepath.Join(repoRoot, "bin", "test")

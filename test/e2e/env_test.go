@@ -54,17 +54,11 @@ var (
 // requireRoot skips tests that cannot run without root and builds the hook.
 func requireRoot(t *testing.T) {
 	t.Helper()
-	if testing.Short() {
-		t.Skip("e2e: skipped in -short mode")
-	}
+	testhelp.SkipShort(t, "e2e")
 	if os.Getuid() != 0 {
 		t.Skip("e2e: needs root (mounts, runc, podman)")
 	}
-	for _, tool := range []string{"runc", "podman"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			t.Fatalf("e2e: %s is missing: run test/deps.sh", tool)
-		}
-	}
+	testhelp.Installed(t, "e2e", "runc", "podman")
 	once.Do(func() {
 		wd, _ := os.Getwd()
 		repoRoot = filepath.Dir(filepath.Dir(wd))

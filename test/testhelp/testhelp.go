@@ -75,6 +75,26 @@ func (p Poll) Eventually(t testing.TB, timeout time.Duration, what string, cond 
 	return time.Since(start)
 }
 
+// SkipShort skips t in -short mode, naming the suite (e2e, cri, …) that
+// needs more than a unit test may take.
+func SkipShort(t testing.TB, suite string) {
+	t.Helper()
+	if testing.Short() {
+		t.Skip(suite + ": skipped in -short mode")
+	}
+}
+
+// Installed fails t, naming the suite, at the first of tools that is not
+// on the PATH: test/deps.sh installs them.
+func Installed(t testing.TB, suite string, tools ...string) {
+	t.Helper()
+	for _, tool := range tools {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Fatalf("%s: %s is missing: run test/deps.sh", suite, tool)
+		}
+	}
+}
+
 // RepoRoot returns the root of the main module, found by walking up from
 // the working directory (the package directory under `go test`).
 func RepoRoot(t testing.TB) string {

@@ -27,6 +27,8 @@ func (f *fatalRecorder) Fatal(args ...any) {
 	runtime.Goexit()
 }
 
+func (f *fatalRecorder) Fatalf(format string, args ...any) { f.Fatal(fmt.Sprintf(format, args...)) }
+
 func TestPollWaitsAndFails(t *testing.T) {
 	calls := 0
 	Eventually(t, time.Second, "the third call", func() bool { calls++; return calls == 3 })
@@ -42,6 +44,20 @@ func TestPollWaitsAndFails(t *testing.T) {
 	}()
 	<-done
 	if want := "after 20ms, still waiting for: never; saw nothing"; rec.msg != want {
+		t.Fatalf("failure %q, want %q", rec.msg, want)
+	}
+}
+
+func TestInstalled(t *testing.T) {
+	Installed(t, "suite", "sh")
+	rec := &fatalRecorder{TB: t}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		Installed(rec, "suite", "sh", "no-such-tool-here")
+	}()
+	<-done
+	if want := "suite: no-such-tool-here is missing: run test/deps.sh"; rec.msg != want {
 		t.Fatalf("failure %q, want %q", rec.msg, want)
 	}
 }
