@@ -2,13 +2,11 @@
 package packaging
 
 import (
-	"encoding/json"
 	"os"
 	"path/filepath"
 	"slices"
 	"testing"
 
-	"github.com/containers/common/pkg/hooks"
 	current "github.com/containers/common/pkg/hooks/1.0.0"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
@@ -21,48 +19,28 @@ import (
 // slow agent.
 var hookDefaultTimeout = int(config.Default().Timeout.Seconds())
 
-// loadHook reads hooks.d/spiffe-oci-hook.json the way CRI-O and Podman do,
-// with hook.path replaced by an executable that exists here.
-func loadHook(t *testing.T) (*current.Hook, map[string]any) {
+// loadHook reads hooks.d/spiffe-oci-hook.json the way CRI-O and Podman do
+// (readHooksJSON), with hook.path replaced by an executable that exists
+// here.
+func loadHook(t *testing.T) *current.Hook {
 	t.Helper()
 	src := filepath.Join(testhelp.RepoRoot(t), "hooks.d", "spiffe-oci-hook.json")
 	data, err := os.ReadFile(src)
 	if err != nil {
 		t.Fatal(err)
 	}
-	var raw map[string]any
-	if err := json.Unmarshal(data, &raw); err != nil {
-		t.Fatalf("%s: %v", src, err)
-	}
-	hook, ok := raw["hook"].(map[string]any)
-	if !ok {
-		t.Fatalf("%s has no hook object", src)
-	}
-	if p, _ := hook["path"].(string); p != "/usr/libexec/oci/hooks.d/spiffe-oci-hook" {
+	if p := hookJSONPath(t, data); p != "/usr/libexec/oci/hooks.d/spiffe-oci-hook" {
 		t.Errorf("hook.path = %q", p)
 	}
 	exe, err := os.Executable()
 	if err != nil {
 		t.Fatal(err)
 	}
-	hook["path"] = exe
-	out, err := json.Marshal(raw)
-	if err != nil {
-		t.Fatal(err)
-	}
-	dst := filepath.Join(t.TempDir(), "spiffe-oci-hook.json")
-	if err := os.WriteFile(dst, out, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	h, err := hooks.Read(dst, nil)
-	if err != nil {
-		t.Fatalf("hooks.Read: %v", err)
-	}
-	return h, raw
+	return readHooksJSON(t, src, data, exe)
 }
 
 func TestHookJSON(t *testing.T) {
-	h, _ := loadHook(t)
+	h := loadHook(t)
 	if h.Version != "1.0.0" {
 		t.Fatalf("version = %q, want 1.0.0", h.Version)
 	}
@@ -84,7 +62,7 @@ func TestHookJSON(t *testing.T) {
 }
 
 func TestHookWhen(t *testing.T) {
-	h, _ := loadHook(t)
+	h := loadHook(t)
 	spec := &specs.Spec{Process: &specs.Process{Args: []string{"/bin/sh"}}}
 	const yamlValue = "- cert_dir: /var/certs\n"
 	tests := []struct {
