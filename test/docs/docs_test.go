@@ -83,20 +83,32 @@ func tableKeys(t *testing.T, doc, header string) []string {
 	return keys
 }
 
+// sameKeys fails t for each key of accepted that documented lacks
+// (undocumented, a format for the key) and each key of documented that
+// accepted lacks (unknown, likewise).
+func sameKeys(t *testing.T, accepted, documented []string, undocumented, unknown string) {
+	t.Helper()
+	for _, k := range accepted {
+		if !slices.Contains(documented, k) {
+			t.Errorf(undocumented, k)
+		}
+	}
+	for _, k := range documented {
+		if !slices.Contains(accepted, k) {
+			t.Errorf(unknown, k)
+		}
+	}
+}
+
 // TestConfigurationReference: docs/configuration.md's table lists exactly
 // the keys config.Parse accepts.
 func TestConfigurationReference(t *testing.T) {
 	accepted := yamlKeys(reflect.TypeOf(config.Config{}), "")
 	documented := tableKeys(t, readDoc(t, "configuration.md"), "| key |")
-	for _, k := range accepted {
-		if !slices.Contains(documented, k) {
-			t.Errorf("config key %s is accepted by config.Parse but not documented in docs/configuration.md", k)
-		}
-	}
+	sameKeys(t, accepted, documented,
+		"config key %s is accepted by config.Parse but not documented in docs/configuration.md",
+		"docs/configuration.md documents %s, which is not a config key")
 	for _, k := range documented {
-		if !slices.Contains(accepted, k) {
-			t.Errorf("docs/configuration.md documents %s, which is not a config key", k)
-		}
 		// And the parser itself takes it: a key it did not know would be
 		// refused as "field … not found".
 		if _, err := config.Parse([]byte(nested(k, "null"))); err != nil && strings.Contains(err.Error(), "not found") {
@@ -129,15 +141,10 @@ func TestAnnotationReference(t *testing.T) {
 	doc := readDoc(t, "annotations.md")
 	accepted := yamlKeys(reflect.TypeOf(annotations.Delivery{}), "")
 	documented := tableKeys(t, doc, "| field |")
-	for _, k := range accepted {
-		if !slices.Contains(documented, k) {
-			t.Errorf("annotation field %s is accepted by annotations.Parse but not documented in docs/annotations.md's field table", k)
-		}
-	}
+	sameKeys(t, accepted, documented,
+		"annotation field %s is accepted by annotations.Parse but not documented in docs/annotations.md's field table",
+		"docs/annotations.md documents field %s, which is not a delivery field")
 	for _, k := range documented {
-		if !slices.Contains(accepted, k) {
-			t.Errorf("docs/annotations.md documents field %s, which is not a delivery field", k)
-		}
 		value := "- cert_dir: /certs\n  " + k + ": null\n"
 		if _, err := annotations.Parse(annotations.Key, value); err != nil && strings.Contains(err.Error(), "not found") {
 			t.Errorf("docs/annotations.md documents %s; annotations.Parse refuses it: %v", k, err)
