@@ -56,7 +56,11 @@ func (r *Refresher) deliver(ctx context.Context, req handoff.Request, proc *proc
 	}
 	d := deliver.Deliverer{Config: cfg, Writer: r.Writer, Labeler: r.Labeler, Log: r.log}
 	result := "refused"
-	defer func() { r.Metrics.Handoffs.WithLabelValues(result).Inc() }()
+	start := time.Now()
+	defer func() {
+		r.Metrics.Handoffs.WithLabelValues(result).Inc()
+		r.Metrics.HandoffSeconds.WithLabelValues(result).Observe(time.Since(start).Seconds())
+	}()
 	rec, err := d.Deliver(ctx, func(socket string) (deliver.Agent, error) {
 		a := r.agent(ctx, socket)
 		if a.client == nil {

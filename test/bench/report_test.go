@@ -171,6 +171,10 @@ type createResult struct {
 	HandoffWall, HandoffFetch stat
 	HandoffOverhead           stat
 	PairedHandoff             stat
+	// Per round, the refresher's own time for the container
+	// (spiffe_oci_handoff_duration_seconds: its fetch and the files), and
+	// the hook's wall time less that: the hook's own.
+	HandoffRefresher, HandoffOwn stat
 }
 
 type helperResult struct {
@@ -302,8 +306,14 @@ func (r *results) table() string {
 	row("handed over: agent round-trip alone, `agent.FetchX509` over a new connection, same pid, same moment", func(c createResult) (string, string) {
 		return ms(c.HandoffFetch.Median()), ms(c.HandoffFetch.P(0.95))
 	})
-	row("handed over: **hook's own overhead** = wall − round-trip (per round; the refresher's own fetch, on its open connection with the bundles it follows, is shorter than this round-trip)", func(c createResult) (string, string) {
-		return "**" + ms(c.HandoffOverhead.Median()) + "**", ms(c.HandoffOverhead.P(0.95))
+	row("handed over: hook wall − that round-trip (per round; the refresher's own fetch, on its open connection with the bundles it follows, is shorter than this round-trip)", func(c createResult) (string, string) {
+		return ms(c.HandoffOverhead.Median()), ms(c.HandoffOverhead.P(0.95))
+	})
+	row("handed over: the refresher's delivery of that very container by its own clock (`spiffe_oci_handoff_duration_seconds`, read before and after each round: its fetch on its open connection, the render and the files)", func(c createResult) (string, string) {
+		return ms(c.HandoffRefresher.Median()), ms(c.HandoffRefresher.P(0.95))
+	})
+	row("handed over: **hook's own time** = wall − the refresher's delivery (per round: exec, Go start, config, state, pidfd, the socket both ways, mount, record, exit)", func(c createResult) (string, string) {
+		return "**" + ms(c.HandoffOwn.Median()) + "**", ms(c.HandoffOwn.P(0.95))
 	})
 	row("no refresher (spiffe-oci-hook runs spiffe-oci-hook-direct): hook process wall time at createRuntime (fork → reaped: handoff refused, exec, fetch + write + mount + record)", func(c createResult) (string, string) {
 		return ms(c.HookWall.Median()), ms(c.HookWall.P(0.95))
@@ -359,8 +369,8 @@ func (r *results) table() string {
 			passLabel[k], signedMS(noAnn), signedMS(c.Variants[1].Median()-c.Variants[0].Median()), verdict(noAnn <= targetNoAnn, ms(noAnn-targetNoAnn)))
 	}
 	for k, c := range r.Create {
-		ov := c.HandoffOverhead.Median()
-		fmt.Fprintf(&b, "| %s, handed to the refresher: hook's own overhead ≤ 5 ms | median %s (p95 %s) | %s |\n", passLabel[k], ms(ov), ms(c.HandoffOverhead.P(0.95)), verdict(ov <= targetOverhead, ms(ov-targetOverhead)))
+		ov := c.HandoffOwn.Median()
+		fmt.Fprintf(&b, "| %s, handed to the refresher: hook's own time ≤ 5 ms | median %s (p95 %s) | %s |\n", passLabel[k], ms(ov), ms(c.HandoffOwn.P(0.95)), verdict(ov <= targetOverhead, ms(ov-targetOverhead)))
 	}
 	for k, c := range r.Create {
 		ratio := c.handoffRatio()

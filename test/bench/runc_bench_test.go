@@ -144,7 +144,7 @@ func (rg *rig) startRefresher(t *testing.T) (stop func()) {
 // When stopped it checks that it took containers over and refused none.
 func startServing(t *testing.T, bin, config string, store statedir.Store) (stop func()) {
 	t.Helper()
-	metrics := strings.TrimSuffix(config, ".yaml") + "-metrics.sock"
+	metrics := strings.TrimSuffix(config, ".yaml") + "-metrics.sock" // rig.servedMetrics
 	cmd := exec.Command(bin, "--config", config, "--metrics-socket", metrics)
 	var log bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &log, &log
@@ -171,6 +171,35 @@ func startServing(t *testing.T, bin, config string, store statedir.Store) (stop 
 		cmd.Process.Signal(syscall.SIGTERM)
 		<-exited
 	}
+}
+
+// servedMetrics is the metrics socket of the refresher that serves the
+// handed-over variants (startServing's).
+func (rg *rig) servedMetrics() string {
+	return strings.TrimSuffix(rg.servedConfig, ".yaml") + "-metrics.sock"
+}
+
+// handoffTime is spiffe_oci_handoff_duration_seconds{result="delivered"}'s
+// sum (seconds) and count.
+type handoffTime struct{ sum, count float64 }
+
+// readHandoffTime reads the refresher's own time for the containers it
+// took over from its metrics socket.
+func readHandoffTime(t *testing.T, socket string) handoffTime {
+	t.Helper()
+	code, body, err := status.NewClient(socket).Get(context.Background(), status.PathMetrics)
+	if err != nil || code != 200 {
+		t.Fatalf("GET %s on %s: HTTP %d, %v", status.PathMetrics, socket, code, err)
+	}
+	var h handoffTime
+	for _, line := range strings.Split(string(body), "\n") {
+		for name, v := range map[string]*float64{"sum": &h.sum, "count": &h.count} {
+			if n, ok := strings.CutPrefix(line, `spiffe_oci_handoff_duration_seconds_`+name+`{result="delivered"} `); ok {
+				*v, _ = strconv.ParseFloat(n, 64)
+			}
+		}
+	}
+	return h
 }
 
 // handoffs reads spiffe_oci_handoffs_total by result from the refresher's
@@ -216,6 +245,8 @@ func (rg *rig) pass(t *testing.T, name string, rounds int) createResult {
 	samples := make([][]time.Duration, len(rg.variants))
 	var hookWall, fetch, overhead, noAnnWall []time.Duration
 	var handoffWall, handoffFetch, handoffOverhead []time.Duration
+	var handoffRefresher, handoffOwn []time.Duration
+	var refresherBefore handoffTime
 	checked := map[int]bool{}
 	rnd := rand.New(rand.NewPCG(1, uint64(len(name))))
 	for round := -warmup; round < rounds; round++ {
@@ -240,6 +271,9 @@ func (rg *rig) pass(t *testing.T, name string, rounds int) createResult {
 			case directFloorVariant:
 				d = runHelper(t, rg.hookDirect, "--version")
 			default:
+				if i == handoffTimedVariant {
+					refresherBefore = readHandoffTime(t, rg.servedMetrics())
+				}
 				var err error
 				var stderr string
 				d, stderr, err = runc(v.bundle, rg.runcRoot, id)
@@ -285,6 +319,15 @@ func (rg *rig) pass(t *testing.T, name string, rounds int) createResult {
 				handoffWall = append(handoffWall, w)
 				handoffFetch = append(handoffFetch, f...)
 				handoffOverhead = append(handoffOverhead, w-median(f))
+				// What the refresher took for this very container, by its
+				// own clock: the rest of the hook's wall time is the hook's.
+				after := readHandoffTime(t, rg.servedMetrics())
+				if n := after.count - refresherBefore.count; n != 1 {
+					t.Fatalf("the refresher observed %v handoffs for one handed-over container", n)
+				}
+				r := time.Duration((after.sum - refresherBefore.sum) * float64(time.Second))
+				handoffRefresher = append(handoffRefresher, r)
+				handoffOwn = append(handoffOwn, w-r)
 			}
 			samples[i] = append(samples[i], d)
 		}
@@ -303,6 +346,8 @@ func (rg *rig) pass(t *testing.T, name string, rounds int) createResult {
 	r.HandoffWall = stat{Name: "hook wall, handed over", Samples: handoffWall}
 	r.HandoffFetch = stat{Name: "agent fetch, handed over", Samples: handoffFetch}
 	r.HandoffOverhead = stat{Name: "hook overhead, handed over", Samples: handoffOverhead}
+	r.HandoffRefresher = stat{Name: "the refresher's delivery, handed over", Samples: handoffRefresher}
+	r.HandoffOwn = stat{Name: "hook's own time, handed over", Samples: handoffOwn}
 	r.PairedHandoff = paired(samples[handoffVariant], samples[0])
 	progress("  no hook %s, no annotation %s, annotated %s (handed over %s); hook wall %s (handed over %s), agent round-trip %s, spiffe-helper %s",
 		ms(r.Variants[0].Median()), ms(r.Variants[1].Median()), ms(r.Variants[2].Median()), ms(r.Variants[handoffVariant].Median()),

@@ -39,9 +39,17 @@ func TestHandoff(t *testing.T) {
 	r := e.startRefresherWith(t, e.writeConfig("refresher:\n  metrics_socket: "+metrics+"\n"))
 	t.Run("handed to the refresher", func(t *testing.T) {
 		before := metricSum(t, metrics, "spiffe_oci_handoffs_total")
+		timed := metricSum(t, metrics, "spiffe_oci_handoff_duration_seconds_count")
 		run(t)
 		if got := metricSum(t, metrics, "spiffe_oci_handoffs_total"); got != before+1 {
 			t.Fatalf("the refresher delivered %v containers handed over, want %v:\n%s", got, before+1, readFile(r.log))
+		}
+		// Its time is observed once, with the count.
+		if got := metricSum(t, metrics, "spiffe_oci_handoff_duration_seconds_count"); got != timed+1 {
+			t.Errorf("spiffe_oci_handoff_duration_seconds observed %v deliveries, want %v", got, timed+1)
+		}
+		if sum := metricSum(t, metrics, "spiffe_oci_handoff_duration_seconds_sum"); sum <= 0 {
+			t.Errorf("spiffe_oci_handoff_duration_seconds_sum = %v after a delivery, want the time it took", sum)
 		}
 	})
 	t.Run("Podman, handed to the refresher", func(t *testing.T) {
