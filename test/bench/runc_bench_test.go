@@ -163,10 +163,10 @@ func startServing(t *testing.T, bin, config string, store statedir.Store) (stop 
 		return err == nil
 	})
 	return func() {
-		delivered, refused := handoffs(t, metrics)
-		progress("  the refresher took %v containers over from the hook, refused %v", delivered, refused)
-		if delivered == 0 || refused != 0 {
-			t.Errorf("the refresher took %v containers over and refused %v; want some and none:\n%s", delivered, refused, log.String())
+		h := readHandoffs(t, metrics)
+		progress("  the refresher took %v containers over from the hook, refused %v", h.delivered, h.refused)
+		if h.delivered == 0 || h.refused != 0 {
+			t.Errorf("the refresher took %v containers over and refused %v; want some and none:\n%s", h.delivered, h.refused, log.String())
 		}
 		cmd.Process.Signal(syscall.SIGTERM)
 		<-exited
@@ -179,45 +179,32 @@ func (rg *rig) servedMetrics() string {
 	return strings.TrimSuffix(rg.servedConfig, ".yaml") + "-metrics.sock"
 }
 
-// handoffTime is spiffe_oci_handoff_duration_seconds{result="delivered"}'s
-// sum (seconds) and count.
-type handoffTime struct{ sum, count float64 }
+// handoffStats is what the refresher's metrics say of the containers the
+// hook handed over: spiffe_oci_handoffs_total by result, and
+// spiffe_oci_handoff_duration_seconds{result="delivered"}'s sum (seconds)
+// and count.
+type handoffStats struct{ delivered, refused, sum, count float64 }
 
-// readHandoffTime reads the refresher's own time for the containers it
-// took over from its metrics socket.
-func readHandoffTime(t *testing.T, socket string) handoffTime {
+// readHandoffs reads handoffStats from the refresher's metrics socket.
+func readHandoffs(t *testing.T, socket string) handoffStats {
 	t.Helper()
 	code, body, err := status.NewClient(socket).Get(context.Background(), status.PathMetrics)
 	if err != nil || code != 200 {
 		t.Fatalf("GET %s on %s: HTTP %d, %v", status.PathMetrics, socket, code, err)
 	}
-	var h handoffTime
+	var h handoffStats
+	series := map[string]*float64{
+		`spiffe_oci_handoffs_total{result="delivered"}`:                 &h.delivered,
+		`spiffe_oci_handoffs_total{result="refused"}`:                   &h.refused,
+		`spiffe_oci_handoff_duration_seconds_sum{result="delivered"}`:   &h.sum,
+		`spiffe_oci_handoff_duration_seconds_count{result="delivered"}`: &h.count,
+	}
 	for _, line := range strings.Split(string(body), "\n") {
-		for name, v := range map[string]*float64{"sum": &h.sum, "count": &h.count} {
-			if n, ok := strings.CutPrefix(line, `spiffe_oci_handoff_duration_seconds_`+name+`{result="delivered"} `); ok {
-				*v, _ = strconv.ParseFloat(n, 64)
-			}
+		if name, v, ok := strings.Cut(line, " "); ok && series[name] != nil {
+			*series[name], _ = strconv.ParseFloat(v, 64)
 		}
 	}
 	return h
-}
-
-// handoffs reads spiffe_oci_handoffs_total by result from the refresher's
-// metrics socket.
-func handoffs(t *testing.T, socket string) (delivered, refused float64) {
-	t.Helper()
-	code, body, err := status.NewClient(socket).Get(context.Background(), status.PathMetrics)
-	if err != nil || code != 200 {
-		t.Fatalf("GET %s on %s: HTTP %d, %v", status.PathMetrics, socket, code, err)
-	}
-	for _, line := range strings.Split(string(body), "\n") {
-		for result, v := range map[string]*float64{"delivered": &delivered, "refused": &refused} {
-			if n, ok := strings.CutPrefix(line, `spiffe_oci_handoffs_total{result="`+result+`"} `); ok {
-				*v, _ = strconv.ParseFloat(n, 64)
-			}
-		}
-	}
-	return delivered, refused
 }
 
 // rig is what the runc passes share.
@@ -246,7 +233,7 @@ func (rg *rig) pass(t *testing.T, name string, rounds int) createResult {
 	var hookWall, fetch, overhead, noAnnWall []time.Duration
 	var handoffWall, handoffFetch, handoffOverhead []time.Duration
 	var handoffRefresher, handoffOwn []time.Duration
-	var refresherBefore handoffTime
+	var refresherBefore handoffStats
 	checked := map[int]bool{}
 	rnd := rand.New(rand.NewPCG(1, uint64(len(name))))
 	for round := -warmup; round < rounds; round++ {
@@ -272,7 +259,7 @@ func (rg *rig) pass(t *testing.T, name string, rounds int) createResult {
 				d = runHelper(t, rg.hookDirect, "--version")
 			default:
 				if i == handoffTimedVariant {
-					refresherBefore = readHandoffTime(t, rg.servedMetrics())
+					refresherBefore = readHandoffs(t, rg.servedMetrics())
 				}
 				var err error
 				var stderr string
@@ -321,7 +308,7 @@ func (rg *rig) pass(t *testing.T, name string, rounds int) createResult {
 				handoffOverhead = append(handoffOverhead, w-median(f))
 				// What the refresher took for this very container, by its
 				// own clock: the rest of the hook's wall time is the hook's.
-				after := readHandoffTime(t, rg.servedMetrics())
+				after := readHandoffs(t, rg.servedMetrics())
 				if n := after.count - refresherBefore.count; n != 1 {
 					t.Fatalf("the refresher observed %v handoffs for one handed-over container", n)
 				}

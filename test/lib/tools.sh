@@ -17,7 +17,7 @@
 # Every tool is linked with -ldflags "-s -w" (no symbol table, no DWARF,
 # as go run links anyway), through go run so that the Go build cache keeps
 # the executable: a new clone with warm caches copies the tools out of it
-# (17 s for all of them) instead of linking each again (about 150 s). With
+# (about 20 s for all of them) instead of linking each again (about 150 s). With
 # TOOLS_KEEP_DEBUG set, tools_build links with go build instead, keeping
 # the symbols: test/spire does so for spiffe-helper, so that the
 # benchmarks' baseline stays the binary they always hashed.
