@@ -11,6 +11,11 @@
 // The owner and the mount label of the files are the hook's word: only
 // root may connect, and root can set both on any file anyway.
 //
+// The hook holds the container's lock (package statedir) from before it
+// hands the container over until it has recorded it, or removed what was
+// written. That is how the refresher knows, once the lock is free, that a
+// container with files and no record was given up (Server.Settle).
+//
 // The package links what the hook's binary needs and no more (no gRPC):
 // the hook's exec time is the floor of every container's start.
 package handoff

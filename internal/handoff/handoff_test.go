@@ -226,6 +226,61 @@ func TestTimeout(t *testing.T) {
 	}
 }
 
+// TestSettle: Settle runs once the answer is out, whether the client took
+// it or had given up waiting, and not before: the refresher's clean-up of
+// a given-up container must not race the handler's writing.
+func TestSettle(t *testing.T) {
+	release := make(chan struct{})
+	settled := make(chan string, 2)
+	path := filepath.Join(t.TempDir(), "handoff.sock")
+	ln, err := Listen(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	s := &Server{Handler: func(ctx context.Context, req Request, proc *process.Process) (statedir.Record, error) {
+		if req.ID == "given-up" {
+			<-release
+		}
+		return statedir.Record{ID: req.ID}, nil
+	}, Settle: func(req Request) { settled <- req.ID }, Log: slog.New(slog.DiscardHandler), MaxConcurrent: 2}
+	done := make(chan error, 1)
+	go func() { done <- s.Serve(ctx, ln) }()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Error(err)
+		}
+	}()
+
+	if _, err := Deliver(context.Background(), path, Request{ID: "answered", Key: request.Key, Value: request.Value}, self(t).FD()); err != nil {
+		t.Fatal(err)
+	}
+	if id := <-settled; id != "answered" {
+		t.Fatalf("settled %q; want answered", id)
+	}
+
+	short, stop := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer stop()
+	if _, err := Deliver(short, path, Request{ID: "given-up", Key: request.Key, Value: request.Value}, self(t).FD()); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Deliver = %v; want the client's deadline", err)
+	}
+	select {
+	case id := <-settled:
+		t.Fatalf("settled %q while its handler was still working", id)
+	case <-time.After(200 * time.Millisecond):
+	}
+	close(release)
+	select {
+	case id := <-settled:
+		if id != "given-up" {
+			t.Fatalf("settled %q; want given-up", id)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("a request whose client gave up was never settled")
+	}
+}
+
 // TestNonRootRefused: a client that is not root is refused, by the
 // socket's mode and, were that wrong, by its peer credentials.
 func TestNonRootRefused(t *testing.T) {

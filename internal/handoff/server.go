@@ -34,6 +34,12 @@ type Server struct {
 	// ReadTimeout bounds reading one request, so that a client that sends
 	// nothing cannot hold a slot.
 	ReadTimeout time.Duration
+	// Settle, when set, runs after the handler's answer was sent (or
+	// could not be), outside the request's slot, unless the server is
+	// stopping. A hook that gave up waiting removes what was written
+	// under its lock before the handler finished; Settle is where the
+	// refresher removes what it wrote after that.
+	Settle func(req Request)
 }
 
 // Listen binds the socket at path, root only (0600), replacing what a
@@ -108,19 +114,24 @@ func (s *Server) Serve(ctx context.Context, ln *Listener) error {
 			continue
 		}
 		wg.Go(func() {
-			defer func() { <-slots }()
-			defer conn.Close()
-			s.serve(ctx, conn)
+			req, handled := s.serve(ctx, conn)
+			conn.Close()
+			<-slots
+			if handled && s.Settle != nil && ctx.Err() == nil {
+				s.Settle(req)
+			}
 		})
 	}
 }
 
-// serve answers one connection.
-func (s *Server) serve(ctx context.Context, conn *net.UnixConn) {
+// serve answers one connection, and reports whether its request reached
+// the handler.
+func (s *Server) serve(ctx context.Context, conn *net.UnixConn) (req Request, handled bool) {
 	var resp response
 	req, proc, err := s.read(conn)
 	if err == nil {
 		var rec statedir.Record
+		handled = true
 		rec, err = s.Handler(ctx, req, proc)
 		proc.Close()
 		if err == nil {
@@ -131,7 +142,7 @@ func (s *Server) serve(ctx context.Context, conn *net.UnixConn) {
 			// no answer, so that the hook delivers by itself
 			// (ErrUnavailable) rather than refuse the container.
 			s.Log.Info("stopping: handed-over container left to the hook", logkey.Container, req.ID)
-			return
+			return req, handled
 		}
 	}
 	if err != nil {
@@ -150,6 +161,7 @@ func (s *Server) serve(ctx context.Context, conn *net.UnixConn) {
 	if err != nil {
 		s.Log.Warn("handoff socket: answering", logkey.Container, req.ID, logkey.Error, err)
 	}
+	return req, handled
 }
 
 func (s *Server) readTimeout() time.Duration {

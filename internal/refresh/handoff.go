@@ -8,6 +8,7 @@ import (
 	"github.com/noderesource/spiffe-oci-hook/internal/deliver"
 	"github.com/noderesource/spiffe-oci-hook/internal/handoff"
 	"github.com/noderesource/spiffe-oci-hook/internal/logkey"
+	"github.com/noderesource/spiffe-oci-hook/internal/ocistate"
 	"github.com/noderesource/spiffe-oci-hook/internal/process"
 	"github.com/noderesource/spiffe-oci-hook/internal/statedir"
 )
@@ -36,6 +37,7 @@ func (r *Refresher) serveHandoff(ctx context.Context, ln *handoff.Listener) {
 		Log:           r.log,
 		MaxConcurrent: handoffSlots,
 		ReadTimeout:   5 * time.Second,
+		Settle:        r.settleHandoff,
 	}
 	if err := s.Serve(ctx, ln); err != nil {
 		r.log.Error("handoff socket", logkey.Error, err)
@@ -76,4 +78,26 @@ func (r *Refresher) deliver(ctx context.Context, req handoff.Request, proc *proc
 		result = "delivered"
 	}
 	return rec, err
+}
+
+// settleHandoff runs once the hook has the answer to a container it handed
+// over, or could not take it. The hook holds the container's lock from
+// before it hands the container over until it has recorded it, or removed
+// what was written when it failed; so once the lock is free, a container
+// with files and no record is one whose hook gave up (its timeout ran out
+// while the refresher was still fetching or writing) and removed what
+// little was there before the refresher wrote the rest. Those files are
+// removed now, instead of staying until the orphan sweep (orphanAge).
+func (r *Refresher) settleHandoff(req handoff.Request) {
+	if ocistate.ValidateID(req.ID) != nil {
+		return // refused as such: nothing was written
+	}
+	removed, err := r.store.RemoveOrphan(req.ID)
+	r.hooks.settled(req.ID, removed)
+	switch {
+	case err != nil:
+		r.log.Error("removing what was written for a container the hook did not record", logkey.Container, req.ID, logkey.Error, err)
+	case removed:
+		r.log.Info("removed what was written for a container the hook did not record (it gave up waiting, or failed after the answer)", logkey.Container, req.ID)
+	}
 }

@@ -109,6 +109,9 @@ type hooks struct {
 	// refresher acts on it: it can hold the exit notice back until a new
 	// instance under the same ID is recorded.
 	exited func(id string)
+	// settled runs after the refresher checked a handed-over container
+	// once its hook let go of it, with whether it removed files.
+	settled func(id string, removed bool)
 }
 
 // noHooks are the hooks of a refresher that no test watches.
@@ -117,6 +120,7 @@ func noHooks() hooks {
 		scanned:   func() {},
 		writePass: func(string, *agent.X509SVIDs) {},
 		exited:    func(string) {},
+		settled:   func(string, bool) {},
 	}
 }
 

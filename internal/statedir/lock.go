@@ -112,7 +112,8 @@ func (s Store) RemoveInstance(id string, pid int, startTime uint64) (bool, error
 }
 
 // RemoveOrphan deletes the files of container id if it still has no
-// record once the lock is held (a hook may be delivering to it now).
+// record once the lock is held (a hook may be delivering to it now). It
+// reports whether there were files to delete.
 func (s Store) RemoveOrphan(id string) (bool, error) {
 	l, err := s.Lock(id)
 	if err != nil {
@@ -122,5 +123,6 @@ func (s Store) RemoveOrphan(id string) (bool, error) {
 	if _, err := os.Lstat(s.RecordPath(id)); !errors.Is(err, fs.ErrNotExist) {
 		return false, nil
 	}
-	return true, s.RemoveLocked(id)
+	_, err = os.Lstat(s.ContainerDir(id))
+	return err == nil, s.RemoveLocked(id)
 }

@@ -40,6 +40,34 @@ func TestRemoveInstance(t *testing.T) {
 	}
 }
 
+// TestRemoveOrphan: a container's files go only while it has no record,
+// and it says whether there were any, with no lock file left behind.
+func TestRemoveOrphan(t *testing.T) {
+	s := tmpfsStore(t)
+	if removed, err := s.RemoveOrphan("abc"); err != nil || removed {
+		t.Fatalf("RemoveOrphan with nothing there = %v, %v", removed, err)
+	}
+	os.MkdirAll(s.DeliveryDir("abc", 0), 0o700)
+	if err := s.Save(Record{ID: "abc", PID: 10, StartTime: 7}); err != nil {
+		t.Fatal(err)
+	}
+	if removed, err := s.RemoveOrphan("abc"); err != nil || removed {
+		t.Fatalf("RemoveOrphan of a recorded container = %v, %v", removed, err)
+	}
+	if _, err := os.Stat(s.DeliveryDir("abc", 0)); err != nil {
+		t.Fatalf("a recorded container's files went: %v", err)
+	}
+	os.Remove(s.RecordPath("abc"))
+	if removed, err := s.RemoveOrphan("abc"); err != nil || !removed {
+		t.Fatalf("RemoveOrphan of files with no record = %v, %v", removed, err)
+	}
+	for _, p := range []string{s.ContainerDir("abc"), s.lockPath("abc")} {
+		if _, err := os.Stat(p); !os.IsNotExist(err) {
+			t.Errorf("%s survived (%v)", p, err)
+		}
+	}
+}
+
 // TestLockExcludes: a second holder waits for the first, also when the
 // first removes the lock file with the state.
 func TestLockExcludes(t *testing.T) {
