@@ -55,6 +55,11 @@ type node struct {
 	// audit may never see one running; checkAudit still checks that it
 	// reported none falsely.
 	shortLived bool
+	// atDefaults: the refresher runs with its default intervals (retry
+	// backoff, rescans and audits every 30 s), as make install leaves it,
+	// instead of the short ones that let tests see its work at once
+	// (TestBenchNode measures its CPU).
+	atDefaults bool
 }
 
 // newNode starts SPIRE (k8s attestor with pod-level selectors, as at
@@ -155,6 +160,16 @@ func newNodeAPI(t *testing.T, dir, api string) *node {
 	return n
 }
 
+// restartRefresher stops the refresher (SIGTERM) and starts it again, for
+// a change of its flags (atDefaults).
+func (n *node) restartRefresher(t *testing.T) {
+	t.Helper()
+	n.refresher.Process.Signal(unix.SIGTERM)
+	n.refresher.Wait()
+	os.Remove(filepath.Join(n.dir, "notify.sock"))
+	n.startRefresher(t, filepath.Join(n.prefix, "bin", "spiffe-oci-refresher"))
+}
+
 // startRefresher runs the installed refresher and waits for its systemd
 // readiness notification (Type=notify).
 func (n *node) startRefresher(t *testing.T, bin string) {
@@ -171,7 +186,14 @@ func (n *node) startRefresher(t *testing.T, bin string) {
 		t.Fatal(err)
 	}
 	defer logf.Close()
-	cmd := exec.Command(bin, "--config", n.config, "--backoff-min", "200ms", "--backoff-max", "2s", "--rescan-interval", "2s")
+	args := []string{"--config", n.config}
+	if !n.atDefaults {
+		// The node configuration's audit interval is 1 s (auditConfig).
+		args = append(args, "--backoff-min", "200ms", "--backoff-max", "2s", "--rescan-interval", "2s")
+	} else {
+		args = append(args, "--audit-interval", config.Default().Refresher.Audit.Interval.String())
+	}
+	cmd := exec.Command(bin, args...)
 	cmd.Env = append(os.Environ(), "NOTIFY_SOCKET="+notify)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if err := cmd.Start(); err != nil {
