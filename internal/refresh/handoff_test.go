@@ -13,13 +13,15 @@ import (
 	"github.com/noderesource/spiffe-oci-hook/internal/annotations"
 	"github.com/noderesource/spiffe-oci-hook/internal/handoff"
 	"github.com/noderesource/spiffe-oci-hook/internal/process"
+	"github.com/noderesource/spiffe-oci-hook/internal/statedir"
 	"github.com/noderesource/spiffe-oci-hook/test/testhelp"
 )
 
 // handOver plays the hook's part of a handoff for the process pid: it
 // holds container id's lock across the exchange, as the hook does, and,
-// when the exchange fails, removes what was written before letting go.
-// It returns the hook's error; on success it records the container.
+// when the exchange fails, removes what was written and leaves the trace
+// of a fail-open start (failure_policy: fail-open) before letting go. It
+// returns the hook's error; on success it records the container.
 func (n *node) handOver(ctx context.Context, id string, pid int) error {
 	n.t.Helper()
 	proc, err := process.Open(pid)
@@ -37,6 +39,9 @@ func (n *node) handOver(ctx context.Context, id string, pid int) error {
 	if err != nil {
 		if rmErr := n.store.RemoveLocked(id); rmErr != nil {
 			n.t.Fatal(rmErr)
+		}
+		if foErr := n.store.SaveFailOpen(statedir.FailOpen{ID: id, PID: proc.PID, StartTime: proc.StartTime, Error: err.Error(), Time: time.Now()}); foErr != nil {
+			n.t.Fatal(foErr)
 		}
 		return err
 	}
@@ -78,6 +83,9 @@ func TestHandoffGivenUp(t *testing.T) {
 	})
 	if removed := <-settled; !removed {
 		t.Error("the refresher reported nothing removed for the container its hook gave up")
+	}
+	if traces, err := n.store.FailOpens(); err != nil || len(traces) != 1 {
+		t.Errorf("fail-open traces after the refresher's clean-up: %v, %v; want the hook's, which the audit reports", traces, err)
 	}
 	if !strings.Contains(n.logs.String(), "did not record") {
 		t.Errorf("no line says why the files were removed:\n%s", n.logs)

@@ -113,7 +113,9 @@ func (s Store) RemoveInstance(id string, pid int, startTime uint64) (bool, error
 
 // RemoveOrphan deletes the files of container id if it still has no
 // record once the lock is held (a hook may be delivering to it now). It
-// reports whether there were files to delete.
+// reports whether there were files to delete. A fail-open trace stays:
+// the container may be running without its identity, which the audit
+// reports until its process is gone.
 func (s Store) RemoveOrphan(id string) (bool, error) {
 	l, err := s.Lock(id)
 	if err != nil {
@@ -123,6 +125,14 @@ func (s Store) RemoveOrphan(id string) (bool, error) {
 	if _, err := os.Lstat(s.RecordPath(id)); !errors.Is(err, fs.ErrNotExist) {
 		return false, nil
 	}
-	_, err = os.Lstat(s.ContainerDir(id))
-	return err == nil, s.RemoveLocked(id)
+	dir := s.ContainerDir(id)
+	_, err = os.Lstat(dir)
+	existed := err == nil
+	if err := os.RemoveAll(dir); err != nil {
+		return existed, fmt.Errorf("record %s: %w", id, err)
+	}
+	if err := os.Remove(s.lockPath(id)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return existed, fmt.Errorf("record %s: %w", id, err)
+	}
+	return existed, nil
 }

@@ -58,6 +58,11 @@ func TestRemoveOrphan(t *testing.T) {
 		t.Fatalf("a recorded container's files went: %v", err)
 	}
 	os.Remove(s.RecordPath("abc"))
+	// The hook let the container start without its identity
+	// (fail-open): its trace is the audit's, and stays.
+	if err := s.SaveFailOpen(FailOpen{ID: "abc", PID: 10, StartTime: 7, Error: "agent down"}); err != nil {
+		t.Fatal(err)
+	}
 	if removed, err := s.RemoveOrphan("abc"); err != nil || !removed {
 		t.Fatalf("RemoveOrphan of files with no record = %v, %v", removed, err)
 	}
@@ -65,6 +70,9 @@ func TestRemoveOrphan(t *testing.T) {
 		if _, err := os.Stat(p); !os.IsNotExist(err) {
 			t.Errorf("%s survived (%v)", p, err)
 		}
+	}
+	if traces, err := s.FailOpens(); err != nil || len(traces) != 1 {
+		t.Errorf("fail-open traces after RemoveOrphan: %v, %v; want the one saved", traces, err)
 	}
 }
 
