@@ -193,16 +193,13 @@ func readHandoffs(t *testing.T, socket string) handoffStats {
 		t.Fatalf("GET %s on %s: HTTP %d, %v", status.PathMetrics, socket, code, err)
 	}
 	var h handoffStats
-	series := map[string]*float64{
+	for series, v := range map[string]*float64{
 		`spiffe_oci_handoffs_total{result="delivered"}`:                 &h.delivered,
 		`spiffe_oci_handoffs_total{result="refused"}`:                   &h.refused,
 		`spiffe_oci_handoff_duration_seconds_sum{result="delivered"}`:   &h.sum,
 		`spiffe_oci_handoff_duration_seconds_count{result="delivered"}`: &h.count,
-	}
-	for _, line := range strings.Split(string(body), "\n") {
-		if name, v, ok := strings.Cut(line, " "); ok && series[name] != nil {
-			*series[name], _ = strconv.ParseFloat(v, 64)
-		}
+	} {
+		*v, _ = testhelp.Metric(t, body, series)
 	}
 	return h
 }

@@ -17,6 +17,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"iter"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -201,16 +202,49 @@ func MountsUnder(t testing.TB, dirs ...string) []string {
 func MetricSum(t testing.TB, exposition []byte, name string) float64 {
 	t.Helper()
 	var sum float64
-	for _, line := range strings.Split(string(exposition), "\n") {
-		if strings.HasPrefix(line, name+"{") {
-			var v float64
-			if _, err := fmt.Sscan(line[strings.LastIndexByte(line, ' ')+1:], &v); err != nil {
-				t.Fatalf("metrics line %q: %v", line, err)
-			}
-			sum += v
+	for series, value := range samples(exposition) {
+		if strings.HasPrefix(series, name+"{") {
+			sum += parseSample(t, series, value)
 		}
 	}
 	return sum
+}
+
+// Metric returns the value of one series of a Prometheus text exposition,
+// named as it is exposed (name{label="value",...}), and whether it is
+// there, failing t on a value it cannot read.
+func Metric(t testing.TB, exposition []byte, series string) (float64, bool) {
+	t.Helper()
+	for s, value := range samples(exposition) {
+		if s == series {
+			return parseSample(t, s, value), true
+		}
+	}
+	return 0, false
+}
+
+// samples yields every sample line's series and value, as written.
+func samples(exposition []byte) iter.Seq2[string, string] {
+	return func(yield func(series, value string) bool) {
+		for _, line := range strings.Split(string(exposition), "\n") {
+			i := strings.LastIndexByte(line, ' ')
+			if line == "" || line[0] == '#' || i < 0 {
+				continue
+			}
+			if !yield(line[:i], line[i+1:]) {
+				return
+			}
+		}
+	}
+}
+
+func parseSample(t testing.TB, series, value string) float64 {
+	t.Helper()
+	v, err := strconv.ParseFloat(value, 64)
+	if err != nil {
+		t.Fatalf("metrics: %s %q: %v", series, value, err)
+	}
+	return v
 }
 
 // LabelRecorder is a labeler (what internal/files calls a Labeler:

@@ -80,6 +80,12 @@ x_total_other{kind="a"} 100
 	if got := MetricSum(t, []byte(exposition), "x_total"); got != 5.5 {
 		t.Fatalf("MetricSum = %v, want 5.5", got)
 	}
+	if got, ok := Metric(t, []byte(exposition), `x_total{kind="b"}`); !ok || got != 3.5 {
+		t.Fatalf("Metric = %v, %v; want 3.5", got, ok)
+	}
+	if got, ok := Metric(t, []byte(exposition), `x_total{kind="c"}`); ok {
+		t.Fatalf("Metric of a series not exposed = %v, true", got)
+	}
 }
 
 func TestShortTempDir(t *testing.T) {
