@@ -23,7 +23,7 @@ type nodeResult struct {
 
 	start       time.Duration // all pods started
 	createStart samples       // crictl create + start of each annotated app container
-	agentStart  time.Duration // agent CPU while the pods started (attestations, hook fetches, subscriptions)
+	agentStart  time.Duration // agent CPU while the pods started (attestations, fetches for the hook, subscriptions)
 
 	window       time.Duration // the rotation window both phases are measured over
 	refMem       procMem
@@ -254,7 +254,7 @@ func (res *nodeResult) report() string {
 	b.WriteString("| Measurement | Result |\n|---|---|\n")
 	fmt.Fprintf(&b, "| pods started, %d at a time | %d in %s, no failure (any failure stops the benchmark) |\n", res.batch, res.pods, sec(res.start))
 	fmt.Fprintf(&b, "| annotated app container: `crictl create` + `crictl start` (CRI-O runs the hook in create), under %d concurrent pod starts | p50 %s, p99 %s, max %s |\n", res.batch, msf(res.createStart.median()), msf(res.createStart.p99()), msf(res.createStart.max()))
-	fmt.Fprintf(&b, "| agent CPU while the pods started (hook fetches, attestations, the refresher's subscriptions) | %s, %s per pod |\n", sec(res.agentStart), msf(res.agentStart/time.Duration(res.pods)))
+	fmt.Fprintf(&b, "| agent CPU while the pods started (the refresher's fetches for the hook, attestations, its subscriptions) | %s, %s per pod |\n", sec(res.agentStart), msf(res.agentStart/time.Duration(res.pods)))
 	fmt.Fprintf(&b, "| measurement window (whole rotation rounds of all %d pods) | %s, %d rounds |\n", res.pods, sec(res.window), res.rounds)
 	fmt.Fprintf(&b, "| spiffe-oci-refresher: RSS / peak (VmHWM) / PSS | %s / %s / %s |\n", mibKB(res.refMem.rss), mibKB(res.refMem.hwm), mibKB(res.refMem.pss))
 	fmt.Fprintf(&b, "| spiffe-oci-refresher: CPU over the window | %s (%s) |\n", sec(res.refCPU), perMinute(res.refCPU, res.window))
@@ -272,7 +272,7 @@ func (res *nodeResult) report() string {
 	fmt.Fprintf(&b, "| %d spiffe-helper daemons: CPU over a window of the same length | %s (%s), %d complete rotation rounds in it |\n", res.helpers, sec(res.helperCPU), perMinute(res.helperCPU, res.window), res.helperRounds)
 	fmt.Fprintf(&b, "| SPIRE agent with %d Workload API clients: RSS / PSS | %s / %s |\n", res.helpers, mibKB(res.agentMemH.rss), mibKB(res.agentMemH.pss))
 	fmt.Fprintf(&b, "| SPIRE agent: CPU over that window | %s (%s) |\n", sec(res.agentCPUH), perMinute(res.agentCPUH, res.window))
-	fmt.Fprintf(&b, "\n**Is the agent the limit?** Starting %d pods cost the agent %s of CPU per pod (the hook hands each container to the refresher: the refresher's SVID stream for it attests runc init, through the k8s attestor's call to the kubelet, and the refresher as the caller; the refresher's subscription, once the container is recorded, attests the pid again); after its restart it spent %s per pod re-attesting every subscribed pid and minting, including its own start. In steady state it used %s for %d subscriptions (%s), and %s for %d spiffe-helper clients. The agent's share per pod start is what grows with churn, not with the number of running pods. What an operator should set: `workload_size_limit = -1` in the agent's unix attestor when no entry uses `unix:sha256` (configuration B of the pod-start section: it removes executable hashing from every attestation, the hook's calls included); leave the refresher's defaults.\n",
+	fmt.Fprintf(&b, "\n**Is the agent the limit?** Starting %d pods cost the agent %s of CPU per pod (the hook hands each container to the refresher: the refresher's SVID stream for it attests runc init, through the k8s attestor's call to the kubelet, and the refresher as the caller; the refresher's subscription, once the container is recorded, attests the pid again); after its restart it spent %s per pod re-attesting every subscribed pid and minting, including its own start. In steady state it used %s for %d subscriptions (%s), and %s for %d spiffe-helper clients. The agent's share per pod start is what grows with churn, not with the number of running pods. What an operator should set: `workload_size_limit = -1` in the agent's unix attestor when no entry uses `unix:sha256` (configuration B of the pod-start section: it removes executable hashing from every attestation, those of the refresher's calls for the hook included); leave the refresher's defaults.\n",
 		res.pods, msf(res.agentStart/time.Duration(res.pods)), msf(res.agentBackCPU/time.Duration(res.pods)), perMinute(res.agentCPU, res.window), res.pods, "agent CPU per minute", perMinute(res.agentCPUH, res.window), res.helpers)
 	b.WriteString("\nRSS and PSS are read from /proc/PID/status and smaps_rollup at the end of each window; CPU is user + system time from /proc/PID/stat (10 ms ticks). The spiffe-helper daemons run as sidecar containers in the pods (static build of v0.11.0, in a busybox image); their own containers' conmon and runtime costs are not counted.\n\n")
 	return b.String()
